@@ -1,0 +1,33 @@
+//! Core of **postbox**, a transactional outbox for Rust services.
+//!
+//! A service writes its business rows and the messages they imply in one
+//! database transaction (see the store crates' `enqueue`); a [`Relay`] then
+//! moves every committed message from a [`Store`] to a [`Publisher`] at least
+//! once, in order per key, with retries and dead letters.
+//!
+//! This crate holds the message model, the two traits, the relay loop and the
+//! retry policy. It depends on no database or broker crate.
+
+mod clock;
+mod error;
+mod ident;
+mod message;
+mod publish;
+mod relay;
+mod retry;
+mod store;
+
+pub use clock::{Clock, SharedClock, SystemClock, TokioClock, since};
+pub use error::{BoxError, ConfigError, RelayError, StoreError};
+pub use ident::{Ident, IdentError};
+pub use message::{Headers, Message, NewMessage, from_unix_micros, to_unix_micros};
+pub use publish::{PublishOutcome, Publisher};
+pub use relay::{OnDead, Relay, RelayBuilder, RelayOptions, RelayWaker, TickReport};
+pub use retry::RetryPolicy;
+pub use store::{
+    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, Lease, ListQuery,
+    Malformed, MessageRecord, PurgeQuery, Stats, Status, Store,
+};
+
+/// Re-exported so callers need not depend on tokio-util for shutdown.
+pub use tokio_util::sync::CancellationToken;

@@ -1,0 +1,13 @@
+//! Test kit for **postbox**: an in-memory [`MemoryStore`], a scriptable
+//! [`TestPublisher`], and the store conformance suite
+//! ([`store_suite`], [`store_conformance_tests!`]) that every store crate
+//! runs against its real database.
+
+mod memory;
+mod publisher;
+pub mod services;
+pub mod store_suite;
+
+pub use memory::{MemoryStore, MemoryTx};
+pub use publisher::{Behaviour, TestPublisher, key_order_violations};
+pub use store_suite::StoreHarness;

@@ -1,0 +1,786 @@
+//! The store conformance suite: the behaviour every [`Store`] must show.
+//!
+//! A store crate implements [`StoreHarness`] for a fresh, isolated store
+//! (its own database or schema) and expands [`store_conformance_tests!`]
+//! (crate::store_conformance_tests) once; each check becomes its own test.
+//!
+//! Time never passes by sleeping: [`StoreHarness::advance`] moves the store's
+//! clock forward (the SQL stores shift their stored deadlines back instead).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use postbox_core::{
+    CancellationToken, ClaimRequest, Completion, Disposition, Filter, ListQuery, Message,
+    NewMessage, OnDead, PurgeQuery, Relay, RetryPolicy, Status, Store,
+};
+
+use crate::publisher::{Behaviour, TestPublisher, key_order_violations};
+
+/// A fresh, isolated store plus the few things the suite cannot do through
+/// the [`Store`] trait.
+pub trait StoreHarness: Send + Sync + 'static {
+    /// The store under test.
+    type Store: Store + Clone;
+
+    /// A handle to the store.
+    fn store(&self) -> Self::Store;
+
+    /// Writes `msgs` in one transaction and commits it, through the store
+    /// crate's own `enqueue`/`enqueue_batch`.
+    fn enqueue(&self, msgs: Vec<NewMessage>) -> impl Future<Output = ()> + Send;
+
+    /// Writes `msgs` in one transaction and rolls it back.
+    fn enqueue_rolled_back(&self, msgs: Vec<NewMessage>) -> impl Future<Output = ()> + Send;
+
+    /// Moves the store's notion of "now" forward by `by` (or, equivalently,
+    /// every stored deadline and timestamp back by `by`).
+    fn advance(&self, by: Duration) -> impl Future<Output = ()> + Send;
+}
+
+const LEASE: Duration = Duration::from_secs(30);
+
+fn req(limit: usize) -> ClaimRequest {
+    ClaimRequest::new(limit, LEASE)
+}
+
+fn msg(topic: &str, key: Option<&str>, body: &str) -> NewMessage {
+    let m = NewMessage::new(topic, body.as_bytes().to_vec());
+    match key {
+        Some(k) => m.key(k),
+        None => m,
+    }
+}
+
+fn bodies(msgs: &[Message]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect()
+}
+
+async fn claim_bodies<S: Store>(store: &S, limit: usize) -> (uuid::Uuid, Vec<Message>) {
+    let c = store.claim(&req(limit)).await.expect("claim");
+    assert!(
+        c.malformed.is_empty(),
+        "unexpected malformed rows: {:?}",
+        c.malformed
+    );
+    (c.lease.token, c.messages)
+}
+
+async fn complete_all<S: Store>(store: &S, token: uuid::Uuid, msgs: &[Message], d: Disposition) {
+    let cs: Vec<Completion> = msgs
+        .iter()
+        .map(|m| Completion::new(m.seq, d.clone()))
+        .collect();
+    let r = store.complete(token, &cs).await.expect("complete");
+    assert_eq!(
+        r.applied,
+        msgs.len() as u64,
+        "completion not applied: {r:?}"
+    );
+}
+
+fn dead(park: bool) -> Disposition {
+    Disposition::Dead {
+        error: "poison message".into(),
+        park,
+    }
+}
+
+fn retry(delay: Duration) -> Disposition {
+    Disposition::Retry {
+        delay,
+        error: "broker down".into(),
+    }
+}
+
+/// Every field a producer writes comes back unchanged, binary payloads and
+/// empty payloads included; ids are kept; attempts start at 1.
+pub async fn fields_round_trip<H: StoreHarness>(h: H) {
+    let store = h.store();
+    let binary = NewMessage::new("bin.topic", Bytes::from_static(&[0, 159, 146, 150, 255]))
+        .key("k-1")
+        .header("content-type", "application/octet-stream")
+        .header("traceparent", "00-abc-def-01")
+        .tenant("acme")
+        .max_attempts(7);
+    let empty = NewMessage::new("empty.topic", Bytes::new());
+    let utf8 = NewMessage::new("text.topic", "héllo wörld ✓".as_bytes().to_vec());
+    let sent = vec![binary.clone(), empty.clone(), utf8.clone()];
+    h.enqueue(sent.clone()).await;
+
+    let (_, got) = claim_bodies(&store, 10).await;
+    assert_eq!(got.len(), 3, "claimed {got:?}");
+    assert!(
+        got.windows(2).all(|w| w[0].seq < w[1].seq),
+        "claim not in seq order"
+    );
+    for (want, got) in sent.iter().zip(&got) {
+        assert_eq!(got.id, want.id);
+        assert_eq!(got.topic, want.topic);
+        assert_eq!(got.key, want.key);
+        assert_eq!(got.payload, want.payload);
+        assert_eq!(got.headers, want.headers);
+        assert_eq!(got.tenant, want.tenant);
+        assert_eq!(got.max_attempts, want.max_attempts);
+        assert_eq!(got.attempt, 1);
+        let age = postbox_core::since(SystemTime::now(), got.created_at);
+        assert!(
+            age < Duration::from_secs(3600),
+            "created_at is off by {age:?}"
+        );
+    }
+}
+
+/// A rolled-back enqueue is never claimed; the committed one beside it is.
+pub async fn rolled_back_enqueue_is_never_claimed<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue_rolled_back(vec![
+        msg("t", None, "rolled-back-1"),
+        msg("t", Some("k"), "rolled-back-2"),
+    ])
+    .await;
+    h.enqueue(vec![msg("t", Some("k"), "committed")]).await;
+    h.enqueue_rolled_back(vec![msg("t", Some("k"), "rolled-back-3")])
+        .await;
+
+    let (token, got) = claim_bodies(&store, 100).await;
+    assert_eq!(bodies(&got), ["committed"]);
+    complete_all(&store, token, &got, Disposition::Sent).await;
+    let (_, again) = claim_bodies(&store, 100).await;
+    assert!(
+        again.is_empty(),
+        "claimed rolled-back rows: {:?}",
+        bodies(&again)
+    );
+    let stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(stats.pending, 0);
+}
+
+/// A claimed message is not claimed again while its lease runs; a relay that
+/// dies holding it loses it to the next claim once the lease has expired,
+/// which counts a second attempt (at-least-once).
+pub async fn redelivered_after_lease_expires<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![msg("t", None, "a"), msg("t", Some("k"), "b")])
+        .await;
+    let (_, first) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&first), ["a", "b"]);
+    // the relay "dies": no completion
+    let (_, during) = claim_bodies(&store, 10).await;
+    assert!(
+        during.is_empty(),
+        "leased rows claimed twice: {:?}",
+        bodies(&during)
+    );
+    h.advance(LEASE / 2).await;
+    assert!(
+        claim_bodies(&store, 10).await.1.is_empty(),
+        "lease ended early"
+    );
+    h.advance(LEASE).await;
+    let (token, second) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&second), ["a", "b"]);
+    assert!(
+        second.iter().all(|m| m.attempt == 2),
+        "attempts not counted: {second:?}"
+    );
+    assert_eq!(
+        first.iter().map(|m| m.id).collect::<Vec<_>>(),
+        second.iter().map(|m| m.id).collect::<Vec<_>>()
+    );
+    complete_all(&store, token, &second, Disposition::Sent).await;
+    assert_eq!(store.stats(&Filter::all()).await.expect("stats").pending, 0);
+}
+
+/// Fencing: once another relay has claimed a message under a new lease, the
+/// old lease's completion changes nothing, whatever it says.
+pub async fn stale_lease_cannot_complete<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![msg("t", Some("k"), "a"), msg("t", None, "b")])
+        .await;
+    let (old, first) = claim_bodies(&store, 10).await;
+    h.advance(LEASE + Duration::from_secs(1)).await;
+    let (new, second) = claim_bodies(&store, 10).await;
+    assert_eq!(second.len(), 2);
+
+    for d in [
+        Disposition::Sent,
+        dead(true),
+        retry(Duration::from_secs(1)),
+        Disposition::Release,
+    ] {
+        let cs: Vec<_> = first
+            .iter()
+            .map(|m| Completion::new(m.seq, d.clone()))
+            .collect();
+        let r = store.complete(old, &cs).await.expect("complete");
+        assert_eq!((r.applied, r.lost), (0, 2), "stale {d:?} applied: {r:?}");
+    }
+    let stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(
+        (stats.leased, stats.dead),
+        (2, 0),
+        "stale completion changed rows: {stats:?}"
+    );
+
+    complete_all(&store, new, &second, Disposition::Sent).await;
+    // and a stale completion after the rows are gone is lost too
+    let cs: Vec<_> = first
+        .iter()
+        .map(|m| Completion::new(m.seq, Disposition::Sent))
+        .collect();
+    let r = store.complete(old, &cs).await.expect("complete");
+    assert_eq!((r.applied, r.lost), (0, 2));
+}
+
+/// Only the head of each key is claimable, one lease per key at a time;
+/// the next message of a key becomes claimable when the head is sent.
+pub async fn keyed_claims_take_only_the_head<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![
+        msg("t", Some("k"), "k1"),
+        msg("t", Some("k"), "k2"),
+        msg("t", Some("l"), "l1"),
+        msg("t", Some("k"), "k3"),
+        msg("t", Some("l"), "l2"),
+    ])
+    .await;
+    let (t1, first) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&first), ["k1", "l1"]);
+    assert!(
+        claim_bodies(&store, 10).await.1.is_empty(),
+        "a key was leased twice"
+    );
+    let k1: Vec<_> = first
+        .iter()
+        .filter(|m| m.key.as_deref() == Some("k"))
+        .cloned()
+        .collect();
+    complete_all(&store, t1, &k1, Disposition::Sent).await;
+    let (t2, second) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&second), ["k2"], "l is still leased, k moves on");
+    complete_all(&store, t2, &second, Disposition::Sent).await;
+    let l1: Vec<_> = first
+        .iter()
+        .filter(|m| m.key.as_deref() == Some("l"))
+        .cloned()
+        .collect();
+    complete_all(&store, t1, &l1, Disposition::Sent).await;
+    let (_, third) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&third), ["k3", "l2"]);
+}
+
+/// Keyless messages spread across concurrent claims without overlap, in
+/// `seq` order.
+pub async fn keyless_claims_run_in_parallel<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue((0..10).map(|i| msg("t", None, &format!("m{i}"))).collect())
+        .await;
+    let four = req(4);
+    let (a, b, c) = tokio::join!(store.claim(&four), store.claim(&four), store.claim(&four));
+    let mut sizes = Vec::new();
+    let mut all = Vec::new();
+    for claim in [a, b, c] {
+        let claim = claim.expect("claim");
+        sizes.push(claim.messages.len());
+        all.extend(claim.messages);
+    }
+    sizes.sort_unstable();
+    assert_eq!(sizes, [2, 4, 4], "claims overlapped or came short");
+    let mut seqs: Vec<_> = all.iter().map(|m| m.seq).collect();
+    seqs.sort_unstable();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 10, "a message was claimed twice");
+}
+
+/// A retried message waits until its `available_at`, then comes back with
+/// the next attempt number and its last error recorded.
+pub async fn retry_waits_for_its_delay<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![msg("t", Some("k"), "a"), msg("t", Some("k"), "b")])
+        .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["a"]);
+    complete_all(&store, token, &got, retry(Duration::from_secs(60))).await;
+    let stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(
+        (stats.retrying, stats.ready, stats.leased),
+        (1, 1, 0),
+        "{stats:?}"
+    );
+    assert!(
+        claim_bodies(&store, 10).await.1.is_empty(),
+        "retry came early, or b overtook a"
+    );
+    h.advance(Duration::from_secs(30)).await;
+    assert!(
+        claim_bodies(&store, 10).await.1.is_empty(),
+        "retry came early"
+    );
+    h.advance(Duration::from_secs(31)).await;
+    let (_, again) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&again), ["a"]);
+    assert_eq!(again[0].attempt, 2);
+    let rows = store
+        .list(&ListQuery::new(None, 10).filter(Filter::all().key("k")))
+        .await
+        .expect("list");
+    assert_eq!(rows[0].last_error.as_deref(), Some("broker down"));
+    assert_eq!(rows[0].attempts, 2);
+}
+
+/// `Release` gives a message back at once without counting the attempt.
+pub async fn release_returns_without_counting<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![msg("t", Some("k"), "a")]).await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    complete_all(&store, token, &got, Disposition::Release).await;
+    let (_, again) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&again), ["a"]);
+    assert_eq!(again[0].attempt, 1, "released attempt was counted");
+}
+
+/// A dead keyed message parks its key: later messages of the key wait, other
+/// keys flow. Replay makes it pending with fresh attempts and the key resumes
+/// in order.
+pub async fn dead_message_parks_key_until_replay<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![
+        msg("t", Some("k"), "k1"),
+        msg("t", Some("k"), "k2"),
+        msg("t", Some("other"), "o1"),
+        msg("t", Some("k"), "k3"),
+        msg("t", Some("other"), "o2"),
+    ])
+    .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["k1", "o1"]);
+    let (k1, o1): (Vec<_>, Vec<_>) = got.into_iter().partition(|m| m.key.as_deref() == Some("k"));
+    complete_all(&store, token, &k1, dead(true)).await;
+    complete_all(&store, token, &o1, Disposition::Sent).await;
+
+    let (token, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["o2"], "parked key k moved on");
+    complete_all(&store, token, &got, Disposition::Sent).await;
+    assert!(claim_bodies(&store, 10).await.1.is_empty());
+
+    let stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(
+        (stats.dead, stats.parked_keys, stats.pending),
+        (1, 1, 2),
+        "{stats:?}"
+    );
+    let deads = store
+        .list(&ListQuery::new(Some(Status::Dead), 10))
+        .await
+        .expect("list");
+    assert_eq!(deads.len(), 1);
+    assert_eq!(deads[0].id, k1[0].id);
+    assert!(deads[0].parked);
+    assert_eq!(deads[0].last_error.as_deref(), Some("poison message"));
+
+    assert_eq!(
+        store
+            .replay(&Filter::all().ids([k1[0].id]))
+            .await
+            .expect("replay"),
+        1
+    );
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let (token, got) = claim_bodies(&store, 10).await;
+        assert_eq!(
+            got.len(),
+            1,
+            "key k leaked several heads: {:?}",
+            bodies(&got)
+        );
+        order.extend(bodies(&got));
+        if got[0].seq == k1[0].seq {
+            assert_eq!(got[0].attempt, 1, "replay did not reset attempts");
+        }
+        complete_all(&store, token, &got, Disposition::Sent).await;
+    }
+    assert_eq!(order, ["k1", "k2", "k3"]);
+    let stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((stats.dead, stats.parked_keys, stats.pending), (0, 0, 0));
+}
+
+/// `skip` unparks a key: the dead message stays dead (and listed), the rest of
+/// the key goes on.
+pub async fn skip_unparks_key<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![msg("t", Some("k"), "k1"), msg("t", Some("k"), "k2")])
+        .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    complete_all(&store, token, &got, dead(true)).await;
+    assert!(claim_bodies(&store, 10).await.1.is_empty());
+    assert_eq!(store.skip(&Filter::all().key("k")).await.expect("skip"), 1);
+    let (_, next) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&next), ["k2"]);
+    let stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((stats.dead, stats.parked_keys), (1, 0));
+}
+
+/// With `park: false` (`on_dead = skip`) a dead message does not hold its key.
+pub async fn dead_without_park_lets_key_continue<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![msg("t", Some("k"), "k1"), msg("t", Some("k"), "k2")])
+        .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    complete_all(&store, token, &got, dead(false)).await;
+    let (_, next) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&next), ["k2"]);
+    let stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((stats.dead, stats.parked_keys), (1, 0));
+}
+
+/// A delayed message is not claimed before its time, and a delayed keyed
+/// message holds back the later messages of its key (order per key).
+pub async fn delayed_delivery_waits_and_holds_its_key<H: StoreHarness>(h: H) {
+    let store = h.store();
+    let later = SystemTime::now() + Duration::from_secs(300);
+    h.enqueue(vec![
+        msg("t", None, "delayed-keyless").available_at(later),
+        msg("t", Some("k"), "k1-delayed").available_at(later),
+        msg("t", Some("k"), "k2"),
+        msg("t", None, "now"),
+    ])
+    .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["now"]);
+    complete_all(&store, token, &got, Disposition::Sent).await;
+    let stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((stats.delayed, stats.ready), (2, 1), "{stats:?}");
+    h.advance(Duration::from_secs(301)).await;
+    let (_, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["delayed-keyless", "k1-delayed"]);
+}
+
+/// A relay scoped to a tenant claims only that tenant's messages; stats and
+/// lists narrow by tenant.
+pub async fn tenant_scoping<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![
+        msg("t", None, "a1").tenant("a"),
+        msg("t", None, "b1").tenant("b"),
+        msg("t", Some("k"), "a2").tenant("a"),
+        msg("t", None, "none"),
+    ])
+    .await;
+    let c = store.claim(&req(10).tenant("b")).await.expect("claim");
+    assert_eq!(bodies(&c.messages), ["b1"]);
+    let sa = store
+        .stats(&Filter::all().tenant("a"))
+        .await
+        .expect("stats");
+    assert_eq!((sa.pending, sa.ready), (2, 2));
+    let sb = store
+        .stats(&Filter::all().tenant("b"))
+        .await
+        .expect("stats");
+    assert_eq!((sb.pending, sb.leased), (1, 1));
+    let la = store
+        .list(&ListQuery::new(None, 10).filter(Filter::all().tenant("a")))
+        .await
+        .expect("list");
+    assert_eq!(la.len(), 2);
+    let c = store.claim(&req(10).tenant("a")).await.expect("claim");
+    assert_eq!(bodies(&c.messages), ["a1", "a2"]);
+}
+
+/// Stats count every state exactly, and narrow by topic.
+pub async fn stats_are_exact<H: StoreHarness>(h: H) {
+    let store = h.store();
+    let empty = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(empty.pending, 0);
+    assert_eq!(empty.oldest_pending_at, None);
+    h.enqueue(vec![
+        msg("x", Some("dead-k"), "dead"),   // -> dead, parks dead-k
+        msg("x", Some("dead-k"), "parked"), // ready but behind a parked head
+        msg("x", None, "retry"),            // -> retrying
+        msg("y", None, "lease-1"),          // -> leased
+        msg("y", None, "lease-2"),          // -> leased
+        msg("y", None, "ready"),            // stays ready
+        msg("y", None, "delayed").delay(Duration::from_secs(600)),
+    ])
+    .await;
+    let (token, got) = claim_bodies(&store, 5).await;
+    assert_eq!(
+        bodies(&got),
+        ["dead", "retry", "lease-1", "lease-2", "ready"]
+    );
+    let by = |b: &str| {
+        got.iter()
+            .filter(|m| m.payload == b.as_bytes())
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    complete_all(&store, token, &by("dead"), dead(true)).await;
+    complete_all(&store, token, &by("retry"), retry(Duration::from_secs(60))).await;
+    complete_all(&store, token, &by("ready"), Disposition::Release).await;
+
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(
+        (
+            s.ready,
+            s.delayed,
+            s.retrying,
+            s.leased,
+            s.dead,
+            s.parked_keys,
+            s.pending
+        ),
+        (2, 1, 1, 2, 1, 1, 6),
+        "{s:?}"
+    );
+    assert!(s.oldest_pending_at.is_some());
+    let x = store.stats(&Filter::all().topic("x")).await.expect("stats");
+    assert_eq!(
+        (x.pending, x.dead, x.retrying, x.ready),
+        (2, 1, 1, 1),
+        "{x:?}"
+    );
+}
+
+/// Purge deletes only matching dead messages, never pending ones.
+pub async fn purge_deletes_only_matching_dead<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![
+        msg("a", None, "a-dead"),
+        msg("b", None, "b-dead"),
+        msg("a", None, "a-pending"),
+    ])
+    .await;
+    let (token, got) = claim_bodies(&store, 2).await;
+    complete_all(&store, token, &got, dead(false)).await;
+    let purged = store
+        .purge(&PurgeQuery::new(Status::Dead, Filter::all().topic("a")))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 1);
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.dead, s.pending), (1, 1));
+    // older_than spares the young
+    let spared = store
+        .purge(&PurgeQuery::new(
+            Status::Dead,
+            Filter::all().older_than(Duration::from_secs(3600)),
+        ))
+        .await
+        .expect("purge");
+    assert_eq!(spared, 0);
+    h.advance(Duration::from_secs(3601)).await;
+    let purged = store
+        .purge(&PurgeQuery::new(
+            Status::Dead,
+            Filter::all().older_than(Duration::from_secs(3600)),
+        ))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 1);
+}
+
+/// The relay retries transient failures until `max_attempts`, then
+/// dead-letters with the reason and parks the key; other keys are unaffected.
+pub async fn relay_retries_then_dead_letters<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![
+        msg("t", Some("bad"), "bad1"),
+        msg("t", Some("bad"), "bad2"),
+        msg("t", Some("good"), "good1"),
+    ])
+    .await;
+    let publisher = TestPublisher::fail_key("bad");
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .max_attempts(3)
+        .retry_policy(RetryPolicy::new(
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        ))
+        .build()
+        .expect("relay");
+    for _ in 0..5 {
+        relay.tick().await.expect("tick");
+        h.advance(Duration::from_secs(2)).await;
+    }
+    assert_eq!(bodies(&publisher.delivered()), ["good1"]);
+    let deads = store
+        .list(&ListQuery::new(Some(Status::Dead), 10))
+        .await
+        .expect("list");
+    assert_eq!(bodies_of(&deads), ["bad1"]);
+    assert_eq!(deads[0].attempts, 3);
+    assert!(deads[0].parked);
+    assert!(
+        deads[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("gave up after 3 attempts")),
+        "{:?}",
+        deads[0].last_error
+    );
+    assert_eq!(publisher.attempts(), 4, "bad1 ×3 + good1; bad2 never tried");
+}
+
+fn bodies_of(rows: &[postbox_core::MessageRecord]) -> Vec<String> {
+    rows.iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect()
+}
+
+/// A rejected message is dead at once; with `on_dead = skip` its key goes on.
+pub async fn relay_rejection_with_skip_policy<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![
+        msg("t", Some("k"), "poison"),
+        msg("t", Some("k"), "next"),
+    ])
+    .await;
+    let publisher = TestPublisher::new(|m| {
+        if m.payload == "poison".as_bytes() {
+            Behaviour::Reject("schema mismatch".into())
+        } else {
+            Behaviour::Deliver
+        }
+    });
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .on_dead(OnDead::Skip)
+        .build()
+        .expect("relay");
+    relay.tick().await.expect("tick");
+    relay.tick().await.expect("tick");
+    assert_eq!(bodies(&publisher.delivered()), ["next"]);
+    let deads = store
+        .list(&ListQuery::new(Some(Status::Dead), 10))
+        .await
+        .expect("list");
+    assert_eq!(deads.len(), 1);
+    assert!(!deads[0].parked);
+    assert_eq!(deads[0].attempts, 1);
+    assert_eq!(deads[0].last_error.as_deref(), Some("schema mismatch"));
+}
+
+/// Three relays at once, with transient failures injected, deliver every
+/// committed message, none from a rolled-back transaction, and keep the
+/// order of each key.
+pub async fn concurrent_relays_keep_key_order<H: StoreHarness>(h: H) {
+    let store = h.store();
+    let keys = 12;
+    let per_key = 15;
+    let mut expected = HashMap::new();
+    for round in 0..per_key {
+        let batch: Vec<NewMessage> = (0..keys)
+            .map(|k| msg("orders", Some(&format!("key-{k}")), &format!("{k}/{round}")))
+            .chain((0..3).map(|i| msg("keyless", None, &format!("free-{round}-{i}"))))
+            .collect();
+        for m in &batch {
+            expected.insert(m.id, ());
+        }
+        h.enqueue(batch).await;
+        h.enqueue_rolled_back(vec![msg("orders", Some("key-0"), "ghost")])
+            .await;
+    }
+    // every third attempt of anything fails once
+    let publisher = TestPublisher::new(|m| {
+        if m.attempt == 1 && m.seq % 3 == 0 {
+            Behaviour::Transient("flaky".into())
+        } else {
+            Behaviour::Deliver
+        }
+    });
+    let shutdown = CancellationToken::new();
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let relay = Relay::builder(store.clone(), publisher.clone())
+            .batch_size(7)
+            .concurrency(2)
+            .poll_interval(Duration::from_millis(5))
+            .retry_policy(RetryPolicy::immediate())
+            .build()
+            .expect("relay");
+        let sd = shutdown.clone();
+        relays.push(tokio::spawn(async move { relay.run(sd).await }));
+    }
+    let total = expected.len() as u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = store.stats(&Filter::all()).await.expect("stats");
+        if s.pending == 0 || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    for r in relays {
+        r.await.expect("relay task");
+    }
+    let delivered = publisher.delivered();
+    let distinct: std::collections::HashSet<_> = delivered.iter().map(|m| m.id).collect();
+    assert!(
+        delivered.iter().all(|m| expected.contains_key(&m.id)),
+        "a rolled-back message was delivered"
+    );
+    assert_eq!(
+        distinct.len() as u64,
+        total,
+        "not every committed message was delivered"
+    );
+    let violations = key_order_violations(&delivered);
+    assert!(violations.is_empty(), "order violations: {violations:?}");
+}
+
+/// Expands to one `#[tokio::test]` per conformance check. `$harness` is an
+/// async function (path) returning a fresh [`StoreHarness`].
+///
+/// ```ignore
+/// async fn harness() -> MyHarness { ... }
+/// postbox_testkit::store_conformance_tests!(harness);
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($harness:path) => {
+        $crate::__store_conformance_tests!(
+            $harness;
+            fields_round_trip,
+            rolled_back_enqueue_is_never_claimed,
+            redelivered_after_lease_expires,
+            stale_lease_cannot_complete,
+            keyed_claims_take_only_the_head,
+            keyless_claims_run_in_parallel,
+            retry_waits_for_its_delay,
+            release_returns_without_counting,
+            dead_message_parks_key_until_replay,
+            skip_unparks_key,
+            dead_without_park_lets_key_continue,
+            delayed_delivery_waits_and_holds_its_key,
+            tenant_scoping,
+            stats_are_exact,
+            purge_deletes_only_matching_dead,
+            relay_retries_then_dead_letters,
+            relay_rejection_with_skip_policy,
+            concurrent_relays_keep_key_order,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __store_conformance_tests {
+    ($harness:path; $($name:ident),* $(,)?) => {
+        mod store_conformance {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    $crate::store_suite::$name($harness().await).await;
+                }
+            )*
+        }
+    };
+}
