@@ -5,9 +5,11 @@
 
 mod memory;
 mod publisher;
+pub mod publisher_suite;
 pub mod services;
 pub mod store_suite;
 
 pub use memory::{MemoryStore, MemoryTx};
 pub use publisher::{Behaviour, TestPublisher, key_order_violations};
+pub use publisher_suite::{LargePayload, PublisherHarness, Received};
 pub use store_suite::StoreHarness;
