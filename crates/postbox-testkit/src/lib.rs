@@ -4,12 +4,14 @@
 //! runs against its real database.
 
 mod memory;
+pub mod proxy;
 mod publisher;
 pub mod publisher_suite;
 pub mod services;
 pub mod store_suite;
 
 pub use memory::{MemoryStore, MemoryTx};
+pub use proxy::FaultProxy;
 pub use publisher::{Behaviour, TestPublisher, key_order_violations};
 pub use publisher_suite::{LargePayload, PublisherHarness, Received};
 pub use store_suite::StoreHarness;
