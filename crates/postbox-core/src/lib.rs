@@ -13,8 +13,10 @@ mod error;
 mod ident;
 mod message;
 mod publish;
+mod redact;
 mod relay;
 mod retry;
+mod route;
 mod store;
 
 pub use clock::{Clock, SharedClock, SystemClock, TokioClock, since};
@@ -22,8 +24,10 @@ pub use error::{BoxError, ConfigError, RelayError, StoreError};
 pub use ident::{Ident, IdentError};
 pub use message::{Headers, Message, NewMessage, from_unix_micros, to_unix_micros};
 pub use publish::{PublishOutcome, Publisher};
+pub use redact::redact_url;
 pub use relay::{OnDead, Relay, RelayBuilder, RelayOptions, RelayWaker, TickReport};
 pub use retry::RetryPolicy;
+pub use route::{Router, TopicPattern};
 pub use store::{
     Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, Lease, ListQuery,
     Malformed, MessageRecord, PurgeQuery, Stats, Status, Store,

@@ -1,0 +1,171 @@
+//! Routing messages to publishers by topic pattern.
+
+use futures_util::future::join_all;
+
+use crate::error::ConfigError;
+use crate::message::Message;
+use crate::publish::{PublishOutcome, Publisher};
+
+/// A topic pattern: dot-separated segments where `*` matches exactly one
+/// segment and a final `**` matches one or more; anything else matches
+/// itself.
+///
+/// ```
+/// use postbox_core::TopicPattern;
+/// let p = TopicPattern::new("orders.*").unwrap();
+/// assert!(p.matches("orders.created"));
+/// assert!(!p.matches("orders.created.v2"));
+/// assert!(TopicPattern::new("orders.**").unwrap().matches("orders.created.v2"));
+/// assert!(TopicPattern::new("**").unwrap().matches("anything.at.all"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicPattern {
+    text: String,
+    segments: Vec<String>,
+}
+
+impl TopicPattern {
+    /// Parses a pattern; `**` may only stand last, and segments may not be
+    /// empty.
+    pub fn new(pattern: &str) -> Result<Self, ConfigError> {
+        let segments: Vec<String> = pattern.split('.').map(str::to_owned).collect();
+        let bad = |reason: &str| ConfigError::invalid("route pattern", pattern, reason);
+        if segments.iter().any(String::is_empty) {
+            return Err(bad("segments between dots must not be empty"));
+        }
+        if let Some(pos) = segments.iter().position(|s| s == "**")
+            && pos != segments.len() - 1
+        {
+            return Err(bad("`**` may only be the last segment"));
+        }
+        if segments
+            .iter()
+            .any(|s| s != "*" && s != "**" && s.contains('*'))
+        {
+            return Err(bad("`*` must be a whole segment"));
+        }
+        Ok(Self {
+            text: pattern.to_owned(),
+            segments,
+        })
+    }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether `topic` matches.
+    pub fn matches(&self, topic: &str) -> bool {
+        let mut parts = topic.split('.');
+        for (i, seg) in self.segments.iter().enumerate() {
+            if seg == "**" {
+                // one or more remaining segments
+                return parts.next().is_some() && i == self.segments.len() - 1;
+            }
+            match parts.next() {
+                Some(p) if seg == "*" || seg == p => {}
+                _ => return false,
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// A [`Publisher`] that sends each message to the first route whose pattern
+/// matches its topic; a message no route matches is `Rejected` with reason
+/// "no route". Routes of one batch publish concurrently.
+///
+/// All routes share one publisher type; to mix brokers, use an enum over
+/// them (the `postbox` binary's `AnyPublisher`).
+#[derive(Debug, Clone)]
+pub struct Router<P> {
+    routes: Vec<(TopicPattern, P)>,
+}
+
+impl<P> Default for Router<P> {
+    fn default() -> Self {
+        Self { routes: Vec::new() }
+    }
+}
+
+impl<P: Publisher> Router<P> {
+    /// A router with no routes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a route, tried after the ones already added.
+    pub fn route(mut self, pattern: &str, publisher: P) -> Result<Self, ConfigError> {
+        self.routes.push((TopicPattern::new(pattern)?, publisher));
+        Ok(self)
+    }
+
+    /// The routes in order.
+    pub fn routes(&self) -> impl Iterator<Item = (&TopicPattern, &P)> {
+        self.routes.iter().map(|(t, p)| (t, p))
+    }
+
+    fn route_of(&self, topic: &str) -> Option<usize> {
+        self.routes.iter().position(|(p, _)| p.matches(topic))
+    }
+}
+
+impl<P: Publisher> Publisher for Router<P> {
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        let mut outcomes: Vec<Option<PublishOutcome>> = vec![None; batch.len()];
+        // per route: the batch positions and messages it takes, in order
+        let mut groups: Vec<(Vec<usize>, Vec<Message>)> =
+            vec![(Vec::new(), Vec::new()); self.routes.len()];
+        for (i, m) in batch.iter().enumerate() {
+            match self.route_of(&m.topic) {
+                Some(r) => {
+                    groups[r].0.push(i);
+                    groups[r].1.push(m.clone());
+                }
+                None => {
+                    outcomes[i] = Some(PublishOutcome::rejected(format!(
+                        "no route for topic {:?}",
+                        m.topic
+                    )));
+                }
+            }
+        }
+        let sends = groups
+            .iter()
+            .enumerate()
+            .filter(|(_, (idx, _))| !idx.is_empty())
+            .map(|(r, (idx, msgs))| async move { (idx, self.routes[r].1.publish(msgs).await) });
+        for (idx, results) in join_all(sends).await {
+            for (n, &i) in idx.iter().enumerate() {
+                outcomes[i] = Some(results.get(n).cloned().unwrap_or_else(|| {
+                    PublishOutcome::transient("publisher returned too few outcomes")
+                }));
+            }
+        }
+        outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| PublishOutcome::transient("message was not routed")))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let m = |p: &str, t: &str| TopicPattern::new(p).expect("pattern").matches(t);
+        assert!(m("orders.created", "orders.created"));
+        assert!(!m("orders.created", "orders.updated"));
+        assert!(m("*.created", "orders.created"));
+        assert!(!m("*", "orders.created"));
+        assert!(m("orders.**", "orders.a.b"));
+        assert!(!m("orders.**", "orders"));
+        assert!(m("**", "x"));
+        for bad in ["", "a..b", "a.**.b", "ord*rs", "a."] {
+            assert!(TopicPattern::new(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}
