@@ -1,0 +1,65 @@
+-- The outbox table, its per-key lock table and the trigger that orders keyed rows.
+-- `{table}`, `{keys}` and `{trigger}` are replaced by validated, back-quoted identifiers.
+-- Statements are separated by a line holding only `-- statement`.
+-- MySQL DDL commits implicitly, so every statement is written to be re-runnable.
+
+-- Every column but topic and payload has a default, so a producer in any
+-- language can write one plain INSERT (see README.md).
+-- * utf8mb4_bin: keys, topics and tenants compare byte for byte ('K' <> 'k').
+-- * key_hash: keys are TEXT (any length); the fixed-size hash is what is
+--   indexed and what the lock table is keyed by.
+-- * kseq: the position of the row within its key, assigned by the trigger
+--   below while it holds the key's row lock (see README.md, "Order per key").
+-- * times are DATETIME(6) in UTC, taken from UTC_TIMESTAMP(6) so the
+--   session's time_zone never matters.
+CREATE TABLE IF NOT EXISTS {table} (
+  `seq` BIGINT NOT NULL AUTO_INCREMENT,
+  `id` BINARY(16) NOT NULL DEFAULT (UNHEX(REPLACE(UUID(), '-', ''))),
+  `topic` TEXT NOT NULL,
+  `key` TEXT NULL,
+  `key_hash` BINARY(32) GENERATED ALWAYS AS (UNHEX(SHA2(`key`, 256))) STORED,
+  `kseq` BIGINT NULL,
+  `payload` LONGBLOB NOT NULL,
+  `headers` JSON NOT NULL DEFAULT ('{}'),
+  `tenant` TEXT NULL,
+  `available_at` DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6)),
+  `max_attempts` INT NULL,
+  `created_at` DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6)),
+  `status` VARCHAR(7) NOT NULL DEFAULT 'pending',
+  `attempts` INT NOT NULL DEFAULT 0,
+  `lease_token` BINARY(16) NULL,
+  `lease_until` DATETIME(6) NULL,
+  `last_error` TEXT NULL,
+  `parked` BOOLEAN NOT NULL DEFAULT FALSE,
+  `sent_at` DATETIME(6) NULL,
+  PRIMARY KEY (`seq`),
+  -- the claim scans pending rows in seq order
+  KEY `claim_scan` (`status`, `seq`),
+  -- "is there an earlier unfinished row of this key?": covering, one probe per candidate
+  KEY `key_order` (`key_hash`, `kseq`, `status`, `parked`),
+  KEY `by_id` (`id`),
+  CONSTRAINT `status_is_known` CHECK (`status` IN ('pending', 'dead', 'sent'))
+) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin
+-- statement
+-- One row per key that has rows in the outbox. Its row lock serialises the
+-- producers of one key until they commit; last_kseq hands out kseq.
+CREATE TABLE IF NOT EXISTS {keys} (
+  `key_hash` BINARY(32) NOT NULL,
+  `last_kseq` BIGINT NOT NULL,
+  PRIMARY KEY (`key_hash`)
+) ENGINE = InnoDB
+-- statement
+-- Runs for every inserted row, from enqueue and from plain SQL alike. The
+-- upsert takes an exclusive lock on the key's row that InnoDB holds until the
+-- inserting transaction ends, so a second producer of the key waits here, and
+-- kseq order is the order in which producers of a key got the lock.
+CREATE TRIGGER IF NOT EXISTS {trigger} BEFORE INSERT ON {table} FOR EACH ROW
+BEGIN
+  IF NEW.`key` IS NOT NULL THEN
+    INSERT INTO {keys} (`key_hash`, `last_kseq`) VALUES (UNHEX(SHA2(NEW.`key`, 256)), 1)
+      ON DUPLICATE KEY UPDATE `last_kseq` = `last_kseq` + 1;
+    SET NEW.`kseq` = (SELECT `last_kseq` FROM {keys} WHERE `key_hash` = UNHEX(SHA2(NEW.`key`, 256)));
+  ELSE
+    SET NEW.`kseq` = NULL;
+  END IF;
+END

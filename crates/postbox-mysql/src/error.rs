@@ -1,0 +1,214 @@
+//! Turning sqlx errors into [`StoreError`]s that say what is wrong without
+//! leaking a password, and checking that the server is new enough.
+
+use postbox_core::StoreError;
+use sqlx::mysql::MySqlDatabaseError;
+
+// MySQL / MariaDB server error numbers we tell apart.
+const ER_CON_COUNT_ERROR: u16 = 1040; // too many connections
+const ER_DBACCESS_DENIED_ERROR: u16 = 1044;
+const ER_ACCESS_DENIED_ERROR: u16 = 1045;
+const ER_BAD_DB_ERROR: u16 = 1049;
+const ER_SERVER_SHUTDOWN: u16 = 1053;
+const ER_NO_SUCH_TABLE: u16 = 1146;
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+const ER_LOCK_DEADLOCK: u16 = 1213;
+const ER_QUERY_INTERRUPTED: u16 = 1317;
+const ER_CONNECTION_KILLED: u16 = 1927; // MariaDB
+const ER_CLIENT_INTERACTION_TIMEOUT: u16 = 4031; // MySQL 8
+
+/// The server number of a database error, if `e` is one.
+pub(crate) fn error_number(e: &sqlx::Error) -> Option<u16> {
+    e.as_database_error()
+        .and_then(|d| d.try_downcast_ref::<MySqlDatabaseError>())
+        .map(MySqlDatabaseError::number)
+}
+
+/// Maps an error from a store operation: connection-level and transient
+/// problems (io, pool, deadlock, lock wait timeout, shutdown) are
+/// [`StoreError::Unavailable`]; a missing outbox table is
+/// [`StoreError::Schema`]; the rest is [`StoreError::Database`].
+pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => StoreError::Unavailable(Box::new(e)),
+        sqlx::Error::Database(_) => match error_number(&e) {
+            Some(
+                ER_CON_COUNT_ERROR
+                | ER_SERVER_SHUTDOWN
+                | ER_LOCK_WAIT_TIMEOUT
+                | ER_LOCK_DEADLOCK
+                | ER_QUERY_INTERRUPTED
+                | ER_CONNECTION_KILLED
+                | ER_CLIENT_INTERACTION_TIMEOUT,
+            ) => StoreError::Unavailable(Box::new(e)),
+            Some(ER_NO_SUCH_TABLE) => StoreError::Schema(e.to_string()),
+            _ => StoreError::Database(Box::new(e)),
+        },
+        _ => StoreError::Database(Box::new(e)),
+    }
+}
+
+/// Maps an error from establishing a connection to `url` (already
+/// redacted): bad credentials and a missing database are configuration
+/// errors that name the fix; an unreachable server is `Unavailable` and
+/// names host and port.
+pub(crate) fn map_connect_err(e: sqlx::Error, url: &str) -> StoreError {
+    match error_number(&e) {
+        Some(ER_ACCESS_DENIED_ERROR | ER_DBACCESS_DENIED_ERROR) => StoreError::Config(format!(
+            "MySQL at {url} refused the login: {} (check the user name and password in the URL)",
+            database_message(&e)
+        )),
+        Some(ER_BAD_DB_ERROR) => StoreError::Config(format!(
+            "MySQL at {url}: {} (create the database, or fix its name in the URL)",
+            database_message(&e)
+        )),
+        _ => match map_err(e) {
+            StoreError::Unavailable(src) => {
+                StoreError::Unavailable(format!("cannot reach MySQL at {url}: {src}").into())
+            }
+            StoreError::Database(src) => {
+                StoreError::Database(format!("MySQL at {url}: {src}").into())
+            }
+            other => other,
+        },
+    }
+}
+
+fn database_message(e: &sqlx::Error) -> String {
+    e.as_database_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
+}
+
+/// `url` with any password replaced by `***`, for messages and logs.
+///
+/// ```
+/// assert_eq!(
+///     postbox_mysql::redact_url("mysql://app:s3cret@db:3306/shop"),
+///     "mysql://app:***@db:3306/shop"
+/// );
+/// assert_eq!(postbox_mysql::redact_url("mysql://root@db/shop"), "mysql://root@db/shop");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest_start = scheme_end + 3;
+    let rest = &url[rest_start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    // the last '@' ends the user info (a password may contain '@')
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    let Some(colon) = userinfo.find(':') else {
+        return url.to_owned();
+    };
+    format!(
+        "{}{}:***{}",
+        &url[..rest_start],
+        &userinfo[..colon],
+        &rest[at..]
+    )
+}
+
+/// The server flavours postbox can tell apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flavour {
+    MariaDb,
+    MySql,
+}
+
+/// Oldest versions with `FOR UPDATE SKIP LOCKED` and everything else the
+/// schema uses (expression defaults, `CREATE TRIGGER IF NOT EXISTS`).
+const MIN_MARIADB: (u32, u32, u32) = (10, 6, 0);
+const MIN_MYSQL: (u32, u32, u32) = (8, 0, 29);
+
+/// Checks a `SELECT VERSION()` answer; the error names the version found
+/// and the version needed.
+pub(crate) fn check_server_version(version: &str) -> Result<Flavour, StoreError> {
+    let flavour = if version.to_ascii_lowercase().contains("mariadb") {
+        Flavour::MariaDb
+    } else {
+        Flavour::MySql
+    };
+    // MariaDB may report a "5.5.5-" compatibility prefix before its real version.
+    let text = version.strip_prefix("5.5.5-").unwrap_or(version);
+    let mut parts = text
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .map(str::parse::<u32>);
+    let parsed = match (parts.next(), parts.next(), parts.next()) {
+        (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => (a, b, c),
+        _ => {
+            return Err(StoreError::Config(format!(
+                "cannot read the server version {version:?}: postbox needs MariaDB >= 10.6 or MySQL >= 8.0.29"
+            )));
+        }
+    };
+    let (name, min) = match flavour {
+        Flavour::MariaDb => ("MariaDB", MIN_MARIADB),
+        Flavour::MySql => ("MySQL", MIN_MYSQL),
+    };
+    if parsed < min {
+        return Err(StoreError::Config(format!(
+            "{name} {version} is too old: postbox needs {name} >= {}.{}.{} (FOR UPDATE SKIP LOCKED, \
+             expression defaults, CREATE TRIGGER IF NOT EXISTS); upgrade the server",
+            min.0, min.1, min.2
+        )));
+    }
+    Ok(flavour)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_url("mysql://u:p%40ss@h:3306/db?ssl-mode=disabled"),
+            "mysql://u:***@h:3306/db?ssl-mode=disabled"
+        );
+        assert_eq!(redact_url("mysql://u:a@b@h/db"), "mysql://u:***@h/db");
+        assert_eq!(redact_url("mysql://h/db"), "mysql://h/db");
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert!(!redact_url("mysql://root:hunter2@127.0.0.1/x").contains("hunter2"));
+    }
+
+    #[test]
+    fn accepts_supported_servers() {
+        for v in [
+            "10.11.19-MariaDB-0+deb12u1",
+            "10.6.0-MariaDB",
+            "5.5.5-10.6.12-MariaDB-log",
+            "11.4.2-MariaDB",
+            "8.0.36",
+            "8.4.0-commercial",
+            "9.1.0",
+        ] {
+            assert!(check_server_version(v).is_ok(), "{v} refused");
+        }
+    }
+
+    #[test]
+    fn refuses_old_servers_naming_the_versions() {
+        for (v, needs) in [
+            ("10.5.21-MariaDB", "MariaDB >= 10.6.0"),
+            ("10.3.39-MariaDB-0+deb10u1", "MariaDB >= 10.6.0"),
+            ("5.5.5-10.4.1-MariaDB", "MariaDB >= 10.6.0"),
+            ("5.7.44-log", "MySQL >= 8.0.29"),
+            ("8.0.28", "MySQL >= 8.0.29"),
+        ] {
+            let e = check_server_version(v).expect_err(v).to_string();
+            assert!(e.contains(v) && e.contains(needs), "{e}");
+        }
+        let e = check_server_version("garbage").expect_err("garbage");
+        assert!(e.to_string().contains("\"garbage\""), "{e}");
+    }
+}

@@ -1,0 +1,307 @@
+//! [`MySqlOutbox`]: the validated table names, the SQL text built once from
+//! them, and the producer side (`enqueue`, `enqueue_batch`).
+
+use std::sync::Arc;
+
+use postbox_core::{Ident, NewMessage, StoreError, to_unix_micros};
+use sqlx::mysql::MySql;
+use sqlx::{Acquire, Executor, MySqlPool};
+
+use crate::error::map_err;
+use crate::store::MySqlStore;
+
+/// The Unix epoch as a `DATETIME(6)` literal: times cross the wire as
+/// microseconds since it, so no date type (or crate feature) is needed and
+/// the session's `time_zone` never matters.
+pub(crate) const EPOCH: &str = "TIMESTAMP'1970-01-01 00:00:00.000000'";
+
+/// Longest table name: MySQL identifiers hold 64 characters and the longest
+/// derived name adds `_migrations`.
+const MAX_TABLE_LEN: usize = 64 - "_migrations".len();
+
+/// Rows per multi-row `INSERT` in [`MySqlOutbox::enqueue_batch`] (8 bound
+/// values each, far below the 65,535 placeholder limit)...
+const BATCH_ROWS: usize = 500;
+/// ...and payload bytes per statement, well under the default 16 MiB
+/// `max_allowed_packet`.
+const BATCH_BYTES: usize = 4 << 20;
+
+/// Validated table names plus the SQL text built once from them.
+///
+/// ```
+/// use postbox_mysql::MySqlOutbox;
+/// assert!(MySqlOutbox::new("orders_outbox").is_ok());
+/// assert!(MySqlOutbox::new("outbox`; DROP TABLE users; --").is_err());
+/// ```
+#[derive(Clone, Debug)]
+pub struct MySqlOutbox {
+    pub(crate) inner: Arc<Sql>,
+}
+
+/// SQL text for one outbox table. Every statement lives here, with the reason
+/// it is shaped as it is.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) table: Ident,
+    /// `table` back-quoted.
+    pub(crate) t: String,
+    /// The per-key lock table, back-quoted.
+    pub(crate) keys: String,
+    /// The ordering trigger, back-quoted.
+    pub(crate) trigger: String,
+    /// The migration history table, back-quoted.
+    pub(crate) migrations: String,
+    pub(crate) insert_one: String,
+    pub(crate) claim_any: String,
+    pub(crate) claim_tenant: String,
+}
+
+/// Columns a claim reads, decoded by `claim::decode`.
+pub(crate) fn row_columns(alias: &str) -> String {
+    format!(
+        "{a}.`seq`, {a}.`id`, {a}.`topic`, {a}.`key`, {a}.`payload`, CAST({a}.`headers` AS CHAR) AS `headers`, {a}.`tenant`, \
+         {a}.`attempts`, {a}.`max_attempts`, \
+         TIMESTAMPDIFF(MICROSECOND, {EPOCH}, {a}.`created_at`) AS `created_us`, \
+         {a}.`key_hash`, {a}.`kseq`",
+        a = alias
+    )
+}
+
+impl Sql {
+    fn new(table: Ident) -> Self {
+        let t = table.backquoted();
+        let keys = format!("`{table}_keys`");
+        let trigger = format!("`{table}_key_order`");
+        let migrations = format!("`{table}_migrations`");
+        // `available_at` NULL means "now" on the database clock.
+        let insert_one = format!(
+            "INSERT INTO {t} (`id`, `topic`, `key`, `payload`, `headers`, `tenant`, `available_at`, `max_attempts`) \
+             VALUES {}",
+            Self::insert_values(1)
+        );
+        // The claim's first step. Pending rows in seq order through the
+        // (status, seq) index; a keyed row only when no earlier row of its
+        // key (lower kseq) is unfinished: pending (leased or not, delayed or
+        // not) or dead and parked. The NOT EXISTS probe is one covering range
+        // read on (key_hash, kseq, status, parked). The subquery is a
+        // non-locking read; SKIP LOCKED applies to the candidate rows only,
+        // so two relays never block each other. Its result is re-checked
+        // with a fresh snapshot before anything is leased (see claim.rs).
+        let claim = |tenant: &str| {
+            format!(
+                "SELECT {cols}, TIMESTAMPDIFF(MICROSECOND, {EPOCH}, UTC_TIMESTAMP(6)) AS `now_us` \
+                 FROM {t} AS o \
+                 WHERE o.`status` = 'pending' \
+                   AND o.`available_at` <= UTC_TIMESTAMP(6) \
+                   AND (o.`lease_until` IS NULL OR o.`lease_until` <= UTC_TIMESTAMP(6)) \
+                   {tenant} \
+                   AND (o.`key_hash` IS NULL OR NOT EXISTS ( \
+                     SELECT 1 FROM {t} AS e \
+                     WHERE e.`key_hash` = o.`key_hash` AND e.`kseq` < o.`kseq` \
+                       AND (e.`status` = 'pending' OR (e.`status` = 'dead' AND e.`parked`)))) \
+                 ORDER BY o.`seq` \
+                 LIMIT ? \
+                 FOR UPDATE SKIP LOCKED",
+                cols = row_columns("o"),
+            )
+        };
+        Self {
+            claim_any: claim(""),
+            claim_tenant: claim("AND o.`tenant` = ?"),
+            table,
+            t,
+            keys,
+            trigger,
+            migrations,
+            insert_one,
+        }
+    }
+
+    fn insert_values(rows: usize) -> String {
+        let one = format!(
+            "(?, ?, ?, ?, ?, ?, COALESCE(TIMESTAMPADD(MICROSECOND, ?, {EPOCH}), UTC_TIMESTAMP(6)), ?)"
+        );
+        vec![one; rows].join(", ")
+    }
+}
+
+impl Default for MySqlOutbox {
+    /// The table `postbox_outbox`.
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(Sql::new(
+                Ident::new("postbox_outbox").unwrap_or_else(|_| unreachable!("valid identifier")),
+            )),
+        }
+    }
+}
+
+/// Bound values of one message, owned so a query can borrow them.
+struct Row {
+    id: uuid::Uuid,
+    topic: String,
+    key: Option<String>,
+    payload: Vec<u8>,
+    headers: String,
+    tenant: Option<String>,
+    available_us: Option<i64>,
+    max_attempts: Option<i32>,
+}
+
+/// Latest instant a `DATETIME` holds (9999-12-31 23:59:59.999999 UTC).
+const MAX_DATETIME_US: i64 = 253_402_300_799_999_999;
+
+impl Row {
+    fn new(m: &NewMessage) -> Result<Self, StoreError> {
+        let headers = serde_json::to_string(&m.headers)
+            .map_err(|e| StoreError::Database(format!("cannot encode headers: {e}").into()))?;
+        Ok(Self {
+            id: m.id,
+            topic: m.topic.clone(),
+            key: m.key.clone(),
+            payload: m.payload.to_vec(),
+            headers,
+            tenant: m.tenant.clone(),
+            available_us: m
+                .available_at
+                .map(|t| to_unix_micros(t).clamp(0, MAX_DATETIME_US)),
+            max_attempts: m.max_attempts.map(|n| i32::try_from(n).unwrap_or(i32::MAX)),
+        })
+    }
+
+    fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>,
+    ) -> sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments> {
+        q.bind(self.id)
+            .bind(&self.topic)
+            .bind(&self.key)
+            .bind(&self.payload)
+            .bind(&self.headers)
+            .bind(&self.tenant)
+            .bind(self.available_us)
+            .bind(self.max_attempts)
+    }
+}
+
+impl MySqlOutbox {
+    /// An outbox in table `table` (plus `<table>_keys` and
+    /// `<table>_migrations`). The name must be a plain identifier of at most
+    /// 53 characters; the error names the bad value.
+    pub fn new(table: &str) -> Result<Self, StoreError> {
+        let ident = Ident::new(table).map_err(|e| StoreError::Config(e.to_string()))?;
+        if table.len() > MAX_TABLE_LEN {
+            return Err(StoreError::Config(format!(
+                "table name {table:?} is too long for MySQL: use at most {MAX_TABLE_LEN} characters \
+                 (postbox adds `_migrations` to it)"
+            )));
+        }
+        Ok(Self {
+            inner: Arc::new(Sql::new(ident)),
+        })
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        self.inner.table.as_str()
+    }
+
+    /// Creates or upgrades the outbox schema. Idempotent; several processes
+    /// may run it at once (they take turns through `GET_LOCK`). Refuses
+    /// servers without `FOR UPDATE SKIP LOCKED` with a message naming the
+    /// version found and the one needed.
+    pub async fn migrate(&self, pool: &MySqlPool) -> Result<(), StoreError> {
+        crate::migrate::run(&self.inner, pool).await
+    }
+
+    /// Writes `msg` through `executor`: pass `&mut *tx` to make it part of
+    /// your transaction.
+    ///
+    /// A keyed message locks its key's row in `<table>_keys` (the trigger
+    /// does it, see README.md) until your transaction ends: a concurrent
+    /// transaction enqueuing the same key waits for yours to commit or roll
+    /// back. Enqueue several keys in a consistent (e.g. sorted) order, or use
+    /// [`enqueue_batch`](Self::enqueue_batch), to avoid deadlocks.
+    pub async fn enqueue<'e, E>(&self, executor: E, msg: &NewMessage) -> Result<(), StoreError>
+    where
+        E: Executor<'e, Database = MySql>,
+    {
+        let row = Row::new(msg)?;
+        row.bind(sqlx::query(&self.inner.insert_one))
+            .execute(executor)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    /// Writes all of `msgs` atomically: in one savepoint of your transaction
+    /// (pass `&mut *tx` or `&mut tx`) or in a transaction of its own (pass a
+    /// pool or a connection). Locks the keys involved in sorted order first,
+    /// so two batches with overlapping keys cannot deadlock each other.
+    pub async fn enqueue_batch<'a, A>(&self, conn: A, msgs: &[NewMessage]) -> Result<(), StoreError>
+    where
+        A: Acquire<'a, Database = MySql>,
+    {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let rows = msgs.iter().map(Row::new).collect::<Result<Vec<_>, _>>()?;
+        let mut tx = conn.begin().await.map_err(map_err)?;
+        let mut keys: Vec<&str> = rows.iter().filter_map(|r| r.key.as_deref()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        if keys.len() > 1 {
+            // Take every key lock up front, in one order, instead of in the
+            // order the trigger meets the rows. A new key is inserted with
+            // last_kseq 0; the trigger then hands out 1.
+            for chunk in keys.chunks(BATCH_ROWS) {
+                let sql = format!(
+                    "INSERT INTO {} (`key_hash`, `last_kseq`) VALUES {} \
+                     ON DUPLICATE KEY UPDATE `last_kseq` = `last_kseq`",
+                    self.inner.keys,
+                    vec!["(UNHEX(SHA2(?, 256)), 0)"; chunk.len()].join(", ")
+                );
+                let mut q = sqlx::query(&sql);
+                for k in chunk {
+                    q = q.bind(*k);
+                }
+                q.execute(&mut *tx).await.map_err(map_err)?;
+            }
+        }
+        let mut start = 0;
+        while start < rows.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < rows.len()
+                && end - start < BATCH_ROWS
+                && (end == start || bytes < BATCH_BYTES)
+            {
+                bytes += rows[end].payload.len();
+                end += 1;
+            }
+            let sql = format!(
+                "INSERT INTO {} (`id`, `topic`, `key`, `payload`, `headers`, `tenant`, `available_at`, `max_attempts`) \
+                 VALUES {}",
+                self.inner.t,
+                Sql::insert_values(end - start)
+            );
+            let mut q = sqlx::query(&sql);
+            for r in &rows[start..end] {
+                q = r.bind(q);
+            }
+            q.execute(&mut *tx).await.map_err(map_err)?;
+            start = end;
+        }
+        tx.commit().await.map_err(map_err)?;
+        Ok(())
+    }
+
+    /// A store (for relays and admin queries) on `pool` for this table.
+    ///
+    /// The pool's sessions should run in READ COMMITTED, as those of
+    /// [`MySqlStore::connect`] do: claims rely on each statement seeing a
+    /// fresh snapshot.
+    pub fn store(&self, pool: MySqlPool) -> MySqlStore {
+        MySqlStore::new(pool, self.clone())
+    }
+}
