@@ -1,0 +1,261 @@
+//! [`PgOutbox`]: the validated names of one outbox table, the SQL built once
+//! from them, migrations and the producer side (`enqueue`, `enqueue_batch`).
+
+use std::sync::Arc;
+
+use postbox_core::{Ident, NewMessage, StoreError, to_unix_micros};
+use sqlx::{PgPool, Postgres};
+
+use crate::error::map;
+use crate::sql::Sql;
+use crate::store::PgStore;
+
+/// The default table name.
+pub const DEFAULT_TABLE: &str = "postbox_outbox";
+/// The default schema.
+pub const DEFAULT_SCHEMA: &str = "public";
+
+/// Longest table name accepted: PostgreSQL truncates identifiers at 63
+/// bytes, and postbox derives names such as `<table>_migrations` and
+/// `<table>_before_insert` from it, which must not be truncated into
+/// collisions.
+pub const MAX_TABLE_LEN: usize = 48;
+
+/// Validated schema and table names plus the SQL text built once from them.
+///
+/// ```
+/// use postbox_postgres::PgOutbox;
+/// let outbox = PgOutbox::with_schema("billing", "outbox")?;
+/// assert_eq!(outbox.qualified_name(), "\"billing\".\"outbox\"");
+/// assert!(PgOutbox::new("my outbox").is_err());
+/// # Ok::<(), postbox_core::StoreError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct PgOutbox {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) schema: Ident,
+    pub(crate) table: Ident,
+    pub(crate) qualified: String,
+    pub(crate) notify_on_enqueue: bool,
+    pub(crate) sql: Sql,
+}
+
+impl Default for PgOutbox {
+    fn default() -> Self {
+        // both names are valid constants
+        Self::build(
+            Ident::new(DEFAULT_SCHEMA).unwrap_or_else(|_| unreachable!("valid constant")),
+            Ident::new(DEFAULT_TABLE).unwrap_or_else(|_| unreachable!("valid constant")),
+            false,
+        )
+    }
+}
+
+fn ident(what: &str, value: &str) -> Result<Ident, StoreError> {
+    Ident::new(value).map_err(|e| StoreError::Config(format!("{what}: {e}")))
+}
+
+impl PgOutbox {
+    /// The outbox table `table` in schema `public`.
+    ///
+    /// Refuses (with [`StoreError::Config`] naming the value) anything but
+    /// 1 to 48 letters, digits and underscores.
+    pub fn new(table: &str) -> Result<Self, StoreError> {
+        Self::with_schema(DEFAULT_SCHEMA, table)
+    }
+
+    /// The outbox table `table` in schema `schema` (created by `migrate` if
+    /// missing).
+    pub fn with_schema(schema: &str, table: &str) -> Result<Self, StoreError> {
+        let schema = ident("schema name", schema)?;
+        let table = ident("table name", table)?;
+        if table.as_str().len() > MAX_TABLE_LEN {
+            return Err(StoreError::Config(format!(
+                "table name {:?} is longer than {MAX_TABLE_LEN} bytes; postbox derives index, trigger and migration-table names from it",
+                table.as_str()
+            )));
+        }
+        Ok(Self::build(schema, table, false))
+    }
+
+    fn build(schema: Ident, table: Ident, notify_on_enqueue: bool) -> Self {
+        let qualified = format!("{}.{}", schema.quoted(), table.quoted());
+        let sql = Sql::new(&qualified, &schema, &table);
+        Self {
+            inner: Arc::new(Inner {
+                schema,
+                table,
+                qualified,
+                notify_on_enqueue,
+                sql,
+            }),
+        }
+    }
+
+    /// Makes `enqueue` and `enqueue_batch` also `NOTIFY` the relay's channel
+    /// in the producer's transaction (off by default).
+    ///
+    /// Off by default because a NOTIFY in every producer transaction
+    /// serialises commits on PostgreSQL's notification queue lock; see the
+    /// crate README for the measurements. Without it a relay in the same
+    /// process is woken by its `RelayWaker`, and others by their poll.
+    #[must_use]
+    pub fn notify_on_enqueue(self, on: bool) -> Self {
+        Self::build(self.inner.schema.clone(), self.inner.table.clone(), on)
+    }
+
+    /// The schema name.
+    pub fn schema(&self) -> &Ident {
+        &self.inner.schema
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &Ident {
+        &self.inner.table
+    }
+
+    /// `"schema"."table"`, quoted, ready to splice into SQL.
+    pub fn qualified_name(&self) -> &str {
+        &self.inner.qualified
+    }
+
+    /// The LISTEN/NOTIFY channel relays of this table listen on:
+    /// `<schema>.<table>` (a plain-SQL producer may `NOTIFY` it too).
+    pub fn channel(&self) -> String {
+        format!("{}.{}", self.inner.schema, self.inner.table)
+    }
+
+    /// Creates or upgrades the schema; idempotent and safe to run from
+    /// several processes at once (they queue on an advisory lock).
+    pub async fn migrate(&self, pool: &PgPool) -> Result<(), StoreError> {
+        crate::migrate::run(self, pool).await
+    }
+
+    /// Writes `msg` through `executor`, normally the caller's transaction
+    /// (`&mut *tx`), so the message commits or rolls back with the business
+    /// rows. One round trip.
+    ///
+    /// A keyed message takes the key's transaction-scoped advisory lock (in
+    /// the table's trigger): a second transaction enqueuing the same key
+    /// waits until this one ends. Enqueue several keys in one transaction in
+    /// a consistent (sorted) order, or use [`PgOutbox::enqueue_batch`], which
+    /// sorts for you.
+    pub async fn enqueue<'e, E>(&self, executor: E, msg: &NewMessage) -> Result<(), StoreError>
+    where
+        E: sqlx::Executor<'e, Database = Postgres>,
+    {
+        let headers = headers_json(msg)?;
+        let sql = if self.inner.notify_on_enqueue {
+            &self.inner.sql.insert_notify
+        } else {
+            &self.inner.sql.insert
+        };
+        let mut q = sqlx::query(sql)
+            .bind(msg.id)
+            .bind(&msg.topic)
+            .bind(msg.key.as_deref())
+            .bind(&msg.payload[..])
+            .bind(headers)
+            .bind(msg.tenant.as_deref())
+            .bind(msg.available_at.map(to_unix_micros))
+            .bind(max_attempts(msg)?);
+        if self.inner.notify_on_enqueue {
+            q = q.bind(self.channel());
+        }
+        q.execute(executor)
+            .await
+            .map_err(map)?;
+        Ok(())
+    }
+
+    /// Writes all of `msgs` atomically in ONE statement (one round trip),
+    /// in order, through `executor` (`&mut *tx`, a connection or the pool:
+    /// a single statement is atomic by itself, so no `Acquire` is needed).
+    ///
+    /// The statement first takes the advisory locks of all distinct keys in
+    /// sorted order, then inserts, so two batches sharing keys cannot
+    /// deadlock each other.
+    pub async fn enqueue_batch<'e, E>(
+        &self,
+        executor: E,
+        msgs: &[NewMessage],
+    ) -> Result<(), StoreError>
+    where
+        E: sqlx::Executor<'e, Database = Postgres>,
+    {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        let mut ids = Vec::with_capacity(msgs.len());
+        let mut topics = Vec::with_capacity(msgs.len());
+        let mut keys = Vec::with_capacity(msgs.len());
+        let mut payloads = Vec::with_capacity(msgs.len());
+        let mut headers = Vec::with_capacity(msgs.len());
+        let mut tenants = Vec::with_capacity(msgs.len());
+        let mut available = Vec::with_capacity(msgs.len());
+        let mut attempts = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            ids.push(m.id);
+            topics.push(m.topic.clone());
+            keys.push(m.key.clone());
+            payloads.push(m.payload.to_vec());
+            headers.push(headers_json(m)?);
+            tenants.push(m.tenant.clone());
+            available.push(m.available_at.map(to_unix_micros));
+            attempts.push(max_attempts(m)?);
+        }
+        let sql = if self.inner.notify_on_enqueue {
+            &self.inner.sql.insert_batch_notify
+        } else {
+            &self.inner.sql.insert_batch
+        };
+        let mut q = sqlx::query(sql)
+            .bind(ids)
+            .bind(topics)
+            .bind(keys)
+            .bind(payloads)
+            .bind(headers)
+            .bind(tenants)
+            .bind(available)
+            .bind(attempts);
+        if self.inner.notify_on_enqueue {
+            q = q.bind(self.channel());
+        }
+        q.execute(executor)
+            .await
+            .map_err(map)?;
+        Ok(())
+    }
+
+    /// A [`PgStore`] (the relay's side) over `pool`.
+    ///
+    /// The pool's connections should run with
+    /// `plan_cache_mode = force_custom_plan`, as pools from
+    /// [`PgStore::connect`] and [`crate::relay_connect_options`] do; otherwise
+    /// a claim prepared on an empty table may keep a generic plan.
+    pub fn store(&self, pool: PgPool) -> PgStore {
+        PgStore::new(self.clone(), pool)
+    }
+}
+
+fn headers_json(msg: &NewMessage) -> Result<String, StoreError> {
+    serde_json::to_string(&msg.headers)
+        .map_err(|e| StoreError::Config(format!("headers of message {}: {e}", msg.id)))
+}
+
+fn max_attempts(msg: &NewMessage) -> Result<Option<i32>, StoreError> {
+    msg.max_attempts
+        .map(|n| {
+            i32::try_from(n).map_err(|_| {
+                StoreError::Config(format!(
+                    "max_attempts {n} of message {} is too large",
+                    msg.id
+                ))
+            })
+        })
+        .transpose()
+}

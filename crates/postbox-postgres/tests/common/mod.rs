@@ -1,0 +1,147 @@
+//! Shared test plumbing: a fresh database per test on the local server.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use postbox_core::NewMessage;
+use postbox_postgres::{PgOutbox, PgStore};
+use postbox_testkit::StoreHarness;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
+
+/// A database created for one test and dropped (best effort) at the end.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    admin_url: String,
+}
+
+/// The admin URL of the local server: role `postgres` (trust auth), or
+/// `root` if that is the one that works.
+pub async fn admin_url() -> String {
+    let addr = postbox_testkit::services::POSTGRES.require().await;
+    for role in ["postgres", "root"] {
+        let url = format!("postgres://{role}@{addr}/test");
+        if sqlx::PgConnection::connect(&url).await.is_ok() {
+            return url;
+        }
+    }
+    panic!("PostgreSQL at {addr} accepts neither role postgres nor root on database test (trust auth expected)");
+}
+
+impl TestDb {
+    pub async fn create() -> Self {
+        let admin_url = admin_url().await;
+        let name = format!("postbox_test_{:016x}", fastrand::u64(..));
+        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("admin connect");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create database");
+        let url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => unreachable!(),
+        };
+        Self { name, url, admin_url }
+    }
+
+    pub fn options(&self) -> PgConnectOptions {
+        self.url.parse().expect("url")
+    }
+
+    /// A plain pool, as an application would have.
+    pub async fn app_pool(&self, size: u32) -> PgPool {
+        PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&self.url)
+            .await
+            .expect("app pool")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // best effort, on its own thread: Drop cannot await
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            if let Ok(rt) = rt {
+                rt.block_on(async {
+                    if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut c)
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// The conformance harness: a fresh database, migrated, with a relay store.
+pub struct PgHarness {
+    pub db: TestDb,
+    pub store: PgStore,
+    pub app: PgPool,
+    pub outbox: PgOutbox,
+}
+
+impl PgHarness {
+    pub async fn new() -> Self {
+        Self::with_outbox(PgOutbox::default()).await
+    }
+
+    pub async fn with_outbox(outbox: PgOutbox) -> Self {
+        let db = TestDb::create().await;
+        let store = PgStore::connect_with(&db.url, outbox.clone())
+            .await
+            .expect("connect");
+        store.migrate().await.expect("migrate");
+        let app = db.app_pool(8).await;
+        Self { db, store, app, outbox }
+    }
+}
+
+impl StoreHarness for PgHarness {
+    type Store = PgStore;
+
+    fn store(&self) -> PgStore {
+        self.store.clone()
+    }
+
+    async fn enqueue(&self, msgs: Vec<NewMessage>) {
+        let mut tx = self.app.begin().await.expect("begin");
+        // alternate the two producer paths so both are under the suite
+        if msgs.len() % 2 == 0 {
+            self.outbox.enqueue_batch(&mut *tx, &msgs).await.expect("enqueue_batch");
+        } else {
+            for m in &msgs {
+                self.outbox.enqueue(&mut *tx, m).await.expect("enqueue");
+            }
+        }
+        tx.commit().await.expect("commit");
+    }
+
+    async fn enqueue_rolled_back(&self, msgs: Vec<NewMessage>) {
+        let mut tx = self.app.begin().await.expect("begin");
+        self.outbox.enqueue_batch(&mut *tx, &msgs).await.expect("enqueue_batch");
+        tx.rollback().await.expect("rollback");
+    }
+
+    async fn advance(&self, by: Duration) {
+        let us = i64::try_from(by.as_micros()).expect("duration");
+        sqlx::query(&format!(
+            "UPDATE {} SET available_at = available_at - $1 * interval '1 microsecond',
+                           lease_until = lease_until - $1 * interval '1 microsecond',
+                           created_at = created_at - $1 * interval '1 microsecond'",
+            self.outbox.qualified_name()
+        ))
+        .bind(us)
+        .execute(&self.app)
+        .await
+        .expect("advance");
+    }
+}
