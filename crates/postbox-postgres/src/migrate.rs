@@ -5,7 +5,7 @@
 //! `sqlx::migrate!` is not used because the table name is configurable.
 
 use postbox_core::StoreError;
-use sqlx::PgPool;
+use sqlx::{Executor, PgPool};
 
 use crate::error::map;
 use crate::outbox::PgOutbox;
@@ -28,17 +28,16 @@ pub(crate) async fn run(outbox: &PgOutbox, pool: &PgPool) -> Result<(), StoreErr
         .execute(&mut *tx)
         .await
         .map_err(map)?;
-    sqlx::raw_sql(&format!(
+    let setup = format!(
         "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
          CREATE TABLE IF NOT EXISTS {history} (
              version    integer     PRIMARY KEY,
              name       text        NOT NULL,
              applied_at timestamptz NOT NULL DEFAULT now()
          );"
-    ))
-    .execute(&mut *tx)
-    .await
-    .map_err(map)?;
+    );
+    let conn: &mut sqlx::PgConnection = &mut tx;
+    conn.execute(sqlx::raw_sql(&setup)).await.map_err(map)?;
     let applied: Vec<i32> = sqlx::query_scalar(&format!("SELECT version FROM {history}"))
         .fetch_all(&mut *tx)
         .await
@@ -54,7 +53,8 @@ pub(crate) async fn run(outbox: &PgOutbox, pool: &PgPool) -> Result<(), StoreErr
             continue;
         }
         let sql = sql.replace("{schema}", schema).replace("{t}", table);
-        sqlx::raw_sql(&sql).execute(&mut *tx).await.map_err(map)?;
+        let conn: &mut sqlx::PgConnection = &mut tx;
+        conn.execute(sqlx::raw_sql(&sql)).await.map_err(map)?;
         sqlx::query(&format!("INSERT INTO {history} (version, name) VALUES ($1, $2)"))
             .bind(version)
             .bind(name)

@@ -240,6 +240,13 @@ impl PgStore {
         .transpose()
     }
 
+    /// The claim statement for `outbox` (parameters: limit, lease µs, token,
+    /// tenant, window size, walk cursor, walk length), for `EXPLAIN` by
+    /// operators and tests.
+    pub fn claim_sql_for_explain(outbox: &PgOutbox) -> &str {
+        &outbox.inner.sql.claim
+    }
+
     fn start_listener(&self) {
         if !self.shared.listen {
             return;

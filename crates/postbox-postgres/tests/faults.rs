@@ -1,0 +1,294 @@
+//! Failures: connections killed under three relays, the LISTEN connection
+//! killed, unreachable or misconfigured databases, bad names.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{PgHarness, TestDb};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use postbox_core::{
+    CancellationToken, Filter, Message, NewMessage, PublishOutcome, Publisher, Relay, RetryPolicy,
+    Store, StoreError,
+};
+use postbox_postgres::{PgOutbox, PgStore};
+use postbox_testkit::{TestPublisher, key_order_violations};
+
+async fn wait_until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Forwards to a shared publisher and counts what this relay delivered.
+#[derive(Clone)]
+struct Counted {
+    inner: TestPublisher,
+    count: Arc<AtomicUsize>,
+}
+
+impl Publisher for Counted {
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        let out = self.inner.publish(batch).await;
+        self.count.fetch_add(out.iter().filter(|o| o.is_ok()).count(), Ordering::Relaxed);
+        out
+    }
+}
+
+async fn terminate(app: &sqlx::PgPool, db: &str, application: &str) -> u64 {
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND application_name = $2",
+    )
+    .bind(db)
+    .bind(application)
+    .fetch_all(app)
+    .await
+    .expect("terminate");
+    killed.into_iter().filter(|k| *k).count() as u64
+}
+
+/// Three relays (separate pools) drain a keyed backlog while one relay's
+/// connections are killed again and again with `pg_terminate_backend`:
+/// everything is delivered, per-key order holds, the victim reconnects
+/// and keeps delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_survive_killed_connections() {
+    let h = PgHarness::new().await;
+    let mut ids = HashSet::new();
+    for round in 0..40 {
+        let batch: Vec<NewMessage> = (0..10)
+            .map(|k| NewMessage::new("t", format!("{k}/{round}")).key(format!("key-{k}")))
+            .chain((0..5).map(|i| NewMessage::new("t", format!("free-{round}-{i}"))))
+            .collect();
+        ids.extend(batch.iter().map(|m| m.id));
+        h.outbox.enqueue_batch(&h.app, &batch).await.expect("enqueue");
+    }
+
+    let publisher = TestPublisher::recording();
+    let victim_count = Arc::new(AtomicUsize::new(0));
+    let shutdown = CancellationToken::new();
+    let mut relays = Vec::new();
+    for i in 0..3 {
+        let mut options = postbox_postgres::relay_connect_options(h.db.options());
+        if i == 0 {
+            options = options.application_name("postbox-victim");
+        }
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await
+            .expect("pool");
+        let store = h.outbox.store(pool);
+        let p = Counted {
+            inner: publisher.clone(),
+            count: if i == 0 { Arc::clone(&victim_count) } else { Arc::new(AtomicUsize::new(0)) },
+        };
+        let relay = Relay::builder(store, p)
+            .batch_size(5)
+            .poll_interval(Duration::from_millis(10))
+            .retry_policy(RetryPolicy::immediate())
+            .build()
+            .expect("relay");
+        let sd = shutdown.clone();
+        relays.push(tokio::spawn(async move { relay.run(sd).await }));
+    }
+    // kill the victim's connections a few times while it works
+    let mut kills = 0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        kills += terminate(&h.app, &h.db.name, "postbox-victim").await;
+    }
+    assert!(kills > 0, "no connection of the victim relay was killed");
+    let before = victim_count.load(Ordering::Relaxed);
+    // it reconnects and delivers again: add work and see the victim take some
+    let mut round = 40;
+    wait_until("the victim relay to deliver after the kills", || {
+        round += 1;
+        let batch: Vec<NewMessage> = (0..5).map(|i| NewMessage::new("t", format!("late-{round}-{i}"))).collect();
+        ids.extend(batch.iter().map(|m| m.id));
+        let outbox = h.outbox.clone();
+        let app = h.app.clone();
+        let victim = Arc::clone(&victim_count);
+        async move {
+            outbox.enqueue_batch(&app, &batch).await.expect("enqueue");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            victim.load(Ordering::Relaxed) > before
+        }
+    })
+    .await;
+    wait_until("everything delivered", || async {
+        h.store.stats(&Filter::all()).await.expect("stats").pending == 0
+    })
+    .await;
+    shutdown.cancel();
+    for r in relays {
+        r.await.expect("relay task");
+    }
+    // one shared log, in the order the broker saw the messages
+    let delivered = publisher.delivered();
+    let distinct: HashSet<_> = delivered.iter().map(|m| m.id).collect();
+    assert_eq!(distinct, ids, "not every message was delivered");
+    let violations = key_order_violations(&delivered);
+    assert!(violations.is_empty(), "per-key order broken: {violations:?}");
+}
+
+/// With the LISTEN connection killed, polling still delivers; the listener
+/// comes back on its own and a NOTIFY then wakes `notified()` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_listen_connection_falls_back_to_polling_and_returns() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let channel = h.outbox.channel();
+    let notify = |app: sqlx::PgPool, channel: String| async move {
+        sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(&app).await.expect("notify");
+    };
+
+    // start the listener and see a notification arrive
+    let woke = tokio::spawn({
+        let store = store.clone();
+        async move { store.notified().await }
+    });
+    wait_until("LISTEN to start", || async { store.is_listening() }).await;
+    notify(h.app.clone(), channel.clone()).await;
+    tokio::time::timeout(Duration::from_secs(30), woke)
+        .await
+        .expect("notified() never resolved")
+        .expect("task");
+
+    // kill it; a relay keeps delivering by polling meanwhile
+    let old_pid: i32 = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'postbox-listener'",
+    )
+    .bind(&h.db.name)
+    .fetch_one(&h.app)
+    .await
+    .expect("listener session");
+    assert!(terminate(&h.app, &h.db.name, "postbox-listener").await >= 1);
+    let publisher = TestPublisher::recording();
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .poll_interval(Duration::from_millis(20))
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn({
+        let relay = relay.clone();
+        let sd = shutdown.clone();
+        async move { relay.run(sd).await }
+    });
+    h.outbox.enqueue(&h.app, &NewMessage::new("t", "while-killed").key("k")).await.expect("enqueue");
+    wait_until("delivery by polling", || async { publisher.delivered().len() == 1 }).await;
+
+    // the listener is back, on a new session
+    wait_until("LISTEN to come back", || async {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name = 'postbox-listener' AND query LIKE 'LISTEN%'",
+        )
+        .bind(&h.db.name)
+        .fetch_optional(&h.app)
+        .await
+        .expect("activity");
+        store.is_listening() && pid.is_some_and(|p| p != old_pid)
+    })
+    .await;
+    let woke = tokio::spawn({
+        let store = store.clone();
+        async move { store.notified().await }
+    });
+    // the notification may race the task's registration: repeat until seen
+    let app = h.app.clone();
+    let ch = channel.clone();
+    let pinger = tokio::spawn(async move {
+        loop {
+            notify(app.clone(), ch.clone()).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), woke)
+        .await
+        .expect("notified() did not resolve after LISTEN came back")
+        .expect("task");
+    pinger.abort();
+    shutdown.cancel();
+    run.await.expect("relay");
+}
+
+#[tokio::test]
+async fn unreachable_database_is_unavailable() {
+    // a closed port on loopback: connection refused
+    let err = PgStore::connect("postgres://postbox:topsecret@127.0.0.1:1/db").await.expect_err("connected?");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(err.is_transient());
+    let text = err.to_string();
+    assert!(text.contains("postgres://postbox@127.0.0.1:1/db"), "{text}");
+    assert!(!text.contains("topsecret"), "{text}");
+}
+
+#[tokio::test]
+async fn missing_database_and_bad_url_are_clear_config_errors() {
+    let admin = common::admin_url().await;
+    let (base, _) = admin.rsplit_once('/').expect("url");
+    // trust auth ignores passwords, so the password below must merely never show
+    let base = base.replacen("://", "://", 1);
+    let url = format!("{base}/postbox_no_such_db_{:x}?password=topsecret", fastrand::u32(..));
+    let err = PgStore::connect(&url).await.expect_err("connected?");
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("postbox_no_such_db_") && text.contains("does not exist"), "{text}");
+    assert!(!text.contains("topsecret"), "{text}");
+
+    let err = PgStore::connect("postgres://u:topsecret@host:notaport/db").await.expect_err("parsed?");
+    assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+    assert!(!err.to_string().contains("topsecret"), "{err}");
+}
+
+#[test]
+fn table_names_with_quotes_or_spaces_are_refused() {
+    for bad in ["my outbox", "out\"box", "x; DROP TABLE y", "", "9lives", &"a".repeat(49)] {
+        let err = PgOutbox::new(bad).expect_err(bad);
+        assert!(matches!(err, StoreError::Config(_)), "{err:?}");
+        assert!(err.to_string().contains("table name"), "{err}");
+    }
+    assert!(PgOutbox::with_schema("bad schema", "ok").is_err());
+    assert!(PgOutbox::with_schema("billing", "outbox_v2").is_ok());
+}
+
+/// Several processes migrating at once: all succeed, the schema is made
+/// once, and a custom schema and table work end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_into_a_custom_schema() {
+    let db = TestDb::create().await;
+    let outbox = PgOutbox::with_schema("billing", "events_outbox").expect("names");
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let outbox = outbox.clone();
+        let url = db.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.expect("pool");
+            outbox.migrate(&pool).await.expect("migrate");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("migrator");
+    }
+    let pool = db.app_pool(2).await;
+    let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM billing.events_outbox_migrations")
+        .fetch_all(&pool)
+        .await
+        .expect("history");
+    assert_eq!(versions, [1]);
+    outbox.migrate(&pool).await.expect("idempotent");
+    outbox.enqueue(&pool, &NewMessage::new("t", "x").key("k")).await.expect("enqueue");
+    let store = outbox.store(pool);
+    assert_eq!(store.stats(&Filter::all()).await.expect("stats").pending, 1);
+}
