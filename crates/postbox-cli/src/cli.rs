@@ -1,0 +1,223 @@
+//! Command-line arguments.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// postbox — a transactional outbox: messages written in your database
+/// transaction, published to your broker at least once, in order per key.
+///
+/// Start with `postbox demo`.
+#[derive(Debug, Parser)]
+#[command(name = "postbox", version, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log as JSON lines on stderr (level from POSTBOX_LOG, e.g. `debug`).
+    #[arg(long, global = true)]
+    pub(crate) log_json: bool,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// See it work in under a minute: an "orders" service on an embedded
+    /// SQLite file writes orders and their messages in one transaction (some
+    /// roll back on purpose) while a relay publishes to stdout.
+    Demo(DemoArgs),
+    /// Create or upgrade the outbox table (idempotent; safe to run from
+    /// several processes at once).
+    Migrate(StoreArgs),
+    /// Write one message into the outbox (for trying things out and scripts).
+    Enqueue(EnqueueArgs),
+    /// Run the relay: claim committed messages, publish them, repeat, until
+    /// SIGTERM or SIGINT.
+    Relay(RelayArgs),
+    /// Show what is in the outbox: pending, retrying, leased, dead, parked keys.
+    Status(StatusArgs),
+    /// Inspect and act on dead messages.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StoreArgs {
+    /// Database URL: sqlite://path.db, postgres://…, mysql://…
+    #[arg(long = "store", env = "POSTBOX_STORE_URL", value_name = "URL")]
+    pub(crate) url: String,
+    /// Outbox table name.
+    #[arg(long, env = "POSTBOX_TABLE", default_value = "postbox_outbox")]
+    pub(crate) table: String,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// How many orders the demo service places.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub(crate) orders: u32,
+    /// Print only the summary, not each published message.
+    #[arg(long)]
+    pub(crate) quiet: bool,
+    /// Keep the SQLite file at this path instead of a temporary one.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) db: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EnqueueArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Topic, e.g. orders.created.
+    #[arg(long)]
+    pub(crate) topic: String,
+    /// Ordering key: messages with the same key are published in order.
+    #[arg(long)]
+    pub(crate) key: Option<String>,
+    /// Message body (text).
+    #[arg(long)]
+    pub(crate) payload: String,
+    /// A header as name=value; repeatable.
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub(crate) headers: Vec<(String, String)>,
+    /// Tenant.
+    #[arg(long)]
+    pub(crate) tenant: Option<String>,
+    /// Publish no earlier than this long from now, e.g. 30s, 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) delay: Option<Duration>,
+    /// Attempts before the message is dead.
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+}
+
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("header {s:?} must look like name=value")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub(crate) enum OnDeadArg {
+    /// Later messages of the key wait for an operator (default).
+    Park,
+    /// Later messages of the key carry on.
+    Skip,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Where to publish: stdout, file:///path/out.jsonl
+    #[arg(long = "publish", env = "POSTBOX_PUBLISH_URL", value_name = "URL")]
+    pub(crate) publish: String,
+    /// Messages per claim.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) batch_size: usize,
+    /// Lease length: another relay may take a message over after this.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub(crate) lease: Duration,
+    /// A publish slower than this counts as a transient failure; must be
+    /// shorter than the lease.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub(crate) send_timeout: Duration,
+    /// How often to look for work when idle.
+    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub(crate) poll_interval: Duration,
+    /// Batches in flight at once.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) concurrency: usize,
+    /// Attempts before a message is dead (unless it set its own).
+    #[arg(long, default_value_t = 25)]
+    pub(crate) max_attempts: u32,
+    /// First retry wait; doubles per attempt, with full jitter.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub(crate) retry_base: Duration,
+    /// Longest retry wait.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub(crate) retry_cap: Duration,
+    /// What a dead keyed message does to the rest of its key.
+    #[arg(long, value_enum, default_value = "park")]
+    pub(crate) on_dead: OnDeadArg,
+    /// Only publish this tenant's messages.
+    #[arg(long)]
+    pub(crate) tenant: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct FilterArgs {
+    /// Only this topic.
+    #[arg(long)]
+    pub(crate) topic: Option<String>,
+    /// Only this key.
+    #[arg(long)]
+    pub(crate) key: Option<String>,
+    /// Only this tenant.
+    #[arg(long)]
+    pub(crate) tenant: Option<String>,
+    /// Only these message ids; repeatable.
+    #[arg(long = "id")]
+    pub(crate) ids: Vec<uuid::Uuid>,
+    /// Only messages created at least this long ago, e.g. 1h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) older_than: Option<Duration>,
+    /// Only messages whose last error contains this text.
+    #[arg(long)]
+    pub(crate) error: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Only this topic.
+    #[arg(long)]
+    pub(crate) topic: Option<String>,
+    /// Only this tenant.
+    #[arg(long)]
+    pub(crate) tenant: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum DeadCommand {
+    /// List dead messages, oldest first.
+    List(DeadListArgs),
+    /// Make dead messages pending again (fresh attempts); their keys resume
+    /// in order.
+    Replay(DeadActArgs),
+    /// Unpark the keys held by dead messages; the messages stay dead.
+    Skip(DeadActArgs),
+    /// Delete dead messages for good.
+    Purge(DeadActArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DeadListArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    #[command(flatten)]
+    pub(crate) filter: FilterArgs,
+    /// At most this many.
+    #[arg(long, default_value_t = 50)]
+    pub(crate) limit: usize,
+    /// Print JSON (one array, payloads included).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DeadActArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    #[command(flatten)]
+    pub(crate) filter: FilterArgs,
+    /// Act on every dead message (required when no filter is given).
+    #[arg(long)]
+    pub(crate) all: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}

@@ -1,0 +1,93 @@
+//! `postbox`: the relay daemon, admin commands and a one-minute demo.
+//!
+//! Exit status: 0 success, 2 bad usage or configuration (the message names
+//! the bad value), 1 runtime failure.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod admin;
+mod any;
+mod cli;
+mod demo;
+mod relay;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+/// An error in what the user asked for: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct Usage(pub(crate) String);
+
+/// Shorthand for a usage error.
+pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Usage(msg.into()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(run(cli));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = if is_usage(&e) { 2 } else { 1 };
+            eprintln!("error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn is_usage(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<Usage>().is_some()
+            || matches!(
+                c.downcast_ref::<postbox_core::StoreError>(),
+                Some(postbox_core::StoreError::Config(_) | postbox_core::StoreError::Schema(_))
+            )
+            || c.downcast_ref::<postbox_core::ConfigError>().is_some()
+            || c.downcast_ref::<postbox_jsonl::JsonlError>().is_some()
+    })
+}
+
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::EnvFilter;
+    let default = match &cli.command {
+        // the demo speaks for itself on stdout; keep its stderr quiet
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    let filter = EnvFilter::try_from_env("POSTBOX_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cli.log_json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::Migrate(args) => admin::migrate(args).await,
+        Command::Enqueue(args) => admin::enqueue(args).await,
+        Command::Relay(args) => relay::run(args).await,
+        Command::Status(args) => admin::status(args).await,
+        Command::Dead(args) => admin::dead(args).await,
+    }
+}

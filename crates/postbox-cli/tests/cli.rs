@@ -1,0 +1,336 @@
+//! End-to-end tests of the `postbox` binary on SQLite.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn postbox() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_postbox"));
+    c.env_remove("POSTBOX_STORE_URL").env("POSTBOX_LOG", "warn");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    postbox().args(args).output().expect("run postbox")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exit code")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn sqlite_url(dir: &Path) -> String {
+    format!("sqlite://{}", dir.join("outbox.db").display())
+}
+
+/// The issue's acceptance run: migrate, enqueue 1,000 messages across 10 keys
+/// through the CLI, relay to a file, every message delivered once in per-key
+/// order, and the relay exits 0 on SIGTERM.
+#[test]
+fn migrate_enqueue_relay_to_file_and_stop_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    let o = run(&["migrate", "--store", &url]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // twice: migrate is idempotent
+    assert_eq!(code(&run(&["migrate", "--store", &url])), 0);
+
+    // ten keys in parallel, each key's hundred messages in sequence
+    std::thread::scope(|s| {
+        for k in 0..10 {
+            let url = url.clone();
+            s.spawn(move || {
+                for n in 0..100 {
+                    let o = postbox()
+                        .args(["enqueue", "--topic", "orders.created", "--key"])
+                        .arg(format!("key-{k}"))
+                        .args([
+                            "--payload",
+                            &format!("{k}:{n}"),
+                            "--header",
+                            "source=cli-test",
+                        ])
+                        .env("POSTBOX_STORE_URL", &url)
+                        .output()
+                        .expect("enqueue");
+                    assert_eq!(code(&o), 0, "{}", stderr(&o));
+                }
+            });
+        }
+    });
+
+    let out = dir.path().join("out.jsonl");
+    let mut relay = postbox()
+        .args([
+            "relay",
+            "--store",
+            &url,
+            "--poll-interval",
+            "20ms",
+            "--batch-size",
+            "50",
+        ])
+        .arg("--publish")
+        .arg(format!("file://{}", out.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn relay");
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let lines = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+            .collect();
+        if lines.len() >= 1000 || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    let term = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = relay.wait().expect("wait for relay");
+    let mut err = String::new();
+    std::io::Read::read_to_string(relay.stderr.as_mut().expect("stderr"), &mut err).ok();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "relay did not exit 0 on SIGTERM: {err}"
+    );
+
+    let ids: HashSet<&str> = lines
+        .iter()
+        .map(|l| l["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(lines.len(), 1000, "expected each message once");
+    assert_eq!(ids.len(), 1000, "duplicate deliveries");
+    let mut next: HashMap<String, u32> = HashMap::new();
+    for l in &lines {
+        let key = l["key"].as_str().expect("key").to_owned();
+        let (k, n) = l["payload"]
+            .as_str()
+            .expect("payload")
+            .split_once(':')
+            .expect("k:n");
+        assert_eq!(format!("key-{k}"), key);
+        assert_eq!(l["headers"]["source"], "cli-test");
+        assert_eq!(l["attempt"], 1);
+        let n: u32 = n.parse().expect("n");
+        let want = next.entry(key.clone()).or_default();
+        assert_eq!(n, *want, "key {key} out of order");
+        *want += 1;
+    }
+    assert_eq!(next.len(), 10);
+
+    let o = run(&["status", "--store", &url, "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).expect("status json");
+    assert_eq!(stats["pending"], 0);
+}
+
+#[test]
+fn bad_input_exits_2_naming_the_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["status".into(), "--store".into(), "oracle://db".into()],
+            "oracle://db",
+        ),
+        (
+            vec![
+                "migrate".into(),
+                "--store".into(),
+                "sqlite:///no/such/dir/x.db".into(),
+            ],
+            "/no/such/dir/x.db",
+        ),
+        (
+            vec![
+                "relay".into(),
+                "--store".into(),
+                url.clone(),
+                "--publish".into(),
+                "carrier-pigeon://x".into(),
+            ],
+            "carrier-pigeon://x",
+        ),
+        (
+            vec![
+                "relay".into(),
+                "--store".into(),
+                url.clone(),
+                "--publish".into(),
+                "stdout".into(),
+                "--batch-size".into(),
+                "lots".into(),
+            ],
+            "lots",
+        ),
+        (
+            vec![
+                "relay".into(),
+                "--store".into(),
+                url.clone(),
+                "--publish".into(),
+                "stdout".into(),
+                "--batch-size".into(),
+                "0".into(),
+            ],
+            "batch_size",
+        ),
+        (
+            vec![
+                "relay".into(),
+                "--store".into(),
+                url.clone(),
+                "--publish".into(),
+                "file:///no/such/dir/out.jsonl".into(),
+            ],
+            "/no/such/dir/out.jsonl",
+        ),
+        (
+            vec![
+                "migrate".into(),
+                "--store".into(),
+                url.clone(),
+                "--table".into(),
+                "x\"; DROP TABLE y; --".into(),
+            ],
+            "DROP TABLE",
+        ),
+        (vec!["frobnicate".into()], "frobnicate"),
+        (
+            vec![
+                "dead".into(),
+                "replay".into(),
+                "--store".into(),
+                url.clone(),
+            ],
+            "--all",
+        ),
+    ];
+    assert_eq!(code(&run(&["migrate", "--store", &url])), 0);
+    for (args, named) in cases {
+        let o = postbox().args(&args).output().expect("run");
+        let err = stderr(&o);
+        assert_eq!(code(&o), 2, "{args:?} → {err}");
+        assert!(
+            err.contains(named),
+            "{args:?}: message does not name {named:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+}
+
+#[test]
+fn relay_refuses_a_missing_table() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    let o = run(&["relay", "--store", &url, "--publish", "stdout"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(stderr(&o).contains("postbox migrate"), "{}", stderr(&o));
+}
+
+#[test]
+fn dead_letters_can_be_listed_replayed_and_purged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    assert_eq!(code(&run(&["migrate", "--store", &url])), 0);
+    // a message that allows one attempt, published to a full disk, dies at once
+    let o = run(&[
+        "enqueue",
+        "--store",
+        &url,
+        "--topic",
+        "t",
+        "--key",
+        "k",
+        "--payload",
+        "p",
+        "--max-attempts",
+        "1",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    let mut relay = postbox()
+        .args([
+            "relay",
+            "--store",
+            &url,
+            "--publish",
+            "file:///dev/full",
+            "--poll-interval",
+            "20ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let o = run(&["dead", "list", "--store", &url, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        if v.as_array().is_some_and(|a| !a.is_empty()) || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .expect("kill");
+    assert_eq!(relay.wait().expect("wait").code(), Some(0));
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["parked"], true);
+    assert!(
+        listed[0]["last_error"]
+            .as_str()
+            .expect("error")
+            .contains("/dev/full")
+    );
+    assert_eq!(listed[0]["payload"], "p");
+
+    let o = run(&["dead", "replay", "--store", &url, "--id", &id, "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")["replayed"],
+        1
+    );
+    let o = run(&["status", "--store", &url, "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        (s["pending"].as_u64(), s["dead"].as_u64()),
+        (Some(1), Some(0))
+    );
+    let o = run(&["dead", "purge", "--store", &url, "--all", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")["purged"],
+        0
+    );
+}
+
+#[test]
+fn demo_runs_and_verifies_its_promises() {
+    let o = run(&["demo", "--quiet", "--orders", "40"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("published from rollbacks      0   ok"),
+        "{out}"
+    );
+    assert!(
+        out.contains("committed but not published   0   ok"),
+        "{out}"
+    );
+}

@@ -1,0 +1,51 @@
+//! **postbox** — a transactional outbox for Rust services.
+//!
+//! Write your business rows and the messages they imply in one database
+//! transaction; a [`Relay`] publishes every committed message at least once,
+//! in order per key, with retries and dead letters.
+//!
+//! This facade re-exports [`postbox_core`] and, behind one cargo feature
+//! each, the stores and publishers:
+//!
+//! | feature | module | what |
+//! | --- | --- | --- |
+//! | `sqlite` (default) | [`sqlite`] | SQLite store |
+//! | `jsonl` (default) | [`jsonl`] | stdout and JSON-lines file publishers |
+//!
+//! ```no_run
+//! use postbox::{CancellationToken, NewMessage, Relay};
+//! use postbox::sqlite::SqliteStore;
+//! use postbox::jsonl::StdoutPublisher;
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = SqliteStore::connect("sqlite://app.db").await?;
+//! postbox::sqlite::migrate(store.pool()).await?;
+//!
+//! // in your request handler: business row and message, one transaction
+//! let mut tx = store.pool().begin().await?;
+//! sqlx::query("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY)").execute(&mut *tx).await?;
+//! sqlx::query("INSERT INTO orders (id) VALUES (42)").execute(&mut *tx).await?;
+//! postbox::sqlite::enqueue(&mut *tx, &NewMessage::new("orders.created", r#"{"id":42}"#).key("order-42")).await?;
+//! tx.commit().await?;
+//!
+//! // in the background: the relay
+//! let relay = Relay::builder(store.clone(), StdoutPublisher).build()?;
+//! let shutdown = CancellationToken::new();
+//! tokio::spawn({ let relay = relay.clone(); let s = shutdown.clone(); async move { relay.run(s).await } });
+//! relay.waker().wake(); // publish now rather than at the next poll
+//! # Ok(()) }
+//! ```
+
+pub use postbox_core::*;
+
+/// SQLite store (feature `sqlite`).
+#[cfg(feature = "sqlite")]
+pub mod sqlite {
+    pub use postbox_sqlite::*;
+}
+
+/// stdout and JSON-lines file publishers (feature `jsonl`).
+#[cfg(feature = "jsonl")]
+pub mod jsonl {
+    pub use postbox_jsonl::*;
+}
