@@ -134,7 +134,10 @@ mod tests {
     #[test]
     fn redact_url_removes_every_password() {
         let cases = [
-            ("postgres://app:s3cret@db:5432/shop", "postgres://app@db:5432/shop"),
+            (
+                "postgres://app:s3cret@db:5432/shop",
+                "postgres://app@db:5432/shop",
+            ),
             ("postgres://app@db/shop", "postgres://app@db/shop"),
             ("postgres://db/shop", "postgres://db/shop"),
             ("postgresql://a:p%40ss@h", "postgresql://a@h"),
@@ -145,7 +148,10 @@ mod tests {
                 "postgres://h/d?sslmode=disable&application_name=x",
             ),
             ("postgres://h/d?password=hunter2", "postgres://h/d"),
-            ("postgres://h/d?PASSWORD=hunter2#frag", "postgres://h/d#frag"),
+            (
+                "postgres://h/d?PASSWORD=hunter2#frag",
+                "postgres://h/d#frag",
+            ),
             ("not a url with secret", "<unparsable database URL>"),
         ];
         for (url, want) in cases {

@@ -11,7 +11,8 @@ use crate::error::map;
 use crate::outbox::PgOutbox;
 
 /// `(version, name, sql)`, in order. Never edit an applied file: add one.
-const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "outbox", include_str!("../migrations/0001_outbox.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "outbox", include_str!("../migrations/0001_outbox.sql"))];
 
 /// The newest schema version this crate knows.
 pub(crate) const LATEST: i32 = 1;
@@ -55,12 +56,14 @@ pub(crate) async fn run(outbox: &PgOutbox, pool: &PgPool) -> Result<(), StoreErr
         let sql = sql.replace("{schema}", schema).replace("{t}", table);
         let conn: &mut sqlx::PgConnection = &mut tx;
         conn.execute(sqlx::raw_sql(&sql)).await.map_err(map)?;
-        sqlx::query(&format!("INSERT INTO {history} (version, name) VALUES ($1, $2)"))
-            .bind(version)
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(map)?;
+        sqlx::query(&format!(
+            "INSERT INTO {history} (version, name) VALUES ($1, $2)"
+        ))
+        .bind(version)
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(map)?;
         tracing::info!(postbox.table = %outbox.qualified_name(), version, name, "applied outbox migration");
     }
     tx.commit().await.map_err(map)?;

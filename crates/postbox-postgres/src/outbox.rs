@@ -166,9 +166,7 @@ impl PgOutbox {
         if self.inner.notify_on_enqueue {
             q = q.bind(self.channel());
         }
-        q.execute(executor)
-            .await
-            .map_err(map)?;
+        q.execute(executor).await.map_err(map)?;
         Ok(())
     }
 
@@ -225,9 +223,7 @@ impl PgOutbox {
         if self.inner.notify_on_enqueue {
             q = q.bind(self.channel());
         }
-        q.execute(executor)
-            .await
-            .map_err(map)?;
+        q.execute(executor).await.map_err(map)?;
         Ok(())
     }
 

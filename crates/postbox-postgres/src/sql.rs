@@ -150,9 +150,8 @@ impl Sql {
                             lease_token = NULL, lease_until = NULL
               WHERE status = 'dead' AND {FILTER}"
         );
-        let skip = format!(
-            "UPDATE {t} SET parked = false WHERE status = 'dead' AND parked AND {FILTER}"
-        );
+        let skip =
+            format!("UPDATE {t} SET parked = false WHERE status = 'dead' AND parked AND {FILTER}");
         let purge = format!("DELETE FROM {t} WHERE status = $7 AND {FILTER}");
 
         // Who holds this table's per-key advisory locks (classid = table oid,

@@ -28,13 +28,24 @@ pub const DEFAULT_POOL_SIZE: u32 = 4;
 /// [`StoreError::Unavailable`].
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connect options for a relay's pool: `plan_cache_mode =
-/// force_custom_plan` (sent in the startup packet, no extra round trip) so a
-/// claim prepared while the table was empty is never stuck with a generic
-/// plan, and `application_name = postbox-relay`.
+/// Connect options for a relay's pool, sent in the startup packet (no extra
+/// round trip):
+///
+/// * `plan_cache_mode = force_custom_plan`, so a claim prepared while the
+///   table was empty is never stuck with a generic plan;
+/// * `enable_bitmapscan = off`: before the first ANALYZE of a freshly
+///   filled table the planner guesses the partial claim indexes hold a few
+///   dozen rows and would bitmap-scan and sort all of them (measured: 430 ms
+///   at 300k keyless rows) instead of reading the first rows in index order
+///   (0.2 ms). Relay sessions run only postbox's own statements, none of
+///   which wants a bitmap scan;
+/// * `application_name = postbox-relay`.
 pub fn relay_connect_options(options: PgConnectOptions) -> PgConnectOptions {
     options
-        .options([("plan_cache_mode", "force_custom_plan")])
+        .options([
+            ("plan_cache_mode", "force_custom_plan"),
+            ("enable_bitmapscan", "off"),
+        ])
         .application_name("postbox-relay")
 }
 
@@ -76,8 +87,8 @@ pub struct OldestTransaction {
 
 /// How many keys the claim's key walk visits per claim, and the size of
 /// the window over the oldest keyed rows, as multiples of the batch size.
-const WALK_FACTOR: usize = 4;
-const WINDOW_FACTOR: usize = 4;
+const WALK_FACTOR: usize = 1;
+const WINDOW_FACTOR: usize = 2;
 
 /// The PostgreSQL store. Cheap to clone; clones share the pool, the
 /// listener and the key-walk cursor.
@@ -316,7 +327,11 @@ fn decode(r: &PgRow) -> Result<Result<Message, Malformed>, sqlx::Error> {
     let max_attempts: Option<i32> = r.try_get("max_attempts")?;
     let max_attempts = match max_attempts.map(u32::try_from).transpose() {
         Ok(m) => m,
-        Err(_) => return Ok(Err(bad(format!("max_attempts {max_attempts:?} is negative")))),
+        Err(_) => {
+            return Ok(Err(bad(format!(
+                "max_attempts {max_attempts:?} is negative"
+            ))));
+        }
     };
     let payload: Vec<u8> = r.try_get("payload")?;
     Ok(Ok(Message::new(
@@ -375,7 +390,8 @@ impl Store for PgStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
         let limit = req.limit.max(1);
-        let walk_len = i32::try_from(limit.saturating_mul(WALK_FACTOR).min(10_000)).unwrap_or(10_000);
+        let walk_len =
+            i32::try_from(limit.saturating_mul(WALK_FACTOR).min(10_000)).unwrap_or(10_000);
         let rows = sqlx::query(&self.outbox.inner.sql.claim)
             .bind(clamp_i64(limit))
             .bind(duration_micros(req.lease))
@@ -396,7 +412,11 @@ impl Store for PgStore {
                 let walked: i64 = r.try_get("walk_len").map_err(map)?;
                 let end: Option<String> = r.try_get("walk_end").map_err(map)?;
                 // A short walk reached the last key: start over next time.
-                self.set_walk(if walked < i64::from(walk_len) { None } else { end });
+                self.set_walk(if walked < i64::from(walk_len) {
+                    None
+                } else {
+                    end
+                });
             }
             if r.try_get::<Option<i64>, _>("seq").map_err(map)?.is_none() {
                 continue; // the "nothing claimed" row
@@ -407,11 +427,7 @@ impl Store for PgStore {
             }
         }
         let expires_at = from_unix_micros(expires.unwrap_or(0));
-        Ok(Claim::new(
-            Lease { token, expires_at },
-            messages,
-            malformed,
-        ))
+        Ok(Claim::new(Lease { token, expires_at }, messages, malformed))
     }
 
     async fn complete(

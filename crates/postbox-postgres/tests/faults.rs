@@ -24,7 +24,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -39,7 +42,8 @@ struct Counted {
 impl Publisher for Counted {
     async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
         let out = self.inner.publish(batch).await;
-        self.count.fetch_add(out.iter().filter(|o| o.is_ok()).count(), Ordering::Relaxed);
+        self.count
+            .fetch_add(out.iter().filter(|o| o.is_ok()).count(), Ordering::Relaxed);
         out
     }
 }
@@ -70,7 +74,10 @@ async fn relays_survive_killed_connections() {
             .chain((0..5).map(|i| NewMessage::new("t", format!("free-{round}-{i}"))))
             .collect();
         ids.extend(batch.iter().map(|m| m.id));
-        h.outbox.enqueue_batch(&h.app, &batch).await.expect("enqueue");
+        h.outbox
+            .enqueue_batch(&h.app, &batch)
+            .await
+            .expect("enqueue");
     }
 
     let publisher = TestPublisher::recording();
@@ -92,7 +99,11 @@ async fn relays_survive_killed_connections() {
         let store = h.outbox.store(pool);
         let p = Counted {
             inner: publisher.clone(),
-            count: if i == 0 { Arc::clone(&victim_count) } else { Arc::new(AtomicUsize::new(0)) },
+            count: if i == 0 {
+                Arc::clone(&victim_count)
+            } else {
+                Arc::new(AtomicUsize::new(0))
+            },
         };
         let relay = Relay::builder(store, p)
             .batch_size(5)
@@ -115,7 +126,9 @@ async fn relays_survive_killed_connections() {
     let mut round = 40;
     wait_until("the victim relay to deliver after the kills", || {
         round += 1;
-        let batch: Vec<NewMessage> = (0..5).map(|i| NewMessage::new("t", format!("late-{round}-{i}"))).collect();
+        let batch: Vec<NewMessage> = (0..5)
+            .map(|i| NewMessage::new("t", format!("late-{round}-{i}")))
+            .collect();
         ids.extend(batch.iter().map(|m| m.id));
         let outbox = h.outbox.clone();
         let app = h.app.clone();
@@ -140,7 +153,10 @@ async fn relays_survive_killed_connections() {
     let distinct: HashSet<_> = delivered.iter().map(|m| m.id).collect();
     assert_eq!(distinct, ids, "not every message was delivered");
     let violations = key_order_violations(&delivered);
-    assert!(violations.is_empty(), "per-key order broken: {violations:?}");
+    assert!(
+        violations.is_empty(),
+        "per-key order broken: {violations:?}"
+    );
 }
 
 /// With the LISTEN connection killed, polling still delivers; the listener
@@ -151,7 +167,11 @@ async fn killed_listen_connection_falls_back_to_polling_and_returns() {
     let store = h.store.clone();
     let channel = h.outbox.channel();
     let notify = |app: sqlx::PgPool, channel: String| async move {
-        sqlx::query("SELECT pg_notify($1, '')").bind(channel).execute(&app).await.expect("notify");
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(channel)
+            .execute(&app)
+            .await
+            .expect("notify");
     };
 
     // start the listener and see a notification arrive
@@ -186,8 +206,14 @@ async fn killed_listen_connection_falls_back_to_polling_and_returns() {
         let sd = shutdown.clone();
         async move { relay.run(sd).await }
     });
-    h.outbox.enqueue(&h.app, &NewMessage::new("t", "while-killed").key("k")).await.expect("enqueue");
-    wait_until("delivery by polling", || async { publisher.delivered().len() == 1 }).await;
+    h.outbox
+        .enqueue(&h.app, &NewMessage::new("t", "while-killed").key("k"))
+        .await
+        .expect("enqueue");
+    wait_until("delivery by polling", || async {
+        publisher.delivered().len() == 1
+    })
+    .await;
 
     // the listener is back, on a new session
     wait_until("LISTEN to come back", || async {
@@ -226,7 +252,9 @@ async fn killed_listen_connection_falls_back_to_polling_and_returns() {
 #[tokio::test]
 async fn unreachable_database_is_unavailable() {
     // a closed port on loopback: connection refused
-    let err = PgStore::connect("postgres://postbox:topsecret@127.0.0.1:1/db").await.expect_err("connected?");
+    let err = PgStore::connect("postgres://postbox:topsecret@127.0.0.1:1/db")
+        .await
+        .expect_err("connected?");
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(err.is_transient());
     let text = err.to_string();
@@ -239,22 +267,36 @@ async fn missing_database_and_bad_url_are_clear_config_errors() {
     let admin = common::admin_url().await;
     let (base, _) = admin.rsplit_once('/').expect("url");
     // trust auth ignores passwords, so the password below must merely never show
-    let base = base.replacen("://", "://", 1);
-    let url = format!("{base}/postbox_no_such_db_{:x}?password=topsecret", fastrand::u32(..));
+    let url = format!(
+        "{base}/postbox_no_such_db_{:x}?password=topsecret",
+        fastrand::u32(..)
+    );
     let err = PgStore::connect(&url).await.expect_err("connected?");
     assert!(matches!(err, StoreError::Config(_)), "{err:?}");
     let text = err.to_string();
-    assert!(text.contains("postbox_no_such_db_") && text.contains("does not exist"), "{text}");
+    assert!(
+        text.contains("postbox_no_such_db_") && text.contains("does not exist"),
+        "{text}"
+    );
     assert!(!text.contains("topsecret"), "{text}");
 
-    let err = PgStore::connect("postgres://u:topsecret@host:notaport/db").await.expect_err("parsed?");
+    let err = PgStore::connect("postgres://u:topsecret@host:notaport/db")
+        .await
+        .expect_err("parsed?");
     assert!(matches!(err, StoreError::Config(_)), "{err:?}");
     assert!(!err.to_string().contains("topsecret"), "{err}");
 }
 
 #[test]
 fn table_names_with_quotes_or_spaces_are_refused() {
-    for bad in ["my outbox", "out\"box", "x; DROP TABLE y", "", "9lives", &"a".repeat(49)] {
+    for bad in [
+        "my outbox",
+        "out\"box",
+        "x; DROP TABLE y",
+        "",
+        "9lives",
+        &"a".repeat(49),
+    ] {
         let err = PgOutbox::new(bad).expect_err(bad);
         assert!(matches!(err, StoreError::Config(_)), "{err:?}");
         assert!(err.to_string().contains("table name"), "{err}");
@@ -274,7 +316,11 @@ async fn concurrent_migrations_into_a_custom_schema() {
         let outbox = outbox.clone();
         let url = db.url.clone();
         tasks.push(tokio::spawn(async move {
-            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&url).await.expect("pool");
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect(&url)
+                .await
+                .expect("pool");
             outbox.migrate(&pool).await.expect("migrate");
         }));
     }
@@ -282,13 +328,17 @@ async fn concurrent_migrations_into_a_custom_schema() {
         t.await.expect("migrator");
     }
     let pool = db.app_pool(2).await;
-    let versions: Vec<i32> = sqlx::query_scalar("SELECT version FROM billing.events_outbox_migrations")
-        .fetch_all(&pool)
-        .await
-        .expect("history");
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM billing.events_outbox_migrations")
+            .fetch_all(&pool)
+            .await
+            .expect("history");
     assert_eq!(versions, [1]);
     outbox.migrate(&pool).await.expect("idempotent");
-    outbox.enqueue(&pool, &NewMessage::new("t", "x").key("k")).await.expect("enqueue");
+    outbox
+        .enqueue(&pool, &NewMessage::new("t", "x").key("k"))
+        .await
+        .expect("enqueue");
     let store = outbox.store(pool);
     assert_eq!(store.stats(&Filter::all()).await.expect("stats").pending, 1);
 }

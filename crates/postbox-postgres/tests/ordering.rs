@@ -5,7 +5,9 @@ mod common;
 use std::time::Duration;
 
 use common::PgHarness;
-use postbox_core::{CancellationToken, ClaimRequest, Completion, Disposition, Filter, NewMessage, Relay, Store};
+use postbox_core::{
+    CancellationToken, ClaimRequest, Completion, Disposition, Filter, NewMessage, Relay, Store,
+};
 use postbox_testkit::{TestPublisher, key_order_violations};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -17,7 +19,10 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !check().await {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -47,7 +52,13 @@ async fn open_transaction_holds_its_key_then_all_go_out_in_order() {
     let second = tokio::spawn(async move {
         let mut tx = app.begin().await.expect("begin");
         outbox
-            .enqueue_batch(&mut *tx, &[NewMessage::new("t", "k-2").key("K"), NewMessage::new("t", "other-2").key("L")])
+            .enqueue_batch(
+                &mut *tx,
+                &[
+                    NewMessage::new("t", "k-2").key("K"),
+                    NewMessage::new("t", "other-2").key("L"),
+                ],
+            )
             .await
             .expect("enqueue");
         tx.commit().await.expect("commit");
@@ -59,22 +70,41 @@ async fn open_transaction_holds_its_key_then_all_go_out_in_order() {
 
     // The stall is visible: one blocker, holding one key, one waiter.
     wait_until("the second producer to queue", || async {
-        store.blockers().await.expect("blockers").iter().any(|b| b.waiters == 1)
+        store
+            .blockers()
+            .await
+            .expect("blockers")
+            .iter()
+            .any(|b| b.waiters == 1)
     })
     .await;
     let blockers = store.blockers().await.expect("blockers");
     // oldest first: the idle holder of K; the queued batch may show too (it
     // already holds L, taken before K in sorted order)
     assert!(!blockers.is_empty() && blockers.len() <= 2, "{blockers:?}");
-    assert_eq!((blockers[0].keys_held, blockers[0].waiters), (1, 1), "{blockers:?}");
+    assert_eq!(
+        (blockers[0].keys_held, blockers[0].waiters),
+        (1, 1),
+        "{blockers:?}"
+    );
     assert_eq!(blockers[0].state.as_deref(), Some("idle in transaction"));
-    let oldest = store.oldest_transaction().await.expect("oldest").expect("an open transaction");
+    let oldest = store
+        .oldest_transaction()
+        .await
+        .expect("oldest")
+        .expect("an open transaction");
     assert_eq!(oldest.pid, blockers[0].pid);
 
     // Other keys flow; nothing of K is claimable (k-1 is uncommitted, k-2 waits).
-    let c = store.claim(&ClaimRequest::new(10, LEASE)).await.expect("claim");
+    let c = store
+        .claim(&ClaimRequest::new(10, LEASE))
+        .await
+        .expect("claim");
     assert_eq!(c.messages.iter().map(body).collect::<Vec<_>>(), ["l-1"]);
-    assert!(!second.is_finished(), "the second producer did not wait for the key");
+    assert!(
+        !second.is_finished(),
+        "the second producer did not wait for the key"
+    );
 
     first.commit().await.expect("commit");
     second.await.expect("second producer");
@@ -82,12 +112,27 @@ async fn open_transaction_holds_its_key_then_all_go_out_in_order() {
 
     let mut order = Vec::new();
     for _ in 0..3 {
-        let c = store.claim(&ClaimRequest::new(10, LEASE)).await.expect("claim");
-        let k: Vec<_> = c.messages.iter().filter(|m| m.key.as_deref() == Some("K")).cloned().collect();
+        let c = store
+            .claim(&ClaimRequest::new(10, LEASE))
+            .await
+            .expect("claim");
+        let k: Vec<_> = c
+            .messages
+            .iter()
+            .filter(|m| m.key.as_deref() == Some("K"))
+            .cloned()
+            .collect();
         assert!(k.len() <= 1, "two heads of K in one claim");
         order.extend(k.iter().map(body));
-        let done: Vec<_> = c.messages.iter().map(|m| Completion::new(m.seq, Disposition::Sent)).collect();
-        store.complete(c.lease.token, &done).await.expect("complete");
+        let done: Vec<_> = c
+            .messages
+            .iter()
+            .map(|m| Completion::new(m.seq, Disposition::Sent))
+            .collect();
+        store
+            .complete(c.lease.token, &done)
+            .await
+            .expect("complete");
     }
     assert_eq!(order, ["k-1", "k-2"]);
 }
@@ -113,7 +158,10 @@ async fn batches_with_crossed_keys_do_not_deadlock() {
                     .map(|k| NewMessage::new("t", format!("{round}/{rep}")).key(k.clone()))
                     .collect();
                 let mut tx = app.begin().await.expect("begin");
-                outbox.enqueue_batch(&mut *tx, &msgs).await.expect("batch (deadlock?)");
+                outbox
+                    .enqueue_batch(&mut *tx, &msgs)
+                    .await
+                    .expect("batch (deadlock?)");
                 tx.commit().await.expect("commit");
             }
         }));
@@ -140,10 +188,12 @@ async fn plain_sql_producers_are_delivered_in_commit_order() {
     .await
     .expect("plain insert");
     let mut tx = h.app.begin().await.expect("begin");
-    sqlx::query(&format!("INSERT INTO {t} (topic, key, payload) VALUES ('x', 'order-42', '\\x00')"))
-        .execute(&mut *tx)
-        .await
-        .expect("insert");
+    sqlx::query(&format!(
+        "INSERT INTO {t} (topic, key, payload) VALUES ('x', 'order-42', '\\x00')"
+    ))
+    .execute(&mut *tx)
+    .await
+    .expect("insert");
     tx.rollback().await.expect("rollback");
 
     // many concurrent writers on few keys, half plain SQL, half enqueue
@@ -157,12 +207,14 @@ async fn plain_sql_producers_are_delivered_in_commit_order() {
                 let key = format!("k{}", (w + i) % 3);
                 let mut tx = app.begin().await.expect("begin");
                 if w % 2 == 0 {
-                    sqlx::query(&format!("INSERT INTO {t} (topic, key, payload) VALUES ('c', $1, $2)"))
-                        .bind(&key)
-                        .bind(format!("{w}/{i}").into_bytes())
-                        .execute(&mut *tx)
-                        .await
-                        .expect("insert");
+                    sqlx::query(&format!(
+                        "INSERT INTO {t} (topic, key, payload) VALUES ('c', $1, $2)"
+                    ))
+                    .bind(&key)
+                    .bind(format!("{w}/{i}").into_bytes())
+                    .execute(&mut *tx)
+                    .await
+                    .expect("insert");
                 } else {
                     outbox
                         .enqueue(&mut *tx, &NewMessage::new("c", format!("{w}/{i}")).key(key))
@@ -197,17 +249,33 @@ async fn plain_sql_producers_are_delivered_in_commit_order() {
 
     let delivered = publisher.delivered();
     assert_eq!(delivered.len(), 1 + 8 * 25);
-    let first = &delivered.iter().find(|m| m.topic == "orders.created").expect("plain message");
+    let first = &delivered
+        .iter()
+        .find(|m| m.topic == "orders.created")
+        .expect("plain message");
     assert_eq!(&first.payload[..], br#"{"id":42}"#);
-    assert_eq!(first.headers.get("content-type").map(String::as_str), Some("application/json"));
+    assert_eq!(
+        first.headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
     assert_eq!(first.id.get_version_num(), 7, "default id is not a UUIDv7");
-    assert!(delivered.iter().all(|m| m.topic != "x"), "rolled-back row delivered");
+    assert!(
+        delivered.iter().all(|m| m.topic != "x"),
+        "rolled-back row delivered"
+    );
     // within each key, each writer's messages keep that writer's order
     assert!(key_order_violations(&delivered).is_empty());
     for k in 0..3 {
         let key = format!("k{k}");
-        let seqs: Vec<i64> = delivered.iter().filter(|m| m.key.as_deref() == Some(&*key)).map(|m| m.seq).collect();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key {key} not delivered in seq order: {seqs:?}");
+        let seqs: Vec<i64> = delivered
+            .iter()
+            .filter(|m| m.key.as_deref() == Some(&*key))
+            .map(|m| m.seq)
+            .collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "key {key} not delivered in seq order: {seqs:?}"
+        );
         for w in 0..8 {
             let mine: Vec<usize> = delivered
                 .iter()
@@ -218,7 +286,10 @@ async fn plain_sql_producers_are_delivered_in_commit_order() {
                     (who == w.to_string()).then(|| i.parse().ok()).flatten()
                 })
                 .collect();
-            assert!(mine.windows(2).all(|p| p[0] < p[1]), "writer {w} reordered on {key}: {mine:?}");
+            assert!(
+                mine.windows(2).all(|p| p[0] < p[1]),
+                "writer {w} reordered on {key}: {mine:?}"
+            );
         }
     }
 }
@@ -229,14 +300,27 @@ async fn plain_sql_producers_are_delivered_in_commit_order() {
 async fn malformed_rows_are_reported_not_fatal() {
     let h = PgHarness::new().await;
     let t = h.outbox.qualified_name().to_owned();
-    sqlx::query(&format!("INSERT INTO {t} (topic, key, payload, headers) VALUES ('t', 'k', '\\x01', '{{\"n\": 1}}')"))
-        .execute(&h.app)
+    sqlx::query(&format!(
+        "INSERT INTO {t} (topic, key, payload, headers) VALUES ('t', 'k', '\\x01', '{{\"n\": 1}}')"
+    ))
+    .execute(&h.app)
+    .await
+    .expect("insert");
+    h.outbox
+        .enqueue(&h.app, &NewMessage::new("t", "fine"))
         .await
-        .expect("insert");
-    h.outbox.enqueue(&h.app, &NewMessage::new("t", "fine")).await.expect("enqueue");
-    let c = h.store.claim(&ClaimRequest::new(10, LEASE)).await.expect("claim");
+        .expect("enqueue");
+    let c = h
+        .store
+        .claim(&ClaimRequest::new(10, LEASE))
+        .await
+        .expect("claim");
     assert_eq!(c.messages.len(), 1);
     assert_eq!(c.malformed.len(), 1);
     assert_eq!(c.malformed[0].key.as_deref(), Some("k"));
-    assert!(c.malformed[0].reason.contains("headers"), "{}", c.malformed[0].reason);
+    assert!(
+        c.malformed[0].reason.contains("headers"),
+        "{}",
+        c.malformed[0].reason
+    );
 }

@@ -15,19 +15,25 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
     let claim_sql = postbox_postgres::PgStore::claim_sql_for_explain(&h.outbox);
 
     // A relay session (same connect options as the store's pool).
-    let mut relay = sqlx::PgConnection::connect_with(&postbox_postgres::relay_connect_options(h.db.options()))
+    let mut relay =
+        sqlx::PgConnection::connect_with(&postbox_postgres::relay_connect_options(h.db.options()))
+            .await
+            .expect("relay session");
+    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode")
+        .fetch_one(&mut relay)
         .await
-        .expect("relay session");
-    let mode: String = sqlx::query_scalar("SHOW plan_cache_mode").fetch_one(&mut relay).await.expect("show");
+        .expect("show");
     assert_eq!(mode, "force_custom_plan");
-    sqlx::query(&format!("PREPARE claim(int8, int8, uuid, text, int8, text, int4) AS {claim_sql}"))
-        .execute(&mut relay)
-        .await
-        .expect("prepare");
+    sqlx::query(&format!(
+        "PREPARE claim(int8, int8, uuid, text, int8, text, int4) AS {claim_sql}"
+    ))
+    .execute(&mut relay)
+    .await
+    .expect("prepare");
     // executed on the empty table more often than the 5 custom plans after
     // which PostgreSQL would otherwise settle on a generic plan
     for _ in 0..8 {
-        sqlx::query("EXECUTE claim(100, 30000000, gen_random_uuid(), NULL, 400, NULL, 400)")
+        sqlx::query("EXECUTE claim(100, 30000000, gen_random_uuid(), NULL, 200, NULL, 100)")
             .execute(&mut relay)
             .await
             .expect("execute on empty table");
@@ -50,24 +56,43 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
     // be fine either way
 
     let plan: Vec<String> = sqlx::query_scalar(
-        "EXPLAIN (COSTS OFF) EXECUTE claim(100, 30000000, gen_random_uuid(), NULL, 400, NULL, 400)",
+        "EXPLAIN (COSTS OFF) EXECUTE claim(100, 30000000, gen_random_uuid(), NULL, 200, NULL, 100)",
     )
     .fetch_all(&mut relay)
     .await
     .expect("explain");
     let plan = plan.join("\n");
     let table = h.outbox.table().as_str();
-    assert!(!plan.contains(&format!("Seq Scan on {table}")), "claim plan scans the table:\n{plan}");
+    assert!(
+        !plan.contains(&format!("Seq Scan on {table}")),
+        "claim plan scans the table:\n{plan}"
+    );
     for index in ["_keyless_idx", "_keyed_idx", "_head_idx"] {
-        assert!(plan.contains(&format!("{table}{index}")), "claim plan does not use {index}:\n{plan}");
+        assert!(
+            plan.contains(&format!("{table}{index}")),
+            "claim plan does not use {index}:\n{plan}"
+        );
     }
 
     // and the claim is right: the hot head plus other keys' heads plus keyless
-    let c = h.store.claim(&ClaimRequest::new(100, std::time::Duration::from_secs(30))).await.expect("claim");
+    let c = h
+        .store
+        .claim(&ClaimRequest::new(100, std::time::Duration::from_secs(30)))
+        .await
+        .expect("claim");
     assert_eq!(c.messages.len(), 100);
-    let hot = c.messages.iter().filter(|m| m.key.as_deref() == Some("hot")).count();
+    let hot = c
+        .messages
+        .iter()
+        .filter(|m| m.key.as_deref() == Some("hot"))
+        .count();
     assert_eq!(hot, 1, "exactly the hot key's head");
-    assert!(c.messages.iter().any(|m| m.key.as_deref().is_some_and(|k| k.starts_with('k'))), "other keys starved");
+    assert!(
+        c.messages
+            .iter()
+            .any(|m| m.key.as_deref().is_some_and(|k| k.starts_with('k'))),
+        "other keys starved"
+    );
     let mut keys: Vec<_> = c.messages.iter().filter_map(|m| m.key.clone()).collect();
     let n = keys.len();
     keys.sort();

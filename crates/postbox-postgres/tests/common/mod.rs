@@ -26,14 +26,18 @@ pub async fn admin_url() -> String {
             return url;
         }
     }
-    panic!("PostgreSQL at {addr} accepts neither role postgres nor root on database test (trust auth expected)");
+    panic!(
+        "PostgreSQL at {addr} accepts neither role postgres nor root on database test (trust auth expected)"
+    );
 }
 
 impl TestDb {
     pub async fn create() -> Self {
         let admin_url = admin_url().await;
         let name = format!("postbox_test_{:016x}", fastrand::u64(..));
-        let mut admin = sqlx::PgConnection::connect(&admin_url).await.expect("admin connect");
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .expect("admin connect");
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await
@@ -42,7 +46,11 @@ impl TestDb {
             Some((base, _)) => format!("{base}/{name}"),
             None => unreachable!(),
         };
-        Self { name, url, admin_url }
+        Self {
+            name,
+            url,
+            admin_url,
+        }
     }
 
     pub fn options(&self) -> PgConnectOptions {
@@ -66,13 +74,16 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // best effort, on its own thread: Drop cannot await
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
             if let Ok(rt) = rt {
                 rt.block_on(async {
                     if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url).await {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .execute(&mut c)
-                            .await;
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&mut c)
+                                .await;
                     }
                 });
             }
@@ -101,7 +112,12 @@ impl PgHarness {
             .expect("connect");
         store.migrate().await.expect("migrate");
         let app = db.app_pool(8).await;
-        Self { db, store, app, outbox }
+        Self {
+            db,
+            store,
+            app,
+            outbox,
+        }
     }
 }
 
@@ -115,8 +131,11 @@ impl StoreHarness for PgHarness {
     async fn enqueue(&self, msgs: Vec<NewMessage>) {
         let mut tx = self.app.begin().await.expect("begin");
         // alternate the two producer paths so both are under the suite
-        if msgs.len() % 2 == 0 {
-            self.outbox.enqueue_batch(&mut *tx, &msgs).await.expect("enqueue_batch");
+        if msgs.len().is_multiple_of(2) {
+            self.outbox
+                .enqueue_batch(&mut *tx, &msgs)
+                .await
+                .expect("enqueue_batch");
         } else {
             for m in &msgs {
                 self.outbox.enqueue(&mut *tx, m).await.expect("enqueue");
@@ -127,7 +146,10 @@ impl StoreHarness for PgHarness {
 
     async fn enqueue_rolled_back(&self, msgs: Vec<NewMessage>) {
         let mut tx = self.app.begin().await.expect("begin");
-        self.outbox.enqueue_batch(&mut *tx, &msgs).await.expect("enqueue_batch");
+        self.outbox
+            .enqueue_batch(&mut *tx, &msgs)
+            .await
+            .expect("enqueue_batch");
         tx.rollback().await.expect("rollback");
     }
 
