@@ -49,3 +49,9 @@ pub mod sqlite {
 pub mod jsonl {
     pub use postbox_jsonl::*;
 }
+
+/// The repository README's library example, compiled as a doc test so it
+/// cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
