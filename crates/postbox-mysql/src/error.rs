@@ -9,6 +9,7 @@ const ER_CON_COUNT_ERROR: u16 = 1040; // too many connections
 const ER_DBACCESS_DENIED_ERROR: u16 = 1044;
 const ER_ACCESS_DENIED_ERROR: u16 = 1045;
 const ER_BAD_DB_ERROR: u16 = 1049;
+const ER_ACCESS_DENIED_NO_PASSWORD_ERROR: u16 = 1698; // unknown user, or auth plugin refused
 const ER_SERVER_SHUTDOWN: u16 = 1053;
 const ER_NO_SUCH_TABLE: u16 = 1146;
 const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
@@ -59,7 +60,9 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
 /// names host and port.
 pub(crate) fn map_connect_err(e: sqlx::Error, url: &str) -> StoreError {
     match error_number(&e) {
-        Some(ER_ACCESS_DENIED_ERROR | ER_DBACCESS_DENIED_ERROR) => StoreError::Config(format!(
+        Some(
+            ER_ACCESS_DENIED_ERROR | ER_DBACCESS_DENIED_ERROR | ER_ACCESS_DENIED_NO_PASSWORD_ERROR,
+        ) => StoreError::Config(format!(
             "MySQL at {url} refused the login: {} (check the user name and password in the URL)",
             database_message(&e)
         )),

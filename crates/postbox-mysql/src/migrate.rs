@@ -10,8 +10,7 @@
 use std::time::Duration;
 
 use postbox_core::StoreError;
-use sqlx::pool::PoolConnection;
-use sqlx::{MySql, MySqlPool};
+use sqlx::{Executor, MySqlConnection, MySqlPool};
 
 use crate::error::{check_server_version, map_err};
 use crate::outbox::Sql;
@@ -80,25 +79,24 @@ pub(crate) async fn run(sql: &Sql, pool: &MySqlPool) -> Result<(), StoreError> {
     result
 }
 
-async fn apply(sql: &Sql, conn: &mut PoolConnection<MySql>) -> Result<(), StoreError> {
-    sqlx::raw_sql(&format!(
+async fn apply(sql: &Sql, conn: &mut MySqlConnection) -> Result<(), StoreError> {
+    let create = format!(
         "CREATE TABLE IF NOT EXISTS {} (\
            `version` BIGINT NOT NULL PRIMARY KEY, \
            `name` VARCHAR(255) NOT NULL, \
            `applied_at` DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6))\
          ) ENGINE = InnoDB",
         sql.migrations
-    ))
-    .execute(&mut **conn)
-    .await
-    .map_err(map_err)?;
-    let applied: Vec<i64> = sqlx::query_scalar(&format!(
+    );
+    conn.execute(create.as_str()).await.map_err(map_err)?;
+    let select = format!(
         "SELECT `version` FROM {} ORDER BY `version`",
         sql.migrations
-    ))
-    .fetch_all(&mut **conn)
-    .await
-    .map_err(map_err)?;
+    );
+    let applied: Vec<i64> = sqlx::query_scalar(&select)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(map_err)?;
     if let Some(&newest) = applied.last()
         && newest > MIGRATIONS.last().map_or(0, |m| m.version)
     {
@@ -116,8 +114,7 @@ async fn apply(sql: &Sql, conn: &mut PoolConnection<MySql>) -> Result<(), StoreE
         for statement in text.split(STATEMENT_BREAK) {
             // DDL and CREATE TRIGGER go over the text protocol: the prepared
             // statement protocol refuses CREATE TRIGGER.
-            sqlx::raw_sql(statement)
-                .execute(&mut **conn)
+            conn.execute(statement)
                 .await
                 .map_err(|e| match map_err(e) {
                     StoreError::Database(src) => StoreError::Schema(format!(
@@ -127,15 +124,16 @@ async fn apply(sql: &Sql, conn: &mut PoolConnection<MySql>) -> Result<(), StoreE
                     other => other,
                 })?;
         }
-        sqlx::query(&format!(
+        let record = format!(
             "INSERT INTO {} (`version`, `name`) VALUES (?, ?)",
             sql.migrations
-        ))
-        .bind(m.version)
-        .bind(m.name)
-        .execute(&mut **conn)
-        .await
-        .map_err(map_err)?;
+        );
+        sqlx::query(&record)
+            .bind(m.version)
+            .bind(m.name)
+            .execute(&mut *conn)
+            .await
+            .map_err(map_err)?;
         tracing::info!(postbox.table = %sql.table, postbox.migration = m.version, "applied outbox migration");
     }
     Ok(())

@@ -45,7 +45,7 @@ pub(crate) struct Sql {
     pub(crate) table: Ident,
     /// `table` back-quoted.
     pub(crate) t: String,
-    /// The per-key lock table, back-quoted.
+    /// The key lock table (`<table>_key_locks`), back-quoted.
     pub(crate) keys: String,
     /// The ordering trigger, back-quoted.
     pub(crate) trigger: String,
@@ -70,7 +70,7 @@ pub(crate) fn row_columns(alias: &str) -> String {
 impl Sql {
     fn new(table: Ident) -> Self {
         let t = table.backquoted();
-        let keys = format!("`{table}_keys`");
+        let keys = format!("`{table}_key_locks`");
         let trigger = format!("`{table}_key_order`");
         let migrations = format!("`{table}_migrations`");
         // `available_at` NULL means "now" on the database clock.
@@ -185,7 +185,7 @@ impl Row {
 }
 
 impl MySqlOutbox {
-    /// An outbox in table `table` (plus `<table>_keys` and
+    /// An outbox in table `table` (plus `<table>_key_locks` and
     /// `<table>_migrations`). The name must be a plain identifier of at most
     /// 53 characters; the error names the bad value.
     pub fn new(table: &str) -> Result<Self, StoreError> {
@@ -217,8 +217,8 @@ impl MySqlOutbox {
     /// Writes `msg` through `executor`: pass `&mut *tx` to make it part of
     /// your transaction.
     ///
-    /// A keyed message locks its key's row in `<table>_keys` (the trigger
-    /// does it, see README.md) until your transaction ends: a concurrent
+    /// A keyed message locks its key's slot row in `<table>_key_locks` (the
+    /// trigger does it, see README.md) until your transaction ends: a concurrent
     /// transaction enqueuing the same key waits for yours to commit or roll
     /// back. Enqueue several keys in a consistent (e.g. sorted) order, or use
     /// [`enqueue_batch`](Self::enqueue_batch), to avoid deadlocks.
@@ -236,8 +236,9 @@ impl MySqlOutbox {
 
     /// Writes all of `msgs` atomically: in one savepoint of your transaction
     /// (pass `&mut *tx` or `&mut tx`) or in a transaction of its own (pass a
-    /// pool or a connection). Locks the keys involved in sorted order first,
-    /// so two batches with overlapping keys cannot deadlock each other.
+    /// pool or a connection). Locks the keys involved in one order (their
+    /// slots, ascending) first, so two batches with overlapping keys cannot
+    /// deadlock each other.
     pub async fn enqueue_batch<'a, A>(&self, conn: A, msgs: &[NewMessage]) -> Result<(), StoreError>
     where
         A: Acquire<'a, Database = MySql>,
@@ -251,21 +252,22 @@ impl MySqlOutbox {
         keys.sort_unstable();
         keys.dedup();
         if keys.len() > 1 {
-            // Take every key lock up front, in one order, instead of in the
-            // order the trigger meets the rows. A new key is inserted with
-            // last_kseq 0; the trigger then hands out 1.
-            for chunk in keys.chunks(BATCH_ROWS) {
+            // Take every key lock up front, in ascending slot order (the
+            // primary key order InnoDB reads an IN list in), instead of in
+            // the order the trigger meets the rows.
+            // One statement, so the order is global (chunks only past the
+            // 65,535-placeholder limit).
+            for chunk in keys.chunks(60_000) {
                 let sql = format!(
-                    "INSERT INTO {} (`key_hash`, `last_kseq`) VALUES {} \
-                     ON DUPLICATE KEY UPDATE `last_kseq` = `last_kseq`",
+                    "SELECT `slot` FROM {} WHERE `slot` IN ({}) ORDER BY `slot` FOR UPDATE",
                     self.inner.keys,
-                    vec!["(UNHEX(SHA2(?, 256)), 0)"; chunk.len()].join(", ")
+                    vec!["MOD(CRC32(?), 65536)"; chunk.len()].join(", ")
                 );
                 let mut q = sqlx::query(&sql);
                 for k in chunk {
                     q = q.bind(*k);
                 }
-                q.execute(&mut *tx).await.map_err(map_err)?;
+                q.fetch_all(&mut *tx).await.map_err(map_err)?;
             }
         }
         let mut start = 0;

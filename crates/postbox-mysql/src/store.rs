@@ -1,8 +1,7 @@
 //! [`MySqlStore`]: the [`Store`] implementation over a MySQL pool.
 
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use postbox_core::{
     Claim, ClaimRequest, CompleteReport, Completion, Filter, ListQuery, MessageRecord, PurgeQuery,
@@ -16,18 +15,6 @@ use crate::error::{check_server_version, map_connect_err, redact_url};
 use crate::outbox::MySqlOutbox;
 use crate::{admin, claim};
 
-/// How often a store sweeps `<table>_keys` for keys with no rows left, and
-/// how many keys one sweep looks at.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
-const SWEEP_KEYS: usize = 1_000;
-
-/// Where the idle-key sweep stands.
-#[derive(Debug)]
-struct Sweep {
-    last: Option<Instant>,
-    after: Vec<u8>,
-}
-
 /// The outbox store on MySQL or MariaDB; implements [`Store`].
 ///
 /// ```no_run
@@ -40,7 +27,6 @@ struct Sweep {
 pub struct MySqlStore {
     pool: MySqlPool,
     outbox: MySqlOutbox,
-    sweep: Arc<Mutex<Sweep>>,
 }
 
 impl std::fmt::Debug for MySqlStore {
@@ -53,14 +39,7 @@ impl std::fmt::Debug for MySqlStore {
 
 impl MySqlStore {
     pub(crate) fn new(pool: MySqlPool, outbox: MySqlOutbox) -> Self {
-        Self {
-            pool,
-            outbox,
-            sweep: Arc::new(Mutex::new(Sweep {
-                last: None,
-                after: Vec::new(),
-            })),
-        }
+        Self { pool, outbox }
     }
 
     /// Connects a pool to `url` (`mysql://user:password@host:port/database`)
@@ -117,46 +96,11 @@ impl MySqlStore {
     pub fn pool(&self) -> &MySqlPool {
         &self.pool
     }
-
-    /// Deletes the per-key lock rows (`<table>_keys`) of keys with no row
-    /// left in the outbox, scanning up to `limit` keys from where the last
-    /// sweep stopped. Claims run it every few seconds by themselves; call it
-    /// to clean up at once. Returns how many key rows were deleted.
-    pub async fn forget_idle_keys(&self, limit: usize) -> Result<u64, StoreError> {
-        let after = self.lock_sweep().after.clone();
-        let (deleted, next) =
-            claim::forget_idle_keys(&self.outbox.inner, &self.pool, &after, limit).await?;
-        self.lock_sweep().after = next.unwrap_or_default();
-        Ok(deleted)
-    }
-
-    fn lock_sweep(&self) -> std::sync::MutexGuard<'_, Sweep> {
-        self.sweep
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Sweeps idle keys if the last sweep is old enough; a failure only logs.
-    async fn maybe_sweep(&self) {
-        let due = {
-            let mut s = self.lock_sweep();
-            let due = s.last.is_none_or(|t| t.elapsed() >= SWEEP_EVERY);
-            if due {
-                s.last = Some(Instant::now());
-            }
-            due
-        };
-        if due && let Err(e) = self.forget_idle_keys(SWEEP_KEYS).await {
-            tracing::warn!(error = %e, "sweeping idle outbox keys failed");
-        }
-    }
 }
 
 impl Store for MySqlStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        let claim = claim::claim(&self.outbox.inner, &self.pool, req).await?;
-        self.maybe_sweep().await;
-        Ok(claim)
+        claim::claim(&self.outbox.inner, &self.pool, req).await
     }
 
     async fn complete(

@@ -1,0 +1,199 @@
+//! Connecting, migrating, plain-SQL producers and bad input.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{fresh_database, harness};
+use postbox_core::{ClaimRequest, Filter, ListQuery, Relay, Status, Store, StoreError};
+use postbox_mysql::{MySqlOutbox, MySqlStore};
+use postbox_testkit::TestPublisher;
+use postbox_testkit::services::MARIADB;
+
+fn lease() -> ClaimRequest {
+    ClaimRequest::new(10, Duration::from_secs(30))
+}
+
+#[tokio::test]
+async fn wrong_credentials_are_a_config_error_without_the_password() {
+    let addr = MARIADB.require().await;
+    let e = MySqlStore::connect(&format!("mysql://postbox_nobody:hunter2@{addr}/mysql"))
+        .await
+        .expect_err("login must fail");
+    let text = e.to_string();
+    assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+    assert!(text.contains("refused the login"), "{text}");
+    assert!(text.contains("postbox_nobody:***@"), "{text}");
+    assert!(!text.contains("hunter2"), "password leaked: {text}");
+}
+
+#[tokio::test]
+async fn missing_database_is_a_config_error_naming_it() {
+    let addr = MARIADB.require().await;
+    let e = MySqlStore::connect(&format!("mysql://root@{addr}/postbox_no_such_db"))
+        .await
+        .expect_err("must fail");
+    assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("postbox_no_such_db") && text.contains("create the database"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_server_is_unavailable_naming_host_and_port() {
+    // port 1 on loopback: nothing listens there
+    let e = MySqlStore::connect("mysql://root:s3cret@127.0.0.1:1/db")
+        .await
+        .expect_err("must fail");
+    assert!(e.is_transient(), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("127.0.0.1:1"), "{text}");
+    assert!(!text.contains("s3cret"), "password leaked: {text}");
+}
+
+#[tokio::test]
+async fn bad_url_and_table_names_are_refused() {
+    let e = MySqlStore::connect("mysql://root:pw@localhost:notaport/db")
+        .await
+        .expect_err("bad port");
+    assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+    assert!(!e.to_string().contains(":pw@"), "{e}");
+    for bad in ["a;b", "x`y", "", &"t".repeat(54)] {
+        let e = MySqlOutbox::new(bad).expect_err(bad);
+        assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+    }
+    assert!(MySqlOutbox::new(&"t".repeat(53)).is_ok());
+}
+
+#[tokio::test]
+async fn missing_schema_is_a_schema_error() {
+    let (addr, db) = fresh_database().await;
+    let store = MySqlStore::connect(&format!("mysql://root@{addr}/{db}"))
+        .await
+        .expect("connect");
+    let e = store.claim(&lease()).await.expect_err("no table");
+    assert!(matches!(e, StoreError::Schema(_)), "{e:?}");
+    let admin = common::admin_pool(&addr).await;
+    sqlx::raw_sql(&format!("DROP DATABASE `{db}`"))
+        .execute(&admin)
+        .await
+        .expect("drop");
+}
+
+/// Several processes migrating at once take turns; the result is one schema
+/// and one history row per migration, and migrating again changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_safe_concurrently() {
+    let h = harness().await; // migrated once already (default table)
+    let outbox = MySqlOutbox::new("other_outbox").expect("name");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let pool = h.other_pool().await;
+        let outbox = outbox.clone();
+        tasks.push(tokio::spawn(async move { outbox.migrate(&pool).await }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("migrate");
+    }
+    outbox.migrate(h.pool()).await.expect("again");
+    postbox_mysql::migrate(h.pool())
+        .await
+        .expect("default again");
+    let history: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM `other_outbox_migrations`")
+        .fetch_one(h.pool())
+        .await
+        .expect("history");
+    assert_eq!(history, 1);
+    let slots: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM `other_outbox_key_locks`")
+        .fetch_one(h.pool())
+        .await
+        .expect("slots");
+    assert_eq!(slots, 65_536);
+    let store = h.store.with_outbox(outbox.clone());
+    let mut tx = h.pool().begin().await.expect("begin");
+    outbox
+        .enqueue(&mut *tx, &postbox_core::NewMessage::new("t", "x").key("k"))
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+    assert_eq!(
+        store.claim(&lease()).await.expect("claim").messages.len(),
+        1
+    );
+}
+
+/// The contract of DESIGN.md: one plain INSERT naming only the producer's
+/// columns works, and the row comes out with an id, headers and times.
+#[tokio::test]
+async fn plain_sql_insert_is_claimed() {
+    let h = harness().await;
+    sqlx::query(
+        "INSERT INTO postbox_outbox (topic, `key`, payload, headers) \
+         VALUES ('orders.created', 'order-42', CAST('{\"id\":42}' AS BINARY), '{\"content-type\":\"application/json\"}')",
+    )
+    .execute(h.pool())
+    .await
+    .expect("plain insert");
+    sqlx::query("INSERT INTO postbox_outbox (topic, payload) VALUES ('bare', '')")
+        .execute(h.pool())
+        .await
+        .expect("minimal insert");
+    let c = h.store.claim(&lease()).await.expect("claim");
+    assert!(c.malformed.is_empty(), "{:?}", c.malformed);
+    assert_eq!(c.messages.len(), 2);
+    let m = &c.messages[0];
+    assert_eq!(m.topic, "orders.created");
+    assert_eq!(m.key.as_deref(), Some("order-42"));
+    assert_eq!(&m.payload[..], br#"{"id":42}"#);
+    assert_eq!(
+        m.headers.get("content-type").map(String::as_str),
+        Some("application/json")
+    );
+    assert!(!m.id.is_nil());
+    assert_ne!(m.id, c.messages[1].id);
+    assert!(c.messages[1].headers.is_empty());
+    let age = postbox_core::since(std::time::SystemTime::now(), m.created_at);
+    assert!(age < Duration::from_secs(3600), "created_at off by {age:?}");
+}
+
+/// A row whose headers are valid JSON but not an object of strings is
+/// returned as malformed, and the relay dead-letters it with the reason
+/// while the rest of the batch is published.
+#[tokio::test]
+async fn malformed_rows_are_dead_lettered_not_fatal() {
+    let h = harness().await;
+    sqlx::query(
+        "INSERT INTO postbox_outbox (topic, `key`, payload, headers) VALUES \
+         ('t', 'k', 'bad', '[1, 2]'), ('t', NULL, 'good', '{}')",
+    )
+    .execute(h.pool())
+    .await
+    .expect("insert");
+    let publisher = TestPublisher::recording();
+    let relay = Relay::builder(h.store.clone(), publisher.clone())
+        .build()
+        .expect("relay");
+    relay.tick().await.expect("tick");
+    let delivered: Vec<_> = publisher
+        .delivered()
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(delivered, ["good"]);
+    let dead = h
+        .store
+        .list(&ListQuery::new(Some(Status::Dead), 10))
+        .await
+        .expect("list");
+    assert_eq!(dead.len(), 1);
+    let reason = dead[0].last_error.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("headers are not a JSON object of strings"),
+        "{reason}"
+    );
+    assert!(dead[0].parked, "a malformed keyed row parks its key");
+    let s = h.store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.dead, s.pending), (1, 0));
+}
