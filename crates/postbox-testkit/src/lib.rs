@@ -11,7 +11,7 @@ pub mod services;
 pub mod store_suite;
 
 pub use memory::{MemoryStore, MemoryTx};
-pub use proxy::FaultProxy;
+pub use proxy::{FaultProxy, LossReport, connection_loss_scenario};
 pub use publisher::{Behaviour, TestPublisher, key_order_violations};
 pub use publisher_suite::{LargePayload, PublisherHarness, Received};
 pub use store_suite::StoreHarness;

@@ -257,6 +257,137 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: &Shared) 
     tokio::join!(read, write);
 }
 
+/// What [`connection_loss_scenario`] published.
+#[derive(Debug, Clone, Default)]
+pub struct LossReport {
+    /// Every message the publisher reported `Ok`, in any phase: each must be
+    /// on the broker.
+    pub ok: Vec<postbox_core::Message>,
+    /// Every message sent, whatever its outcome (a retried one once per
+    /// attempt).
+    pub sent: Vec<postbox_core::Message>,
+}
+
+/// Publishes through `proxy` while it breaks, the way a relay would, and
+/// panics if an outcome is wrong:
+///
+/// 1. a batch with the network healthy: all `Ok`;
+/// 2. a batch while the proxy is stalled (the publisher's send/ack timeout
+///    must fire): every outcome `Transient` (no acknowledgement can cross a
+///    stalled link), one per message, within 60 s;
+/// 3. the stall lifted and every connection cut while a batch is in flight:
+///    again `Ok` or `Transient` only;
+/// 4. the network healthy again: a batch retried (only its non-`Ok`
+///    messages, like a relay) until all are `Ok`, within 60 s.
+///
+/// The caller then checks that every message in [`LossReport::ok`] is on
+/// the broker (nothing acknowledged was lost). `publisher` must be
+/// connected through `proxy`, and its send/ack timeout should be a few
+/// seconds.
+pub async fn connection_loss_scenario<P: postbox_core::Publisher>(
+    proxy: &FaultProxy,
+    publisher: &P,
+    topic: &str,
+) -> LossReport {
+    use postbox_core::PublishOutcome;
+
+    use crate::publisher_suite::message;
+
+    let mut report = LossReport::default();
+    let mut seq = 0;
+    let mut batch = |n: usize, phase: &str| -> Vec<postbox_core::Message> {
+        (0..n)
+            .map(|i| {
+                seq += 1;
+                let key = format!("k{}", i % 3);
+                message(seq, topic, Some(&key), format!("{phase}-{i}").into_bytes())
+            })
+            .collect()
+    };
+    let check = |phase: &str, sent: &[postbox_core::Message], outcomes: &[PublishOutcome]| {
+        assert_eq!(
+            outcomes.len(),
+            sent.len(),
+            "{phase}: one outcome per message"
+        );
+        for o in outcomes {
+            assert!(
+                matches!(o, PublishOutcome::Ok | PublishOutcome::Transient { .. }),
+                "{phase}: a network fault must give Ok or Transient, got {o:?}"
+            );
+        }
+    };
+    async fn within<F: Future>(phase: &str, f: F) -> F::Output {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .unwrap_or_else(|_| panic!("{phase}: publish did not return within 60 s"))
+    }
+    let mut record = |sent: Vec<postbox_core::Message>, outcomes: &[PublishOutcome]| {
+        for (m, o) in sent.into_iter().zip(outcomes) {
+            if o.is_ok() {
+                report.ok.push(m.clone());
+            }
+            report.sent.push(m);
+        }
+    };
+
+    // 1. healthy
+    let first = batch(10, "healthy");
+    let outcomes = within("healthy", publisher.publish(&first)).await;
+    assert!(
+        outcomes.iter().all(PublishOutcome::is_ok),
+        "healthy network: not all Ok: {outcomes:?}"
+    );
+    record(first, &outcomes);
+
+    // 2. stalled past the publisher's timeout
+    proxy.stall(true);
+    let stalled = batch(10, "stalled");
+    let outcomes = within("stalled", publisher.publish(&stalled)).await;
+    check("stalled", &stalled, &outcomes);
+    // nothing can have been acknowledged through a silent link
+    assert!(
+        !outcomes.iter().any(PublishOutcome::is_ok),
+        "stalled: Ok without an acknowledgement from the broker: {outcomes:?}"
+    );
+    record(stalled, &outcomes);
+    proxy.stall(false);
+
+    // 3. cut while a batch is in flight
+    let cut = batch(10, "cut");
+    let (outcomes, ()) = tokio::join!(within("cut", publisher.publish(&cut)), async {
+        tokio::task::yield_now().await;
+        proxy.cut();
+    });
+    check("cut", &cut, &outcomes);
+    record(cut, &outcomes);
+
+    // 4. healthy again: retry until every message is Ok
+    let mut rest = batch(10, "restored");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let outcomes = within("restored", publisher.publish(&rest)).await;
+        check("restored", &rest, &outcomes);
+        let failed: Vec<_> = rest
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, o)| !o.is_ok())
+            .map(|(m, _)| m.clone())
+            .collect();
+        record(rest, &outcomes);
+        if failed.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no reconnect: still failing after 60 s: {outcomes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rest = failed;
+    }
+    report
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

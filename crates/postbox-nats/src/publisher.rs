@@ -1,0 +1,318 @@
+//! The JetStream publisher.
+
+use std::error::Error as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::{self, ErrorCode};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use futures_util::future::join_all;
+use postbox_core::{Message, PublishOutcome, Publisher};
+use tracing::Instrument;
+
+use crate::{NatsConfig, NatsError};
+
+/// Header carrying the postbox key of a keyed message (NATS has no key of
+/// its own). Keyless messages have no such header.
+pub const KEY_HEADER: &str = "postbox-key";
+
+/// Publishes to NATS JetStream.
+///
+/// Each message goes to [`NatsConfig::subject`] of its topic with headers
+/// `Nats-Msg-Id` = message id (JetStream drops a redelivery inside the
+/// stream's duplicate window, 2 minutes by default), [`KEY_HEADER`] = its
+/// key, and every message header as it is. A batch is pipelined on the one
+/// connection: all messages are sent, then all PubAcks awaited together, so
+/// a batch costs about one round trip and the stream stores same-key
+/// messages in batch order.
+///
+/// Outcomes: `Ok` once the PubAck arrived (the stream stored it).
+/// `Transient`: no PubAck within `ack_timeout_ms` (server down, stalled or
+/// reconnecting), a lost connection, or a stream error that may clear
+/// (storage full, no JetStream leader). `Rejected`: no stream captures the
+/// subject (unless `create_stream` is set), an invalid subject or header,
+/// or a message bigger than the server's `max_payload` / the stream's
+/// `max_msg_size`.
+///
+/// The client reconnects by itself with backoff; a message that was sent
+/// but not acked before a connection loss is `Transient`, and if the server
+/// stored it after all, the retry is dropped as a duplicate by its
+/// `Nats-Msg-Id`. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct NatsPublisher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: NatsConfig,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// Whether `create_stream` has been ensured since start (or since the
+    /// stream went missing).
+    stream_ready: AtomicBool,
+}
+
+impl NatsPublisher {
+    /// Builds the publisher without waiting for the server: the client
+    /// connects and reconnects in the background, and publishes are
+    /// `Transient` until it is up. Errors only for a bad configuration.
+    /// Needs a tokio runtime.
+    pub async fn new(config: NatsConfig) -> Result<Self, NatsError> {
+        config.validate()?;
+        let options = async_nats::ConnectOptions::new()
+            .name(&config.client_name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+            .event_callback(|event| async move {
+                tracing::debug!(%event, "nats connection event");
+            });
+        let client = options
+            .connect(config.url.as_str())
+            .await
+            .map_err(|e| NatsError::invalid("url", format!("{} ({e})", config.server())))?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(Duration::from_millis(config.ack_timeout_ms));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                client,
+                js,
+                stream_ready: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Like [`NatsPublisher::new`], then waits up to `connect_timeout_ms`
+    /// for the connection (and creates the configured stream): for callers
+    /// that want a wrong address to fail at start-up. Use
+    /// [`NatsPublisher::new`] where starting while NATS is down must work.
+    pub async fn connect(config: NatsConfig) -> Result<Self, NatsError> {
+        let publisher = Self::new(config).await?;
+        let inner = &publisher.inner;
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(inner.config.connect_timeout_ms);
+        while inner.client.connection_state() != async_nats::connection::State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NatsError::Connect {
+                    server: inner.config.server(),
+                    reason: format!("not connected after {} ms", inner.config.connect_timeout_ms),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        inner
+            .ensure_stream()
+            .await
+            .map_err(|reason| NatsError::Connect {
+                server: inner.config.server(),
+                reason,
+            })?;
+        Ok(publisher)
+    }
+
+    /// The underlying client (e.g. to read `server_info().max_payload`).
+    pub fn client(&self) -> &async_nats::Client {
+        &self.inner.client
+    }
+}
+
+impl Inner {
+    /// Creates the configured stream once (again after it went missing).
+    async fn ensure_stream(&self) -> Result<(), String> {
+        let Some(spec) = &self.config.create_stream else {
+            return Ok(());
+        };
+        if self.stream_ready.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let config = jetstream::stream::Config {
+            name: spec.name.clone(),
+            subjects: spec.subjects.clone(),
+            ..Default::default()
+        };
+        // bounded by the context timeout (ack_timeout_ms)
+        self.js
+            .get_or_create_stream(config)
+            .await
+            .map_err(|e| format!("cannot create JetStream stream {}: {e}", spec.name))?;
+        self.stream_ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        if let Err(reason) = self.ensure_stream().await {
+            tracing::debug!(%reason, "stream not ready");
+            return batch
+                .iter()
+                .map(|_| PublishOutcome::transient(reason.clone()))
+                .collect();
+        }
+        // Send everything first: the acks travel back while later messages
+        // are still being written.
+        let mut sent: Vec<Result<(PublishAckFuture, String), PublishOutcome>> =
+            Vec::with_capacity(batch.len());
+        let mut broken: Option<String> = None;
+        for m in batch {
+            if let Some(reason) = &broken {
+                // the connection is not taking messages: do not wait
+                // `ack_timeout` once more per message
+                sent.push(Err(PublishOutcome::transient(reason.clone())));
+                continue;
+            }
+            let subject = self.config.subject(&m.topic);
+            let headers = match check_subject(&subject).and_then(|()| headers_for(m)) {
+                Ok(h) => h,
+                Err(reason) => {
+                    sent.push(Err(PublishOutcome::rejected(reason)));
+                    continue;
+                }
+            };
+            match self
+                .js
+                .publish_with_headers(subject.clone(), headers, m.payload.clone())
+                .await
+            {
+                Ok(ack) => sent.push(Ok((ack, subject))),
+                Err(e) => {
+                    if matches!(
+                        e.kind(),
+                        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+                    ) {
+                        broken = Some(format!("NATS at {}: {e}", self.config.server()));
+                    }
+                    sent.push(Err(self.map_error(&e, &subject, m)));
+                }
+            }
+        }
+        // Ack timers start when awaited: await them together so a dead
+        // server costs one `ack_timeout`, not one per message.
+        join_all(sent.into_iter().zip(batch).map(|(s, m)| async move {
+            match s {
+                Ok((ack, subject)) => match ack.await {
+                    Ok(_) => PublishOutcome::Ok,
+                    Err(e) => self.map_error(&e, &subject, m),
+                },
+                Err(outcome) => outcome,
+            }
+        }))
+        .await
+    }
+
+    fn map_error(
+        &self,
+        e: &jetstream::context::PublishError,
+        subject: &str,
+        m: &Message,
+    ) -> PublishOutcome {
+        match e.kind() {
+            PublishErrorKind::StreamNotFound => {
+                if self.config.create_stream.is_some() {
+                    // deleted under us: create it again on the next publish
+                    self.stream_ready.store(false, Ordering::Release);
+                    PublishOutcome::transient(format!(
+                        "no JetStream stream captures subject {subject:?} (will create it again)"
+                    ))
+                } else {
+                    PublishOutcome::rejected(format!(
+                        "no JetStream stream captures subject {subject:?}: create a stream for it or set create_stream"
+                    ))
+                }
+            }
+            PublishErrorKind::MaxPayloadExceeded => PublishOutcome::rejected(format!(
+                "message of {} payload bytes plus headers exceeds the NATS server's max_payload of {} bytes ({}); raise max_payload in the server configuration (at most 64 MiB)",
+                m.payload.len(),
+                self.client.server_info().max_payload,
+                source_text(e),
+            )),
+            _ => {
+                let code = e
+                    .source()
+                    .and_then(|s| s.downcast_ref::<jetstream::Error>())
+                    .map(jetstream::Error::error_code);
+                match code {
+                    Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
+                    | Some(ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM)
+                    | Some(ErrorCode::STREAM_SEALED) => PublishOutcome::rejected(format!(
+                        "JetStream refused the message on subject {subject:?}: {}",
+                        source_text(e)
+                    )),
+                    _ => PublishOutcome::transient(format!(
+                        "NATS publish to {subject:?} at {}: {e}{}",
+                        self.config.server(),
+                        source_suffix(e)
+                    )),
+                }
+            }
+        }
+    }
+}
+
+fn source_text(e: &jetstream::context::PublishError) -> String {
+    e.source()
+        .map_or_else(|| e.to_string(), ToString::to_string)
+}
+
+fn source_suffix(e: &jetstream::context::PublishError) -> String {
+    e.source().map(|s| format!(" ({s})")).unwrap_or_default()
+}
+
+/// A subject NATS accepts for publishing: dot-separated non-empty tokens,
+/// no whitespace, no wildcards.
+fn check_subject(subject: &str) -> Result<(), String> {
+    let bad = subject.is_empty()
+        || subject.contains(|c: char| c.is_whitespace() || c.is_control())
+        || subject
+            .split('.')
+            .any(|t| t.is_empty() || t == "*" || t == ">");
+    if bad {
+        Err(format!(
+            "{subject:?} is not a valid NATS subject to publish to (dot-separated non-empty tokens, no spaces or wildcards)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// The NATS headers of `m`: its own headers, then [`KEY_HEADER`] and
+/// `Nats-Msg-Id` (set last so a message header cannot override them).
+fn headers_for(m: &Message) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::new();
+    let mut put = |name: &str, value: &str| -> Result<(), String> {
+        let n = HeaderName::from_str(name).map_err(|_| {
+            format!(
+                "header name {name:?} is not valid in NATS (ASCII, no ':' or control characters)"
+            )
+        })?;
+        let v = HeaderValue::from_str(value)
+            .map_err(|_| format!("header {name:?} has a value NATS cannot carry (CR or LF)"))?;
+        headers.insert(n, v);
+        Ok(())
+    };
+    for (name, value) in &m.headers {
+        put(name, value)?;
+    }
+    if let Some(key) = &m.key {
+        put(KEY_HEADER, key)?;
+    }
+    put("Nats-Msg-Id", &m.id.to_string())?;
+    Ok(headers)
+}
+
+impl Publisher for NatsPublisher {
+    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        let span = tracing::debug_span!(
+            "postbox.publish",
+            postbox.publisher = "nats",
+            postbox.batch_size = batch.len()
+        );
+        self.inner.publish(batch).instrument(span)
+    }
+}
