@@ -41,7 +41,18 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
     filter.tenant = args.tenant;
     let s = store.stats(&filter).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let mut v = serde_json::to_value(s)?;
+        if let (AnyStore::Postgres(pg), Some(obj)) = (&store, v.as_object_mut()) {
+            obj.insert(
+                "blockers".into(),
+                serde_json::to_value(pg.blockers().await?)?,
+            );
+            obj.insert(
+                "oldest_transaction".into(),
+                serde_json::to_value(pg.oldest_transaction().await?)?,
+            );
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("outbox {}", args.store.table);
@@ -62,6 +73,41 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
             humantime::format_duration(round_secs(since(SystemTime::now(), t)))
         ),
         None => println!("  nothing pending"),
+    }
+    if let AnyStore::Postgres(pg) = &store {
+        print_pg_holdups(pg).await?;
+    }
+    Ok(())
+}
+
+/// What can hold messages back on PostgreSQL: open transactions holding
+/// keys (their later messages wait), and the oldest open transaction
+/// (it stops vacuum of the outbox's dead rows).
+async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> {
+    let blockers = pg.blockers().await?;
+    if blockers.is_empty() {
+        println!("  no open transaction holds a key");
+    }
+    for b in &blockers {
+        println!(
+            "  HELD: pid {} has held {} key(s) for {} ({}), {} producer(s) waiting; `SELECT pg_terminate_backend({})` ends it",
+            b.pid,
+            b.keys_held,
+            humantime::format_duration(round_secs(b.xact_age)),
+            b.state.as_deref().unwrap_or("unknown state"),
+            b.waiters,
+            b.pid
+        );
+    }
+    if let Some(o) = pg.oldest_transaction().await?
+        && o.xact_age >= std::time::Duration::from_secs(60)
+    {
+        println!(
+            "  oldest open transaction: pid {} for {} ({}): it holds back vacuum of sent rows",
+            o.pid,
+            humantime::format_duration(round_secs(o.xact_age)),
+            o.application_name.as_deref().unwrap_or("-")
+        );
     }
     Ok(())
 }

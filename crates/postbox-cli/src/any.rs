@@ -8,6 +8,8 @@ use postbox_core::{
     NewMessage, PublishOutcome, Publisher, PurgeQuery, Stats, Store, StoreError, redact_url,
 };
 use postbox_jsonl::{FilePublisher, StdoutPublisher};
+use postbox_mysql::{MySqlOutbox, MySqlStore};
+use postbox_postgres::{PgOutbox, PgStore};
 use postbox_sqlite::{SqliteOutbox, SqliteStore};
 use uuid::Uuid;
 
@@ -18,12 +20,16 @@ use crate::usage;
 #[derive(Debug, Clone)]
 pub(crate) enum AnyStore {
     Sqlite(SqliteStore),
+    Postgres(PgStore),
+    MySql(MySqlStore),
 }
 
 macro_rules! each_store {
     ($self:expr, $s:ident => $e:expr) => {
         match $self {
             AnyStore::Sqlite($s) => $e,
+            AnyStore::Postgres($s) => $e,
+            AnyStore::MySql($s) => $e,
         }
     };
 }
@@ -51,9 +57,11 @@ impl AnyStore {
             attempt += 1;
             let opened = match scheme {
                 "sqlite" => Self::open_sqlite(url, &args.table).await,
+                "postgres" | "postgresql" => Self::open_postgres(url, &args.table).await,
+                "mysql" | "mariadb" => Self::open_mysql(url, &args.table).await,
                 _ => {
                     return Err(usage(format!(
-                        "unknown store URL scheme in {:?}: use sqlite://path.db",
+                        "unknown store URL scheme in {:?}: use sqlite://path.db, postgres://… or mysql://…",
                         redact_url(url)
                     )));
                 }
@@ -82,15 +90,35 @@ impl AnyStore {
         Ok(Self::Sqlite(outbox.store(store.pool().clone())))
     }
 
+    /// `--table` is `table` or, on PostgreSQL, `schema.table`.
+    async fn open_postgres(url: &str, table: &str) -> Result<Self, StoreError> {
+        let outbox = match table.split_once('.') {
+            Some((schema, table)) => PgOutbox::with_schema(schema, table)?,
+            None => PgOutbox::new(table)?,
+        };
+        Ok(Self::Postgres(PgStore::connect_with(url, outbox).await?))
+    }
+
+    async fn open_mysql(url: &str, table: &str) -> Result<Self, StoreError> {
+        let outbox = MySqlOutbox::new(table)?;
+        Ok(Self::MySql(
+            MySqlStore::connect(url).await?.with_outbox(outbox),
+        ))
+    }
+
     pub(crate) async fn migrate(&self) -> Result<(), StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.outbox().migrate(s.pool()).await,
+            AnyStore::Postgres(s) => s.migrate().await,
+            AnyStore::MySql(s) => s.outbox().migrate(s.pool()).await,
         }
     }
 
     pub(crate) async fn enqueue(&self, msg: &NewMessage) -> Result<(), StoreError> {
         match self {
             AnyStore::Sqlite(s) => s.outbox().enqueue(s.pool(), msg).await,
+            AnyStore::Postgres(s) => s.outbox().enqueue(s.pool(), msg).await,
+            AnyStore::MySql(s) => s.outbox().enqueue(s.pool(), msg).await,
         }
     }
 }

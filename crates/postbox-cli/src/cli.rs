@@ -44,7 +44,7 @@ pub(crate) struct StoreArgs {
     /// Database URL: sqlite://path.db, postgres://…, mysql://…
     #[arg(long = "store", env = "POSTBOX_STORE_URL", value_name = "URL")]
     pub(crate) url: String,
-    /// Outbox table name.
+    /// Outbox table name (on PostgreSQL also `schema.table`).
     #[arg(long, env = "POSTBOX_TABLE", default_value = "postbox_outbox")]
     pub(crate) table: String,
 }

@@ -10,6 +10,8 @@
 //! | feature | module | what |
 //! | --- | --- | --- |
 //! | `sqlite` (default) | [`sqlite`] | SQLite store |
+//! | `postgres` | `postgres` | PostgreSQL store |
+//! | `mysql` | `mysql` | MySQL / MariaDB store |
 //! | `jsonl` (default) | [`jsonl`] | stdout and JSON-lines file publishers |
 //!
 //! ```no_run
@@ -42,6 +44,18 @@ pub use postbox_core::*;
 #[cfg(feature = "sqlite")]
 pub mod sqlite {
     pub use postbox_sqlite::*;
+}
+
+/// PostgreSQL store (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub mod postgres {
+    pub use postbox_postgres::*;
+}
+
+/// MySQL / MariaDB store (feature `mysql`).
+#[cfg(feature = "mysql")]
+pub mod mysql {
+    pub use postbox_mysql::*;
 }
 
 /// stdout and JSON-lines file publishers (feature `jsonl`).
