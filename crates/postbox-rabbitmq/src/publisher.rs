@@ -1,0 +1,413 @@
+//! The AMQP publisher: confirm mode, mandatory, persistent.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
+    ExchangeKind,
+};
+use postbox_core::{Message, PublishOutcome, Publisher};
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::{RabbitMqConfig, RabbitMqError};
+
+/// AMQP header carrying the postbox key of a keyed message (AMQP has no
+/// key of its own). Keyless messages have no such header.
+pub const KEY_HEADER: &str = "postbox-key";
+
+/// Publishes to RabbitMQ with publisher confirms.
+///
+/// Each message is one `basic.publish` to [`RabbitMqConfig::exchange_for`]
+/// with routing key [`RabbitMqConfig::routing_key_for`], `mandatory` set,
+/// properties `message_id` = the message id, `delivery_mode` = 2
+/// (persistent), `content_type` from a `content-type` header if there is
+/// one, and headers = every message header as an AMQP long string plus
+/// [`KEY_HEADER`]. All messages of a batch go out on one channel before any
+/// confirm is awaited; one channel keeps their order.
+///
+/// Outcomes: `Ok` on the broker's ack (`basic.ack` after routing; a
+/// persistent message on a durable queue is on disk by then). `Rejected`
+/// when the broker returned the message as unroutable (`basic.return`: no
+/// queue bound for that exchange and routing key), or when the exchange,
+/// routing key or a header cannot be expressed in AMQP. `Transient` for a
+/// `basic.nack`, a confirm that does not arrive within
+/// `confirm_timeout_ms`, a lost connection or channel, or a broker that
+/// cannot be reached.
+///
+/// The connection is opened on the first publish and again, with
+/// exponential backoff, after it was lost; messages that were published but
+/// not confirmed when it broke are `Transient` (the retry carries the same
+/// `message_id`, so a consumer can drop the duplicate). Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct RabbitMqPublisher {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: RabbitMqConfig,
+    link: Mutex<Link>,
+    /// Exchanges seen to exist (passive declare), so each is checked once.
+    exchanges: std::sync::Mutex<HashSet<String>>,
+}
+
+/// The current connection and confirm-mode channel, or when to try again.
+#[derive(Debug, Default)]
+struct Link {
+    open: Option<(Connection, Channel)>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+impl RabbitMqPublisher {
+    /// Builds the publisher without contacting the broker: it connects on
+    /// the first publish, whose messages are `Transient` while RabbitMQ is
+    /// unreachable. Errors only for a bad configuration.
+    pub fn new(config: RabbitMqConfig) -> Result<Self, RabbitMqError> {
+        config.validate()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                link: Mutex::new(Link::default()),
+                exchanges: std::sync::Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    /// Like [`RabbitMqPublisher::new`], then opens the connection and the
+    /// confirm-mode channel now, so a wrong address or password fails at
+    /// start-up. Use [`RabbitMqPublisher::new`] where starting while
+    /// RabbitMQ is down must work.
+    pub async fn connect(config: RabbitMqConfig) -> Result<Self, RabbitMqError> {
+        let publisher = Self::new(config)?;
+        publisher
+            .inner
+            .channel()
+            .await
+            .map_err(|reason| RabbitMqError::Connect {
+                server: publisher.inner.config.server(),
+                reason,
+            })?;
+        Ok(publisher)
+    }
+}
+
+impl Inner {
+    /// The open confirm-mode channel, opening a connection if there is none
+    /// (unless the backoff after a failure has not run out yet).
+    async fn channel(&self) -> Result<Channel, String> {
+        let mut link = self.link.lock().await;
+        if let Some((conn, channel)) = &link.open {
+            if conn.status().connected() && channel.status().connected() {
+                return Ok(channel.clone());
+            }
+            tracing::debug!("RabbitMQ connection or channel lost; reconnecting");
+            link.open = None;
+        }
+        if let Some(at) = link.retry_at {
+            let now = Instant::now();
+            if now < at {
+                return Err(format!(
+                    "RabbitMQ at {} unreachable; next connection attempt in {} ms",
+                    self.config.server(),
+                    (at - now).as_millis()
+                ));
+            }
+        }
+        let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        match tokio::time::timeout(timeout, self.open()).await {
+            Ok(Ok((conn, channel))) => {
+                link.open = Some((conn, channel.clone()));
+                link.failures = 0;
+                link.retry_at = None;
+                Ok(channel)
+            }
+            failed => {
+                let reason = match failed {
+                    Ok(Err(e)) => format!(
+                        "cannot connect to RabbitMQ at {}: {e}",
+                        self.config.server()
+                    ),
+                    _ => format!(
+                        "cannot connect to RabbitMQ at {} within {} ms",
+                        self.config.server(),
+                        self.config.connect_timeout_ms
+                    ),
+                };
+                link.failures = link.failures.saturating_add(1);
+                let backoff = Duration::from_millis(100)
+                    .saturating_mul(1 << link.failures.min(16).saturating_sub(1))
+                    .min(Duration::from_millis(self.config.max_backoff_ms));
+                link.retry_at = Some(Instant::now() + backoff);
+                tracing::debug!(%reason, backoff_ms = backoff.as_millis(), "RabbitMQ connect failed");
+                Err(reason)
+            }
+        }
+    }
+
+    async fn open(&self) -> lapin::Result<(Connection, Channel)> {
+        let conn = Connection::connect(&self.config.url, ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok((conn, channel))
+    }
+
+    /// The exchanges of `batch` that do not exist. Publishing to a missing
+    /// exchange makes the broker close the channel, failing every other
+    /// message in flight on it, so each new exchange name is checked once
+    /// with a passive declare on a channel of its own.
+    async fn missing_exchanges(&self, batch: &[Message]) -> HashSet<String> {
+        let unknown: BTreeSet<String> = {
+            let known = self
+                .exchanges
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            batch
+                .iter()
+                .map(|m| self.config.exchange_for(&m.topic))
+                .filter(|x| !x.is_empty() && !known.contains(x))
+                .collect()
+        };
+        let mut missing = HashSet::new();
+        if unknown.is_empty() {
+            return missing;
+        }
+        let link = self.link.lock().await;
+        let Some((conn, _)) = &link.open else {
+            return missing;
+        };
+        let timeout = Duration::from_millis(self.config.confirm_timeout_ms);
+        for exchange in unknown {
+            // too long: `destination` rejects it
+            let Ok(name) = ShortString::try_new(exchange.as_str()) else {
+                continue;
+            };
+            let Ok(Ok(probe)) = tokio::time::timeout(timeout, conn.create_channel()).await else {
+                break;
+            };
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let declared =
+                probe.exchange_declare(name, ExchangeKind::Direct, passive, FieldTable::default());
+            match tokio::time::timeout(timeout, declared).await {
+                Ok(Ok(())) => {
+                    self.exchanges
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(exchange);
+                    let _ = tokio::time::timeout(timeout, probe.close(200, "ok".into())).await;
+                }
+                // the broker closed the probe channel itself
+                Ok(Err(e)) if is_not_found(&e) => {
+                    missing.insert(exchange);
+                }
+                // unknown: publish, and let the confirm tell
+                _ => {}
+            }
+        }
+        missing
+    }
+
+    /// Forgets `channel` (and its connection) so the next publish opens a new
+    /// one; a no-op when another batch already replaced it.
+    async fn drop_channel(&self, channel: &Channel) {
+        let mut link = self.link.lock().await;
+        let current = link
+            .open
+            .as_ref()
+            .is_some_and(|(_, c)| c.id() == channel.id());
+        if current && let Some((conn, _)) = link.open.take() {
+            // best effort, bounded: the peer may be gone
+            let _ = tokio::time::timeout(
+                Duration::from_millis(200),
+                conn.close(320, "postbox: reconnecting".into()),
+            )
+            .await;
+        }
+    }
+
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let channel = match self.channel().await {
+            Ok(c) => c,
+            Err(reason) => {
+                return batch
+                    .iter()
+                    .map(|_| PublishOutcome::transient(reason.clone()))
+                    .collect();
+            }
+        };
+        let missing = self.missing_exchanges(batch).await;
+        // Publish everything first; confirms come back while later messages
+        // are still being written.
+        let mut pending = Vec::with_capacity(batch.len());
+        let mut broken: Option<String> = None;
+        for m in batch {
+            if let Some(reason) = &broken {
+                pending.push(Err(PublishOutcome::transient(reason.clone())));
+                continue;
+            }
+            let (exchange, routing_key) = match self.destination(m) {
+                Ok(d) => d,
+                Err(reason) => {
+                    pending.push(Err(PublishOutcome::rejected(reason)));
+                    continue;
+                }
+            };
+            if missing.contains(exchange.as_str()) {
+                pending.push(Err(PublishOutcome::rejected(format!(
+                    "exchange {:?} does not exist (for topic {:?}); declare it or fix the exchange template",
+                    exchange.as_str(),
+                    m.topic
+                ))));
+                continue;
+            }
+            let properties = match properties(m) {
+                Ok(p) => p,
+                Err(reason) => {
+                    pending.push(Err(PublishOutcome::rejected(reason)));
+                    continue;
+                }
+            };
+            let options = BasicPublishOptions {
+                mandatory: true,
+                immediate: false,
+            };
+            match channel
+                .basic_publish(
+                    exchange.clone(),
+                    routing_key.clone(),
+                    options,
+                    &m.payload,
+                    properties,
+                )
+                .await
+            {
+                Ok(confirm) => pending.push(Ok((confirm, exchange, routing_key))),
+                Err(e) => {
+                    let reason = format!("RabbitMQ publish failed: {e}");
+                    broken = Some(reason.clone());
+                    pending.push(Err(PublishOutcome::transient(reason)));
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
+        let outcomes: Vec<(PublishOutcome, bool)> =
+            join_all(pending.into_iter().map(|p| async move {
+                let (confirm, exchange, routing_key) = match p {
+                    Ok(p) => p,
+                    Err(outcome) => return (outcome, false),
+                };
+                match tokio::time::timeout_at(deadline, confirm).await {
+                    Ok(Ok(Confirmation::Ack(None))) => (PublishOutcome::Ok, false),
+                    Ok(Ok(Confirmation::Ack(Some(returned)))) => (
+                        PublishOutcome::rejected(format!(
+                            "unroutable: exchange {:?} routing key {:?} ({} {})",
+                            exchange.as_str(),
+                            routing_key.as_str(),
+                            returned.reply_code,
+                            returned.reply_text
+                        )),
+                        false,
+                    ),
+                    Ok(Ok(Confirmation::Nack(_))) => (
+                        PublishOutcome::transient(
+                            "RabbitMQ nacked the message (it could not store it)",
+                        ),
+                        false,
+                    ),
+                    Ok(Ok(Confirmation::NotRequested)) => (
+                        PublishOutcome::transient("channel is not in confirm mode"),
+                        true,
+                    ),
+                    Ok(Err(e)) => (
+                        PublishOutcome::transient(format!("RabbitMQ confirm failed: {e}")),
+                        true,
+                    ),
+                    Err(_) => (
+                        PublishOutcome::transient(format!(
+                            "no confirm from RabbitMQ within {} ms",
+                            self.config.confirm_timeout_ms
+                        )),
+                        true,
+                    ),
+                }
+            }))
+            .await;
+        if broken.is_some() || outcomes.iter().any(|(_, lost)| *lost) {
+            self.drop_channel(&channel).await;
+        }
+        outcomes.into_iter().map(|(o, _)| o).collect()
+    }
+
+    fn destination(&self, m: &Message) -> Result<(ShortString, ShortString), String> {
+        let exchange = self.config.exchange_for(&m.topic);
+        let routing_key = self.config.routing_key_for(&m.topic);
+        let exchange = ShortString::try_new(exchange)
+            .map_err(|e| format!("exchange for topic {:?}: {e}", m.topic))?;
+        let routing_key = ShortString::try_new(routing_key)
+            .map_err(|e| format!("routing key for topic {:?}: {e}", m.topic))?;
+        Ok((exchange, routing_key))
+    }
+}
+
+/// The AMQP properties of `m`.
+fn properties(m: &Message) -> Result<BasicProperties, String> {
+    let mut headers = FieldTable::default();
+    for (name, value) in &m.headers {
+        let key = ShortString::try_new(name.as_str())
+            .map_err(|e| format!("header name {:?}: {e}", truncate(name)))?;
+        headers.insert(key, AMQPValue::LongString(LongString::from(value.as_str())));
+    }
+    if let Some(key) = &m.key {
+        headers.insert(
+            ShortString::from(KEY_HEADER),
+            AMQPValue::LongString(LongString::from(key.as_str())),
+        );
+    }
+    let mut properties = BasicProperties::default()
+        .with_message_id(ShortString::from(m.id.to_string()))
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    if let Some(ct) = m.headers.get("content-type")
+        && let Ok(ct) = ShortString::try_new(ct.as_str())
+    {
+        properties = properties.with_content_type(ct);
+    }
+    Ok(properties)
+}
+
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(40) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+impl Publisher for RabbitMqPublisher {
+    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        let span = tracing::debug_span!(
+            "postbox.publish",
+            postbox.publisher = "rabbitmq",
+            postbox.batch_size = batch.len()
+        );
+        self.inner.publish(batch).instrument(span)
+    }
+}

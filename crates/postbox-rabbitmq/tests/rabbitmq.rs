@@ -1,0 +1,192 @@
+//! RabbitMQ-specific behaviour: unroutable messages, exchange/routing-key
+//! templates, persistence, faults on the wire.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RabbitHarness, config, harness, suffix};
+use lapin::options::QueueBindOptions;
+use lapin::types::FieldTable;
+use postbox_core::{PublishOutcome, Publisher};
+use postbox_rabbitmq::{RabbitMqConfig, RabbitMqPublisher};
+use postbox_testkit::FaultProxy;
+use postbox_testkit::publisher_suite::message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unroutable_message_is_rejected_naming_exchange_and_routing_key() {
+    let h = harness().await;
+    let nowhere = format!("postbox.test.nowhere.{}", suffix());
+    let routed = message(1, &h.queue(), None, &b"ok"[..]);
+    let lost = message(2, &nowhere, None, &b"x"[..]);
+    let outcomes = h.publisher.publish(&[routed.clone(), lost]).await;
+    assert_eq!(outcomes[0], PublishOutcome::Ok);
+    match &outcomes[1] {
+        PublishOutcome::Rejected { reason } => {
+            assert!(reason.contains("unroutable"), "{reason}");
+            assert!(reason.contains(&nowhere), "routing key not named: {reason}");
+            assert!(
+                reason.contains("exchange \"\""),
+                "exchange not named: {reason}"
+            );
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    let got = h.read_queue(&h.queue(), 1, Duration::from_secs(20)).await;
+    assert_eq!(got[0].id, Some(routed.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exchange_and_routing_key_come_from_the_templates() {
+    let h = harness().await;
+    let exchange = h.bound_exchange().await;
+    let queue = format!("postbox.test.{}.bound", h.suffix);
+    h.declare_queue(&queue).await;
+    h.channel
+        .queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            "rk.orders".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let publisher = RabbitMqPublisher::new(
+        config(&h.addr)
+            .exchange(exchange.as_str())
+            .routing_key_template("rk.{topic}"),
+    )
+    .unwrap();
+    let m = message(1, "orders", Some("k"), &b"routed"[..]);
+    assert_eq!(
+        publisher.publish(std::slice::from_ref(&m)).await,
+        vec![PublishOutcome::Ok]
+    );
+    let got = h.read_queue(&queue, 1, Duration::from_secs(20)).await;
+    assert_eq!(got[0].id, Some(m.id));
+    assert_eq!(got[0].key.as_deref(), Some("k"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_persistent_with_message_id() {
+    let h = harness().await;
+    let mut m = message(1, &h.queue(), None, &b"{}"[..]);
+    m.headers
+        .insert("content-type".into(), "application/json".into());
+    assert_eq!(
+        h.publisher.publish(std::slice::from_ref(&m)).await,
+        vec![PublishOutcome::Ok]
+    );
+    let msg = loop {
+        if let Some(msg) = h
+            .channel
+            .basic_get(
+                h.queue().as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+        {
+            break msg;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let props = &msg.delivery.properties;
+    assert_eq!(*props.delivery_mode(), Some(2));
+    assert_eq!(
+        props.message_id().as_ref().map(|s| s.as_str().to_owned()),
+        Some(m.id.to_string())
+    );
+    assert_eq!(
+        props.content_type().as_ref().map(|s| s.as_str().to_owned()),
+        Some("application/json".to_owned())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_exchange_is_rejected_alone() {
+    let h = harness().await;
+    // exchange and routing key are both the topic; one topic has an
+    // exchange bound to the harness queue, the other none
+    let exchange = h.bound_exchange().await;
+    let publisher = RabbitMqPublisher::new(config(&h.addr).exchange("{topic}")).unwrap();
+    let missing = format!("postbox.test.no-such-exchange.{}", suffix());
+    let bad = message(1, &missing, None, &b"x"[..]);
+    let good = message(2, &exchange, None, &b"y"[..]);
+    let outcomes = publisher.publish(&[bad, good.clone()]).await;
+    match &outcomes[0] {
+        PublishOutcome::Rejected { reason } => {
+            assert!(
+                reason.contains(&missing) && reason.contains("does not exist"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    // the good message was not caught in a channel the broker closed
+    assert_eq!(outcomes[1], PublishOutcome::Ok);
+    let got = h.read_queue(&h.queue(), 1, Duration::from_secs(20)).await;
+    assert_eq!(got[0].id, Some(good.id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_acknowledged_is_lost_when_the_connection_breaks() {
+    let h = harness().await;
+    let proxy = FaultProxy::start(h.addr.clone()).await.unwrap();
+    let publisher = RabbitMqPublisher::connect(config(&proxy.addr().to_string()))
+        .await
+        .unwrap();
+    let report = postbox_testkit::connection_loss_scenario(&proxy, &publisher, &h.queue()).await;
+    assert_all_stored(&h, &report).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_while_rabbitmq_is_down_and_recovers() {
+    let h = harness().await;
+    let proxy = FaultProxy::start(h.addr.clone()).await.unwrap();
+    proxy.blackhole(true);
+    let publisher = RabbitMqPublisher::new(config(&proxy.addr().to_string())).unwrap();
+    let m = message(1, &h.queue(), None, &b"late"[..]);
+    let outcomes = publisher.publish(std::slice::from_ref(&m)).await;
+    assert!(
+        matches!(outcomes[..], [PublishOutcome::Transient { .. }]),
+        "{outcomes:?}"
+    );
+    proxy.blackhole(false);
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !publisher.publish(std::slice::from_ref(&m)).await[0].is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "never recovered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = h.read_queue(&h.queue(), 1, Duration::from_secs(20)).await;
+    assert_eq!(got[0].id, Some(m.id));
+}
+
+#[tokio::test]
+async fn connect_fails_clearly_without_the_password() {
+    let err = RabbitMqPublisher::connect(
+        RabbitMqConfig::from_url("amqp://alice:s3cret@127.0.0.1:1/%2f")
+            .unwrap()
+            .connect_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("127.0.0.1:1") && !err.contains("s3cret"),
+        "{err}"
+    );
+}
+
+async fn assert_all_stored(h: &RabbitHarness, report: &postbox_testkit::LossReport) {
+    let got = h
+        .read_queue(&h.queue(), report.sent.len(), Duration::from_secs(5))
+        .await;
+    let ids: std::collections::HashSet<_> = got.iter().filter_map(|r| r.id).collect();
+    for m in &report.ok {
+        assert!(ids.contains(&m.id), "acknowledged message {} lost", m.id);
+    }
+}
