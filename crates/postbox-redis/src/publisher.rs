@@ -1,0 +1,224 @@
+//! The Redis Streams publisher.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use postbox_core::{Message, PublishOutcome, Publisher};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tracing::Instrument;
+
+use crate::{RedisConfig, RedisError};
+
+/// Publishes to Redis Streams.
+///
+/// Each message becomes one entry of the stream [`RedisConfig::stream_key`]
+/// with the fields, in this order: `id` (the message id), `topic`, `key`
+/// (only for a keyed message: a keyless message has no `key` field),
+/// `headers` (a JSON object of strings, `{}` when none) and `payload` (the
+/// exact payload bytes). With `maxlen` set, `XADD` trims with `MAXLEN ~`.
+/// The whole batch is one pipeline: one write, one round trip, entries in
+/// batch order.
+///
+/// Outcomes: `Ok` when `XADD` returned an entry id (and, with
+/// `wait_replicas`, `WAIT` reported enough replicas). `Rejected` when the
+/// key holds something that is not a stream (`WRONGTYPE`) or the ACL
+/// forbids it (`NOPERM`). `Transient` for everything else: unreachable
+/// server, lost connection, no reply within `response_timeout_ms`, `OOM`,
+/// `LOADING`, `READONLY`, too few replicas. A pipeline is not atomic: after
+/// a lost connection some entries of the batch may exist although their
+/// outcome is `Transient`, and the retry adds them again (same `id` field).
+///
+/// The connection is opened on the first publish and re-opened in the
+/// background after it broke (redis-rs `ConnectionManager`, exponential
+/// backoff). Cheap to clone.
+#[derive(Clone)]
+pub struct RedisPublisher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RedisConfig,
+    conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for RedisPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisPublisher")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisPublisher {
+    /// Builds the publisher without contacting Redis: it connects on the
+    /// first publish, whose messages are `Transient` while Redis is down.
+    /// Errors only for a bad configuration. Needs a tokio runtime.
+    pub fn new(config: RedisConfig) -> Result<Self, RedisError> {
+        config.validate()?;
+        let client = redis::Client::open(config.url.as_str()).map_err(|_| {
+            RedisError::invalid(
+                "url",
+                format!("{} is not a valid Redis URL", config.server()),
+            )
+        })?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(config.connect_timeout_ms)))
+            .set_response_timeout(Some(Duration::from_millis(config.response_timeout_ms)))
+            .set_min_delay(Duration::from_millis(100))
+            .set_max_delay(Duration::from_secs(5))
+            // a handful per outage; the next publish starts another round
+            .set_number_of_retries(6);
+        let conn = ConnectionManager::new_lazy_with_config(client, manager)
+            .map_err(|e| RedisError::invalid("url", format!("{}: {e}", config.server())))?;
+        Ok(Self {
+            inner: Arc::new(Inner { config, conn }),
+        })
+    }
+
+    /// Like [`RedisPublisher::new`], then checks with a `PING` that Redis
+    /// answers, so a wrong address fails at start-up. Use
+    /// [`RedisPublisher::new`] where starting while Redis is down must work.
+    pub async fn connect(config: RedisConfig) -> Result<Self, RedisError> {
+        let publisher = Self::new(config)?;
+        let mut conn = publisher.inner.conn.clone();
+        let config = &publisher.inner.config;
+        // the manager retries a refused connection with backoff: bound the
+        // whole check by one connect timeout
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut conn);
+        match tokio::time::timeout(Duration::from_millis(config.connect_timeout_ms), ping).await {
+            Ok(Ok(_)) => Ok(publisher),
+            Ok(Err(e)) => Err(RedisError::Connect {
+                server: config.server(),
+                reason: e.to_string(),
+            }),
+            Err(_) => Err(RedisError::Connect {
+                server: config.server(),
+                reason: format!("no answer within {} ms", config.connect_timeout_ms),
+            }),
+        }
+    }
+}
+
+impl Inner {
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for m in batch {
+            let headers = serde_json::to_vec(&m.headers).unwrap_or_else(|_| b"{}".to_vec());
+            let cmd = pipe.cmd("XADD").arg(self.config.stream_key(&m.topic));
+            if let Some(n) = self.config.maxlen {
+                cmd.arg("MAXLEN").arg("~").arg(n);
+            }
+            cmd.arg("*")
+                .arg("id")
+                .arg(m.id.to_string())
+                .arg("topic")
+                .arg(&m.topic);
+            if let Some(key) = &m.key {
+                cmd.arg("key").arg(key);
+            }
+            cmd.arg("headers")
+                .arg(headers)
+                .arg("payload")
+                .arg(&m.payload[..]);
+        }
+        if let Some(n) = self.config.wait_replicas {
+            pipe.cmd("WAIT").arg(n).arg(self.config.wait_timeout_ms);
+        }
+        let mut conn = self.conn.clone();
+        // the connection's response timeout bounds this too; the outer one
+        // also covers a connection attempt in progress
+        let limit = Duration::from_millis(
+            self.config
+                .response_timeout_ms
+                .saturating_add(self.config.connect_timeout_ms),
+        );
+        let replies = tokio::time::timeout(
+            limit,
+            pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
+        )
+        .await;
+        let replies = match replies {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                return all_transient(batch, &format!("Redis at {}: {e}", self.config.server()));
+            }
+            Err(_) => {
+                return all_transient(
+                    batch,
+                    &format!(
+                        "no reply from Redis at {} within {} ms",
+                        self.config.server(),
+                        limit.as_millis()
+                    ),
+                );
+            }
+        };
+        if replies.len() != batch.len() + usize::from(self.config.wait_replicas.is_some()) {
+            return all_transient(
+                batch,
+                &format!(
+                    "Redis answered {} replies for {} commands",
+                    replies.len(),
+                    batch.len()
+                ),
+            );
+        }
+        let mut outcomes: Vec<PublishOutcome> = replies
+            .iter()
+            .take(batch.len())
+            .map(|r| match r {
+                Ok(redis::Value::BulkString(_) | redis::Value::SimpleString(_)) => {
+                    PublishOutcome::Ok
+                }
+                Ok(other) => PublishOutcome::transient(format!("unexpected XADD reply {other:?}")),
+                Err(e) => match e.code() {
+                    Some("WRONGTYPE" | "NOPERM") => {
+                        PublishOutcome::rejected(format!("Redis refused XADD: {e}"))
+                    }
+                    _ => PublishOutcome::transient(format!("Redis XADD failed: {e}")),
+                },
+            })
+            .collect();
+        if let Some(want) = self.config.wait_replicas {
+            let acked = match replies.last() {
+                Some(Ok(redis::Value::Int(n))) => Some(*n),
+                _ => None,
+            };
+            if acked.is_none_or(|n| n < i64::from(want)) {
+                let reason = format!(
+                    "WAIT: {} of {want} replicas acknowledged within {} ms",
+                    acked.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                    self.config.wait_timeout_ms
+                );
+                for o in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                    *o = PublishOutcome::transient(reason.clone());
+                }
+            }
+        }
+        outcomes
+    }
+}
+
+fn all_transient(batch: &[Message], reason: &str) -> Vec<PublishOutcome> {
+    tracing::debug!(%reason, "batch not published");
+    batch
+        .iter()
+        .map(|_| PublishOutcome::transient(reason))
+        .collect()
+}
+
+impl Publisher for RedisPublisher {
+    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        let span = tracing::debug_span!(
+            "postbox.publish",
+            postbox.publisher = "redis",
+            postbox.batch_size = batch.len()
+        );
+        self.inner.publish(batch).instrument(span)
+    }
+}
