@@ -114,6 +114,15 @@ pub(crate) struct Opts {
     /// Claims timed per repeat in `claim-cost`.
     #[arg(long, default_value_t = 20)]
     pub(crate) claims: usize,
+    /// Diagnostic: run the PostgreSQL ceilings with the relay's session
+    /// settings (`plan_cache_mode = force_custom_plan`, `enable_bitmapscan = off`).
+    #[arg(long)]
+    pub(crate) ceiling_relay_session: bool,
+    /// Sets `jit = off` as the bench database's default, so relay sessions
+    /// run without JIT (the fix proposed in BENCHMARKS.md). Without it the
+    /// server default applies.
+    #[arg(long)]
+    pub(crate) pg_jit_off: bool,
     /// Internal (relay-child): messages to wait for; 0 = stay idle.
     #[arg(long, default_value_t = 0, hide = true)]
     pub(crate) expect: u64,
@@ -134,7 +143,7 @@ async fn run(o: &Opts) -> anyhow::Result<Vec<Line>> {
     );
     let needs_pg = !matches!(o.scenario, Scenario::Sqlite | Scenario::Mysql);
     let pg = if needs_pg {
-        Some(Pg::connect(&o.pg_url).await?)
+        Some(Pg::connect(&o.pg_url, o.pg_jit_off).await?)
     } else {
         None
     };

@@ -20,6 +20,9 @@ use crate::util::{CountingPublisher, RawMessage, null_publish, parse_headers, pr
 pub(crate) struct Pg {
     pub(crate) url: String,
     pub(crate) pool: PgPool,
+    /// Diagnostic: run the ceilings with the relay's session settings
+    /// (`relay_connect_options`: custom plans, no bitmap scans).
+    pub(crate) ceiling_relay_session: bool,
 }
 
 /// How the loaded rows are keyed.
@@ -80,7 +83,11 @@ fn raw(r: &PgRow) -> Result<RawMessage> {
 
 impl Pg {
     /// Creates the database named in `url` if missing and connects.
-    pub(crate) async fn connect(url: &str) -> Result<Self> {
+    ///
+    /// `jit_off` sets `jit = off` as the database default (the fix proposed
+    /// in BENCHMARKS.md, applied from outside postbox); otherwise the
+    /// server default is restored.
+    pub(crate) async fn connect(url: &str, jit_off: bool) -> Result<Self> {
         let opts = PgConnectOptions::from_str(url).context("bad PostgreSQL URL")?;
         let db = opts.get_database().unwrap_or("postbox_bench").to_owned();
         let db = Ident::new(&db).with_context(|| format!("database name {db:?}"))?;
@@ -98,6 +105,14 @@ impl Pg {
                 .await
                 .context("creating the bench database")?;
         }
+        let jit = if jit_off {
+            "SET jit = off"
+        } else {
+            "RESET jit"
+        };
+        sqlx::query(&format!("ALTER DATABASE {} {jit}", db.quoted()))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
@@ -106,6 +121,7 @@ impl Pg {
         Ok(Self {
             url: url.to_owned(),
             pool,
+            ceiling_relay_session: false,
         })
     }
 
@@ -207,10 +223,14 @@ impl Pg {
     /// A plain pool of `n` connections (no relay session settings: the
     /// ceilings are what a hand-written consumer would run).
     pub(crate) async fn plain_pool(&self, n: u32) -> Result<PgPool> {
+        let mut opts = PgConnectOptions::from_str(&self.url)?;
+        if self.ceiling_relay_session {
+            opts = postbox_postgres::relay_connect_options(opts);
+        }
         Ok(PgPoolOptions::new()
             .max_connections(n)
             .min_connections(n)
-            .connect(&self.url)
+            .connect_with(opts)
             .await?)
     }
 }
@@ -364,5 +384,48 @@ pub(crate) async fn postbox_drain(pg: &Pg, d: Drain) -> Result<Duration> {
             publisher.count()
         );
     }
+    Ok(took)
+}
+
+/// Diagnostic: postbox's store SQL (`PgStore::claim` + `complete`) driven
+/// by a hand loop of `workers` tasks instead of the `Relay`, to tell the
+/// cost of the SQL from the cost of the relay loop.
+pub(crate) async fn store_loop_drain(
+    pg: &Pg,
+    n: u64,
+    batch: usize,
+    workers: usize,
+) -> Result<Duration> {
+    use postbox_core::{ClaimRequest, Completion, Disposition, Store};
+    let store = PgStore::connect(&pg.url).await?;
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let store = store.clone();
+        let done = Arc::clone(&done);
+        tasks.spawn(async move {
+            let req = ClaimRequest::new(batch, Duration::from_secs(30));
+            loop {
+                let claim = store.claim(&req).await?;
+                if claim.is_empty() {
+                    return anyhow::Ok(());
+                }
+                let c: Vec<Completion> = claim
+                    .messages
+                    .iter()
+                    .map(|m| Completion::new(m.seq, Disposition::Sent))
+                    .collect();
+                store.complete(claim.lease.token, &c).await?;
+                done.fetch_add(c.len() as u64, Ordering::Relaxed);
+            }
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r??;
+    }
+    let took = start.elapsed();
+    let got = done.load(Ordering::Relaxed);
+    ensure!(got == n, "store loop drained {got} of {n}");
     Ok(took)
 }

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::Opts;
-use crate::pg::{Ceiling, Drain, Keys, Pg, ceiling_claim_once, ceiling_drain, postbox_drain};
+use crate::pg::{
+    Ceiling, Drain, Keys, Pg, ceiling_claim_once, ceiling_drain, postbox_drain, store_loop_drain,
+};
 use crate::report::{Better, Goal, Line, emit, median, percentile};
 use crate::util::{RecordingPublisher, ms, payload, progress, rate};
 
@@ -24,7 +26,7 @@ pub(crate) async fn drain(pg: &Pg, o: &Opts, lines: &mut Vec<Line>) -> Result<()
     pg.reset().await?;
     let n = o.rows;
     for &batch in &o.batches {
-        let (mut c1, mut c2, mut pb, mut loads) = (vec![], vec![], vec![], vec![]);
+        let (mut c1, mut c2, mut pb, mut loads, mut sl) = (vec![], vec![], vec![], vec![], vec![]);
         for rep in 1..=o.repeat {
             progress!("drain batch {batch}: repeat {rep}/{}", o.repeat);
             loads.push(rate(n, pg.fresh(n, Keys::None).await?));
@@ -39,9 +41,15 @@ pub(crate) async fn drain(pg: &Pg, o: &Opts, lines: &mut Vec<Line>) -> Result<()
             ));
             pg.fresh(n, Keys::None).await?;
             pb.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
+            pg.fresh(n, Keys::None).await?;
+            sl.push(rate(
+                n,
+                store_loop_drain(pg, n, batch, o.concurrency).await?,
+            ));
         }
         let extra = json!({"rows": n, "batch": batch, "concurrency": o.concurrency,
-                           "load_rows_per_s": median(&loads)});
+                           "load_rows_per_s": median(&loads),
+                           "diag_store_sql_hand_loop_msgs_per_s": median(&sl)});
         let variant = format!("keyless, batch {batch}");
         emit(
             lines,
