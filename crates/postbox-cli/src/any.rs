@@ -162,25 +162,142 @@ impl Store for AnyStore {
 }
 
 /// Every publisher the binary knows.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) enum AnyPublisher {
     Stdout(StdoutPublisher),
     File(FilePublisher),
+    Nats(postbox_nats::NatsPublisher),
+    Kafka(postbox_kafka::KafkaPublisher),
+    RabbitMq(postbox_rabbitmq::RabbitMqPublisher),
+    Redis(postbox_redis::RedisPublisher),
+    Mqtt(postbox_mqtt::MqttPublisher),
+    Http(postbox_http::HttpPublisher),
+}
+
+/// The environment variable a webhook publisher given only as `--publish
+/// https://…` takes its signing secret from.
+pub(crate) const WEBHOOK_SECRET_ENV: &str = "POSTBOX_WEBHOOK_SECRET";
+
+fn scheme_of(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(s, _)| s)
 }
 
 impl AnyPublisher {
     /// Builds the publisher a URL names. A broker that is down is not an
     /// error here: its messages fail transiently until it is back.
     pub(crate) async fn from_url(url: &str) -> anyhow::Result<Self> {
-        let scheme = url.split_once("://").map_or(url, |(s, _)| s);
-        match scheme {
-            "stdout" => Ok(Self::Stdout(StdoutPublisher)),
-            "file" => Ok(Self::File(FilePublisher::from_url(url)?)),
-            _ => Err(usage(format!(
-                "unknown publish URL {:?}: use stdout or file:///path/out.jsonl",
-                redact_url(url)
-            ))),
+        let bad = |e: &dyn std::fmt::Display| usage(e.to_string());
+        Ok(match scheme_of(url) {
+            "stdout" => Self::Stdout(StdoutPublisher),
+            "file" => Self::File(FilePublisher::from_url(url)?),
+            "nats" | "tls" => Self::Nats(
+                postbox_nats::NatsPublisher::new(
+                    postbox_nats::NatsConfig::from_url(url).map_err(|e| bad(&e))?,
+                )
+                .await
+                .map_err(|e| bad(&e))?,
+            ),
+            "kafka" => Self::Kafka(
+                postbox_kafka::KafkaPublisher::new(
+                    postbox_kafka::KafkaConfig::from_url(url).map_err(|e| bad(&e))?,
+                )
+                .map_err(|e| bad(&e))?,
+            ),
+            "amqp" | "amqps" => Self::RabbitMq(
+                postbox_rabbitmq::RabbitMqPublisher::new(
+                    postbox_rabbitmq::RabbitMqConfig::from_url(url).map_err(|e| bad(&e))?,
+                )
+                .map_err(|e| bad(&e))?,
+            ),
+            "redis" | "rediss" => Self::Redis(
+                postbox_redis::RedisPublisher::new(
+                    postbox_redis::RedisConfig::from_url(url).map_err(|e| bad(&e))?,
+                )
+                .map_err(|e| bad(&e))?,
+            ),
+            "mqtt" | "mqtts" => Self::Mqtt(
+                postbox_mqtt::MqttPublisher::new(
+                    postbox_mqtt::MqttConfig::from_url(url).map_err(|e| bad(&e))?,
+                )
+                .map_err(|e| bad(&e))?,
+            ),
+            "http" | "https" => {
+                let mut config = postbox_http::HttpConfig::from_url(url).map_err(|e| bad(&e))?;
+                if let Ok(secret) = std::env::var(WEBHOOK_SECRET_ENV) {
+                    config = config.secret(secret);
+                }
+                Self::Http(postbox_http::HttpPublisher::new(config).map_err(|e| {
+                    usage(format!(
+                        "{e} (with --publish, the secret comes from {WEBHOOK_SECRET_ENV})"
+                    ))
+                })?)
+            }
+            _ => {
+                return Err(usage(format!(
+                    "unknown publish URL {:?}: use stdout, file:///path.jsonl, nats://, kafka://, amqp://, redis://, mqtt:// or http(s)://",
+                    redact_url(url)
+                )));
+            }
+        })
+    }
+
+    /// Builds a `[publishers.NAME]` table: either only `url`, or `type`
+    /// plus the broker crate's own settings.
+    pub(crate) async fn from_table(name: &str, table: &toml::Table) -> anyhow::Result<Self> {
+        let at = |e: &dyn std::fmt::Display| usage(format!("publishers.{name}: {e}"));
+        let Some(kind) = table.get("type") else {
+            return match (table.get("url"), table.len()) {
+                (Some(toml::Value::String(url)), 1) => {
+                    Self::from_url(url).await.map_err(|e| at(&format!("{e:#}")))
+                }
+                _ => Err(at(
+                    &"give either only `url`, or `type` (nats, kafka, rabbitmq, redis, mqtt, http, stdout, file) with that broker's settings",
+                )),
+            };
+        };
+        let mut settings = table.clone();
+        settings.remove("type");
+        let settings = toml::Value::Table(settings);
+        fn parse<T: serde::de::DeserializeOwned>(v: toml::Value) -> Result<T, toml::de::Error> {
+            v.try_into()
         }
+        Ok(match kind.as_str().unwrap_or_default() {
+            "stdout" => Self::Stdout(StdoutPublisher),
+            "file" => match settings.get("path").and_then(toml::Value::as_str) {
+                Some(path) => Self::File(FilePublisher::open(path).map_err(|e| at(&e))?),
+                None => return Err(at(&"type = \"file\" needs path = \"/absolute/out.jsonl\"")),
+            },
+            "nats" => Self::Nats(
+                postbox_nats::NatsPublisher::new(parse(settings).map_err(|e| at(&e))?)
+                    .await
+                    .map_err(|e| at(&e))?,
+            ),
+            "kafka" => Self::Kafka(
+                postbox_kafka::KafkaPublisher::new(parse(settings).map_err(|e| at(&e))?)
+                    .map_err(|e| at(&e))?,
+            ),
+            "rabbitmq" | "amqp" => Self::RabbitMq(
+                postbox_rabbitmq::RabbitMqPublisher::new(parse(settings).map_err(|e| at(&e))?)
+                    .map_err(|e| at(&e))?,
+            ),
+            "redis" => Self::Redis(
+                postbox_redis::RedisPublisher::new(parse(settings).map_err(|e| at(&e))?)
+                    .map_err(|e| at(&e))?,
+            ),
+            "mqtt" => Self::Mqtt(
+                postbox_mqtt::MqttPublisher::new(parse(settings).map_err(|e| at(&e))?)
+                    .map_err(|e| at(&e))?,
+            ),
+            "http" | "webhook" => Self::Http(
+                postbox_http::HttpPublisher::new(parse(settings).map_err(|e| at(&e))?)
+                    .map_err(|e| at(&e))?,
+            ),
+            other => {
+                return Err(at(&format!(
+                    "unknown type {other:?}: use nats, kafka, rabbitmq, redis, mqtt, http, stdout or file"
+                )));
+            }
+        })
     }
 }
 
@@ -189,6 +306,12 @@ impl Publisher for AnyPublisher {
         match self {
             AnyPublisher::Stdout(p) => p.publish(batch).await,
             AnyPublisher::File(p) => p.publish(batch).await,
+            AnyPublisher::Nats(p) => p.publish(batch).await,
+            AnyPublisher::Kafka(p) => p.publish(batch).await,
+            AnyPublisher::RabbitMq(p) => p.publish(batch).await,
+            AnyPublisher::Redis(p) => p.publish(batch).await,
+            AnyPublisher::Mqtt(p) => p.publish(batch).await,
+            AnyPublisher::Http(p) => p.publish(batch).await,
         }
     }
 }

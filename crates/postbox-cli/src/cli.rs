@@ -37,6 +37,9 @@ pub(crate) enum Command {
     /// Inspect and act on dead messages.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Work with postbox.toml files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
 }
 
 #[derive(Debug, Args)]
@@ -106,42 +109,62 @@ pub(crate) enum OnDeadArg {
 
 #[derive(Debug, Args)]
 pub(crate) struct RelayArgs {
-    #[command(flatten)]
-    pub(crate) store: StoreArgs,
-    /// Where to publish: stdout, file:///path/out.jsonl
+    /// A postbox.toml with store, relay settings, publishers and routes
+    /// (see postbox.example.toml). Flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<std::path::PathBuf>,
+    /// Database URL: sqlite://path.db, postgres://…, mysql://…
+    #[arg(long = "store", env = "POSTBOX_STORE_URL", value_name = "URL")]
+    pub(crate) store: Option<String>,
+    /// Outbox table name (on PostgreSQL also `schema.table`).
+    #[arg(long, env = "POSTBOX_TABLE")]
+    pub(crate) table: Option<String>,
+    /// Where to publish: stdout, file:///path.jsonl, nats://host:4222,
+    /// kafka://host:9092, amqp://user:pass@host:5672/%2f, redis://host:6379,
+    /// mqtt://host:1883, http(s)://… (webhook; secret from POSTBOX_WEBHOOK_SECRET).
     #[arg(long = "publish", env = "POSTBOX_PUBLISH_URL", value_name = "URL")]
-    pub(crate) publish: String,
-    /// Messages per claim.
-    #[arg(long, default_value_t = 100)]
-    pub(crate) batch_size: usize,
-    /// Lease length: another relay may take a message over after this.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub(crate) lease: Duration,
+    pub(crate) publish: Option<String>,
+    /// Messages per claim [default: 100].
+    #[arg(long)]
+    pub(crate) batch_size: Option<usize>,
+    /// Lease length: another relay may take a message over after this [default: 30s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) lease: Option<Duration>,
     /// A publish slower than this counts as a transient failure; must be
-    /// shorter than the lease.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub(crate) send_timeout: Duration,
-    /// How often to look for work when idle.
-    #[arg(long, default_value = "250ms", value_parser = humantime::parse_duration)]
-    pub(crate) poll_interval: Duration,
-    /// Batches in flight at once.
-    #[arg(long, default_value_t = 2)]
-    pub(crate) concurrency: usize,
-    /// Attempts before a message is dead (unless it set its own).
-    #[arg(long, default_value_t = 25)]
-    pub(crate) max_attempts: u32,
-    /// First retry wait; doubles per attempt, with full jitter.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    pub(crate) retry_base: Duration,
-    /// Longest retry wait.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-    pub(crate) retry_cap: Duration,
-    /// What a dead keyed message does to the rest of its key.
-    #[arg(long, value_enum, default_value = "park")]
-    pub(crate) on_dead: OnDeadArg,
+    /// shorter than the lease [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) send_timeout: Option<Duration>,
+    /// How often to look for work when idle [default: 250ms].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) poll_interval: Option<Duration>,
+    /// Batches in flight at once [default: 2].
+    #[arg(long)]
+    pub(crate) concurrency: Option<usize>,
+    /// Attempts before a message is dead, unless it set its own [default: 25].
+    #[arg(long)]
+    pub(crate) max_attempts: Option<u32>,
+    /// First retry wait; doubles per attempt, with full jitter [default: 1s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) retry_base: Option<Duration>,
+    /// Longest retry wait [default: 5m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) retry_cap: Option<Duration>,
+    /// What a dead keyed message does to the rest of its key [default: park].
+    #[arg(long, value_enum)]
+    pub(crate) on_dead: Option<OnDeadArg>,
     /// Only publish this tenant's messages.
     #[arg(long)]
     pub(crate) tenant: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ConfigCommand {
+    /// Parse and validate a config file (syntax, keys, durations, relay
+    /// settings, routes, publisher settings) without connecting anywhere.
+    Check {
+        /// The file.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@
 mod admin;
 mod any;
 mod cli;
+mod config;
 mod demo;
 mod relay;
 
@@ -89,5 +90,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay(args) => relay::run(args).await,
         Command::Status(args) => admin::status(args).await,
         Command::Dead(args) => admin::dead(args).await,
+        Command::Config(cli::ConfigCommand::Check { file }) => relay::check_config(&file).await,
     }
 }

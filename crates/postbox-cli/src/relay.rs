@@ -1,47 +1,167 @@
-//! `postbox relay`.
+//! `postbox relay` and `postbox config check`.
 
-use postbox_core::{CancellationToken, OnDead, Relay, RetryPolicy, Store, StoreError};
+use std::path::Path;
+
+use postbox_core::{CancellationToken, OnDead, Relay, Router, Store, StoreError};
 
 use crate::any::{AnyPublisher, AnyStore, Patience};
-use crate::cli::{OnDeadArg, RelayArgs};
+use crate::cli::{OnDeadArg, RelayArgs, StoreArgs};
+use crate::config::{FileConfig, RelaySection};
 use crate::usage;
+
+/// The relay's settings after flags, environment, file and defaults.
+struct Resolved {
+    store: StoreArgs,
+    relay: RelaySection,
+    /// `(pattern, publisher name)`; publishers built from `publishers`.
+    routes: Vec<(String, String)>,
+    publishers: Vec<(String, Source)>,
+}
+
+enum Source {
+    Url(String),
+    Table(toml::Table),
+}
+
+fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let flags = RelaySection {
+        batch_size: args.batch_size,
+        lease: args.lease,
+        send_timeout: args.send_timeout,
+        poll_interval: args.poll_interval,
+        concurrency: args.concurrency,
+        max_attempts: args.max_attempts,
+        retry_base: args.retry_base,
+        retry_cap: args.retry_cap,
+        on_dead: args.on_dead.map(|o| match o {
+            OnDeadArg::Park => OnDead::Park,
+            OnDeadArg::Skip => OnDead::Skip,
+        }),
+        tenant: args.tenant,
+    };
+    let relay = flags.or(RelaySection::from_env()?).or(file.relay.clone());
+    relay.options()?;
+    let url = args.store.or(file.store.url.clone()).ok_or_else(|| {
+        usage("no store: pass --store URL, set POSTBOX_STORE_URL, or set [store] url in the config file")
+    })?;
+    let table = args
+        .table
+        .or(file.store.table.clone())
+        .unwrap_or_else(|| "postbox_outbox".to_owned());
+    let (routes, publishers) = match args.publish {
+        // --publish replaces the file's publishers: everything goes there
+        Some(url) => (
+            vec![("**".to_owned(), "publish".to_owned())],
+            vec![("publish".to_owned(), Source::Url(url))],
+        ),
+        None if file.publishers.is_empty() => {
+            return Err(usage(
+                "nowhere to publish: pass --publish URL, set POSTBOX_PUBLISH_URL, or add [publishers.NAME] to the config file",
+            ));
+        }
+        None => (
+            file.routes()
+                .into_iter()
+                .map(|r| (r.topics, r.publisher))
+                .collect(),
+            file.publishers
+                .into_iter()
+                .map(|(name, table)| (name, Source::Table(table)))
+                .collect(),
+        ),
+    };
+    Ok(Resolved {
+        store: StoreArgs { url, table },
+        relay,
+        routes,
+        publishers,
+    })
+}
+
+async fn build_router(r: &Resolved) -> anyhow::Result<Router<AnyPublisher>> {
+    let mut built = std::collections::BTreeMap::new();
+    for (name, source) in &r.publishers {
+        let p = match source {
+            Source::Url(url) => AnyPublisher::from_url(url).await?,
+            Source::Table(table) => AnyPublisher::from_table(name, table).await?,
+        };
+        built.insert(name.clone(), p);
+    }
+    let mut router = Router::new();
+    for (pattern, name) in &r.routes {
+        let p = built.get(name).cloned().ok_or_else(|| {
+            usage(format!(
+                "route {pattern:?} names unknown publisher {name:?}"
+            ))
+        })?;
+        router = router.route(pattern, p)?;
+    }
+    Ok(router)
+}
+
+pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
+    let config = FileConfig::load(path)?;
+    // Building the publishers checks their settings; none of them connects
+    // eagerly, so this needs no broker.
+    let mut r = resolve(RelayArgs {
+        config: Some(path.to_owned()),
+        store: config
+            .store
+            .url
+            .clone()
+            .or_else(|| Some("sqlite://unused.db".into())),
+        table: None,
+        publish: None,
+        batch_size: None,
+        lease: None,
+        send_timeout: None,
+        poll_interval: None,
+        concurrency: None,
+        max_attempts: None,
+        retry_base: None,
+        retry_cap: None,
+        on_dead: None,
+        tenant: None,
+    })?;
+    build_router(&r).await?;
+    r.store.url = postbox_core::redact_url(&r.store.url);
+    println!(
+        "{}: ok ({} publisher(s), {} route(s), store {})",
+        path.display(),
+        r.publishers.len(),
+        r.routes.len(),
+        r.store.url
+    );
+    Ok(())
+}
 
 pub(crate) async fn run(args: RelayArgs) -> anyhow::Result<()> {
     // Everything that can be refused is checked before anything starts.
-    let publisher = AnyPublisher::from_url(&args.publish).await?;
+    let resolved = resolve(args)?;
+    let options = resolved.relay.options()?;
+    let publisher = build_router(&resolved).await?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
 
     let store = tokio::select! {
-        store = AnyStore::open(&args.store, Patience::Forever) => store?,
+        store = AnyStore::open(&resolved.store, Patience::Forever) => store?,
         () = shutdown.cancelled() => return Ok(()),
     };
     if let Err(StoreError::Schema(e)) = store.stats(&postbox_core::Filter::all()).await {
         return Err(usage(format!(
             "the outbox table {:?} is not there ({e}): run `postbox migrate --store …` first",
-            args.store.table
+            resolved.store.table
         )));
     }
-    let mut builder = Relay::builder(store, publisher)
-        .batch_size(args.batch_size)
-        .lease(args.lease)
-        .send_timeout(args.send_timeout)
-        .poll_interval(args.poll_interval)
-        .concurrency(args.concurrency)
-        .max_attempts(args.max_attempts)
-        .retry_policy(RetryPolicy::new(args.retry_base, args.retry_cap))
-        .on_dead(match args.on_dead {
-            OnDeadArg::Park => OnDead::Park,
-            OnDeadArg::Skip => OnDead::Skip,
-        });
-    if let Some(t) = &args.tenant {
-        builder = builder.tenant(t.clone());
-    }
-    let relay = builder.build()?;
+    let relay = Relay::builder(store, publisher).options(options).build()?;
     tracing::info!(
-        store = %postbox_core::redact_url(&args.store.url),
-        publish = %postbox_core::redact_url(&args.publish),
-        batch_size = args.batch_size,
+        store = %postbox_core::redact_url(&resolved.store.url),
+        routes = resolved.routes.len(),
+        batch_size = relay.options().batch_size,
         "relay started"
     );
     let report = relay.run(shutdown).await;

@@ -1,0 +1,345 @@
+//! `postbox.toml`: the daemon's configuration, parsed and validated once at
+//! start-up. Every error names the key and what is wrong.
+//!
+//! Precedence: command-line flags, then `POSTBOX_*` environment variables,
+//! then the file, then the defaults. String values may use `${VAR}` to take
+//! a value (typically a secret) from the environment.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use postbox_core::{OnDead, RelayOptions, RetryPolicy, TopicPattern};
+use serde::Deserialize;
+
+use crate::usage;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileConfig {
+    #[serde(default)]
+    pub(crate) store: StoreSection,
+    #[serde(default)]
+    pub(crate) relay: RelaySection,
+    #[serde(default)]
+    pub(crate) metrics: MetricsSection,
+    #[serde(default)]
+    pub(crate) log: LogSection,
+    /// Named publishers; routes refer to them by name.
+    #[serde(default)]
+    pub(crate) publishers: BTreeMap<String, toml::Table>,
+    /// Topic patterns to publisher names, first match wins.
+    #[serde(default)]
+    pub(crate) routes: Vec<RouteSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoreSection {
+    /// Database URL (env `POSTBOX_STORE_URL` overrides).
+    pub(crate) url: Option<String>,
+    /// Outbox table (env `POSTBOX_TABLE` overrides). Default `postbox_outbox`.
+    pub(crate) table: Option<String>,
+}
+
+/// Relay tuning; every key optional, defaults as in `postbox relay --help`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RelaySection {
+    pub(crate) batch_size: Option<usize>,
+    #[serde(default, with = "opt_duration")]
+    pub(crate) lease: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub(crate) send_timeout: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub(crate) poll_interval: Option<Duration>,
+    pub(crate) concurrency: Option<usize>,
+    pub(crate) max_attempts: Option<u32>,
+    #[serde(default, with = "opt_duration")]
+    pub(crate) retry_base: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub(crate) retry_cap: Option<Duration>,
+    pub(crate) on_dead: Option<OnDead>,
+    pub(crate) tenant: Option<String>,
+}
+
+impl RelaySection {
+    /// Fills the unset keys of `self` from `other`.
+    pub(crate) fn or(self, other: RelaySection) -> RelaySection {
+        RelaySection {
+            batch_size: self.batch_size.or(other.batch_size),
+            lease: self.lease.or(other.lease),
+            send_timeout: self.send_timeout.or(other.send_timeout),
+            poll_interval: self.poll_interval.or(other.poll_interval),
+            concurrency: self.concurrency.or(other.concurrency),
+            max_attempts: self.max_attempts.or(other.max_attempts),
+            retry_base: self.retry_base.or(other.retry_base),
+            retry_cap: self.retry_cap.or(other.retry_cap),
+            on_dead: self.on_dead.or(other.on_dead),
+            tenant: self.tenant.or(other.tenant),
+        }
+    }
+
+    /// `POSTBOX_RELAY_<KEY>` variables, e.g. `POSTBOX_RELAY_BATCH_SIZE=500`.
+    pub(crate) fn from_env() -> anyhow::Result<RelaySection> {
+        fn var(key: &str) -> Option<(String, String)> {
+            let name = format!("POSTBOX_RELAY_{}", key.to_uppercase());
+            std::env::var(&name).ok().map(|v| (name, v))
+        }
+        fn num<T: std::str::FromStr>(key: &str) -> anyhow::Result<Option<T>> {
+            var(key)
+                .map(|(name, v)| {
+                    v.parse()
+                        .map_err(|_| usage(format!("{name}={v:?} is not a valid number")))
+                })
+                .transpose()
+        }
+        fn dur(key: &str) -> anyhow::Result<Option<Duration>> {
+            var(key)
+                .map(|(name, v)| {
+                    humantime::parse_duration(&v)
+                        .map_err(|e| usage(format!("{name}={v:?} is not a duration like 30s: {e}")))
+                })
+                .transpose()
+        }
+        Ok(RelaySection {
+            batch_size: num("batch_size")?,
+            lease: dur("lease")?,
+            send_timeout: dur("send_timeout")?,
+            poll_interval: dur("poll_interval")?,
+            concurrency: num("concurrency")?,
+            max_attempts: num("max_attempts")?,
+            retry_base: dur("retry_base")?,
+            retry_cap: dur("retry_cap")?,
+            on_dead: var("on_dead")
+                .map(|(name, v)| match v.as_str() {
+                    "park" => Ok(OnDead::Park),
+                    "skip" => Ok(OnDead::Skip),
+                    _ => Err(usage(format!("{name}={v:?} must be park or skip"))),
+                })
+                .transpose()?,
+            tenant: var("tenant").map(|(_, v)| v),
+        })
+    }
+
+    /// The relay options these settings describe, validated.
+    pub(crate) fn options(&self) -> anyhow::Result<RelayOptions> {
+        let d = RelayOptions::default();
+        let mut o = RelayOptions::default();
+        o.batch_size = self.batch_size.unwrap_or(d.batch_size);
+        o.lease = self.lease.unwrap_or(d.lease);
+        o.send_timeout = self.send_timeout.unwrap_or(d.send_timeout);
+        o.poll_interval = self.poll_interval.unwrap_or(d.poll_interval);
+        o.concurrency = self.concurrency.unwrap_or(d.concurrency);
+        o.max_attempts = self.max_attempts.unwrap_or(d.max_attempts);
+        o.retry = RetryPolicy::new(
+            self.retry_base.unwrap_or(d.retry.base()),
+            self.retry_cap.unwrap_or(d.retry.cap()),
+        );
+        o.on_dead = self.on_dead.unwrap_or(d.on_dead);
+        o.tenant.clone_from(&self.tenant);
+        o.validate()?;
+        Ok(o)
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MetricsSection {
+    /// `host:port` for `/metrics`, `/healthz`, `/readyz`.
+    pub(crate) addr: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogSection {
+    pub(crate) format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RouteSection {
+    /// Topic pattern: `*` one segment, a final `**` the rest.
+    pub(crate) topics: String,
+    /// Name of a `[publishers.NAME]` table.
+    pub(crate) publisher: String,
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| {
+            humantime::parse_duration(&t).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "{t:?} is not a duration like \"30s\" or \"250ms\": {e}"
+                ))
+            })
+        })
+        .transpose()
+    }
+}
+
+/// Replaces `${NAME}` with the environment variable `NAME`; a missing
+/// variable is an error naming it (never silently empty).
+fn substitute_env(text: &str, at: &str, env: &Env<'_>) -> anyhow::Result<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| usage(format!("{at}: unterminated ${{ in {text:?}")))?;
+        let name = &after[..end];
+        let value = env(name)
+            .ok_or_else(|| usage(format!("{at}: environment variable {name} is not set")))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Looks up an environment variable (injectable for tests).
+type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
+
+fn substitute_table(table: &mut toml::Table, at: &str, env: &Env<'_>) -> anyhow::Result<()> {
+    for (key, value) in table.iter_mut() {
+        let here = format!("{at}.{key}");
+        match value {
+            toml::Value::String(s) => *s = substitute_env(s, &here, env)?,
+            toml::Value::Table(t) => substitute_table(t, &here, env)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl FileConfig {
+    /// Reads and checks `path`: syntax, unknown keys, durations, relay
+    /// options, route patterns and that every route names a publisher.
+    pub(crate) fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| usage(format!("cannot read config file {}: {e}", path.display())))?;
+        Self::parse(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    pub(crate) fn parse(text: &str) -> anyhow::Result<Self> {
+        Self::parse_with_env(text, &|name| std::env::var(name).ok())
+    }
+
+    pub(crate) fn parse_with_env(text: &str, env: &Env<'_>) -> anyhow::Result<Self> {
+        let mut config: FileConfig = toml::from_str(text).map_err(|e| usage(e.to_string()))?;
+        for (name, table) in &mut config.publishers {
+            substitute_table(table, &format!("publishers.{name}"), env)?;
+        }
+        if let Some(url) = &mut config.store.url {
+            *url = substitute_env(url, "store.url", env)?;
+        }
+        config
+            .relay
+            .options()
+            .map_err(|e| usage(format!("[relay] {e}")))?;
+        for (i, r) in config.routes.iter().enumerate() {
+            TopicPattern::new(&r.topics).map_err(|e| usage(format!("routes[{i}].topics: {e}")))?;
+            if !config.publishers.contains_key(&r.publisher) {
+                return Err(usage(format!(
+                    "routes[{i}].publisher = {:?} names no [publishers.{}] table (have: {})",
+                    r.publisher,
+                    r.publisher,
+                    config
+                        .publishers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        if config.routes.is_empty() && config.publishers.len() > 1 {
+            return Err(usage(
+                "several publishers but no [[routes]]: add routes mapping topic patterns to publisher names",
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The routes to build: the configured ones, or `**` to the only
+    /// publisher.
+    pub(crate) fn routes(&self) -> Vec<RouteSection> {
+        if self.routes.is_empty() {
+            self.publishers
+                .keys()
+                .map(|name| RouteSection {
+                    topics: "**".into(),
+                    publisher: name.clone(),
+                })
+                .collect()
+        } else {
+            self.routes.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../../postbox.example.toml");
+        let env = |name: &str| {
+            (name == "POSTBOX_WEBHOOK_SECRET")
+                .then(|| "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned())
+        };
+        let config = FileConfig::parse_with_env(text, &env).expect("example config parses");
+        assert_eq!(config.routes().len(), 3);
+        assert!(config.store.url.is_some());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[relay]\nlease = \"30x\"\n", "lease"),
+            ("[relay]\nbatch_size = 0\n", "batch_size"),
+            (
+                "[relay]\nsend_timeout = \"40s\"\nlease = \"30s\"\n",
+                "send_timeout",
+            ),
+            ("[relay]\nbogus = 1\n", "bogus"),
+            (
+                "[publishers.a]\nurl = \"stdout\"\n[[routes]]\ntopics = \"a..b\"\npublisher = \"a\"\n",
+                "routes[0].topics",
+            ),
+            (
+                "[publishers.a]\nurl = \"stdout\"\n[[routes]]\ntopics = \"**\"\npublisher = \"b\"\n",
+                "routes[0].publisher",
+            ),
+            (
+                "[publishers.a]\nurl = \"${POSTBOX_SURELY_UNSET_VARIABLE}\"\n",
+                "POSTBOX_SURELY_UNSET_VARIABLE",
+            ),
+            ("[relay]\non_dead = \"explode\"\n", "on_dead"),
+        ];
+        for (text, named) in cases {
+            let err = FileConfig::parse(text).expect_err(text);
+            assert!(format!("{err:#}").contains(named), "{text:?}: {err:#}");
+        }
+    }
+}
