@@ -1,0 +1,1019 @@
+//! The fault-injection suite (issue 9): what production does to an outbox,
+//! done on purpose, each scenario checked at the end from the sink side:
+//! zero committed messages lost, zero messages from rolled-back
+//! transactions, zero per-key order violations, and the duplicates counted.
+//!
+//! Short form by default (CI); `POSTBOX_CHAOS_LONG=1` (or `scripts/chaos
+//! --long`) runs the long form. Every scenario has a database of its own.
+//! `POSTBOX_CHAOS_RESULTS=FILE` appends one table row per scenario to FILE.
+#![allow(
+    clippy::unwrap_used,
+    clippy::print_stderr,
+    missing_docs,
+    unreachable_pub,
+    dead_code
+)]
+
+mod chaos {
+    pub mod harness;
+}
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use chaos::harness::{
+    Cluster, Delivery, Ledger, RelayProcess, TOPIC, Verdict, Written, drop_database, eventually,
+    migrate, outbox_rows, pg_database, read_jsonl, size, start_producers, wait_drained,
+};
+use postbox_core::{
+    Clock, Message, NewMessage, PublishOutcome, Publisher, Relay, RetryPolicy, Status, Store,
+};
+use postbox_postgres::PgStore;
+use postbox_testkit::services::{NATS, POSTGRES};
+use sqlx::{Connection, PgConnection};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// Relay flags for process scenarios: short leases so a dead relay's
+/// messages come back within seconds.
+const FAST_RELAY: &[&str] = &[
+    "--lease",
+    "3s",
+    "--send-timeout",
+    "1s",
+    "--poll-interval",
+    "50ms",
+    "--batch-size",
+    "200",
+    "--concurrency",
+    "2",
+    "--retry-base",
+    "100ms",
+    "--retry-cap",
+    "2s",
+    "--max-attempts",
+    "1000",
+];
+
+/// What a process scenario does to the system every round.
+enum Chaos<'a> {
+    /// `kill -9` one relay (round robin) and start a new one.
+    Kill9,
+    /// `pg_terminate_backend` every relay session.
+    Terminate,
+    /// `pg_ctl restart -m fast` the throwaway cluster at these fractions of
+    /// the committed total.
+    Restart(&'a Cluster, Vec<usize>),
+}
+
+struct ProcessRun {
+    scenario: &'static str,
+    url: String,
+    relays: usize,
+    producers: usize,
+    total: usize,
+    every: Duration,
+}
+
+/// Producers and `relays` relay processes sharing one file sink, with
+/// `chaos` applied every `every` until the outbox is drained.
+async fn process_scenario(run: ProcessRun, chaos: Chaos<'_>) -> Verdict {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("out.jsonl");
+    migrate(&run.url);
+    let mut relays: Vec<RelayProcess> = (0..run.relays)
+        .map(|_| RelayProcess::spawn(&run.url, &sink, dir.path(), FAST_RELAY))
+        .collect();
+    let ledger = Arc::new(Ledger::default());
+    let stop = CancellationToken::new();
+    let producers = start_producers(&run.url, run.producers, run.total, 20, &ledger, &stop);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(if chaos::harness::long() { 3600 } else { 240 });
+    let mut rounds = 0usize;
+    let mut restarts_done = 0usize;
+    let mut admin: Option<PgConnection> = None;
+    loop {
+        tokio::time::sleep(run.every).await;
+        let producing = !producers.iter().all(tokio::task::JoinHandle::is_finished);
+        if !producing && outbox_rows(&run.url).await == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: not drained in time ({} committed, {:?} rows left)",
+            run.scenario,
+            ledger.committed(),
+            outbox_rows(&run.url).await
+        );
+        match &chaos {
+            Chaos::Kill9 => {
+                let i = rounds % relays.len();
+                relays.remove(i).kill9();
+                relays.insert(
+                    i,
+                    RelayProcess::spawn(&run.url, &sink, dir.path(), FAST_RELAY),
+                );
+                rounds += 1;
+            }
+            Chaos::Terminate => {
+                if admin.is_none() {
+                    admin = PgConnection::connect(&run.url).await.ok();
+                }
+                if let Some(c) = admin.as_mut() {
+                    let killed: i64 = sqlx::query_scalar(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                          WHERE datname = current_database() AND pid <> pg_backend_pid()
+                            AND application_name LIKE 'postbox-%'",
+                    )
+                    .fetch_one(&mut *c)
+                    .await
+                    .unwrap();
+                    rounds += usize::try_from(killed).unwrap();
+                }
+            }
+            Chaos::Restart(cluster, at) => {
+                if restarts_done < at.len() && ledger.committed() >= at[restarts_done] {
+                    let data = cluster.port;
+                    eprintln!("restarting the cluster on port {data}");
+                    tokio::task::block_in_place(|| cluster.restart());
+                    restarts_done += 1;
+                    rounds += 1;
+                }
+            }
+        }
+    }
+    if let Chaos::Restart(_, at) = &chaos {
+        assert_eq!(
+            restarts_done,
+            at.len(),
+            "the run ended before every restart"
+        );
+    }
+    let mut produced = 0;
+    for p in producers {
+        produced += p.await.unwrap();
+    }
+    assert_eq!(produced, ledger.committed());
+    for r in relays {
+        r.stop();
+    }
+    let (deliveries, torn) = read_jsonl(&sink);
+    let what = match chaos {
+        Chaos::Kill9 => format!("{rounds} relays killed with kill -9"),
+        Chaos::Terminate => format!("{rounds} relay sessions terminated"),
+        Chaos::Restart(..) => format!("{rounds} PostgreSQL restarts"),
+    };
+    Verdict::check(run.scenario, &ledger, &deliveries)
+        .torn(torn)
+        .note(format!("{what}; {:.0} s", started.elapsed().as_secs_f64()))
+}
+
+/// 1. Eight producers (20 % rollbacks), three relay processes, one of them
+///    `kill -9`'d and restarted every 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s1_relays_killed_every_two_seconds() {
+    let addr = POSTGRES.require().await;
+    let url = pg_database(&addr).await;
+    let verdict = process_scenario(
+        ProcessRun {
+            scenario: "1. kill -9 a relay every 2 s (3 relays, 8 producers, 20 % rollbacks)",
+            url: url.clone(),
+            relays: 3,
+            producers: 8,
+            total: size(20_000, 200_000),
+            every: Duration::from_secs(2),
+        },
+        Chaos::Kill9,
+    )
+    .await;
+    verdict.report_and_assert();
+    drop_database(&url).await;
+}
+
+/// 2. Every relay session (claims, completions, LISTEN) killed with
+///    `pg_terminate_backend` twice a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s2_relay_connections_terminated_repeatedly() {
+    let addr = POSTGRES.require().await;
+    let url = pg_database(&addr).await;
+    let verdict = process_scenario(
+        ProcessRun {
+            scenario: "2. pg_terminate_backend every relay session every 0.5 s (2 relays)",
+            url: url.clone(),
+            relays: 2,
+            producers: 4,
+            total: size(5_000, 50_000),
+            every: Duration::from_millis(500),
+        },
+        Chaos::Terminate,
+    )
+    .await;
+    verdict.report_and_assert();
+    drop_database(&url).await;
+}
+
+/// 3. PostgreSQL itself restarted (fast shutdown) twice mid-run, on a
+///    throwaway cluster made with initdb on a port of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s3_postgres_restarted_mid_run() {
+    POSTGRES.require().await;
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let url = pg_database(&cluster.addr()).await;
+    let total = size(5_000, 50_000);
+    let verdict = process_scenario(
+        ProcessRun {
+            scenario: "3. PostgreSQL restarted (-m fast) twice mid-run (2 relays, 4 producers)",
+            url,
+            relays: 2,
+            producers: 4,
+            total,
+            every: Duration::from_millis(250),
+        },
+        Chaos::Restart(&cluster, vec![total / 3, total * 2 / 3]),
+    )
+    .await;
+    verdict.report_and_assert();
+    drop(cluster);
+}
+
+/// 4. The broker connection cut and the broker stalled past the send
+///    timeout, repeatedly, between an in-process relay and NATS JetStream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s4_nats_connection_cut_and_stalled() {
+    use async_nats::jetstream;
+    use futures_util::StreamExt as _;
+    use postbox_nats::{KEY_HEADER, NatsConfig, NatsPublisher};
+
+    let pg = POSTGRES.require().await;
+    let nats = NATS.require().await;
+    let url = pg_database(&pg).await;
+    migrate(&url);
+    let suffix = format!("{:016x}", fastrand::u64(..));
+    let stream_name = format!("POSTBOX_CHAOS_{suffix}");
+    let js = jetstream::new(async_nats::connect(nats.as_str()).await.unwrap());
+    js.create_stream(jetstream::stream::Config {
+        name: stream_name.clone(),
+        subjects: vec![format!("chaos.{suffix}.>")],
+        storage: jetstream::stream::StorageType::Memory,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let proxy = postbox_testkit::FaultProxy::start(nats.clone())
+        .await
+        .unwrap();
+    let publisher = NatsPublisher::new(
+        NatsConfig::from_url(&format!("nats://{}", proxy.addr()))
+            .unwrap()
+            .subject_template(format!("chaos.{suffix}.{{topic}}"))
+            .ack_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let store = PgStore::connect(&url).await.unwrap();
+    let relay = Relay::builder(store, publisher)
+        .lease(Duration::from_secs(8))
+        .send_timeout(Duration::from_secs(3))
+        .poll_interval(Duration::from_millis(50))
+        .batch_size(100)
+        .retry_policy(RetryPolicy::new(
+            Duration::from_millis(100),
+            Duration::from_secs(2),
+        ))
+        .max_attempts(1000)
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+
+    let total = size(5_000, 50_000);
+    let ledger = Arc::new(Ledger::default());
+    let stop = CancellationToken::new();
+    let producers = start_producers(&url, 4, total, 20, &ledger, &stop);
+    let started = Instant::now();
+    let (mut cuts, mut stalls) = (0, 0);
+    let deadline = started + Duration::from_secs(if chaos::harness::long() { 3600 } else { 240 });
+    loop {
+        let producing = !producers.iter().all(tokio::task::JoinHandle::is_finished);
+        if !producing && outbox_rows(&url).await == Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not drained in time");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        if (cuts + stalls) % 2 == 0 {
+            proxy.cut();
+            cuts += 1;
+        } else {
+            // past the relay's 3 s send timeout and the 2 s ack timeout
+            proxy.stall(true);
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            proxy.stall(false);
+            stalls += 1;
+        }
+    }
+    shutdown.cancel();
+    let report = running.await.unwrap();
+    for p in producers {
+        p.await.unwrap();
+    }
+
+    // everything the stream stored, in stream order
+    let mut stream = js.get_stream(&stream_name).await.unwrap();
+    let stored = stream.info().await.unwrap().state.messages;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut deliveries = Vec::new();
+    while (deliveries.len() as u64) < stored {
+        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .expect("reading the stream back")
+            .unwrap()
+            .unwrap();
+        let key = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(KEY_HEADER))
+            .map(|v| v.as_str().to_owned());
+        deliveries.push(Delivery {
+            payload: String::from_utf8(m.payload.to_vec()).unwrap(),
+            key,
+        });
+    }
+    js.delete_stream(&stream_name).await.unwrap();
+    Verdict::check("4. NATS: connection cut / stalled 4 s past the 3 s send timeout", &ledger, &deliveries)
+        .note(format!(
+            "{cuts} cuts, {stalls} stalls; relay retried {} batches' messages; {:.0} s; JetStream dedups by Nats-Msg-Id",
+            report.retried,
+            started.elapsed().as_secs_f64()
+        ))
+        .report_and_assert();
+    drop_database(&url).await;
+}
+
+/// A publisher for in-process relays: records every delivery in one
+/// shared, ordered log; fails `held` messages transiently while `hold` is
+/// on; rejects payloads in `poison` while `poisoned` is on.
+#[derive(Clone, Default)]
+struct Sink {
+    log: Arc<Mutex<Vec<Delivery>>>,
+    hold: Arc<AtomicBool>,
+    held: Arc<Mutex<HashSet<Uuid>>>,
+    tried_held: Arc<Mutex<HashSet<Uuid>>>,
+    poisoned: Arc<AtomicBool>,
+    poison: Arc<Mutex<HashSet<String>>>,
+    /// A batch with a message of this key waits for the gate (per clone:
+    /// only the relay given this clone is gated).
+    gate_key: Option<String>,
+    gate_open: Arc<AtomicBool>,
+    at_gate: Arc<AtomicBool>,
+}
+
+impl Sink {
+    fn deliveries(&self) -> Vec<Delivery> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Publisher for Sink {
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        let gated = self.gate_key.is_some() && batch.iter().any(|m| m.key == self.gate_key);
+        if gated {
+            self.at_gate.store(true, Ordering::SeqCst);
+            while !self.gate_open.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for m in batch {
+            let payload = String::from_utf8_lossy(&m.payload).into_owned();
+            if self.hold.load(Ordering::SeqCst) && self.held.lock().unwrap().contains(&m.id) {
+                self.tried_held.lock().unwrap().insert(m.id);
+                out.push(PublishOutcome::transient("held on purpose"));
+            } else if self.poisoned.load(Ordering::SeqCst)
+                && self.poison.lock().unwrap().contains(&payload)
+            {
+                out.push(PublishOutcome::rejected(
+                    "poison: the consumer cannot parse this",
+                ));
+            } else {
+                self.log.lock().unwrap().push(Delivery {
+                    payload,
+                    key: m.key.clone(),
+                });
+                out.push(PublishOutcome::Ok);
+            }
+        }
+        out
+    }
+}
+
+/// Enqueues `n` messages from one writer in batches (keys `k0..k{keys}`,
+/// every 10th keyless); the ledger ranks them by their index.
+async fn enqueue_plain(url: &str, prefix: &str, n: usize, keys: usize, ledger: &Ledger) {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    let mut i = 0;
+    while i < n {
+        let mut msgs = Vec::new();
+        let mut written = Vec::new();
+        for _ in 0..100.min(n - i) {
+            let payload = format!("{prefix}:{i}");
+            let key = (i % 10 != 9).then(|| format!("k{}", i % keys));
+            let mut m = NewMessage::new(TOPIC, payload.clone().into_bytes());
+            if let Some(k) = &key {
+                m = m.key(k.clone());
+            }
+            msgs.push(m);
+            written.push((
+                payload,
+                Written {
+                    key,
+                    rank: i as i64,
+                },
+            ));
+            i += 1;
+        }
+        postbox_postgres::enqueue_batch(&mut c, &msgs)
+            .await
+            .unwrap();
+        ledger.commit(written);
+    }
+}
+
+/// 5. A relay process stopped (SIGSTOP) while holding leases, past its
+///    lease; another relay takes the messages over; the stopped one is
+///    resumed: its late completion changes nothing (fencing), and the
+///    messages are delivered by the other relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s5_relay_paused_past_its_lease_is_fenced() {
+    let addr = POSTGRES.require().await;
+    let url = pg_database(&addr).await;
+    migrate(&url);
+    let ledger = Ledger::default();
+    let n = size(3_000, 30_000);
+    enqueue_plain(&url, "s5", n, 20, &ledger).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file_a = dir.path().join("a.jsonl");
+    let a = RelayProcess::spawn(
+        &url,
+        &file_a,
+        dir.path(),
+        &[
+            "--lease",
+            "2s",
+            "--send-timeout",
+            "1s",
+            "--batch-size",
+            "20",
+            "--poll-interval",
+            "50ms",
+        ],
+    );
+    let mut admin = PgConnection::connect(&url).await.unwrap();
+
+    // Stop A while it holds leases (retrying if it is caught holding none).
+    let mut held: Vec<Uuid> = Vec::new();
+    for _ in 0..50 {
+        let lines_before = read_jsonl(&file_a).0.len();
+        eventually("relay A to publish", Duration::from_secs(60), || {
+            read_jsonl(&file_a).0.len() > lines_before
+        })
+        .await;
+        a.signal("STOP");
+        // a completion already on the wire finishes in the server meanwhile
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        held = sqlx::query_scalar("SELECT id FROM postbox_outbox WHERE lease_until > now()")
+            .fetch_all(&mut admin)
+            .await
+            .unwrap();
+        if !held.is_empty() {
+            break;
+        }
+        a.signal("CONT");
+    }
+    assert!(!held.is_empty(), "never caught relay A holding a lease");
+    let offset = std::fs::metadata(&file_a).unwrap().len() as usize;
+
+    // B takes over once A's leases run out; it fails A's messages
+    // transiently until told otherwise, so they stay re-leased/retrying.
+    let sink = Sink::default();
+    sink.held.lock().unwrap().extend(held.iter().copied());
+    sink.hold.store(true, Ordering::SeqCst);
+    let store = PgStore::connect(&url).await.unwrap();
+    let b = Relay::builder(store.clone(), sink.clone())
+        .lease(Duration::from_secs(2))
+        .send_timeout(Duration::from_secs(1))
+        .poll_interval(Duration::from_millis(50))
+        .batch_size(50)
+        .retry_policy(RetryPolicy::new(
+            Duration::from_millis(50),
+            Duration::from_millis(200),
+        ))
+        .max_attempts(100_000)
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let b = b.clone();
+        let shutdown = shutdown.clone();
+        async move { b.run(shutdown).await }
+    });
+    let held_set: HashSet<Uuid> = held.iter().copied().collect();
+    eventually(
+        "relay B to take over every message A holds",
+        Duration::from_secs(120),
+        || sink.tried_held.lock().unwrap().is_superset(&held_set),
+    )
+    .await;
+
+    // Resume A with a SIGTERM pending: it finishes the batches it holds
+    // (publishing them late) and exits without claiming more.
+    let b_mark = sink.deliveries().len();
+    a.signal("TERM");
+    a.signal("CONT");
+    let mut a = a;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = a.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "relay A did not exit after SIGCONT"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "relay A: {}", a.log_text());
+    assert!(
+        a.log_text().contains("lease taken over"),
+        "relay A's late completion was not reported as fenced:\n{}",
+        a.log_text()
+    );
+    // Fencing: A's "sent" changed none of the rows B had taken over.
+    let still: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM postbox_outbox WHERE id = ANY($1) AND attempts >= 2",
+    )
+    .bind(held.as_slice())
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        still,
+        held.len() as i64,
+        "relay A's late completion removed messages relay B had leased"
+    );
+
+    sink.hold.store(false, Ordering::SeqCst);
+    wait_drained(&url, Duration::from_secs(180)).await;
+    shutdown.cancel();
+    running.await.unwrap();
+
+    let text = std::fs::read_to_string(&file_a).unwrap();
+    let (before, after) = text.split_at(offset);
+    let parse = |t: &str| {
+        let p = dir.path().join("part.jsonl");
+        std::fs::write(&p, t).unwrap();
+        read_jsonl(&p)
+    };
+    let (a1, torn1) = parse(before);
+    let (a2, torn2) = parse(after);
+    let b_all = sink.deliveries();
+    let mut timeline = a1;
+    timeline.extend_from_slice(&b_all[..b_mark]);
+    timeline.extend(a2.iter().cloned());
+    timeline.extend_from_slice(&b_all[b_mark..]);
+    Verdict::check("5. relay SIGSTOPped past its 2 s lease, then resumed", &ledger, &timeline)
+        .torn(torn1 + torn2)
+        .note(format!(
+            "{} messages held by the stopped relay, taken over and still pending after its late completion; it published {} late",
+            held.len(),
+            a2.len()
+        ))
+        .report_and_assert();
+    drop_database(&url).await;
+}
+
+/// A wall clock off by a fixed amount.
+struct Skewed(Duration, bool);
+
+impl Clock for Skewed {
+    fn now(&self) -> SystemTime {
+        if self.1 {
+            SystemTime::now() + self.0
+        } else {
+            SystemTime::now() - self.0
+        }
+    }
+}
+
+/// 6. Relays whose clocks are minutes apart: a lease taken by one is
+///    respected by the others for its whole length, because leases come
+///    from the database clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s6_relays_with_skewed_clocks_respect_leases() {
+    let addr = POSTGRES.require().await;
+    let url = pg_database(&addr).await;
+    migrate(&url);
+    let ledger = Ledger::default();
+    let n = size(2_000, 20_000);
+    enqueue_plain(&url, "s6", n, 10, &ledger).await;
+
+    let sink = Sink::default();
+    let store = PgStore::connect(&url).await.unwrap();
+    let relay = |skew: Duration, ahead: bool, sink: Sink, batch: usize| {
+        Relay::builder(store.clone(), sink)
+            .lease(Duration::from_secs(60))
+            .send_timeout(Duration::from_secs(50))
+            .poll_interval(Duration::from_millis(50))
+            .batch_size(batch)
+            .concurrency(1)
+            .clock(Arc::new(Skewed(skew, ahead)))
+            .build()
+            .unwrap()
+    };
+    let shutdown = CancellationToken::new();
+    // A (one message per claim) runs alone until it holds k3's head at
+    // its publisher's gate.
+    let gated = Sink {
+        gate_key: Some("k3".to_owned()),
+        ..sink.clone()
+    };
+    let a = relay(Duration::from_secs(600), false, gated, 1);
+    let ra = tokio::spawn({
+        let s = shutdown.clone();
+        async move { a.run(s).await }
+    });
+    eventually("relay A to hold key k3", Duration::from_secs(60), || {
+        sink.at_gate.load(Ordering::SeqCst)
+    })
+    .await;
+    let mut admin = PgConnection::connect(&url).await.unwrap();
+    let lease_left: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(lease_until) - now())::float8
+           FROM postbox_outbox WHERE key = 'k3' AND lease_until > now()",
+    )
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(
+        (0.0..=61.0).contains(&lease_left),
+        "the lease is not 60 s on the database clock: {lease_left} s left (relay clock is 10 min behind)"
+    );
+    // B and C, 10 minutes and 1 hour ahead, run everything else.
+    let b = relay(Duration::from_secs(600), true, sink.clone(), 50);
+    let c = relay(Duration::from_secs(3600), true, sink.clone(), 50);
+    let rb = tokio::spawn({
+        let s = shutdown.clone();
+        async move { b.run(s).await }
+    });
+    let rc = tokio::spawn({
+        let s = shutdown.clone();
+        async move { c.run(s).await }
+    });
+    // Everything but key k3 is delivered while A still holds k3's head.
+    let others = ledger_keys_not(&ledger_snapshot(n, 10), "k3");
+    eventually(
+        "the other keys to be delivered",
+        Duration::from_secs(180),
+        || {
+            let got: HashSet<String> = sink.deliveries().into_iter().map(|d| d.payload).collect();
+            others.iter().all(|p| got.contains(p))
+        },
+    )
+    .await;
+    assert!(
+        !sink
+            .deliveries()
+            .iter()
+            .any(|d| d.key.as_deref() == Some("k3")),
+        "a skewed relay delivered key k3 while relay A's lease on it was live"
+    );
+    // A finishes: its completion must apply (its lease was never taken).
+    sink.gate_open.store(true, Ordering::SeqCst);
+    wait_drained(&url, Duration::from_secs(120)).await;
+    shutdown.cancel();
+    let mut lost = 0;
+    for r in [ra, rb, rc] {
+        lost += r.await.unwrap().lost;
+    }
+    assert_eq!(
+        lost, 0,
+        "a lease was taken over although every relay was alive"
+    );
+    Verdict::check(
+        "6. relay clocks -10 min / +10 min / +1 h, 60 s lease held throughout",
+        &ledger,
+        &sink.deliveries(),
+    )
+    .note(format!(
+        "lease measured on the database clock: {lease_left:.1} s left of 60 s; 0 completions fenced"
+    ))
+    .report_and_assert();
+    drop_database(&url).await;
+}
+
+/// Payloads [`enqueue_plain`] wrote, with their keys.
+fn ledger_snapshot(n: usize, keys: usize) -> Vec<(String, Option<String>)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("s6:{i}"),
+                (i % 10 != 9).then(|| format!("k{}", i % keys)),
+            )
+        })
+        .collect()
+}
+
+fn ledger_keys_not(all: &[(String, Option<String>)], key: &str) -> Vec<String> {
+    all.iter()
+        .filter(|(_, k)| k.as_deref() != Some(key))
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
+/// Runs `relay.tick()` until a pass claims nothing.
+async fn drain<S: Store, P: Publisher>(relay: &Relay<S, P>) {
+    for _ in 0..100_000 {
+        if relay.tick().await.unwrap().claimed == 0 {
+            return;
+        }
+    }
+    panic!("the relay never ran out of work");
+}
+
+/// 7. A poison message (the publisher always rejects it): dead-lettered
+///    with its reason, its key parked, other keys unaffected; a replay after
+///    the fix delivers the key in order. A corrupt row (headers that are not
+///    an object of strings) is dead-lettered with a reason, not a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s7_poison_message_parks_its_key_and_replays_in_order() {
+    let addr = POSTGRES.require().await;
+    let url = pg_database(&addr).await;
+    migrate(&url);
+    let ledger = Ledger::default();
+    let n = size(1_000, 10_000);
+    enqueue_plain(&url, "s7", n, 10, &ledger).await;
+    // poison: the 3rd message of key k4
+    let poison = "s7:24".to_owned();
+    let mut admin = PgConnection::connect(&url).await.unwrap();
+    // a corrupt row from a careless plain-SQL producer, on its own key
+    sqlx::query(
+        "INSERT INTO postbox_outbox (topic, key, payload, headers) VALUES ($1, 'corrupt', 'x', '{\"n\": 5}')",
+    )
+    .bind(TOPIC)
+    .execute(&mut admin)
+    .await
+    .unwrap();
+
+    let sink = Sink::default();
+    sink.poison.lock().unwrap().insert(poison.clone());
+    sink.poisoned.store(true, Ordering::SeqCst);
+    let store = PgStore::connect(&url).await.unwrap();
+    let relay = Relay::builder(store.clone(), sink.clone())
+        .batch_size(50)
+        .build()
+        .unwrap();
+    drain(&relay).await;
+
+    let dead = store
+        .list(&postbox_core::ListQuery::new(Some(Status::Dead), 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        dead.len(),
+        2,
+        "the poison and the corrupt row are dead: {dead:?}"
+    );
+    let p = dead
+        .iter()
+        .find(|d| d.key.as_deref() == Some("k4"))
+        .expect("poison dead");
+    assert!(p.parked, "the poison's key is parked");
+    assert!(
+        p.last_error.as_deref().unwrap_or("").contains("poison"),
+        "reason kept: {p:?}"
+    );
+    let c = dead
+        .iter()
+        .find(|d| d.key.as_deref() == Some("corrupt"))
+        .expect("corrupt dead");
+    assert!(
+        c.last_error.as_deref().unwrap_or("").contains("malformed"),
+        "corrupt row's reason: {c:?}"
+    );
+    // k4 stopped at the poison; every other key went through completely.
+    let got = sink.deliveries();
+    let k4: Vec<&str> = got
+        .iter()
+        .filter(|d| d.key.as_deref() == Some("k4"))
+        .map(|d| d.payload.as_str())
+        .collect();
+    assert_eq!(k4, ["s7:4", "s7:14"], "k4 stops before the poison");
+    let k4_total = (0..n).filter(|i| i % 10 == 4).count();
+    assert_eq!(
+        got.len(),
+        n - k4_total + 2,
+        "every other key delivered in full"
+    );
+    let stats = store.stats(&postbox_core::Filter::all()).await.unwrap();
+    assert_eq!(stats.parked_keys, 2, "{stats:?}");
+
+    // the fix, then the replay of the key
+    sink.poisoned.store(false, Ordering::SeqCst);
+    let replayed = store
+        .replay(&postbox_core::Filter::all().key("k4"))
+        .await
+        .unwrap();
+    assert_eq!(replayed, 1);
+    drain(&relay).await;
+    let k4_after: Vec<String> = sink
+        .deliveries()
+        .into_iter()
+        .filter(|d| d.key.as_deref() == Some("k4"))
+        .map(|d| d.payload)
+        .collect();
+    let expected: Vec<String> = (0..n)
+        .filter(|i| i % 10 == 4)
+        .map(|i| format!("s7:{i}"))
+        .collect();
+    assert_eq!(
+        k4_after, expected,
+        "k4 after the replay: in order, nothing skipped"
+    );
+    // the corrupt row stays dead (nothing to fix in a relay); purge it
+    let purged = store
+        .purge(&postbox_core::PurgeQuery::new(
+            Status::Dead,
+            postbox_core::Filter::all().key("corrupt"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(outbox_rows(&url).await, Some(0));
+    Verdict::check("7. poison message rejected forever, then fixed and replayed", &ledger, &sink.deliveries())
+        .note("poison dead + key parked, other keys delivered in full; corrupt-headers row dead-lettered as malformed")
+        .report_and_assert();
+    drop_database(&url).await;
+}
+
+/// 8. A long transaction elsewhere: one that never touched the outbox
+///    stops nothing; one that enqueued key K holds back only K's later
+///    producers, is reported (`blockers`, `postbox status --json`), and
+///    delivery of K resumes in order when it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s8_long_transaction_elsewhere() {
+    let addr = POSTGRES.require().await;
+    let url = pg_database(&addr).await;
+    migrate(&url);
+    let mut admin = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE business (id int8)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+
+    // an unrelated long transaction with an xid (holds the xmin horizon)
+    let mut unrelated = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut unrelated).await.unwrap();
+    sqlx::query("INSERT INTO business VALUES (1)")
+        .execute(&mut unrelated)
+        .await
+        .unwrap();
+    let unrelated_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut unrelated)
+        .await
+        .unwrap();
+    // a long transaction that enqueued key "held" and stays open
+    let mut holder = PgConnection::connect(&url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query(
+        "INSERT INTO postbox_outbox (topic, key, payload) VALUES ($1, 'held', 'h:0') RETURNING seq",
+    )
+    .bind(TOPIC)
+    .execute(&mut holder)
+    .await
+    .unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut holder)
+        .await
+        .unwrap();
+
+    let ledger = Arc::new(Ledger::default());
+    let sink = Sink::default();
+    let store = PgStore::connect(&url).await.unwrap();
+    let relay = Relay::builder(store.clone(), sink.clone())
+        .poll_interval(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let r = relay.clone();
+        let s = shutdown.clone();
+        async move { r.run(s).await }
+    });
+    // a later producer of "held": it waits for the holder's key lock
+    let blocked = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let mut c = PgConnection::connect(&url).await.unwrap();
+            let seq: i64 = sqlx::query_scalar(
+                "INSERT INTO postbox_outbox (topic, key, payload) VALUES ($1, 'held', 'h:1') RETURNING seq",
+            )
+            .bind(TOPIC)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            seq
+        }
+    });
+    // everything else flows meanwhile
+    let n = size(2_000, 20_000);
+    let stop = CancellationToken::new();
+    let producers = start_producers(&url, 4, n, 20, &ledger, &stop);
+    for p in producers {
+        p.await.unwrap();
+    }
+    assert_eq!(ledger.committed(), n);
+    eventually(
+        "all other messages delivered while the long transactions are open",
+        Duration::from_secs(180),
+        || {
+            Verdict::check("", &ledger, &sink.deliveries())
+                .lost
+                .is_empty()
+        },
+    )
+    .await;
+    assert!(
+        !blocked.is_finished(),
+        "the later producer of key 'held' must wait for the holder"
+    );
+    // the stall is reported, with the holder's pid
+    let blockers = store.blockers().await.unwrap();
+    assert!(
+        blockers
+            .iter()
+            .any(|b| b.pid == holder_pid && b.waiters >= 1),
+        "blockers() does not name the holder {holder_pid}: {blockers:?}"
+    );
+    let o = chaos::harness::postbox()
+        .args(["status", "--store", &url, "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["blockers"][0]["pid"], holder_pid, "status --json: {v}");
+    let oldest = store
+        .oldest_transaction()
+        .await
+        .unwrap()
+        .expect("oldest transaction");
+    assert_eq!(
+        oldest.pid, unrelated_pid,
+        "the oldest transaction is the unrelated one: {oldest:?}"
+    );
+
+    // the holder commits: K resumes, in commit order
+    let holder_seq: i64 =
+        sqlx::query_scalar("SELECT max(seq) FROM postbox_outbox WHERE key = 'held'")
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let blocked_seq = blocked.await.unwrap();
+    assert!(blocked_seq > holder_seq);
+    ledger.commit(vec![
+        (
+            "h:0".into(),
+            Written {
+                key: Some("held".into()),
+                rank: holder_seq,
+            },
+        ),
+        (
+            "h:1".into(),
+            Written {
+                key: Some("held".into()),
+                rank: blocked_seq,
+            },
+        ),
+    ]);
+    wait_drained(&url, Duration::from_secs(120)).await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut unrelated)
+        .await
+        .unwrap();
+    shutdown.cancel();
+    running.await.unwrap();
+    Verdict::check("8. long transactions open elsewhere (one unrelated, one holding a key)", &ledger, &sink.deliveries())
+        .note("held key reported by blockers() and status --json; other keys unaffected; held key resumed in order")
+        .report_and_assert();
+    drop_database(&url).await;
+}
