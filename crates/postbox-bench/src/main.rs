@@ -131,11 +131,9 @@ pub(crate) struct Opts {
     pub(crate) idle_ms: u64,
 }
 
-async fn run(o: &Opts) -> anyhow::Result<Vec<Line>> {
-    let mut lines = Vec::new();
+async fn run(o: &Opts, lines: &mut Vec<Line>) -> anyhow::Result<()> {
     if o.scenario == Scenario::RelayChild {
-        memory::child(o).await?;
-        return Ok(lines);
+        return memory::child(o).await;
     }
     anyhow::ensure!(
         o.repeat >= 1 && !o.batches.is_empty() && o.rows >= 1,
@@ -151,53 +149,56 @@ async fn run(o: &Opts) -> anyhow::Result<Vec<Line>> {
     let is = |s: Scenario| all || o.scenario == s;
     if let Some(pg) = &pg {
         if is(Scenario::Drain) {
-            scenarios::drain(pg, o, &mut lines).await?;
+            scenarios::drain(pg, o, lines).await?;
         }
         if is(Scenario::DrainKeyed) {
-            scenarios::drain_keyed(pg, o, &mut lines).await?;
+            scenarios::drain_keyed(pg, o, lines).await?;
         }
         if is(Scenario::Enqueue) {
-            scenarios::enqueue(pg, o, &mut lines).await?;
+            scenarios::enqueue(pg, o, lines).await?;
         }
         if is(Scenario::Latency) {
-            scenarios::latency(pg, o, &mut lines).await?;
+            scenarios::latency(pg, o, lines).await?;
         }
         if is(Scenario::Relays) {
-            scenarios::relays(pg, o, &mut lines).await?;
+            scenarios::relays(pg, o, lines).await?;
         }
         if is(Scenario::ClaimCost) {
-            scenarios::claim_cost(pg, o, o.big, &mut lines).await?;
+            scenarios::claim_cost(pg, o, o.big, lines).await?;
         }
         if o.scenario == Scenario::Backlog10m {
-            scenarios::claim_cost(pg, o, 10_000_000, &mut lines).await?;
+            scenarios::claim_cost(pg, o, 10_000_000, lines).await?;
         }
         if is(Scenario::DeadTuples) {
-            scenarios::dead_tuples(pg, o, &mut lines).await?;
+            scenarios::dead_tuples(pg, o, lines).await?;
         }
         if is(Scenario::Memory) {
-            memory::memory(pg, o, &mut lines).await?;
+            memory::memory(pg, o, lines).await?;
         }
     }
     if is(Scenario::Sqlite) {
-        sqlite::sqlite(o, &mut lines).await?;
+        sqlite::sqlite(o, lines).await?;
     }
     if is(Scenario::Mysql) {
-        mysql::mysql(o, &mut lines).await?;
+        mysql::mysql(o, lines).await?;
     }
-    Ok(lines)
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let opts = Opts::parse();
     let started = std::time::Instant::now();
-    match run(&opts).await {
-        Ok(lines) => {
-            if opts.scenario != Scenario::RelayChild {
-                let mut out = std::io::stdout().lock();
-                let _ = writeln!(out, "\n{}", report::table(&lines));
-                progress!("done in {:.0} s", started.elapsed().as_secs_f64());
-            }
+    let mut lines = Vec::new();
+    let result = run(&opts, &mut lines).await;
+    if opts.scenario != Scenario::RelayChild && !lines.is_empty() {
+        // the table of what completed, even when a later scenario failed
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "\n{}", report::table(&lines));
+    }
+    match result {
+        Ok(()) => {
+            progress!("done in {:.0} s", started.elapsed().as_secs_f64());
             ExitCode::SUCCESS
         }
         Err(e) => {

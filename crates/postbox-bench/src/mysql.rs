@@ -111,7 +111,27 @@ async fn load(pool: &MySqlPool, n: u64) -> Result<()> {
     Ok(())
 }
 
+/// A hand-written consumer retries InnoDB deadlocks (1213) and lock wait
+/// timeouts (1205), as any MySQL client must.
+fn retryable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<sqlx::Error>()
+        .and_then(|e| e.as_database_error())
+        .and_then(|d| d.code())
+        .is_some_and(|c| matches!(c.as_ref(), "40001" | "1213" | "1205"))
+}
+
 async fn worker(pool: MySqlPool, c2: bool, batch: usize, done: Arc<AtomicU64>) -> Result<()> {
+    let mut retries = 0u32;
+    loop {
+        match worker_pass(&pool, c2, batch, &done).await {
+            Ok(()) => return Ok(()),
+            Err(e) if retryable(&e) && retries < 1000 => retries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn worker_pass(pool: &MySqlPool, c2: bool, batch: usize, done: &AtomicU64) -> Result<()> {
     let limit = i64::try_from(batch)?;
     loop {
         let mut tx = pool.begin_with(BEGIN_RC).await?;
@@ -147,7 +167,7 @@ async fn worker(pool: MySqlPool, c2: bool, batch: usize, done: Arc<AtomicU64>) -
             }
             let deleted = q
                 .bind(token.as_bytes().as_slice())
-                .execute(&pool)
+                .execute(pool)
                 .await?
                 .rows_affected();
             ensure!(deleted == msgs.len() as u64, "C2 lost a lease");
