@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{
+    GetStreamByNameErrorKind, PublishAckFuture, PublishErrorKind,
+};
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures_util::future::join_all;
@@ -188,7 +190,7 @@ impl Inner {
                     ) {
                         broken = Some(format!("NATS at {}: {e}", self.config.server()));
                     }
-                    sent.push(Err(self.map_error(&e, &subject, m)));
+                    sent.push(Err(self.map_error(&e, &subject, m).await));
                 }
             }
         }
@@ -198,7 +200,7 @@ impl Inner {
             match s {
                 Ok((ack, subject)) => match ack.await {
                     Ok(_) => PublishOutcome::Ok,
-                    Err(e) => self.map_error(&e, &subject, m),
+                    Err(e) => self.map_error(&e, &subject, m).await,
                 },
                 Err(outcome) => outcome,
             }
@@ -206,7 +208,7 @@ impl Inner {
         .await
     }
 
-    fn map_error(
+    async fn map_error(
         &self,
         e: &jetstream::context::PublishError,
         subject: &str,
@@ -221,9 +223,21 @@ impl Inner {
                         "no JetStream stream captures subject {subject:?} (will create it again)"
                     ))
                 } else {
-                    PublishOutcome::rejected(format!(
-                        "no JetStream stream captures subject {subject:?}: create a stream for it or set create_stream"
-                    ))
+                    // "no responders" also happens while JetStream is still
+                    // starting after a restart: ask it before dead-lettering
+                    match self.js.stream_by_subject(subject).await {
+                        Err(e) if matches!(e.kind(), GetStreamByNameErrorKind::NotFound) => {
+                            PublishOutcome::rejected(format!(
+                                "no JetStream stream captures subject {subject:?}: create a stream for it or set create_stream"
+                            ))
+                        }
+                        Ok(stream) => PublishOutcome::transient(format!(
+                            "stream {stream} captures subject {subject:?} but did not answer"
+                        )),
+                        Err(e) => PublishOutcome::transient(format!(
+                            "no JetStream stream answered for subject {subject:?}, and JetStream could not be asked which should ({e})"
+                        )),
+                    }
                 }
             }
             PublishErrorKind::MaxPayloadExceeded => PublishOutcome::rejected(format!(

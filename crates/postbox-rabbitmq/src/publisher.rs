@@ -228,6 +228,12 @@ impl Inner {
             .as_ref()
             .is_some_and(|(_, c)| c.id() == channel.id());
         if current && let Some((conn, _)) = link.open.take() {
+            // an exchange deleted since it was checked closes the channel
+            // too: check them all again on the new one
+            self.exchanges
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clear();
             // best effort, bounded: the peer may be gone
             let _ = tokio::time::timeout(
                 Duration::from_millis(200),
