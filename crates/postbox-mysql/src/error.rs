@@ -87,38 +87,7 @@ fn database_message(e: &sqlx::Error) -> String {
         .map_or_else(|| e.to_string(), |d| d.message().to_owned())
 }
 
-/// `url` with any password replaced by `***`, for messages and logs.
-///
-/// ```
-/// assert_eq!(
-///     postbox_mysql::redact_url("mysql://app:s3cret@db:3306/shop"),
-///     "mysql://app:***@db:3306/shop"
-/// );
-/// assert_eq!(postbox_mysql::redact_url("mysql://root@db/shop"), "mysql://root@db/shop");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest_start = scheme_end + 3;
-    let rest = &url[rest_start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    // the last '@' ends the user info (a password may contain '@')
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let Some(colon) = userinfo.find(':') else {
-        return url.to_owned();
-    };
-    format!(
-        "{}{}:***{}",
-        &url[..rest_start],
-        &userinfo[..colon],
-        &rest[at..]
-    )
-}
+pub use postbox_core::redact_url;
 
 /// The server flavours postbox can tell apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,18 +140,6 @@ pub(crate) fn check_server_version(version: &str) -> Result<Flavour, StoreError>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_passwords_only() {
-        assert_eq!(
-            redact_url("mysql://u:p%40ss@h:3306/db?ssl-mode=disabled"),
-            "mysql://u:***@h:3306/db?ssl-mode=disabled"
-        );
-        assert_eq!(redact_url("mysql://u:a@b@h/db"), "mysql://u:***@h/db");
-        assert_eq!(redact_url("mysql://h/db"), "mysql://h/db");
-        assert_eq!(redact_url("not a url"), "not a url");
-        assert!(!redact_url("mysql://root:hunter2@127.0.0.1/x").contains("hunter2"));
-    }
 
     #[test]
     fn accepts_supported_servers() {

@@ -74,94 +74,11 @@ fn password_of(url: &str) -> Option<&str> {
     userinfo.split_once(':').map(|(_, pw)| pw)
 }
 
-/// `url` with its password removed: the `user:password@` userinfo becomes
-/// `user@`, and a `password=` query parameter is dropped. Used in every
-/// error and log line that names a database URL.
-///
-/// ```
-/// use postbox_postgres::redact_url;
-/// assert_eq!(redact_url("postgres://app:s3cret@db:5432/shop"), "postgres://app@db:5432/shop");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        // not a URL we understand: show nothing that could be a secret
-        return "<unparsable database URL>".to_owned();
-    };
-    let (scheme, rest) = url.split_at(scheme_end + 3);
-    let auth_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(auth_end);
-    let authority = match authority.rfind('@') {
-        Some(at) => {
-            let (userinfo, host) = authority.split_at(at);
-            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-            format!("{user}{host}")
-        }
-        None => authority.to_owned(),
-    };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let (query, fragment) = match query.split_once('#') {
-                Some((q, f)) => (q, Some(f)),
-                None => (query, None),
-            };
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|kv| {
-                    let name = kv.split('=').next().unwrap_or("");
-                    !name.eq_ignore_ascii_case("password") && !kv.is_empty()
-                })
-                .collect();
-            let mut t = path.to_owned();
-            if !kept.is_empty() {
-                t.push('?');
-                t.push_str(&kept.join("&"));
-            }
-            if let Some(f) = fragment {
-                t.push('#');
-                t.push_str(f);
-            }
-            t
-        }
-        None => tail.to_owned(),
-    };
-    format!("{scheme}{authority}{tail}")
-}
+pub use postbox_core::redact_url;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redact_url_removes_every_password() {
-        let cases = [
-            (
-                "postgres://app:s3cret@db:5432/shop",
-                "postgres://app@db:5432/shop",
-            ),
-            ("postgres://app@db/shop", "postgres://app@db/shop"),
-            ("postgres://db/shop", "postgres://db/shop"),
-            ("postgresql://a:p%40ss@h", "postgresql://a@h"),
-            // an '@' inside the password: the last '@' ends the userinfo
-            ("postgres://a:p@ss@h:1/d", "postgres://a@h:1/d"),
-            (
-                "postgres://h/d?sslmode=disable&password=hunter2&application_name=x",
-                "postgres://h/d?sslmode=disable&application_name=x",
-            ),
-            ("postgres://h/d?password=hunter2", "postgres://h/d"),
-            (
-                "postgres://h/d?PASSWORD=hunter2#frag",
-                "postgres://h/d#frag",
-            ),
-            ("not a url with secret", "<unparsable database URL>"),
-        ];
-        for (url, want) in cases {
-            let got = redact_url(url);
-            assert_eq!(got, want, "{url}");
-            for secret in ["s3cret", "hunter2", "p%40ss", "p@ss"] {
-                assert!(!got.contains(secret), "{got} leaks {secret}");
-            }
-        }
-    }
 
     #[test]
     fn password_is_found_for_text_redaction() {
