@@ -25,7 +25,7 @@ pub(crate) struct Sql {
     pub(crate) insert: String,
     pub(crate) claim: String,
     pub(crate) claim_tenant: String,
-    pub(crate) complete_sent: String,
+    pub(crate) complete_sent_many: String,
     pub(crate) complete_retry: String,
     pub(crate) complete_dead: String,
     pub(crate) complete_release: String,
@@ -76,8 +76,10 @@ impl Sql {
             claim_tenant: claim_with("AND o.tenant = ?4"),
             // Every completion is fenced by the lease token: a relay whose
             // lease was taken over matches no row and changes nothing.
-            complete_sent: format!(
-                "DELETE FROM {t} WHERE seq = ?1 AND lease_token = ?2 AND status = 'pending'"
+            // The hot path: every sent row of a batch in one statement.
+            complete_sent_many: format!(
+                "DELETE FROM {t} WHERE lease_token = ?1 AND status = 'pending' \
+                 AND seq IN (SELECT value FROM json_each(?2))"
             ),
             complete_retry: format!(
                 "UPDATE {t} SET lease_token = NULL, lease_until = NULL, available_at = {NOW} + ?3, \

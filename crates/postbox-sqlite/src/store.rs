@@ -243,9 +243,24 @@ impl Store for SqliteStore {
             .await
             .map_err(db_error)?;
         let mut applied = 0;
+        let sent: Vec<i64> = completions
+            .iter()
+            .filter(|c| c.disposition == Disposition::Sent)
+            .map(|c| c.seq)
+            .collect();
+        if !sent.is_empty() {
+            let seqs = serde_json::to_string(&sent).unwrap_or_else(|_| "[]".to_owned());
+            applied += sqlx::query(&sql.complete_sent_many)
+                .bind(token)
+                .bind(seqs)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?
+                .rows_affected();
+        }
         for c in completions {
             let q = match &c.disposition {
-                Disposition::Sent => sqlx::query(&sql.complete_sent).bind(c.seq).bind(token),
+                Disposition::Sent => continue,
                 Disposition::Retry { delay, error } => sqlx::query(&sql.complete_retry)
                     .bind(c.seq)
                     .bind(token)
