@@ -13,6 +13,12 @@
 //! | `postgres` | `postgres` | PostgreSQL store |
 //! | `mysql` | `mysql` | MySQL / MariaDB store |
 //! | `jsonl` (default) | [`jsonl`] | stdout and JSON-lines file publishers |
+//! | `nats` | `nats` | NATS JetStream publisher |
+//! | `kafka` | `kafka` | Kafka publisher (rdkafka) |
+//! | `rabbitmq` | `rabbitmq` | RabbitMQ publisher (lapin, confirms) |
+//! | `redis` | `redis` | Redis Streams publisher |
+//! | `mqtt` | `mqtt` | MQTT publisher (QoS 1, PUBACK per message) |
+//! | `http` | `http` | signed webhook publisher (Standard Webhooks) |
 //!
 //! ```no_run
 //! use postbox::{CancellationToken, NewMessage, Relay};
@@ -62,6 +68,42 @@ pub mod mysql {
 #[cfg(feature = "jsonl")]
 pub mod jsonl {
     pub use postbox_jsonl::*;
+}
+
+/// NATS JetStream publisher (feature `nats`).
+#[cfg(feature = "nats")]
+pub mod nats {
+    pub use postbox_nats::*;
+}
+
+/// Kafka publisher (feature `kafka`).
+#[cfg(feature = "kafka")]
+pub mod kafka {
+    pub use postbox_kafka::*;
+}
+
+/// RabbitMQ publisher (feature `rabbitmq`).
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq {
+    pub use postbox_rabbitmq::*;
+}
+
+/// Redis Streams publisher (feature `redis`).
+#[cfg(feature = "redis")]
+pub mod redis {
+    pub use postbox_redis::*;
+}
+
+/// MQTT publisher (feature `mqtt`).
+#[cfg(feature = "mqtt")]
+pub mod mqtt {
+    pub use postbox_mqtt::*;
+}
+
+/// Webhook publisher (feature `http`).
+#[cfg(feature = "http")]
+pub mod http {
+    pub use postbox_http::*;
 }
 
 /// The repository README's library example, compiled as a doc test so it
