@@ -115,6 +115,10 @@ impl Ledger {
 pub struct Delivery {
     pub payload: String,
     pub key: Option<String>,
+    /// The message id as the sink saw it (empty when the sink has none).
+    pub id: String,
+    /// The attempt number the relay published it with (0 when unknown).
+    pub attempt: u64,
 }
 
 /// Reads a JSON-lines sink written by `file://` publishers. Returns the
@@ -129,6 +133,8 @@ pub fn read_jsonl(path: &Path) -> (Vec<Delivery>, usize) {
                 Some(p) => out.push(Delivery {
                     payload: p.to_owned(),
                     key: v["key"].as_str().map(str::to_owned),
+                    id: v["id"].as_str().unwrap_or_default().to_owned(),
+                    attempt: v["attempt"].as_u64().unwrap_or_default(),
                 }),
                 None => torn += 1,
             },
