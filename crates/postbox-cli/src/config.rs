@@ -24,8 +24,6 @@ pub(crate) struct FileConfig {
     #[serde(default)]
     pub(crate) relay: RelaySection,
     #[serde(default)]
-    pub(crate) metrics: MetricsSection,
-    #[serde(default)]
     pub(crate) log: LogSection,
     /// Named publishers; routes refer to them by name.
     #[serde(default)]
@@ -143,13 +141,6 @@ impl RelaySection {
         o.validate()?;
         Ok(o)
     }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct MetricsSection {
-    /// `host:port` for `/metrics`, `/healthz`, `/readyz`.
-    pub(crate) addr: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]

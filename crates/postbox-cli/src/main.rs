@@ -75,7 +75,17 @@ fn init_logging(cli: &Cli) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if cli.log_json {
+    // `[log] format` of a relay's config file; a file that does not parse is
+    // reported (exit 2) once the command reads it properly.
+    let file_json = match &cli.command {
+        Command::Relay(args) => args
+            .config
+            .as_deref()
+            .and_then(|path| config::FileConfig::load(path).ok())
+            .is_some_and(|c| c.log.format == Some(config::LogFormat::Json)),
+        _ => false,
+    };
+    if cli.log_json || file_json {
         builder.json().init();
     } else {
         builder.init();
