@@ -258,7 +258,10 @@ async fn unreachable_database_is_unavailable() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(err.is_transient());
     let text = err.to_string();
-    assert!(text.contains("postgres://postbox:***@127.0.0.1:1/db"), "{text}");
+    assert!(
+        text.contains("postgres://postbox:***@127.0.0.1:1/db"),
+        "{text}"
+    );
     assert!(!text.contains("topsecret"), "{text}");
 }
 
