@@ -10,6 +10,7 @@
 //!
 //! Benchmarks never assert timings: goals are reported (`met`), not enforced.
 
+mod brokers;
 mod memory;
 mod mysql;
 mod pg;
@@ -54,6 +55,9 @@ enum Scenario {
     Sqlite,
     /// MySQL / MariaDB drain vs its own C1 and C2.
     Mysql,
+    /// Relay → NATS JetStream and relay → Kafka vs min(C1 or C2, a plain
+    /// broker client publishing the same messages).
+    Brokers,
     /// Every scenario except `backlog-10m`.
     All,
     /// Internal: the relay process of the `memory` scenario.
@@ -73,13 +77,12 @@ pub(crate) struct Opts {
     #[arg(value_enum)]
     scenario: Scenario,
     /// PostgreSQL database for the benchmarks (created if missing; its
-    /// `postbox_outbox` and `bench_orders` tables are dropped and recreated).
-    #[arg(
-        long,
-        env = "POSTBOX_BENCH_PG_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postbox_bench"
-    )]
-    pub(crate) pg_url: String,
+    /// `postbox_outbox` and `bench_orders` tables are dropped and recreated)
+    /// [default: postgres://postgres@127.0.0.1:5432/postbox_bench, and
+    /// …/postbox_bench_brokers for `brokers` alone, so it can run next to
+    /// the other scenarios].
+    #[arg(long, env = "POSTBOX_BENCH_PG_URL")]
+    pg_url: Option<String>,
     /// MySQL / MariaDB database for the `mysql` scenario (dropped and recreated).
     #[arg(
         long,
@@ -118,6 +121,34 @@ pub(crate) struct Opts {
     /// settings (`plan_cache_mode = force_custom_plan`, `enable_bitmapscan = off`).
     #[arg(long)]
     pub(crate) ceiling_relay_session: bool,
+    /// NATS server of the `brokers` scenario (JetStream on; the scenario
+    /// creates and deletes its own stream).
+    #[arg(
+        long,
+        env = "POSTBOX_BENCH_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    pub(crate) nats_url: String,
+    /// Kafka bootstrap servers of the `brokers` scenario (it creates and
+    /// deletes its own topics).
+    #[arg(
+        long,
+        env = "POSTBOX_BENCH_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub(crate) kafka_brokers: String,
+    /// Kafka producer `linger.ms` in the `brokers` scenario, for postbox
+    /// and the plain client alike [default: postbox-kafka's default].
+    #[arg(long, default_value_t = postbox_kafka::KafkaConfig::new("").linger_ms)]
+    pub(crate) kafka_linger_ms: u64,
+    /// Brokers the `brokers` scenario measures (comma-separated).
+    #[arg(
+        long = "broker",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "nats,kafka"
+    )]
+    pub(crate) brokers: Vec<brokers::Broker>,
     /// Sets `jit = off` as the bench database's default, so relay sessions
     /// run without JIT (the fix proposed in BENCHMARKS.md). Without it the
     /// server default applies.
@@ -131,6 +162,20 @@ pub(crate) struct Opts {
     pub(crate) idle_ms: u64,
 }
 
+impl Opts {
+    /// The PostgreSQL URL: `--pg-url`, or the scenario's default database.
+    pub(crate) fn pg_url(&self) -> String {
+        self.pg_url.clone().unwrap_or_else(|| {
+            let db = if self.scenario == Scenario::Brokers {
+                "postbox_bench_brokers"
+            } else {
+                "postbox_bench"
+            };
+            format!("postgres://postgres@127.0.0.1:5432/{db}")
+        })
+    }
+}
+
 async fn run(o: &Opts, lines: &mut Vec<Line>) -> anyhow::Result<()> {
     if o.scenario == Scenario::RelayChild {
         return memory::child(o).await;
@@ -141,7 +186,7 @@ async fn run(o: &Opts, lines: &mut Vec<Line>) -> anyhow::Result<()> {
     );
     let needs_pg = !matches!(o.scenario, Scenario::Sqlite | Scenario::Mysql);
     let pg = if needs_pg {
-        Some(Pg::connect(&o.pg_url, o.pg_jit_off).await?)
+        Some(Pg::connect(&o.pg_url(), o.pg_jit_off).await?)
     } else {
         None
     };
@@ -181,6 +226,13 @@ async fn run(o: &Opts, lines: &mut Vec<Line>) -> anyhow::Result<()> {
     }
     if is(Scenario::Mysql) {
         mysql::mysql(o, lines).await?;
+    }
+    // last: it installs a metrics recorder (to read the relay's timings)
+    // that would otherwise stay installed for the scenarios after it
+    if is(Scenario::Brokers)
+        && let Some(pg) = &pg
+    {
+        brokers::brokers(pg, o, lines).await?;
     }
     Ok(())
 }

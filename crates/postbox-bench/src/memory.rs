@@ -37,7 +37,7 @@ fn status_kib(field: &str) -> Option<f64> {
 pub(crate) async fn child(o: &Opts) -> Result<()> {
     let done = CancellationToken::new();
     let publisher = Arc::new(CountingPublisher::new(o.expect.max(1), done.clone()));
-    let store = PgStore::connect(&o.pg_url).await?;
+    let store = PgStore::connect(&o.pg_url()).await?;
     let relay = Relay::builder(store, Arc::clone(&publisher))
         .batch_size(o.batches.first().copied().unwrap_or(100))
         .concurrency(o.concurrency)
@@ -66,7 +66,7 @@ async fn spawn_child(o: &Opts, expect: u64, idle_ms: u64, batch: usize) -> Resul
     let out = tokio::process::Command::new(exe)
         .arg("relay-child")
         .arg("--pg-url")
-        .arg(&o.pg_url)
+        .arg(o.pg_url())
         .arg("--expect")
         .arg(expect.to_string())
         .arg("--idle-ms")

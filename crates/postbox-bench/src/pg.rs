@@ -7,21 +7,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use postbox_core::{Ident, Relay};
+use postbox_core::{Ident, Publisher, Relay};
 use postbox_postgres::PgStore;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Connection, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::util::{CountingPublisher, RawMessage, null_publish, parse_headers, progress};
+use crate::util::{Counted, Null, RawMessage, null_publish, parse_headers, progress};
 
 /// The bench database and an admin pool on it.
 pub(crate) struct Pg {
     pub(crate) url: String,
     pub(crate) pool: PgPool,
     /// Diagnostic: run the ceilings with the relay's session settings
-    /// (`relay_connect_options`: custom plans, no bitmap scans).
+    /// (`relay_connect_options`: generic plans, no sequential or bitmap scans).
     pub(crate) ceiling_relay_session: bool,
 }
 
@@ -133,6 +133,7 @@ impl Pg {
         sqlx::raw_sql(
             "DROP TABLE IF EXISTS public.postbox_outbox CASCADE;
              DROP TABLE IF EXISTS public.postbox_outbox_migrations;
+             DROP TABLE IF EXISTS public.postbox_outbox_relays;
              DROP FUNCTION IF EXISTS public.postbox_outbox_before_insert() CASCADE;
              DROP TABLE IF EXISTS public.bench_orders;
              CREATE TABLE public.bench_orders (
@@ -344,8 +345,18 @@ pub(crate) struct Drain {
 /// stops when every relay has returned from `run`, i.e. after the last
 /// completion was recorded.
 pub(crate) async fn postbox_drain(pg: &Pg, d: Drain) -> Result<Duration> {
+    postbox_drain_to(pg, d, Null).await
+}
+
+/// [`postbox_drain`] through `publisher` (e.g. a real broker's); only the
+/// messages it reports `Ok` count towards `n`.
+pub(crate) async fn postbox_drain_to<P: Publisher>(
+    pg: &Pg,
+    d: Drain,
+    publisher: P,
+) -> Result<Duration> {
     let done = CancellationToken::new();
-    let publisher = Arc::new(CountingPublisher::new(d.n, done.clone()));
+    let publisher = Arc::new(Counted::wrap(publisher, d.n, done.clone()));
     let mut relays = Vec::with_capacity(d.relays);
     for _ in 0..d.relays {
         let store = PgStore::connect(&pg.url).await?;

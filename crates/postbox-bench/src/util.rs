@@ -18,17 +18,37 @@ macro_rules! progress {
 }
 pub(crate) use progress;
 
-/// The null publisher: `Ok` for every message, counting them, and firing
-/// `done` once `target` messages have been published.
-pub(crate) struct CountingPublisher {
+/// The null publisher: `Ok` for every message, doing nothing.
+pub(crate) struct Null;
+
+impl Publisher for Null {
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        vec![PublishOutcome::Ok; batch.len()]
+    }
+}
+
+/// The null publisher, counting, as the PostgreSQL scenarios use it.
+pub(crate) type CountingPublisher = Counted<Null>;
+
+/// Wraps a publisher (the null one, or a real broker's): counts the
+/// messages it reported `Ok` and fires `done` once `target` of them were.
+pub(crate) struct Counted<P> {
+    inner: P,
     count: AtomicU64,
     target: u64,
     done: CancellationToken,
 }
 
-impl CountingPublisher {
+impl Counted<Null> {
     pub(crate) fn new(target: u64, done: CancellationToken) -> Self {
+        Self::wrap(Null, target, done)
+    }
+}
+
+impl<P> Counted<P> {
+    pub(crate) fn wrap(inner: P, target: u64, done: CancellationToken) -> Self {
         Self {
+            inner,
             count: AtomicU64::new(0),
             target,
             done,
@@ -40,14 +60,15 @@ impl CountingPublisher {
     }
 }
 
-impl Publisher for CountingPublisher {
+impl<P: Publisher> Publisher for Counted<P> {
     async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
-        let n = batch.len() as u64;
+        let outcomes = self.inner.publish(batch).await;
+        let n = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
         let total = self.count.fetch_add(n, Ordering::Relaxed) + n;
         if total >= self.target {
             self.done.cancel();
         }
-        vec![PublishOutcome::Ok; batch.len()]
+        outcomes
     }
 }
 

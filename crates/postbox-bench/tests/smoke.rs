@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use postbox_testkit::services::{MARIADB, POSTGRES};
+use postbox_testkit::services::{KAFKA, MARIADB, NATS, POSTGRES};
 
 /// A fresh database name per test, so parallel tests and a concurrent
 /// benchmark run never share tables.
@@ -43,12 +43,22 @@ async fn drop_pg(url: &str, db: &str) {
 
 /// Runs `postbox-bench <scenario>` with tiny sizes; returns its JSON lines.
 fn run(scenario: &str, pg_url: &str, mysql_url: &str) -> Vec<serde_json::Value> {
+    run_with(scenario, pg_url, mysql_url, &[])
+}
+
+fn run_with(
+    scenario: &str,
+    pg_url: &str,
+    mysql_url: &str,
+    extra: &[String],
+) -> Vec<serde_json::Value> {
     let out = Command::new(env!("CARGO_BIN_EXE_postbox-bench"))
         .args([
             scenario, "--rows", "2000", "--repeat", "1", "--batch", "100,1000", "--secs", "0.5",
             "--big", "20000", "--claims", "3",
         ])
         .args(["--pg-url", pg_url, "--mysql-url", mysql_url])
+        .args(extra)
         .output()
         .expect("run postbox-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -77,11 +87,15 @@ fn run(scenario: &str, pg_url: &str, mysql_url: &str) -> Vec<serde_json::Value> 
 }
 
 async fn pg_scenario(scenario: &str) -> Vec<serde_json::Value> {
+    pg_scenario_with(scenario, Vec::new()).await
+}
+
+async fn pg_scenario_with(scenario: &str, extra: Vec<String>) -> Vec<serde_json::Value> {
     let db = db_name(scenario);
     let url = pg_url(&db).await;
     let lines = tokio::task::spawn_blocking({
         let (scenario, url) = (scenario.to_owned(), url.clone());
-        move || run(&scenario, &url, "mysql://unused@127.0.0.1/unused")
+        move || run_with(&scenario, &url, "mysql://unused@127.0.0.1/unused", &extra)
     })
     .await
     .expect("join");
@@ -170,5 +184,43 @@ async fn mysql_completes() {
         let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS `{db}`"))
             .execute(&mut c)
             .await;
+    }
+}
+
+#[tokio::test]
+async fn brokers_complete() {
+    let nats = NATS.require().await;
+    let kafka = KAFKA.require().await;
+    let lines = pg_scenario_with(
+        "brokers",
+        vec![
+            "--nats-url".into(),
+            format!("nats://{nats}"),
+            "--kafka-brokers".into(),
+            kafka,
+        ],
+    )
+    .await;
+    // per batch size (2) and broker (2): vs min(C1, broker), vs min(C2,
+    // broker), vs postbox to the null publisher
+    assert_eq!(lines.len(), 12);
+    for l in &lines {
+        let extra = &l["extra"];
+        assert!(extra["broker_ceiling_msgs_per_s"].as_f64().is_some(), "{l}");
+        assert!(extra["c1_msgs_per_s"].as_f64().is_some(), "{l}");
+        assert!(
+            extra["postbox_profile"]["publish_ms_mean"]
+                .as_f64()
+                .is_some(),
+            "{l}"
+        );
+    }
+    for broker in ["nats", "kafka"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["variant"].as_str().is_some_and(|v| v.starts_with(broker))),
+            "no {broker} line"
+        );
     }
 }

@@ -1,13 +1,18 @@
-//! One-shot commands: migrate, enqueue, status, dead.
+//! One-shot commands: migrate, enqueue, status, dead, purge.
 
-use std::time::SystemTime;
+use std::io::IsTerminal as _;
+use std::time::{Duration, SystemTime};
 
 use postbox_core::{
-    Filter, ListQuery, MessageRecord, NewMessage, PurgeQuery, Status, Store, since,
+    Filter, GroupBy, GroupStats, ListQuery, MessageRecord, NewMessage, PurgeQuery, RelayRecord,
+    Status, Store, StoreError, since,
 };
 
 use crate::any::{AnyStore, Patience};
-use crate::cli::{DeadActArgs, DeadCommand, EnqueueArgs, FilterArgs, StatusArgs, StoreArgs};
+use crate::cli::{
+    DeadActArgs, DeadCommand, DeadShowArgs, EnqueueArgs, FilterArgs, PurgeArgs, RelaysCommand,
+    StatusArgs, StoreArgs,
+};
 use crate::usage;
 
 pub(crate) async fn migrate(args: StoreArgs) -> anyhow::Result<()> {
@@ -34,23 +39,48 @@ pub(crate) async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Topics or tenants shown per breakdown table; `--json` has them all.
+const GROUPS_SHOWN: usize = 30;
+
 pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let store = AnyStore::open(&args.store, Patience::Brief).await?;
     let mut filter = Filter::all();
     filter.topic = args.topic;
     filter.tenant = args.tenant;
     let s = store.stats(&filter).await?;
+    let by_topic = store.stats_by(&filter, GroupBy::Topic).await?;
+    let by_tenant = store.stats_by(&filter, GroupBy::Tenant).await?;
+    // an outbox migrated before heartbeats existed still shows its counts
+    let relays = match store.relays().await {
+        Ok(r) => Some(r),
+        Err(StoreError::Schema(_)) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let now = SystemTime::now();
     if args.json {
         let mut v = serde_json::to_value(s)?;
-        if let (AnyStore::Postgres(pg), Some(obj)) = (&store, v.as_object_mut()) {
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("table".into(), args.store.table.clone().into());
             obj.insert(
-                "blockers".into(),
-                serde_json::to_value(pg.blockers().await?)?,
+                "oldest_pending_age_ms".into(),
+                s.oldest_pending_at.map(|t| millis(since(now, t))).into(),
             );
+            obj.insert("by_topic".into(), groups_json(&by_topic, "topic")?);
+            obj.insert("by_tenant".into(), groups_json(&by_tenant, "tenant")?);
             obj.insert(
-                "oldest_transaction".into(),
-                serde_json::to_value(pg.oldest_transaction().await?)?,
+                "relays".into(),
+                match &relays {
+                    Some(r) => relays_json(r)?,
+                    None => serde_json::Value::Null,
+                },
             );
+            if let AnyStore::Postgres(pg) = &store {
+                obj.insert(
+                    "blockers".into(),
+                    serde_json::to_value(pg.blockers().await?)?,
+                );
+                obj.insert("horizon".into(), serde_json::to_value(pg.horizon().await?)?);
+            }
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -68,21 +98,186 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
         println!("  sent (kept)  {:>8}", s.sent);
     }
     match s.oldest_pending_at {
-        Some(t) => println!(
-            "  oldest pending written {} ago",
-            humantime::format_duration(round_secs(since(SystemTime::now(), t)))
-        ),
+        Some(t) => println!("  oldest pending written {} ago", ago(since(now, t))),
         None => println!("  nothing pending"),
     }
+    print_groups("topic", &by_topic, now);
+    print_groups("tenant", &by_tenant, now);
+    match &relays {
+        Some(r) => print_relays(r),
+        None => println!(
+            "\nrelays: this outbox has no heartbeat table yet: run `postbox migrate` to add it"
+        ),
+    }
     if let AnyStore::Postgres(pg) = &store {
+        println!();
         print_pg_holdups(pg).await?;
     }
     Ok(())
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A duration for people: whole seconds, largest units first.
+fn ago(d: Duration) -> String {
+    humantime::format_duration(round_secs(d)).to_string()
+}
+
+/// Groups as JSON objects, the group under its own name (`topic`/`tenant`).
+fn groups_json(groups: &[GroupStats], name: &str) -> anyhow::Result<serde_json::Value> {
+    let mut out = Vec::with_capacity(groups.len());
+    for g in groups {
+        let mut v = serde_json::to_value(g)?;
+        if let Some(obj) = v.as_object_mut()
+            && let Some(group) = obj.remove("group")
+        {
+            obj.insert(name.to_owned(), group);
+        }
+        out.push(v);
+    }
+    Ok(out.into())
+}
+
+/// A breakdown table, biggest backlog first.
+fn print_groups(name: &str, groups: &[GroupStats], now: SystemTime) {
+    if groups.is_empty() {
+        return;
+    }
+    let mut sorted: Vec<&GroupStats> = groups.iter().collect();
+    sorted.sort_by(|a, b| {
+        (b.stats.pending, b.stats.dead)
+            .cmp(&(a.stats.pending, a.stats.dead))
+            .then_with(|| a.group.cmp(&b.group))
+    });
+    println!(
+        "\nby {name:<22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}  oldest pending",
+        "pending", "ready", "delayed", "retrying", "leased", "dead", "parked"
+    );
+    for g in sorted.iter().take(GROUPS_SHOWN) {
+        let s = &g.stats;
+        let label = g.group.as_deref().unwrap_or("(none)");
+        println!(
+            "  {:<23} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}  {}",
+            truncate(label, 23),
+            s.pending,
+            s.ready,
+            s.delayed,
+            s.retrying,
+            s.leased,
+            s.dead,
+            s.parked_keys,
+            s.oldest_pending_at
+                .map_or_else(|| "-".to_owned(), |t| ago(since(now, t)))
+        );
+    }
+    if sorted.len() > GROUPS_SHOWN {
+        println!(
+            "  … and {} more {name}s (narrow with --{name}, or see them all with --json)",
+            sorted.len() - GROUPS_SHOWN
+        );
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(max - 1).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// Relays as JSON, each with `silent` and `stale` decided here.
+fn relays_json(relays: &[RelayRecord]) -> anyhow::Result<serde_json::Value> {
+    let mut out = Vec::with_capacity(relays.len());
+    for r in relays {
+        let mut v = serde_json::to_value(r)?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("silent".into(), r.is_silent().into());
+            obj.insert("stale".into(), r.is_stale().into());
+        }
+        out.push(v);
+    }
+    Ok(out.into())
+}
+
+/// One line per relay; stale ones (silent for 3 heartbeats while holding
+/// leases) say so first.
+fn print_relays(relays: &[RelayRecord]) {
+    if relays.is_empty() {
+        println!("\nrelays: none running (none has written a heartbeat)");
+        return;
+    }
+    let stale = relays.iter().filter(|r| r.is_stale()).count();
+    println!("\nrelays: {} ({} stale)", relays.len(), stale);
+    let now = SystemTime::now();
+    for r in relays {
+        let h = &r.heartbeat;
+        let state = if r.is_stale() {
+            format!(
+                "STALE: last seen {} ago holding {} leases (heartbeat every {}); its rows wait for their leases to run out",
+                ago(r.silent_for),
+                h.leased,
+                ago(h.interval)
+            )
+        } else if r.is_silent() {
+            format!(
+                "silent: last seen {} ago, holding no leases (stopped without a clean shutdown? `postbox relays forget {}` removes it)",
+                ago(r.silent_for),
+                h.relay_id
+            )
+        } else {
+            format!(
+                "live: seen {} ago, holding {} leases, last claim {}",
+                ago(r.silent_for),
+                h.leased,
+                h.last_claim_at.map_or_else(
+                    || "never".to_owned(),
+                    |t| format!("{} ago", ago(since(now, t)))
+                )
+            )
+        };
+        println!(
+            "  {} on {} (pid {}, postbox {}, up {}): {state}",
+            h.relay_id,
+            h.host,
+            h.pid,
+            h.version,
+            ago(since(now, h.started_at))
+        );
+    }
+}
+
+pub(crate) async fn relays(cmd: RelaysCommand) -> anyhow::Result<()> {
+    match cmd {
+        RelaysCommand::List { store, json } => {
+            let s = AnyStore::open(&store, Patience::Brief).await?;
+            let relays = s.relays().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&relays_json(&relays)?)?);
+            } else {
+                print_relays(&relays);
+            }
+            Ok(())
+        }
+        RelaysCommand::Forget { store, id } => {
+            let s = AnyStore::open(&store, Patience::Brief).await?;
+            if s.remove_relay(id).await? {
+                println!("forgot relay {id}");
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("no relay {id} in the heartbeat table"))
+            }
+        }
+    }
+}
+
 /// What can hold messages back on PostgreSQL: open transactions holding
-/// keys (their later messages wait), and the oldest open transaction
-/// (it stops vacuum of the outbox's dead rows).
+/// keys (their later messages wait), and the oldest holder of the cleanup
+/// horizon in any database (it stops vacuum of the outbox's dead rows).
 async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> {
     let blockers = pg.blockers().await?;
     if blockers.is_empty() {
@@ -99,14 +294,13 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
             b.pid
         );
     }
-    if let Some(o) = pg.oldest_transaction().await?
-        && o.xact_age >= std::time::Duration::from_secs(60)
+    if let Some(h) = pg.horizon().await?
+        && h.age.unwrap_or_default() >= std::time::Duration::from_secs(60)
     {
         println!(
-            "  oldest open transaction: pid {} for {} ({}): it holds back vacuum of sent rows",
-            o.pid,
-            humantime::format_duration(round_secs(o.xact_age)),
-            o.application_name.as_deref().unwrap_or("-")
+            "  cleanup horizon held for {} by {}: the outbox's deleted rows cannot be vacuumed until it ends",
+            humantime::format_duration(round_secs(h.age.unwrap_or_default())),
+            h.description
         );
     }
     Ok(())
@@ -166,36 +360,113 @@ pub(crate) async fn dead(cmd: DeadCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        DeadCommand::Replay(args) => {
-            act(args, "replayed", |s, f| {
-                Box::pin(async move { s.replay(&f).await })
-            })
-            .await
+        DeadCommand::Show(args) => show(args).await,
+        DeadCommand::Replay(args) => act(args, Act::Replay).await,
+        DeadCommand::Skip(args) => act(args, Act::Skip).await,
+        DeadCommand::Purge(args) => act(args, Act::Purge).await,
+    }
+}
+
+/// `dead show ID`: one message, whole.
+async fn show(args: DeadShowArgs) -> anyhow::Result<()> {
+    let store = AnyStore::open(&args.store, Patience::Brief).await?;
+    let q = ListQuery::new(None, 1).filter(Filter::all().ids([args.id]));
+    let Some(r) = store.list(&q).await?.into_iter().next() else {
+        return Err(anyhow::anyhow!(
+            "no message {} in outbox {} (sent messages are deleted, unless the relay keeps them with [store] retain_sent)",
+            args.id,
+            args.store.table
+        ));
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&record_json(&r))?);
+        return Ok(());
+    }
+    let now = SystemTime::now();
+    let when = |t: SystemTime| {
+        format!(
+            "{} ({} ago)",
+            humantime::format_rfc3339_seconds(t),
+            ago(since(now, t))
+        )
+    };
+    let status = match (r.status, r.parked) {
+        (Status::Dead, true) => "dead, parks its key (later messages of the key wait)".to_owned(),
+        (Status::Dead, false) => "dead".to_owned(),
+        (other, _) => format!("{other:?}, not dead").to_lowercase(),
+    };
+    println!("id          {}", r.id);
+    println!("seq         {}", r.seq);
+    println!("topic       {}", r.topic);
+    println!("key         {}", r.key.as_deref().unwrap_or("-"));
+    println!("tenant      {}", r.tenant.as_deref().unwrap_or("-"));
+    println!("status      {status}");
+    println!(
+        "attempts    {} of {}",
+        r.attempts,
+        r.max_attempts
+            .map_or_else(|| "the relay's max_attempts".to_owned(), |m| m.to_string())
+    );
+    println!("created     {}", when(r.created_at));
+    println!("available   {}", when(r.available_at));
+    if let Some(at) = r.sent_at {
+        println!("sent        {}", when(at));
+    }
+    println!("last error  {}", r.last_error.as_deref().unwrap_or("-"));
+    if r.headers.is_empty() {
+        println!("headers     (none)");
+    } else {
+        println!("headers");
+        for (k, v) in &r.headers {
+            println!("  {k}: {v}");
         }
-        DeadCommand::Skip(args) => {
-            act(args, "unparked", |s, f| {
-                Box::pin(async move { s.skip(&f).await })
-            })
-            .await
+    }
+    match std::str::from_utf8(&r.payload) {
+        Ok(text) => println!("payload     ({} bytes, text)\n{text}", r.payload.len()),
+        Err(_) => println!(
+            "payload     ({} bytes, not UTF-8: base64)\n{}",
+            r.payload.len(),
+            base64_encode(&r.payload)
+        ),
+    }
+    Ok(())
+}
+
+/// What `dead replay|skip|purge` does to each chunk.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    Replay,
+    Skip,
+    Purge,
+}
+
+impl Act {
+    fn verb(self) -> &'static str {
+        match self {
+            Act::Replay => "replayed",
+            Act::Skip => "unparked",
+            Act::Purge => "purged",
         }
-        DeadCommand::Purge(args) => {
-            act(args, "purged", |s, f| {
-                Box::pin(async move { s.purge(&PurgeQuery::new(Status::Dead, f)).await })
-            })
-            .await
+    }
+
+    async fn run(self, store: &AnyStore, filter: &Filter) -> Result<u64, StoreError> {
+        match self {
+            Act::Replay => store.replay(filter).await,
+            Act::Skip => store.skip(filter).await,
+            Act::Purge => {
+                store
+                    .purge(&PurgeQuery::new(Status::Dead, filter.clone()))
+                    .await
+            }
         }
     }
 }
 
-type ActFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<u64, postbox_core::StoreError>> + Send>,
->;
+/// Dead messages acted on per statement: each chunk is one short statement
+/// (no long lock on a big table), and the progress bar moves per chunk.
+const CHUNK: usize = 500;
 
-async fn act(
-    args: DeadActArgs,
-    verb: &str,
-    op: impl FnOnce(AnyStore, Filter) -> ActFuture,
-) -> anyhow::Result<()> {
+async fn act(args: DeadActArgs, what: Act) -> anyhow::Result<()> {
     let filter = filter_of(args.filter);
     if is_unfiltered(&filter) && !args.all {
         return Err(usage(
@@ -203,13 +474,101 @@ async fn act(
         ));
     }
     let store = AnyStore::open(&args.store, Patience::Brief).await?;
-    let n = op(store, filter).await?;
+    let done = act_in_chunks(&store, &filter, what).await?;
+    let verb = what.verb();
     if args.json {
-        println!("{}", serde_json::json!({ verb: n }));
+        println!("{}", serde_json::json!({ verb: done }));
     } else {
-        println!("{verb} {n} message(s)");
+        println!("{verb} {done} message(s)");
     }
     Ok(())
+}
+
+/// Applies `what` to the dead messages matching `filter`, [`CHUNK`] at a
+/// time with a progress bar; returns how many it changed.
+async fn act_in_chunks(store: &AnyStore, filter: &Filter, what: Act) -> anyhow::Result<u64> {
+    let total = store.stats(filter).await?.dead;
+    let bar = progress_bar(total, what.verb(), "dead messages");
+    let mut done = 0;
+    let mut query = ListQuery::new(Some(Status::Dead), CHUNK).filter(filter.clone());
+    loop {
+        let page = store.list(&query).await?;
+        let Some(last) = page.last() else { break };
+        query.after_seq = Some(last.seq);
+        // the chunk's own ids: the rows the filter matched when listed
+        let chunk = filter.clone().ids(page.iter().map(|r| r.id));
+        done += what.run(store, &chunk).await?;
+        bar.inc(page.len() as u64);
+        if page.len() < CHUNK {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    Ok(done)
+}
+
+/// `purge --sent-older-than AGE [--dead-older-than AGE]`: deletes kept sent
+/// messages sent at least AGE ago (and dead ones created at least AGE ago),
+/// [`CHUNK`] rows per statement, each its own short transaction.
+pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
+    let store = AnyStore::open(&args.store, Patience::Brief).await?;
+    let mut summary = serde_json::Map::new();
+    let mut lines = Vec::new();
+    if let Some(age) = args.sent_older_than {
+        // every kept sent row: the bar's length is an upper bound
+        let kept = store.stats(&Filter::all()).await?.sent;
+        let bar = progress_bar(kept, "purged", "kept sent messages");
+        let mut done = 0;
+        loop {
+            let n = store.purge_sent(age, CHUNK).await?;
+            done += n;
+            bar.inc(n);
+            if n < CHUNK as u64 {
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        summary.insert("sent_purged".into(), done.into());
+        lines.push(format!(
+            "purged {done} sent message(s) sent at least {} ago",
+            humantime::format_duration(age)
+        ));
+    }
+    if let Some(age) = args.dead_older_than {
+        let done = act_in_chunks(&store, &Filter::all().older_than(age), Act::Purge).await?;
+        summary.insert("dead_purged".into(), done.into());
+        lines.push(format!(
+            "purged {done} dead message(s) created at least {} ago",
+            humantime::format_duration(age)
+        ));
+    }
+    if args.json {
+        println!("{}", serde_json::Value::Object(summary));
+    } else {
+        for line in lines {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal and there is more than
+/// one chunk of work; otherwise a hidden one (logs and pipes stay clean).
+fn progress_bar(total: u64, verb: &str, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() || total <= CHUNK as u64 {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&format!(
+        "{{msg}} [{{bar:40}}] {{pos}}/{{len}} {what} ({{per_sec}}, {{eta}} left)"
+    )) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(verb.to_owned());
+    bar
 }
 
 fn record_json(r: &MessageRecord) -> serde_json::Value {

@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use postbox_core::{
-    Claim, ClaimRequest, CompleteReport, Completion, Filter, ListQuery, Message, MessageRecord,
-    NewMessage, PublishOutcome, Publisher, PurgeQuery, Stats, Store, StoreError, redact_url,
+    Claim, ClaimRequest, CompleteReport, Completion, Filter, GroupBy, GroupStats, ListQuery,
+    Message, MessageRecord, NewMessage, PublishOutcome, Publisher, PurgeQuery, RelayHeartbeat,
+    RelayRecord, Stats, Store, StoreError, redact_url,
 };
 use postbox_jsonl::{FilePublisher, StdoutPublisher};
 use postbox_mysql::{MySqlOutbox, MySqlStore};
@@ -56,9 +57,11 @@ impl AnyStore {
         loop {
             attempt += 1;
             let opened = match scheme {
-                "sqlite" => Self::open_sqlite(url, &args.table).await,
-                "postgres" | "postgresql" => Self::open_postgres(url, &args.table).await,
-                "mysql" | "mariadb" => Self::open_mysql(url, &args.table).await,
+                "sqlite" => Self::open_sqlite(url, &args.table, args.retain_sent).await,
+                "postgres" | "postgresql" => {
+                    Self::open_postgres(url, &args.table, args.retain_sent).await
+                }
+                "mysql" | "mariadb" => Self::open_mysql(url, &args.table, args.retain_sent).await,
                 _ => {
                     return Err(usage(format!(
                         "unknown store URL scheme in {:?}: use sqlite://path.db, postgres://… or mysql://…",
@@ -84,23 +87,36 @@ impl AnyStore {
         }
     }
 
-    async fn open_sqlite(url: &str, table: &str) -> Result<Self, StoreError> {
-        let outbox = SqliteOutbox::new(table)?;
+    async fn open_sqlite(
+        url: &str,
+        table: &str,
+        retain_sent: Option<Duration>,
+    ) -> Result<Self, StoreError> {
+        let outbox = SqliteOutbox::new(table)?.retain_sent(retain_sent);
         let store = SqliteStore::connect(url).await?;
         Ok(Self::Sqlite(outbox.store(store.pool().clone())))
     }
 
     /// `--table` is `table` or, on PostgreSQL, `schema.table`.
-    async fn open_postgres(url: &str, table: &str) -> Result<Self, StoreError> {
+    async fn open_postgres(
+        url: &str,
+        table: &str,
+        retain_sent: Option<Duration>,
+    ) -> Result<Self, StoreError> {
         let outbox = match table.split_once('.') {
             Some((schema, table)) => PgOutbox::with_schema(schema, table)?,
             None => PgOutbox::new(table)?,
-        };
+        }
+        .retain_sent(retain_sent);
         Ok(Self::Postgres(PgStore::connect_with(url, outbox).await?))
     }
 
-    async fn open_mysql(url: &str, table: &str) -> Result<Self, StoreError> {
-        let outbox = MySqlOutbox::new(table)?;
+    async fn open_mysql(
+        url: &str,
+        table: &str,
+        retain_sent: Option<Duration>,
+    ) -> Result<Self, StoreError> {
+        let outbox = MySqlOutbox::new(table)?.retain_sent(retain_sent);
         Ok(Self::MySql(
             MySqlStore::connect(url).await?.with_outbox(outbox),
         ))
@@ -158,6 +174,30 @@ impl Store for AnyStore {
 
     async fn purge(&self, query: &PurgeQuery) -> Result<u64, StoreError> {
         each_store!(self, s => s.purge(query).await)
+    }
+
+    fn sent_retention(&self) -> Option<Duration> {
+        each_store!(self, s => s.sent_retention())
+    }
+
+    async fn purge_sent(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {
+        each_store!(self, s => s.purge_sent(older_than, limit).await)
+    }
+
+    async fn stats_by(&self, filter: &Filter, by: GroupBy) -> Result<Vec<GroupStats>, StoreError> {
+        each_store!(self, s => s.stats_by(filter, by).await)
+    }
+
+    async fn heartbeat(&self, heartbeat: &RelayHeartbeat) -> Result<(), StoreError> {
+        each_store!(self, s => s.heartbeat(heartbeat).await)
+    }
+
+    async fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
+        each_store!(self, s => s.relays().await)
+    }
+
+    async fn remove_relay(&self, relay_id: Uuid) -> Result<bool, StoreError> {
+        each_store!(self, s => s.remove_relay(relay_id).await)
     }
 }
 

@@ -32,11 +32,19 @@ pub(crate) enum Command {
     /// Run the relay: claim committed messages, publish them, repeat, until
     /// SIGTERM or SIGINT.
     Relay(RelayArgs),
-    /// Show what is in the outbox: pending, retrying, leased, dead, parked keys.
+    /// Show what is in the outbox: pending, retrying, leased, dead, parked
+    /// keys, in total and per topic and tenant; the running relays; on
+    /// PostgreSQL, what holds keys back.
     Status(StatusArgs),
     /// Inspect and act on dead messages.
     #[command(subcommand)]
     Dead(DeadCommand),
+    /// Delete kept sent messages (and, if asked, dead ones) past an age, in
+    /// chunks of 500.
+    Purge(PurgeArgs),
+    /// The relays that record heartbeats in this outbox.
+    #[command(subcommand)]
+    Relays(RelaysCommand),
     /// Work with postbox.toml files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -50,6 +58,10 @@ pub(crate) struct StoreArgs {
     /// Outbox table name (on PostgreSQL also `schema.table`).
     #[arg(long, env = "POSTBOX_TABLE", default_value = "postbox_outbox")]
     pub(crate) table: String,
+    /// Keep sent messages this long (the relay's `[store] retain_sent`);
+    /// not a flag of the admin commands, which never complete messages.
+    #[arg(skip)]
+    pub(crate) retain_sent: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +167,28 @@ pub(crate) struct RelayArgs {
     /// Only publish this tenant's messages.
     #[arg(long)]
     pub(crate) tenant: Option<String>,
+    /// After SIGTERM/SIGINT, how long a batch being published may still take
+    /// before its rows are released to other relays [default: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) shutdown_grace: Option<Duration>,
+    /// How often to write this relay's heartbeat row, which `postbox status`
+    /// lists [default: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) heartbeat_interval: Option<Duration>,
+    /// Keep sent messages this long for audit instead of deleting them at
+    /// once, e.g. 7d (also env POSTBOX_STORE_RETAIN_SENT, or [store]
+    /// retain_sent) [default: delete on success].
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub(crate) retain_sent: Option<Duration>,
+    /// How often to delete the kept sent messages older than --retain-sent,
+    /// 500 rows per statement [default: 1m].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) cleanup_interval: Option<Duration>,
+    /// Serve Prometheus /metrics, /healthz and /readyz on HOST:PORT, e.g.
+    /// 0.0.0.0:9090 (also env POSTBOX_METRICS_ADDR, or [metrics] addr in the
+    /// config file).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) metrics_addr: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,6 +242,9 @@ pub(crate) struct StatusArgs {
 pub(crate) enum DeadCommand {
     /// List dead messages, oldest first.
     List(DeadListArgs),
+    /// Print one dead message whole: headers, payload (text, or base64 when
+    /// it is not UTF-8), last error, attempts.
+    Show(DeadShowArgs),
     /// Make dead messages pending again (fresh attempts); their keys resume
     /// in order.
     Replay(DeadActArgs),
@@ -227,6 +264,61 @@ pub(crate) struct DeadListArgs {
     #[arg(long, default_value_t = 50)]
     pub(crate) limit: usize,
     /// Print JSON (one array, payloads included).
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct DeadShowArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// The message id (as `dead list` shows it).
+    pub(crate) id: uuid::Uuid,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RelaysCommand {
+    /// List them, oldest start first, flagging those silent for 3
+    /// heartbeats while holding leases as stale.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete the heartbeat row of a relay that stopped without a clean
+    /// shutdown (a live relay writes it again at its next heartbeat).
+    Forget {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The relay id (as `postbox relays` shows it).
+        id: uuid::Uuid,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(
+    clap::ArgGroup::new("age")
+        .args(["sent_older_than", "dead_older_than"])
+        .required(true)
+        .multiple(true)
+))]
+pub(crate) struct PurgeArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Delete the sent messages kept for audit (a relay with
+    /// --retain-sent) that were sent at least this long ago, e.g. 30d.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub(crate) sent_older_than: Option<Duration>,
+    /// Delete the dead messages created at least this long ago, e.g. 90d
+    /// (like `dead purge --older-than`).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub(crate) dead_older_than: Option<Duration>,
+    /// Print a JSON summary.
     #[arg(long)]
     pub(crate) json: bool,
 }

@@ -25,6 +25,8 @@ pub(crate) struct FileConfig {
     pub(crate) relay: RelaySection,
     #[serde(default)]
     pub(crate) log: LogSection,
+    #[serde(default)]
+    pub(crate) metrics: MetricsSection,
     /// Named publishers; routes refer to them by name.
     #[serde(default)]
     pub(crate) publishers: BTreeMap<String, toml::Table>,
@@ -40,6 +42,49 @@ pub(crate) struct StoreSection {
     pub(crate) url: Option<String>,
     /// Outbox table (env `POSTBOX_TABLE` overrides). Default `postbox_outbox`.
     pub(crate) table: Option<String>,
+    /// Keep sent messages this long instead of deleting them on success
+    /// (env `POSTBOX_STORE_RETAIN_SENT` and `--retain-sent` override).
+    /// Unset: delete on success.
+    #[serde(default, with = "opt_duration")]
+    pub(crate) retain_sent: Option<Duration>,
+}
+
+/// The environment variable for `[store] retain_sent`.
+pub(crate) const RETAIN_SENT_ENV: &str = "POSTBOX_STORE_RETAIN_SENT";
+
+/// Longest retention accepted: past it the databases' date arithmetic runs
+/// out of range.
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Checks a retention; the error says what is wrong, for a message that
+/// names the key.
+pub(crate) fn check_retention(keep: Duration) -> Result<(), String> {
+    if keep.is_zero() {
+        return Err(
+            "must be greater than zero (leave it unset to delete sent messages at once)".to_owned(),
+        );
+    }
+    if keep > MAX_RETENTION {
+        return Err("must be at most 100 years".to_owned());
+    }
+    Ok(())
+}
+
+/// `POSTBOX_STORE_RETAIN_SENT`, parsed and checked; an empty value is unset.
+pub(crate) fn retain_sent_from_env() -> anyhow::Result<Option<Duration>> {
+    let Some(v) = std::env::var(RETAIN_SENT_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(None);
+    };
+    let keep = humantime::parse_duration(&v).map_err(|e| {
+        usage(format!(
+            "{RETAIN_SENT_ENV}={v:?} is not a duration like 7d: {e}"
+        ))
+    })?;
+    check_retention(keep).map_err(|why| usage(format!("{RETAIN_SENT_ENV}={v:?} {why}")))?;
+    Ok(Some(keep))
 }
 
 /// Relay tuning; every key optional, defaults as in `postbox relay --help`.
@@ -61,6 +106,14 @@ pub(crate) struct RelaySection {
     pub(crate) retry_cap: Option<Duration>,
     pub(crate) on_dead: Option<OnDead>,
     pub(crate) tenant: Option<String>,
+    /// Rotate claims across tenants with pending messages (default true).
+    pub(crate) tenant_fairness: Option<bool>,
+    #[serde(default, with = "opt_duration")]
+    pub(crate) shutdown_grace: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub(crate) heartbeat_interval: Option<Duration>,
+    #[serde(default, with = "opt_duration")]
+    pub(crate) cleanup_interval: Option<Duration>,
 }
 
 impl RelaySection {
@@ -77,6 +130,10 @@ impl RelaySection {
             retry_cap: self.retry_cap.or(other.retry_cap),
             on_dead: self.on_dead.or(other.on_dead),
             tenant: self.tenant.or(other.tenant),
+            tenant_fairness: self.tenant_fairness.or(other.tenant_fairness),
+            shutdown_grace: self.shutdown_grace.or(other.shutdown_grace),
+            heartbeat_interval: self.heartbeat_interval.or(other.heartbeat_interval),
+            cleanup_interval: self.cleanup_interval.or(other.cleanup_interval),
         }
     }
 
@@ -119,6 +176,16 @@ impl RelaySection {
                 })
                 .transpose()?,
             tenant: var("tenant").map(|(_, v)| v),
+            tenant_fairness: var("tenant_fairness")
+                .map(|(name, v)| match v.as_str() {
+                    "true" | "1" => Ok(true),
+                    "false" | "0" => Ok(false),
+                    _ => Err(usage(format!("{name}={v:?} must be true or false"))),
+                })
+                .transpose()?,
+            shutdown_grace: dur("shutdown_grace")?,
+            heartbeat_interval: dur("heartbeat_interval")?,
+            cleanup_interval: dur("cleanup_interval")?,
         })
     }
 
@@ -138,6 +205,14 @@ impl RelaySection {
         );
         o.on_dead = self.on_dead.unwrap_or(d.on_dead);
         o.tenant.clone_from(&self.tenant);
+        o.tenant_fairness = self.tenant_fairness.unwrap_or(d.tenant_fairness);
+        o.shutdown_grace = self.shutdown_grace.unwrap_or(d.shutdown_grace);
+        if self.heartbeat_interval.is_some() {
+            o.heartbeat_interval = self.heartbeat_interval;
+        }
+        if self.cleanup_interval.is_some() {
+            o.cleanup_interval = self.cleanup_interval;
+        }
         o.validate()?;
         Ok(o)
     }
@@ -155,6 +230,40 @@ pub(crate) enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogSection {
     pub(crate) format: Option<LogFormat>,
+}
+
+/// `[metrics]`: where the daemon serves `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct MetricsSection {
+    /// `HOST:PORT` (flag `--metrics-addr` and env `POSTBOX_METRICS_ADDR`
+    /// override). Unset: no metrics endpoint.
+    pub(crate) addr: Option<String>,
+}
+
+/// Checks that `addr` looks like `HOST:PORT` (an IP address, `[v6]`, or a
+/// host name, and a port number), without resolving or binding it. The
+/// error says what is wrong, for a message that names the key.
+pub(crate) fn check_listen_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err("is not HOST:PORT (e.g. 0.0.0.0:9090 or 127.0.0.1:9090)".to_owned());
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("port {port:?} is not a number from 0 to 65535"));
+    }
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if !host_ok {
+        return Err(format!(
+            "host {host:?} is neither an IP address nor a host name (IPv6 goes in brackets: [::1]:9090)"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,10 +352,35 @@ impl FileConfig {
         if let Some(url) = &mut config.store.url {
             *url = substitute_env(url, "store.url", env)?;
         }
+        // Refused here too, not only when a store opens: `config check`
+        // must not call a file good that `relay` would refuse.
+        if let Some(table) = &config.store.table {
+            // `table`, or `schema.table` (PostgreSQL)
+            let parts = match table.split_once('.') {
+                Some((schema, name)) => vec![schema, name],
+                None => vec![table.as_str()],
+            };
+            for part in parts {
+                postbox_core::Ident::new(part)
+                    .map_err(|e| usage(format!("store.table = {table:?}: {e}")))?;
+            }
+        }
+        if let Some(keep) = config.store.retain_sent {
+            check_retention(keep).map_err(|why| {
+                usage(format!(
+                    "store.retain_sent = {:?} {why}",
+                    humantime::format_duration(keep).to_string()
+                ))
+            })?;
+        }
         config
             .relay
             .options()
             .map_err(|e| usage(format!("[relay] {e}")))?;
+        if let Some(addr) = &config.metrics.addr {
+            check_listen_addr(addr)
+                .map_err(|why| usage(format!("[metrics] addr = {addr:?} {why}")))?;
+        }
         for (i, r) in config.routes.iter().enumerate() {
             TopicPattern::new(&r.topics).map_err(|e| usage(format!("routes[{i}].topics: {e}")))?;
             if !config.publishers.contains_key(&r.publisher) {
@@ -289,6 +423,9 @@ impl FileConfig {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -302,6 +439,42 @@ mod tests {
         let config = FileConfig::parse_with_env(text, &env).expect("example config parses");
         assert_eq!(config.routes().len(), 3);
         assert!(config.store.url.is_some());
+        assert_eq!(config.metrics.addr.as_deref(), Some("0.0.0.0:9090"));
+        let o = config.relay.options().expect("relay options");
+        assert_eq!(o.shutdown_grace, std::time::Duration::from_secs(5));
+        assert_eq!(
+            o.heartbeat_interval,
+            Some(std::time::Duration::from_secs(5))
+        );
+        assert_eq!(o.cleanup_interval, Some(std::time::Duration::from_secs(60)));
+        assert_eq!(
+            config.store.retain_sent,
+            Some(std::time::Duration::from_secs(7 * 24 * 3600))
+        );
+    }
+
+    #[test]
+    fn listen_addresses() {
+        for ok in [
+            "127.0.0.1:9090",
+            "0.0.0.0:0",
+            "[::1]:9090",
+            "localhost:9090",
+            "metrics.internal:80",
+        ] {
+            assert_eq!(check_listen_addr(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "9090",
+            ":9090",
+            "host:",
+            "host:99999",
+            "a b:1",
+            "::1:9090",
+            "",
+        ] {
+            assert!(check_listen_addr(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -327,6 +500,29 @@ mod tests {
                 "POSTBOX_SURELY_UNSET_VARIABLE",
             ),
             ("[relay]\non_dead = \"explode\"\n", "on_dead"),
+            ("[relay]\nshutdown_grace = \"soon\"\n", "shutdown_grace"),
+            (
+                "[relay]\nheartbeat_interval = \"0s\"\n",
+                "heartbeat_interval",
+            ),
+            ("[metrics]\naddr = \"9090\"\n", "[metrics] addr"),
+            ("[metrics]\naddr = \"localhost:http\"\n", "[metrics] addr"),
+            ("[metrics]\naddr = \"::1:9090\"\n", "[metrics] addr"),
+            ("[metrics]\nport = 9090\n", "port"),
+            ("[store]\ntable = \"x; drop table y\"\n", "store.table"),
+            ("[store]\ntable = \"public.x.y\"\n", "store.table"),
+            ("[store]\nretain_sent = \"0s\"\n", "store.retain_sent"),
+            (
+                "[store]\nretain_sent = \"1000years\"\n",
+                "store.retain_sent",
+            ),
+            ("[store]\nretain_sent = \"a week\"\n", "retain_sent"),
+            ("[store]\nretain_sent = 7\n", "retain_sent"),
+            ("[relay]\ncleanup_interval = \"0s\"\n", "cleanup_interval"),
+            (
+                "[relay]\ncleanup_interval = \"often\"\n",
+                "cleanup_interval",
+            ),
         ];
         for (text, named) in cases {
             let err = FileConfig::parse(text).expect_err(text);

@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod demo;
 mod relay;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -31,6 +32,11 @@ pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
+    // Two rustls providers are compiled in (reqwest brings aws-lc-rs, the
+    // broker clients ring), so rustls cannot choose a process default and any
+    // client building its TLS config with `ClientConfig::builder()` panics.
+    // The publishers pass their provider explicitly; this covers the rest.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -71,7 +77,16 @@ fn init_logging(cli: &Cli) {
         Command::Demo(_) => "warn",
         _ => "info",
     };
-    let filter = EnvFilter::try_from_env("POSTBOX_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let mut filter =
+        EnvFilter::try_from_env("POSTBOX_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    // Dependencies that log a broker URL with its credentials at debug
+    // level stay at info whatever POSTBOX_LOG says: async-nats prints the
+    // server address as a `Url` whose `Debug` shows user and password.
+    for quiet in ["async_nats::connector=info"] {
+        if let Ok(directive) = quiet.parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -100,6 +115,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Relay(args) => relay::run(args).await,
         Command::Status(args) => admin::status(args).await,
         Command::Dead(args) => admin::dead(args).await,
+        Command::Purge(args) => admin::purge(args).await,
+        Command::Relays(cmd) => admin::relays(cmd).await,
         Command::Config(cli::ConfigCommand::Check { file }) => relay::check_config(&file).await,
     }
 }

@@ -1,13 +1,18 @@
 //! `postbox relay` and `postbox config check`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use postbox_core::{CancellationToken, OnDead, Relay, Router, Store, StoreError};
 
 use crate::any::{AnyPublisher, AnyStore, Patience};
 use crate::cli::{OnDeadArg, RelayArgs, StoreArgs};
 use crate::config::{FileConfig, RelaySection};
+use crate::serve::{self, Probe};
 use crate::usage;
+
+/// The environment variable for the metrics address.
+const METRICS_ADDR_ENV: &str = "POSTBOX_METRICS_ADDR";
 
 /// The relay's settings after flags, environment, file and defaults.
 struct Resolved {
@@ -16,6 +21,8 @@ struct Resolved {
     /// `(pattern, publisher name)`; publishers built from `publishers`.
     routes: Vec<(String, String)>,
     publishers: Vec<(String, Source)>,
+    /// Where to serve metrics, and the key it came from (for errors).
+    metrics: Option<(&'static str, String)>,
 }
 
 enum Source {
@@ -42,8 +49,27 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
             OnDeadArg::Skip => OnDead::Skip,
         }),
         tenant: args.tenant,
+        tenant_fairness: None,
+        shutdown_grace: args.shutdown_grace,
+        heartbeat_interval: args.heartbeat_interval,
+        cleanup_interval: args.cleanup_interval,
     };
     let relay = flags.or(RelaySection::from_env()?).or(file.relay.clone());
+    // flags > env > file, like every relay setting; an empty variable is unset
+    let metrics = args
+        .metrics_addr
+        .map(|a| ("--metrics-addr", a))
+        .or_else(|| {
+            std::env::var(METRICS_ADDR_ENV)
+                .ok()
+                .filter(|a| !a.is_empty())
+                .map(|a| (METRICS_ADDR_ENV, a))
+        })
+        .or_else(|| file.metrics.addr.clone().map(|a| ("[metrics] addr", a)));
+    if let Some((key, addr)) = &metrics {
+        crate::config::check_listen_addr(addr)
+            .map_err(|why| usage(format!("{key} = {addr:?} {why}")))?;
+    }
     relay.options()?;
     let url = args.store.or(file.store.url.clone()).ok_or_else(|| {
         usage("no store: pass --store URL, set POSTBOX_STORE_URL, or set [store] url in the config file")
@@ -52,6 +78,19 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         .table
         .or(file.store.table.clone())
         .unwrap_or_else(|| "postbox_outbox".to_owned());
+    // flags > env > file, like the relay settings
+    if let Some(keep) = args.retain_sent {
+        crate::config::check_retention(keep).map_err(|why| {
+            usage(format!(
+                "--retain-sent {:?} {why}",
+                humantime::format_duration(keep).to_string()
+            ))
+        })?;
+    }
+    let retain_sent = match args.retain_sent {
+        Some(keep) => Some(keep),
+        None => crate::config::retain_sent_from_env()?.or(file.store.retain_sent),
+    };
     let (routes, publishers) = match args.publish {
         // --publish replaces the file's publishers: everything goes there
         Some(url) => (
@@ -75,10 +114,15 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         ),
     };
     Ok(Resolved {
-        store: StoreArgs { url, table },
+        store: StoreArgs {
+            url,
+            table,
+            retain_sent,
+        },
         relay,
         routes,
         publishers,
+        metrics,
     })
 }
 
@@ -126,6 +170,11 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
         retry_cap: None,
         on_dead: None,
         tenant: None,
+        shutdown_grace: None,
+        heartbeat_interval: None,
+        retain_sent: None,
+        cleanup_interval: None,
+        metrics_addr: None,
     })?;
     build_router(&r).await?;
     r.store.url = postbox_core::redact_url(&r.store.url);
@@ -143,9 +192,20 @@ pub(crate) async fn run(args: RelayArgs) -> anyhow::Result<()> {
     // Everything that can be refused is checked before anything starts.
     let resolved = resolve(args)?;
     let options = resolved.relay.options()?;
+    let listener = match &resolved.metrics {
+        Some((key, addr)) => Some(serve::bind(key, addr).await?),
+        None => None,
+    };
     let publisher = build_router(&resolved).await?;
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
+    // Serving starts before the database answers: /healthz says the process
+    // runs, /readyz says why it is not ready yet.
+    let probe: Probe = Arc::default();
+    if let Some(listener) = listener {
+        let recorder = serve::install_recorder()?;
+        serve::spawn(listener, recorder, Arc::clone(&probe));
+    }
 
     let store = tokio::select! {
         store = AnyStore::open(&resolved.store, Patience::Forever) => store?,
@@ -157,11 +217,22 @@ pub(crate) async fn run(args: RelayArgs) -> anyhow::Result<()> {
             resolved.store.table
         )));
     }
+    if let Err(StoreError::Schema(e)) = store.relays().await {
+        return Err(usage(format!(
+            "the outbox table {:?} predates relay heartbeats ({e}): run `postbox migrate --store …` to upgrade it",
+            resolved.store.table
+        )));
+    }
     let relay = Relay::builder(store, publisher).options(options).build()?;
+    let health = relay.clone();
+    // set once, right here: nothing else can have set it
+    let _ = probe.set(Box::new(move || health.health()));
     tracing::info!(
         store = %postbox_core::redact_url(&resolved.store.url),
         routes = resolved.routes.len(),
         batch_size = relay.options().batch_size,
+        retain_sent = ?resolved.store.retain_sent,
+        postbox.relay_id = %relay.id(),
         "relay started"
     );
     let report = relay.run(shutdown).await;

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 fn postbox() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_postbox"));
     c.env_remove("POSTBOX_STORE_URL")
+        .env_remove("POSTBOX_STORE_RETAIN_SENT")
         .env_remove("POSTBOX_WEBHOOK_SECRET")
         .env("POSTBOX_LOG", "warn");
     c
@@ -65,6 +66,12 @@ fn bad_configs_exit_2_naming_the_key() {
             "routes",
         ),
         ("this is not toml", "config"),
+        ("[store]\nretain_sent = \"0s\"\n", "store.retain_sent"),
+        ("[store]\nretain_sent = \"a week\"\n", "retain_sent"),
+        (
+            "[relay]\ncleanup_interval = \"never\"\n",
+            "cleanup_interval",
+        ),
     ];
     for (i, (text, named)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
@@ -85,6 +92,58 @@ fn bad_configs_exit_2_naming_the_key() {
     }
 }
 
+/// The retention's environment variable and flag are checked like the
+/// file's key, each error naming where the bad value came from.
+#[test]
+fn a_bad_retention_exits_2_naming_the_variable_or_flag() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../postbox.example.toml");
+    let secret = (
+        "POSTBOX_WEBHOOK_SECRET",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    );
+    for bad in ["forever", "0s"] {
+        let o = postbox()
+            .args(["config", "check", example])
+            .env(secret.0, secret.1)
+            .env("POSTBOX_STORE_RETAIN_SENT", bad)
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("POSTBOX_STORE_RETAIN_SENT"),
+            "{bad}: {}",
+            stderr(&o)
+        );
+    }
+    let o = postbox()
+        .args(["config", "check", example])
+        .env(secret.0, secret.1)
+        .env("POSTBOX_STORE_RETAIN_SENT", "30d")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("o.db").display());
+    for (flag, value) in [
+        ("--retain-sent", "0s"),
+        ("--retain-sent", "soon"),
+        ("--cleanup-interval", "0s"),
+    ] {
+        let o = postbox()
+            .args(["relay", "--store", &url, "--publish", "stdout", flag, value])
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(2), "{flag} {value}: {}", stderr(&o));
+        let named = flag.trim_start_matches('-').replace('-', "_");
+        assert!(
+            stderr(&o).contains(flag) || stderr(&o).contains(&named),
+            "{flag} {value}: {}",
+            stderr(&o)
+        );
+    }
+}
+
 #[test]
 fn broker_urls_are_checked_without_leaking_credentials() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -99,16 +158,36 @@ fn broker_urls_are_checked_without_leaking_credentials() {
         Some(0)
     );
     let cases = [
+        // a signed webhook without its secret
         ("https://hooks.example.com/x", "POSTBOX_WEBHOOK_SECRET"),
+        (
+            "https://user:hunter2@hooks.example.com/x",
+            "POSTBOX_WEBHOOK_SECRET",
+        ),
+        // malformed broker URLs, one per scheme
         ("amqp://user:hunter2@", "amqp"),
+        ("nats://user:hunter2@", "url"),
+        ("nats://user:hunter2@127.0.0.1:99999", "url"),
+        ("tls://tok3n-hunter2@", "url"),
+        ("kafka://user:hunter2@127.0.0.1:9092", "credentials"),
+        ("kafka://127.0.0.1:99999", "invalid port"),
+        ("redis://:hunter2@127.0.0.1:notaport", "redis"),
+        ("mqtt://user:hunter2@", "mqtt"),
+        ("mqtts://user:hunter2@127.0.0.1:99999", "mqtt"),
+        ("http://user:hunter2@", "url"),
+        // TLS that this build cannot do is refused, never downgraded
+        ("rediss://:hunter2@127.0.0.1:6379", "TLS"),
+        // unknown schemes
         (
             "ftp://user:hunter2@example.com",
             "ftp://user:***@example.com",
         ),
+        ("carrier-pigeon://user:hunter2@loft", "carrier-pigeon"),
     ];
     for (publish, named) in cases {
         let o = postbox()
             .args(["relay", "--store", &url, "--publish", publish])
+            .env_remove("POSTBOX_WEBHOOK_SECRET")
             .output()
             .expect("run");
         assert_eq!(o.status.code(), Some(2), "{publish}: {}", stderr(&o));
@@ -214,4 +293,162 @@ fn relay_with_config_routes_topics() {
             .expect("error")
             .contains("no route")
     );
+}
+
+/// A malformed webhook secret (from the environment or a config file) is
+/// refused naming the secret, never printing it.
+#[test]
+fn a_malformed_webhook_secret_exits_2_without_printing_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("o.db").display());
+    let secret = "whsec_not*base64*hunter2";
+    let o = postbox()
+        .args([
+            "relay",
+            "--store",
+            &url,
+            "--publish",
+            "https://hooks.example.com/x",
+        ])
+        .env("POSTBOX_WEBHOOK_SECRET", secret)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("secret"), "{}", stderr(&o));
+    assert!(
+        !stderr(&o).contains("hunter2"),
+        "secret leaked: {}",
+        stderr(&o)
+    );
+
+    let path = dir.path().join("hook.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[publishers.hook]\ntype = \"http\"\nurl = \"https://hooks.example.com/x\"\nsecret = \"{secret}\"\n"
+        ),
+    )
+    .expect("write");
+    let o = postbox()
+        .args(["config", "check"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("publishers.hook") && stderr(&o).contains("secret"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains("hunter2"),
+        "secret leaked: {}",
+        stderr(&o)
+    );
+}
+
+/// A `ca_file` that cannot be read is a configuration error naming it.
+#[test]
+fn an_unreadable_ca_file_exits_2_naming_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (kind, table) in [
+        ("nats", "type = \"nats\"\nurl = \"tls://127.0.0.1:4222\"\n"),
+        (
+            "http",
+            "type = \"http\"\nurl = \"https://hooks.example.com/x\"\nunsigned = true\n",
+        ),
+    ] {
+        let path = dir.path().join(format!("{kind}.toml"));
+        std::fs::write(
+            &path,
+            format!("[publishers.a]\n{table}ca_file = \"/no/such/ca.pem\"\n"),
+        )
+        .expect("write");
+        let o = postbox()
+            .args(["config", "check"])
+            .arg(&path)
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(2), "{kind}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("ca_file") && stderr(&o).contains("/no/such/ca.pem"),
+            "{kind}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+/// `tls://` and `mqtts://` from the binary, which compiles two rustls
+/// crypto providers: the TLS clients still get one (no panic), verify the
+/// broker's certificate, and log the refusal naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_refuses_an_untrusted_tls_broker_and_says_why() {
+    use postbox_testkit::tls::{TestCa, TlsListener};
+    const INFO: &[u8] = b"INFO {\"server_id\":\"t\",\"version\":\"2.10.0\",\"proto\":1,\"max_payload\":1048576,\"tls_required\":true}\r\n";
+    let ca = TestCa::generate();
+    let nats = TlsListener::start_with_preamble(&ca, INFO.to_vec())
+        .await
+        .expect("listener");
+    let mqtt = TlsListener::start(&ca).await.expect("listener");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("o.db").display());
+    // not migrated yet: the relay stops with exit 2 while the NATS client is
+    // in its first TLS handshake, without a panic from the client's task
+    let o = postbox()
+        .args([
+            "relay",
+            "--store",
+            &url,
+            "--publish",
+            &format!("tls://{}", nats.addr()),
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    let migrated = postbox()
+        .args(["migrate", "--store", &url])
+        .output()
+        .expect("run");
+    assert_eq!(migrated.status.code(), Some(0), "{}", stderr(&migrated));
+    for (publish, listener) in [
+        (format!("tls://{}", nats.addr()), &nats),
+        (format!("mqtts://{}", mqtt.addr()), &mqtt),
+    ] {
+        let child = postbox()
+            .args(["relay", "--store", &url, "--publish", &publish])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        // the client connects at once (NATS) or on the first publish
+        // attempt (MQTT connects in the background at start)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while listener.handshake_failures().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{publish}: no TLS handshake was attempted"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // let the log line be written, then stop the relay
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let term = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(term.success());
+        let o = tokio::task::spawn_blocking(move || child.wait_with_output())
+            .await
+            .expect("join")
+            .expect("wait");
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{publish}: {err}");
+        assert!(
+            err.contains("invalid peer certificate"),
+            "{publish}: the refusal is not logged: {err}"
+        );
+        assert_eq!(o.status.code(), Some(0), "{publish}: {err}");
+        assert_eq!(listener.handshakes_completed(), 0, "{publish}");
+    }
 }

@@ -10,8 +10,10 @@
 
 mod clock;
 mod error;
+mod fairness;
 mod ident;
 mod message;
+pub mod observe;
 mod publish;
 mod redact;
 mod relay;
@@ -23,14 +25,16 @@ pub use clock::{Clock, SharedClock, SystemClock, TokioClock, since};
 pub use error::{BoxError, ConfigError, RelayError, StoreError};
 pub use ident::{Ident, IdentError};
 pub use message::{Headers, Message, NewMessage, from_unix_micros, to_unix_micros};
+pub use observe::Health;
 pub use publish::{PublishOutcome, Publisher};
-pub use redact::redact_url;
-pub use relay::{OnDead, Relay, RelayBuilder, RelayOptions, RelayWaker, TickReport};
+pub use redact::{redact_url, redact_userinfo};
+pub use relay::{CLEANUP_BATCH, OnDead, Relay, RelayBuilder, RelayOptions, RelayWaker, TickReport};
 pub use retry::RetryPolicy;
 pub use route::{Router, TopicPattern};
 pub use store::{
-    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, Lease, ListQuery,
-    Malformed, MessageRecord, PurgeQuery, Stats, Status, Store,
+    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, GroupBy, GroupStats,
+    Holder, Holdups, Lease, ListQuery, Malformed, MessageRecord, PurgeQuery, RelayHeartbeat,
+    RelayRecord, STALE_AFTER_INTERVALS, Stats, Status, Store,
 };
 
 /// Re-exported so callers need not depend on tokio-util for shutdown.

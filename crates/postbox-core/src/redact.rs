@@ -33,38 +33,86 @@ pub fn redact_url(url: &str) -> String {
         },
         None => authority.to_owned(),
     };
-    let tail = match tail.split_once('?') {
-        Some((path, query)) => {
-            let (query, fragment) = match query.split_once('#') {
-                Some((q, f)) => (q, Some(f)),
-                None => (query, None),
-            };
-            let kept: Vec<&str> = query
-                .split('&')
-                .filter(|kv| {
-                    let name = kv.split('=').next().unwrap_or("");
-                    !kv.is_empty() && !name.eq_ignore_ascii_case("password")
-                })
-                .collect();
-            let mut t = path.to_owned();
-            if !kept.is_empty() {
-                t.push('?');
-                t.push_str(&kept.join("&"));
-            }
-            if let Some(f) = fragment {
-                t.push('#');
-                t.push_str(f);
-            }
-            t
-        }
-        None => tail.to_owned(),
+    format!("{scheme}{authority}{}", without_password_params(tail))
+}
+
+/// `tail` (path, query, fragment) without `password=` query parameters.
+fn without_password_params(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
     };
-    format!("{scheme}{authority}{tail}")
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let is_password = |kv: &str| {
+        kv.split('=')
+            .next()
+            .is_some_and(|name| name.eq_ignore_ascii_case("password"))
+    };
+    if !query.split('&').any(is_password) {
+        return tail.to_owned();
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| !kv.is_empty() && !is_password(kv))
+        .collect();
+    let mut t = path.to_owned();
+    if !kept.is_empty() {
+        t.push('?');
+        t.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        t.push('#');
+        t.push_str(f);
+    }
+    t
+}
+
+/// `url` with its whole user-info part (user name and password) and any
+/// `password=` query parameter removed, for error messages and logs of
+/// brokers whose user name may itself be a secret (a NATS token,
+/// `nats://TOKEN@host`). Unlike [`redact_url`], which keeps the user name,
+/// nothing before the host survives.
+///
+/// The user info ends at the last `@` (a password may contain `@`, and
+/// `/`). When a `?` or `#` comes before that `@`, it is either an `@` in
+/// the query or an unescaped `?` / `#` in a password: then everything up to
+/// the last `@` is shown as `<redacted>`, which may hide more than the
+/// secret but never less. Text that is not a URL but holds an `@` is
+/// treated the same way.
+///
+/// ```
+/// use postbox_core::redact_userinfo;
+/// assert_eq!(redact_userinfo("nats://s3cret@h:4222"), "nats://h:4222");
+/// assert_eq!(redact_userinfo("amqp://u:p@ss@h:5672/%2f"), "amqp://h:5672/%2f");
+/// assert_eq!(redact_userinfo("redis://h:6379/0"), "redis://h:6379/0");
+/// assert_eq!(redact_userinfo("u:p@h:4222"), "<redacted>@h:4222");
+/// ```
+pub fn redact_userinfo(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("<redacted>@{host}"),
+            None => url.to_owned(),
+        };
+    };
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let Some(at) = rest.rfind('@') else {
+        return format!("{scheme}{}", without_password_params(rest));
+    };
+    if rest[..at].contains(['?', '#']) {
+        return format!(
+            "{scheme}<redacted>@{}",
+            without_password_params(&rest[at + 1..])
+        );
+    }
+    format!("{scheme}{}", without_password_params(&rest[at + 1..]))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{redact_url, redact_userinfo};
+    use proptest::prelude::*;
 
     #[test]
     fn removes_every_password() {
@@ -101,6 +149,69 @@ mod tests {
             assert_eq!(got, want, "{url}");
             for secret in ["s3cret", "hunter2", "p%40ss", "p@ss"] {
                 assert!(!got.contains(secret), "{got} leaks {secret}");
+            }
+        }
+    }
+
+    #[test]
+    fn removes_the_whole_user_info() {
+        let cases = [
+            ("nats://s3cret@127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("nats://alice:s3cret@h:4222", "nats://h:4222"),
+            ("tls://alice:s3cret@h:4222", "tls://h:4222"),
+            ("amqp://guest:s3cret@h:5672/%2f", "amqp://h:5672/%2f"),
+            (
+                "amqps://u:p@ss@h:5671/v?heartbeat=5",
+                "amqps://h:5671/v?heartbeat=5",
+            ),
+            ("redis://:s3cret@h:6379/0", "redis://h:6379/0"),
+            ("rediss://alice:s3cret@h", "rediss://h"),
+            ("nats://h:4222/?x=a@b", "nats://<redacted>@b"),
+            ("nats://u:s3cret@h:4222/?x=1", "nats://h:4222/?x=1"),
+            ("nats://h:4222/?password=s3cret&x=1", "nats://h:4222/?x=1"),
+            ("redis://u:s3cret@h/0?PASSWORD=s3cret", "redis://h/0"),
+            ("nats://h:4222/?&&x", "nats://h:4222/?&&x"),
+            ("amqp://u:p?s3cret@h/", "amqp://<redacted>@h/"),
+            ("amqp://u:p#s3cret@h/", "amqp://<redacted>@h/"),
+            ("amqp://u:p/s3cret@h/", "amqp://h/"),
+            ("nats://[::1]:4222", "nats://[::1]:4222"),
+            ("alice:s3cret@h:4222", "<redacted>@h:4222"),
+            ("h:4222", "h:4222"),
+            ("", ""),
+        ];
+        for (url, want) in cases {
+            let got = redact_userinfo(url);
+            assert_eq!(got, want, "{url}");
+            assert!(!got.contains("s3cret") && !got.contains("alice"), "{got}");
+        }
+    }
+
+    proptest! {
+        /// Whatever the user name and password hold (any text, including
+        /// `@ : / ? #`), neither survives, and the host always does.
+        #[test]
+        fn user_info_never_survives(
+            scheme in "(nats|tls|amqp|amqps|redis|rediss|mqtt)",
+            user in "[A-Za-z0-9@:/?#%!$&'()*+,;=._~-]{0,12}SECRETUSER[A-Za-z0-9@:/?#%._~-]{0,12}",
+            pass in proptest::option::of("[A-Za-z0-9@:/?#%!$&'()*+,;=._~-]{0,12}SECRETPASS[A-Za-z0-9@:/?#%._~-]{0,12}"),
+            tail in "(|/|/%2f|/0|/v\\?heartbeat=5)",
+        ) {
+            let userinfo = match &pass {
+                Some(p) => format!("{user}:{p}"),
+                None => user.clone(),
+            };
+            let url = format!("{scheme}://{userinfo}@broker.example:4222{tail}");
+            let got = redact_userinfo(&url);
+            prop_assert!(!got.contains("SECRET"), "{url} -> {got}");
+            prop_assert!(got.contains("broker.example:4222"), "{url} -> {got}");
+        }
+
+        /// Never panics, on any input, and never changes a secret-free input.
+        #[test]
+        fn any_text(raw in "\\PC{0,64}") {
+            let got = redact_userinfo(&raw);
+            if !raw.contains('@') && !raw.to_ascii_lowercase().contains("password") {
+                prop_assert_eq!(got, raw);
             }
         }
     }

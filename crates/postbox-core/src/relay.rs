@@ -4,8 +4,26 @@
 //! [`Relay::dispose`]: `Ok` → sent; `Transient` → retry with backoff until the
 //! attempts run out, then dead; `Rejected` → dead now. Dead keyed messages
 //! park their key unless `on_dead = skip`.
+//!
+//! Shutdown: once the token fires, no new claim starts; a batch being
+//! published gets [`RelayOptions::shutdown_grace`] to finish, after which its
+//! rows are released (claimable at once by another relay, attempt not
+//! counted); a claim that returns after the token fired is released without
+//! being published.
+//!
+//! Heartbeats: while [`Relay::run`] runs, a task of its own writes the
+//! relay's [`RelayHeartbeat`] (id, host, pid, version, last claim, rows held)
+//! every [`RelayOptions::heartbeat_interval`], off the claim path; a clean
+//! shutdown deletes the row once every lease is completed or released.
+//!
+//! Retention: when the store keeps sent messages
+//! ([`Store::sent_retention`]), another task deletes those past the
+//! retention every [`RelayOptions::cleanup_interval`], in batches of
+//! [`CLEANUP_BATCH`] rows, one short transaction each
+//! ([`Relay::clean_up_sent`]).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -16,11 +34,13 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::clock::{SharedClock, SystemClock, since};
-use crate::error::{ConfigError, RelayError};
-use crate::message::Message;
+use crate::error::{ConfigError, RelayError, StoreError};
+use crate::fairness::{MAX_TENANTS, Rotation};
+use crate::message::{Message, from_unix_micros, to_unix_micros};
+use crate::observe::{self, Health, HealthState, TopicLabels};
 use crate::publish::{PublishOutcome, Publisher};
 use crate::retry::RetryPolicy;
-use crate::store::{ClaimRequest, CompleteReport, Completion, Disposition, Store};
+use crate::store::{ClaimRequest, CompleteReport, Completion, Disposition, RelayHeartbeat, Store};
 
 /// What happens to the later messages of a key whose message went dead.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -59,7 +79,40 @@ pub struct RelayOptions {
     pub on_dead: OnDead,
     /// Only claim this tenant's messages \[all tenants\].
     pub tenant: Option<String>,
+    /// Rotate claims across the tenants with pending messages (each tenant
+    /// in turn, then any tenant), so that one tenant's backlog does not
+    /// starve the others; off: oldest first across tenants \[on\]. Needs a
+    /// store that lists its tenants (`Store::pending_tenants`); ignored when
+    /// `tenant` is set.
+    pub tenant_fairness: bool,
+    /// How often the rotation re-reads the tenants with pending messages
+    /// (one cheap store query) \[5 s\].
+    pub tenant_refresh: Duration,
+    /// After shutdown is requested, how long a batch being published may
+    /// still take before its rows are released to other relays \[5 s\].
+    pub shutdown_grace: Duration,
+    /// How often [`Relay::run`] samples the store's counts into the
+    /// `postbox_pending`… gauges (one `stats` query each time); `None`
+    /// turns the sampling off \[30 s\].
+    pub stats_interval: Option<Duration>,
+    /// Distinct `topic` label values in metrics before further topics are
+    /// counted as `_other` \[100\].
+    pub metrics_topic_limit: usize,
+    /// How often [`Relay::run`] writes the relay's heartbeat row (one small
+    /// upsert; `postbox status` flags a relay silent for 3 intervals while
+    /// holding leases); `None` turns heartbeats off \[5 s\].
+    pub heartbeat_interval: Option<Duration>,
+    /// How often [`Relay::run`] deletes the sent messages the store has kept
+    /// longer than its retention ([`Store::sent_retention`]; nothing runs
+    /// for a store that deletes on success); `None` turns the cleanup off
+    /// \[1 min\].
+    pub cleanup_interval: Option<Duration>,
 }
+
+/// Rows one cleanup statement deletes at most ([`Relay::clean_up_sent`]):
+/// small enough that each transaction, and the locks it takes, stay short
+/// next to producers and claims.
+pub const CLEANUP_BATCH: usize = 500;
 
 impl Default for RelayOptions {
     fn default() -> Self {
@@ -73,6 +126,13 @@ impl Default for RelayOptions {
             max_attempts: 25,
             on_dead: OnDead::Park,
             tenant: None,
+            tenant_fairness: true,
+            tenant_refresh: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+            stats_interval: Some(Duration::from_secs(30)),
+            metrics_topic_limit: 100,
+            heartbeat_interval: Some(Duration::from_secs(5)),
+            cleanup_interval: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -115,6 +175,34 @@ impl RelayOptions {
                 "must be greater than zero",
             ));
         }
+        if self.stats_interval.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::invalid(
+                "stats_interval",
+                self.stats_interval,
+                "must be greater than zero (or unset to turn sampling off)",
+            ));
+        }
+        if self.tenant_refresh.is_zero() {
+            return Err(ConfigError::invalid(
+                "tenant_refresh",
+                self.tenant_refresh,
+                "must be greater than zero",
+            ));
+        }
+        if self.heartbeat_interval.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::invalid(
+                "heartbeat_interval",
+                self.heartbeat_interval,
+                "must be greater than zero (or unset to turn heartbeats off)",
+            ));
+        }
+        if self.cleanup_interval.is_some_and(|d| d.is_zero()) {
+            return Err(ConfigError::invalid(
+                "cleanup_interval",
+                self.cleanup_interval,
+                "must be greater than zero (or unset to turn the cleanup off)",
+            ));
+        }
         if self.send_timeout >= self.lease {
             return Err(ConfigError::invalid(
                 "send_timeout",
@@ -155,6 +243,13 @@ impl std::ops::AddAssign for TickReport {
     }
 }
 
+/// What one pass did, and whether its claim was for a tenant picked by the
+/// fairness rotation.
+struct Pass {
+    report: TickReport,
+    rotated: bool,
+}
+
 /// Wakes a running relay right away, e.g. just after the producer's commit,
 /// instead of waiting for the next poll. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -168,6 +263,15 @@ impl RelayWaker {
     pub fn wake(&self) {
         for n in self.workers.iter() {
             n.notify_one();
+        }
+    }
+
+    /// Wakes every worker but `worker`.
+    fn wake_others(&self, worker: usize) {
+        for (i, n) in self.workers.iter().enumerate() {
+            if i != worker {
+                n.notify_one();
+            }
         }
     }
 }
@@ -259,6 +363,50 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
         self
     }
 
+    /// Rotate claims across tenants with pending messages (on by default).
+    #[must_use]
+    pub fn tenant_fairness(mut self, on: bool) -> Self {
+        self.options.tenant_fairness = on;
+        self
+    }
+
+    /// How often the tenant rotation re-reads the pending tenants.
+    #[must_use]
+    pub fn tenant_refresh(mut self, d: Duration) -> Self {
+        self.options.tenant_refresh = d;
+        self
+    }
+
+    /// How long an in-flight publish may take after shutdown before its
+    /// rows are released.
+    #[must_use]
+    pub fn shutdown_grace(mut self, d: Duration) -> Self {
+        self.options.shutdown_grace = d;
+        self
+    }
+
+    /// How often to sample the store's counts into gauges (`None`: never).
+    #[must_use]
+    pub fn stats_interval(mut self, d: Option<Duration>) -> Self {
+        self.options.stats_interval = d;
+        self
+    }
+
+    /// How often to write the relay's heartbeat row (`None`: never).
+    #[must_use]
+    pub fn heartbeat_interval(mut self, d: Option<Duration>) -> Self {
+        self.options.heartbeat_interval = d;
+        self
+    }
+
+    /// How often to delete sent messages kept past the store's retention
+    /// (`None`: never).
+    #[must_use]
+    pub fn cleanup_interval(mut self, d: Option<Duration>) -> Self {
+        self.options.cleanup_interval = d;
+        self
+    }
+
     /// Replaces all options at once.
     #[must_use]
     pub fn options(mut self, options: RelayOptions) -> Self {
@@ -283,9 +431,15 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
             inner: Arc::new(Inner {
                 store: self.store,
                 publisher: self.publisher,
+                topics: TopicLabels::new(self.options.metrics_topic_limit),
                 options: self.options,
                 clock: self.clock,
                 waker: RelayWaker { workers },
+                health: Mutex::new(HealthState::default()),
+                id: Uuid::now_v7(),
+                held: AtomicU64::new(0),
+                last_claim_us: AtomicI64::new(NEVER),
+                rotation: Rotation::default(),
             }),
         })
     }
@@ -297,7 +451,19 @@ struct Inner<S, P> {
     options: RelayOptions,
     clock: SharedClock,
     waker: RelayWaker,
+    topics: TopicLabels,
+    health: Mutex<HealthState>,
+    /// This relay's id in its heartbeat row.
+    id: Uuid,
+    /// Rows claimed and not yet completed or released.
+    held: AtomicU64,
+    /// Unix µs (relay clock) of the latest successful claim, or [`NEVER`].
+    last_claim_us: AtomicI64,
+    /// Which tenant the next claim is for (see [`crate::fairness`]).
+    rotation: Rotation,
 }
+
+const NEVER: i64 = i64::MIN;
 
 /// Moves committed messages from a [`Store`] to a [`Publisher`].
 ///
@@ -335,37 +501,138 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         &self.inner.store
     }
 
+    /// The relay's id, chosen when it was built: the key of its heartbeat
+    /// row and a field of its logs.
+    pub fn id(&self) -> Uuid {
+        self.inner.id
+    }
+
+    /// Rows this relay holds under lease right now (claimed, not yet
+    /// completed or released).
+    pub fn leased(&self) -> u64 {
+        self.inner.held.load(Ordering::Relaxed)
+    }
+
     /// A handle that wakes the running relay at once.
     pub fn waker(&self) -> RelayWaker {
         self.inner.waker.clone()
+    }
+
+    /// Whether the relay can work right now: the latest claim reached the
+    /// store, and the publisher is not failing every message. For a
+    /// readiness probe (`/readyz` in the daemon).
+    pub fn health(&self) -> Health {
+        self.health_state().snapshot()
+    }
+
+    fn health_state(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.inner
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// One pass: claim one batch, publish it, record the outcomes.
     ///
     /// For tests and cron-style use; [`Relay::run`] loops over it.
     pub async fn tick(&self) -> Result<TickReport, RelayError> {
+        Ok(self.pass(&CancellationToken::new()).await?.report)
+    }
+
+    /// The tenant the next claim is for: the configured one, or the next in
+    /// the fairness rotation (re-read from the store when stale), or any.
+    /// The flag says whether it came from the rotation.
+    async fn claim_scope(&self) -> (Option<String>, bool) {
+        let o = &self.inner.options;
+        if o.tenant.is_some() || !o.tenant_fairness {
+            return (o.tenant.clone(), false);
+        }
+        let rotation = &self.inner.rotation;
+        if rotation.stale(o.tenant_refresh) {
+            match self.inner.store.pending_tenants(MAX_TENANTS).await {
+                Ok(tenants) => rotation.refresh(tenants),
+                Err(e) => {
+                    tracing::debug!(error = %e, "listing pending tenants failed; keeping the rotation");
+                    rotation.refresh(rotation.tenants());
+                }
+            }
+        }
+        let tenant = rotation.next();
+        let rotated = tenant.is_some();
+        (tenant, rotated)
+    }
+
+    /// One pass that gives way to `shutdown`: a claim that comes back after
+    /// the token fired is released unpublished, and a publish still running
+    /// [`RelayOptions::shutdown_grace`] after it fired is abandoned and its
+    /// rows released.
+    async fn pass(&self, shutdown: &CancellationToken) -> Result<Pass, RelayError> {
         let o = &self.inner.options;
         let mut req = ClaimRequest::new(o.batch_size, o.lease);
-        req.tenant.clone_from(&o.tenant);
-        let claim = self
-            .inner
-            .store
-            .claim(&req)
-            .await
-            .map_err(RelayError::Claim)?;
+        let (tenant, rotated) = self.claim_scope().await;
+        req.tenant = tenant;
+        let report = self.claim_and_process(&req, shutdown).await?;
+        Ok(Pass { report, rotated })
+    }
+
+    async fn claim_and_process(
+        &self,
+        req: &ClaimRequest,
+        shutdown: &CancellationToken,
+    ) -> Result<TickReport, RelayError> {
+        let o = &self.inner.options;
+        let started = Instant::now();
+        let claim = match self.inner.store.claim(req).await {
+            Ok(claim) => {
+                self.health_state().claim_ok();
+                self.inner
+                    .last_claim_us
+                    .store(to_unix_micros(self.inner.clock.now()), Ordering::Relaxed);
+                claim
+            }
+            Err(e) => {
+                metrics::counter!(observe::CLAIM_ERRORS_TOTAL).increment(1);
+                self.health_state().claim_failed(e.to_string());
+                return Err(RelayError::Claim(e));
+            }
+        };
+        metrics::histogram!(observe::CLAIM_DURATION_SECONDS).record(started.elapsed());
         if claim.is_empty() {
             return Ok(TickReport::default());
         }
-        let lease_deadline = Instant::now() + o.lease;
+        metrics::histogram!(observe::BATCH_SIZE).record(claim.len() as f64);
+        let lease_deadline = started + o.lease;
         let token = claim.lease.token;
         let span = tracing::debug_span!(
             "postbox.batch",
             postbox.batch_size = claim.len(),
             postbox.lease_token = %token,
         );
-        self.process(claim, token, lease_deadline)
+        let rows = claim.len() as u64;
+        self.hold(rows, true);
+        let done = self
+            .process(claim, token, lease_deadline, shutdown)
             .instrument(span)
-            .await
+            .await;
+        // completed, released, or (if recording failed) left to expire: no
+        // longer this relay's either way
+        self.hold(rows, false);
+        done
+    }
+
+    /// Counts rows claimed (`more`) or given up, for the heartbeat and the
+    /// `postbox_leases_held` gauge.
+    fn hold(&self, rows: u64, more: bool) {
+        // the gauge moves by the difference, so several relays in one
+        // process add up instead of overwriting each other
+        let gauge = metrics::gauge!(observe::LEASES_HELD);
+        if more {
+            self.inner.held.fetch_add(rows, Ordering::Relaxed);
+            gauge.increment(rows as f64);
+        } else {
+            self.inner.held.fetch_sub(rows, Ordering::Relaxed);
+            gauge.decrement(rows as f64);
+        }
     }
 
     async fn process(
@@ -373,6 +640,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         claim: crate::store::Claim,
         token: Uuid,
         lease_deadline: Instant,
+        shutdown: &CancellationToken,
     ) -> Result<TickReport, RelayError> {
         let o = &self.inner.options;
         let mut report = TickReport {
@@ -383,6 +651,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
         for bad in claim.malformed {
             tracing::warn!(postbox.seq = bad.seq, reason = %bad.reason, "malformed outbox row dead-lettered");
+            metrics::counter!(observe::DEAD_TOTAL, "topic" => observe::OTHER_TOPIC).increment(1);
             completions.push(Completion::new(
                 bad.seq,
                 Disposition::Dead {
@@ -413,18 +682,24 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
 
         if !to_publish.is_empty() {
-            let outcomes = self.publish(&to_publish).await;
-            let now = self.inner.clock.now();
-            for (m, outcome) in to_publish.iter().zip(outcomes) {
-                if outcome.is_ok() {
-                    tracing::trace!(
-                        postbox.id = %m.id,
-                        postbox.topic = %m.topic,
-                        postbox.latency_ms = since(now, m.created_at).as_millis() as u64,
-                        "published"
+            match self.publish(&to_publish, shutdown).await {
+                Some(outcomes) => {
+                    self.observe_outcomes(&to_publish, &outcomes);
+                    for (m, outcome) in to_publish.iter().zip(outcomes) {
+                        completions.push(Completion::new(m.seq, self.dispose(m, outcome)));
+                    }
+                }
+                None => {
+                    tracing::info!(
+                        postbox.batch_size = to_publish.len(),
+                        "shutting down: releasing the batch's leases to other relays"
+                    );
+                    completions.extend(
+                        to_publish
+                            .iter()
+                            .map(|m| Completion::new(m.seq, Disposition::Release)),
                     );
                 }
-                completions.push(Completion::new(m.seq, self.dispose(m, outcome)));
             }
         }
 
@@ -436,10 +711,13 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 _ => {}
             }
         }
+        let started = Instant::now();
         let done = self
             .complete_until(token, &completions, lease_deadline)
             .await?;
+        metrics::histogram!(observe::COMPLETE_DURATION_SECONDS).record(started.elapsed());
         if done.lost > 0 {
+            metrics::counter!(observe::LEASE_LOST_TOTAL).increment(done.lost);
             tracing::warn!(
                 postbox.lost = done.lost,
                 "lease taken over before completion; another relay will deliver these again"
@@ -447,6 +725,47 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
         report.lost = done.lost;
         Ok(report)
+    }
+
+    /// Counters and latency per message, and the publisher's health.
+    fn observe_outcomes(&self, batch: &[Message], outcomes: &[PublishOutcome]) {
+        let now = self.inner.clock.now();
+        let mut all_transient = None;
+        for (m, outcome) in batch.iter().zip(outcomes) {
+            let topic = self.inner.topics.label(&m.topic);
+            match outcome {
+                PublishOutcome::Ok => {
+                    let latency = since(now, m.created_at);
+                    tracing::trace!(
+                        postbox.id = %m.id,
+                        postbox.topic = %m.topic,
+                        postbox.latency_ms = latency.as_millis() as u64,
+                        "published"
+                    );
+                    metrics::counter!(observe::PUBLISHED_TOTAL, "topic" => topic.clone())
+                        .increment(1);
+                    metrics::histogram!(observe::COMMIT_TO_PUBLISH_SECONDS, "topic" => topic)
+                        .record(latency);
+                    all_transient = Some(None);
+                }
+                PublishOutcome::Transient { reason, .. } => {
+                    metrics::counter!(observe::PUBLISH_FAILURES_TOTAL, "topic" => topic, "kind" => "transient")
+                        .increment(1);
+                    if all_transient.is_none() {
+                        all_transient = Some(Some(reason.clone()));
+                    }
+                }
+                PublishOutcome::Rejected { .. } => {
+                    metrics::counter!(observe::PUBLISH_FAILURES_TOTAL, "topic" => topic, "kind" => "rejected")
+                        .increment(1);
+                }
+            }
+        }
+        // Rejections say nothing about reachability: only a batch with an
+        // acknowledgement clears the error, only an all-transient one sets it.
+        if let Some(error) = all_transient {
+            self.health_state().publisher(error);
+        }
     }
 
     fn max_attempts(&self, m: &Message) -> u32 {
@@ -461,6 +780,14 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     /// The single place that turns a publish outcome into a message's fate.
     fn dispose(&self, m: &Message, outcome: PublishOutcome) -> Disposition {
+        let dead = |error: String| {
+            metrics::counter!(observe::DEAD_TOTAL, "topic" => self.inner.topics.label(&m.topic))
+                .increment(1);
+            Disposition::Dead {
+                error,
+                park: self.parks(m),
+            }
+        };
         match outcome {
             PublishOutcome::Ok => Disposition::Sent,
             PublishOutcome::Transient {
@@ -470,10 +797,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 let max = self.max_attempts(m);
                 if m.attempt >= max {
                     tracing::warn!(postbox.id = %m.id, postbox.topic = %m.topic, %reason, "message dead after its last attempt");
-                    Disposition::Dead {
-                        error: format!("gave up after {max} attempts: {reason}"),
-                        park: self.parks(m),
-                    }
+                    dead(format!("gave up after {max} attempts: {reason}"))
                 } else {
                     let backoff = self.inner.options.retry.delay(m.attempt);
                     let delay = retry_after.map_or(backoff, |hint| hint.max(backoff));
@@ -486,17 +810,33 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             }
             PublishOutcome::Rejected { reason } => {
                 tracing::warn!(postbox.id = %m.id, postbox.topic = %m.topic, %reason, "message rejected by the broker, dead-lettered");
-                Disposition::Dead {
-                    error: reason,
-                    park: self.parks(m),
-                }
+                dead(reason)
             }
         }
     }
 
-    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+    /// Publishes `batch` within the send timeout. `None`: shutdown was
+    /// requested and the grace period ran out first, so the outcome is
+    /// unknown and the rows should be released.
+    async fn publish(
+        &self,
+        batch: &[Message],
+        shutdown: &CancellationToken,
+    ) -> Option<Vec<PublishOutcome>> {
+        if shutdown.is_cancelled() {
+            // claimed while shutting down: hand it straight back
+            return None;
+        }
         let timeout = self.inner.options.send_timeout;
-        match tokio::time::timeout(timeout, self.inner.publisher.publish(batch)).await {
+        let grace = self.inner.options.shutdown_grace;
+        let started = Instant::now();
+        let sent = tokio::time::timeout(timeout, self.inner.publisher.publish(batch));
+        let result = tokio::select! {
+            r = sent => r,
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => return None,
+        };
+        metrics::histogram!(observe::PUBLISH_DURATION_SECONDS).record(started.elapsed());
+        Some(match result {
             Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
             Ok(outcomes) => {
                 let reason = format!(
@@ -512,7 +852,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 tracing::warn!(postbox.batch_size = batch.len(), "{reason}");
                 vec![PublishOutcome::transient(reason); batch.len()]
             }
-        }
+        })
     }
 
     /// Records outcomes, retrying a failing database until the lease would
@@ -544,11 +884,16 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Runs until `shutdown` fires, then lets each in-flight batch finish
-    /// (bounded by the send timeout) and returns the totals.
+    /// Runs until `shutdown` fires, then stops claiming, gives each batch
+    /// being published [`RelayOptions::shutdown_grace`] to finish, releases
+    /// the rows of those that did not, and returns the totals.
     ///
     /// Database errors are retried with backoff forever; they never end the
-    /// loop.
+    /// loop. While it runs it also samples the store's counts into gauges
+    /// every [`RelayOptions::stats_interval`], writes its heartbeat every
+    /// [`RelayOptions::heartbeat_interval`] and, for a store that keeps sent
+    /// messages, deletes those past the retention every
+    /// [`RelayOptions::cleanup_interval`].
     pub async fn run(&self, shutdown: CancellationToken) -> TickReport {
         let mut workers = JoinSet::new();
         for worker in 0..self.inner.options.concurrency {
@@ -556,6 +901,36 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             let shutdown = shutdown.clone();
             workers.spawn(async move { relay.work(worker, shutdown).await });
         }
+        let sampler = self.inner.options.stats_interval.map(|every| {
+            let relay = self.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { relay.sample_stats(every, shutdown).await })
+        });
+        let heartbeat = self.inner.options.heartbeat_interval.map(|every| {
+            let relay = self.clone();
+            let shutdown = shutdown.clone();
+            let started_at = self.inner.clock.now();
+            tokio::spawn(async move { relay.beat(every, started_at, shutdown).await })
+        });
+        let cleanup = match (
+            self.inner.options.cleanup_interval,
+            self.inner.store.sent_retention(),
+        ) {
+            (Some(every), Some(retention)) => {
+                tracing::info!(
+                    ?retention,
+                    ?every,
+                    "keeping sent messages; deleting those past the retention every interval"
+                );
+                let relay = self.clone();
+                let shutdown = shutdown.clone();
+                Some(tokio::spawn(async move {
+                    relay.clean_up_every(every, shutdown).await;
+                }))
+            }
+            _ => None,
+        };
+        tracing::info!(postbox.relay_id = %self.inner.id, "relay running");
         let mut total = TickReport::default();
         while let Some(done) = workers.join_next().await {
             match done {
@@ -563,7 +938,173 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 Err(e) => tracing::error!(error = %e, "relay worker failed"),
             }
         }
+        if let Some(sampler) = sampler {
+            sampler.abort();
+        }
+        if let Some(cleanup) = cleanup {
+            // it stops between two batches once shutdown fired; a batch in
+            // progress is one short statement
+            let abort = cleanup.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), cleanup)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        if let Some(heartbeat) = heartbeat {
+            self.stop_heartbeat(heartbeat).await;
+        }
         total
+    }
+
+    /// Writes the heartbeat row every `every` until shutdown. A failing
+    /// write is logged (a warning when it starts failing, then quietly) and
+    /// tried again at the next interval; it never affects delivery.
+    async fn beat(
+        &self,
+        every: Duration,
+        started_at: std::time::SystemTime,
+        shutdown: CancellationToken,
+    ) {
+        let base = RelayHeartbeat::new(
+            self.inner.id,
+            host_name(),
+            std::process::id(),
+            env!("CARGO_PKG_VERSION"),
+            started_at,
+            every,
+        );
+        let mut failing = false;
+        loop {
+            let last = self.inner.last_claim_us.load(Ordering::Relaxed);
+            let beat = base
+                .clone()
+                .last_claim_at((last != NEVER).then(|| from_unix_micros(last)))
+                .leased(self.leased());
+            match self.inner.store.heartbeat(&beat).await {
+                Ok(()) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "writing the relay heartbeat failed (run `postbox migrate`?); retrying every interval");
+                }
+                Err(e) => tracing::debug!(error = %e, "writing the relay heartbeat failed"),
+            }
+            // A write in progress finishes first: stopping mid-statement
+            // could let the row reappear after `stop_heartbeat` deleted it.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// After the workers are done (every lease completed or released): waits
+    /// for a heartbeat write in progress, then deletes the row.
+    async fn stop_heartbeat(&self, task: tokio::task::JoinHandle<()>) {
+        let abort = task.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+        match self.inner.store.remove_relay(self.inner.id).await {
+            Ok(_) => tracing::debug!(postbox.relay_id = %self.inner.id, "heartbeat row removed"),
+            Err(e) => {
+                tracing::warn!(postbox.relay_id = %self.inner.id, error = %e, "removing the relay heartbeat failed; `postbox relays forget` removes it")
+            }
+        }
+    }
+
+    /// Deletes the sent messages the store has kept longer than its
+    /// retention, [`CLEANUP_BATCH`] rows per statement (one short
+    /// transaction each) until none is left, and returns how many. Nothing
+    /// for a store without retention. [`Relay::run`] calls it every
+    /// [`RelayOptions::cleanup_interval`]; call it yourself when you drive
+    /// the relay with [`Relay::tick`].
+    pub async fn clean_up_sent(&self) -> Result<u64, StoreError> {
+        self.clean_up_until(&CancellationToken::new()).await
+    }
+
+    /// [`Relay::clean_up_sent`] that stops between batches once `stop`
+    /// fires. Counts and logs what it deleted, also when a batch fails.
+    async fn clean_up_until(&self, stop: &CancellationToken) -> Result<u64, StoreError> {
+        let Some(retention) = self.inner.store.sent_retention() else {
+            return Ok(0);
+        };
+        let mut purged = 0;
+        let mut result = Ok(());
+        while !stop.is_cancelled() {
+            match self.inner.store.purge_sent(retention, CLEANUP_BATCH).await {
+                Ok(n) => {
+                    purged += n;
+                    metrics::counter!(observe::SENT_PURGED_TOTAL).increment(n);
+                    if n < CLEANUP_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::debug!(
+                postbox.purged = purged,
+                ?retention,
+                "deleted sent messages kept past the retention"
+            );
+        }
+        result.map(|()| purged)
+    }
+
+    /// Runs the cleanup now and then every `every` until shutdown. A failing
+    /// cleanup is logged (a warning when it starts failing, then quietly)
+    /// and tried again at the next interval; it never affects delivery.
+    async fn clean_up_every(&self, every: Duration, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            match self.clean_up_until(&shutdown).await {
+                Ok(_) => failing = false,
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "deleting sent messages past the retention failed (run `postbox migrate`?); retrying every cleanup interval");
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "deleting sent messages past the retention failed")
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+
+    /// Keeps the store gauges current. A failing `stats` query is logged and
+    /// tried again at the next interval; it never affects delivery.
+    async fn sample_stats(&self, every: Duration, shutdown: CancellationToken) {
+        loop {
+            match self.inner.store.stats(&crate::store::Filter::all()).await {
+                Ok(stats) => {
+                    let age = stats
+                        .oldest_pending_at
+                        .map(|t| since(self.inner.clock.now(), t));
+                    observe::record_stats(&stats, age);
+                }
+                Err(e) => tracing::debug!(error = %e, "sampling outbox stats failed"),
+            }
+            match self.inner.store.holdups().await {
+                Ok(h) => observe::record_holdups(&h),
+                Err(e) => tracing::debug!(error = %e, "sampling what holds the outbox back failed"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
     }
 
     async fn work(&self, worker: usize, shutdown: CancellationToken) -> TickReport {
@@ -573,13 +1114,26 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut failures = 0u32;
         let mut total = TickReport::default();
         while !shutdown.is_cancelled() {
-            let pause = match self.tick().await {
-                Ok(r) => {
+            let pause = match self.pass(&shutdown).await {
+                Ok(Pass { report: r, rotated }) => {
                     failures = 0;
                     total += r;
+                    if r.claimed == 0 && rotated {
+                        // this tenant has nothing claimable now; the
+                        // rotation's "any tenant" claim decides whether to
+                        // sleep
+                        continue;
+                    }
                     if r.claimed > 0 {
                         // More may be waiting, including the next message of
-                        // each key just completed.
+                        // each key just completed. After a full batch, idle
+                        // siblings help: a batch can hold every claimable
+                        // head (as many keys as the batch size), leaving
+                        // them an empty claim and a poll interval of sleep
+                        // while the next heads are already there.
+                        if r.claimed >= o.batch_size as u64 {
+                            self.inner.waker.wake_others(worker);
+                        }
                         continue;
                     }
                     o.poll_interval
@@ -600,4 +1154,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
         total
     }
+}
+
+/// This machine's host name, for the heartbeat row.
+fn host_name() -> String {
+    whoami::fallible::hostname().unwrap_or_else(|_| "unknown".to_owned())
 }

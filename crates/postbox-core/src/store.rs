@@ -18,6 +18,16 @@
 //! earlier message of that key is pending, leased, or dead and parked. Every
 //! completion carries the lease token; a completion whose token no longer
 //! matches the row changes nothing (fencing).
+//!
+//! Retention: by default `Sent` deletes the row. A store built with a
+//! retention (`retain_sent(Some(period))` on each store crate's outbox or
+//! store type) instead keeps it as `sent`, stamped with `sent_at` on the
+//! store's clock: a sent row is never claimed again, never holds its key
+//! back, and is counted in [`Stats::sent`] and listed as [`Status::Sent`].
+//! [`Store::purge_sent`] deletes kept rows past a given age in small
+//! batches; a running [`Relay`](crate::Relay) calls it every
+//! [`cleanup_interval`](crate::RelayOptions::cleanup_interval) with the
+//! store's [`Store::sent_retention`].
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};
@@ -116,8 +126,11 @@ impl Claim {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Disposition {
-    /// Published and acknowledged: delete it (or keep it as sent, per the
-    /// store's retention).
+    /// Published and acknowledged. The store deletes the row, or, when it
+    /// was built with a retention ([`Store::sent_retention`] is `Some`),
+    /// keeps it with status `sent` and `sent_at` = its clock's now and the
+    /// lease cleared: never claimed again, never holding its key back, until
+    /// [`Store::purge_sent`] deletes it once the retention has passed.
     Sent,
     /// Publish again after `delay`, recording `error`.
     Retry {
@@ -243,7 +256,11 @@ pub enum Status {
     Leased,
     /// Gave up; waits for replay, skip or purge.
     Dead,
-    /// Published and kept for audit (only with a retaining store).
+    /// Published, and kept for audit because the store was built with a
+    /// retention (see [`Disposition::Sent`]). Stores without one delete
+    /// sent rows at once, so they never list any. Sent rows are never
+    /// claimed, replayed or skipped, and never hold their key back; `purge`
+    /// with this status and [`Store::purge_sent`] delete them.
     Sent,
 }
 
@@ -322,6 +339,10 @@ pub struct MessageRecord {
     /// Body (serialised as base64-free lossy text in JSON output by the CLI).
     #[serde(skip)]
     pub payload: bytes::Bytes,
+    /// When it was recorded as sent (store clock): set only for
+    /// [`Status::Sent`] rows a retaining store keeps.
+    #[serde(serialize_with = "opt_unix_micros")]
+    pub sent_at: Option<SystemTime>,
 }
 
 impl MessageRecord {
@@ -358,7 +379,15 @@ impl MessageRecord {
             available_at,
             headers,
             payload,
+            sent_at: None,
         }
+    }
+
+    /// Sets when the row was recorded as sent; used by stores.
+    #[must_use]
+    pub fn sent_at(mut self, at: Option<SystemTime>) -> Self {
+        self.sent_at = at;
+        self
     }
 }
 
@@ -432,6 +461,149 @@ fn opt_unix_micros<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result
     }
 }
 
+/// How [`Store::stats_by`] groups its counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GroupBy {
+    /// One group per topic.
+    Topic,
+    /// One group per tenant; rows without a tenant form the `None` group.
+    Tenant,
+}
+
+/// The counts of one group of [`Store::stats_by`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct GroupStats {
+    /// The topic or tenant (`None`: rows without a tenant).
+    pub group: Option<String>,
+    /// Exact counts of the group's rows.
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+impl GroupStats {
+    /// Builds one group's counts; used by stores.
+    pub fn new(group: Option<String>, stats: Stats) -> Self {
+        Self { group, stats }
+    }
+}
+
+/// A relay's heartbeat is stale when it is older than this many heartbeat
+/// intervals (see [`RelayRecord::is_stale`]).
+pub const STALE_AFTER_INTERVALS: u32 = 3;
+
+/// What a running relay reports about itself every
+/// [`RelayOptions::heartbeat_interval`](crate::RelayOptions::heartbeat_interval),
+/// written with [`Store::heartbeat`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct RelayHeartbeat {
+    /// Chosen when the relay was built; the row's key.
+    pub relay_id: Uuid,
+    /// Host name of the relay's machine (or container).
+    pub host: String,
+    /// Operating-system process id.
+    pub pid: u32,
+    /// postbox version of the relay.
+    pub version: String,
+    /// When the relay started running, on its own clock.
+    #[serde(with = "unix_micros")]
+    pub started_at: SystemTime,
+    /// How often it writes its heartbeat.
+    #[serde(rename = "heartbeat_interval_ms", serialize_with = "duration_ms")]
+    pub interval: Duration,
+    /// Its latest successful claim (empty or not), on its own clock.
+    #[serde(serialize_with = "opt_unix_micros")]
+    pub last_claim_at: Option<SystemTime>,
+    /// Rows it holds under lease right now (claimed, not yet completed).
+    pub leased: u64,
+}
+
+impl RelayHeartbeat {
+    /// A heartbeat with no claim yet and nothing leased.
+    pub fn new(
+        relay_id: Uuid,
+        host: impl Into<String>,
+        pid: u32,
+        version: impl Into<String>,
+        started_at: SystemTime,
+        interval: Duration,
+    ) -> Self {
+        Self {
+            relay_id,
+            host: host.into(),
+            pid,
+            version: version.into(),
+            started_at,
+            interval,
+            last_claim_at: None,
+            leased: 0,
+        }
+    }
+
+    /// Sets the latest successful claim.
+    #[must_use]
+    pub fn last_claim_at(mut self, at: Option<SystemTime>) -> Self {
+        self.last_claim_at = at;
+        self
+    }
+
+    /// Sets the number of rows held under lease.
+    #[must_use]
+    pub fn leased(mut self, rows: u64) -> Self {
+        self.leased = rows;
+        self
+    }
+}
+
+/// A relay's heartbeat as [`Store::relays`] reads it back.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct RelayRecord {
+    /// What the relay last reported.
+    #[serde(flatten)]
+    pub heartbeat: RelayHeartbeat,
+    /// When it was written, on the store's clock.
+    #[serde(with = "unix_micros")]
+    pub last_heartbeat: SystemTime,
+    /// How long ago that was, on the store's clock (so the relay's and the
+    /// reader's clocks never need to agree).
+    #[serde(rename = "silent_for_ms", serialize_with = "duration_ms")]
+    pub silent_for: Duration,
+}
+
+impl RelayRecord {
+    /// Builds a record; used by stores.
+    pub fn new(
+        heartbeat: RelayHeartbeat,
+        last_heartbeat: SystemTime,
+        silent_for: Duration,
+    ) -> Self {
+        Self {
+            heartbeat,
+            last_heartbeat,
+            silent_for,
+        }
+    }
+
+    /// The relay has missed [`STALE_AFTER_INTERVALS`] heartbeats.
+    pub fn is_silent(&self) -> bool {
+        self.silent_for > self.heartbeat.interval * STALE_AFTER_INTERVALS
+    }
+
+    /// The relay has gone silent while holding leases: it has probably died
+    /// (or is stuck, or cut off from the database), and its rows wait until
+    /// their leases run out.
+    pub fn is_stale(&self) -> bool {
+        self.is_silent() && self.heartbeat.leased > 0
+    }
+}
+
+fn duration_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Which dead or sent rows `purge` deletes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -446,6 +618,57 @@ impl PurgeQuery {
     /// Purge rows in `status` matching `filter`.
     pub fn new(status: Status, filter: Filter) -> Self {
         Self { status, filter }
+    }
+}
+
+/// One session (or replication slot, or prepared transaction) that holds
+/// postbox back, as a store can tell it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Holder {
+    /// Database server process id, when it is a session.
+    pub pid: Option<i32>,
+    /// How long it has held on (its transaction's age), when known.
+    pub age: Option<Duration>,
+    /// What it is, for an operator: database, application, state, slot or
+    /// transaction name.
+    pub description: String,
+}
+
+impl Holder {
+    /// Builds a holder; used by stores.
+    pub fn new(pid: Option<i32>, age: Option<Duration>, description: impl Into<String>) -> Self {
+        Self {
+            pid,
+            age,
+            description: description.into(),
+        }
+    }
+}
+
+/// What holds delivery or cleanup back right now, so that a stall is
+/// reported (by `postbox status`, by metrics and in the relay's log) instead
+/// of staying silent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Holdups {
+    /// The oldest open transaction that wrote a keyed message and has not
+    /// committed: later messages of its keys wait for it.
+    pub key_holder: Option<Holder>,
+    /// The oldest transaction (or replication slot, or prepared
+    /// transaction), in any database of the server, that holds back the
+    /// horizon below which the database may clean up dead rows: the
+    /// outbox's deleted rows pile up until it ends.
+    pub horizon: Option<Holder>,
+}
+
+impl Holdups {
+    /// Builds holdups; used by stores.
+    pub fn new(key_holder: Option<Holder>, horizon: Option<Holder>) -> Self {
+        Self {
+            key_holder,
+            horizon,
+        }
     }
 }
 
@@ -495,4 +718,179 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes matching dead (or retained sent) messages. Returns how many.
     fn purge(&self, query: &PurgeQuery) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// How long this store keeps sent messages (see [`Disposition::Sent`]):
+    /// `None` when it deletes them on success. A running
+    /// [`Relay`](crate::Relay) deletes the kept ones past this age with
+    /// [`Store::purge_sent`] every
+    /// [`cleanup_interval`](crate::RelayOptions::cleanup_interval).
+    ///
+    /// The default is `None`.
+    fn sent_retention(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Deletes at most `limit` kept sent messages whose `sent_at` is at
+    /// least `older_than` ago on the store's clock, oldest first, in one
+    /// short transaction, and returns how many. Callers loop until it
+    /// returns less than `limit`; a small `limit` (hundreds) keeps every
+    /// transaction and its locks short. Pending, leased and dead rows are
+    /// never touched. Works whatever the store's own retention (an operator
+    /// may purge rows kept under an earlier setting).
+    ///
+    /// The default deletes nothing (stores that never keep sent messages).
+    fn purge_sent(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send {
+        let _ = (older_than, limit);
+        async { Ok(0) }
+    }
+
+    /// Exact counts narrowed by `filter`, one [`GroupStats`] per topic or
+    /// per tenant, sorted by group (the `None` group first).
+    ///
+    /// The default pages through [`Store::list`] and counts in memory: it
+    /// reads every row, and splits ready from delayed on this process's
+    /// clock. Stores override it with one grouped query.
+    fn stats_by(
+        &self,
+        filter: &Filter,
+        by: GroupBy,
+    ) -> impl Future<Output = Result<Vec<GroupStats>, StoreError>> + Send {
+        async move { stats_by_listing(self, filter, by).await }
+    }
+
+    /// Records (inserts or refreshes) a running relay's heartbeat, stamping
+    /// it with the store's clock. One small write; relays call it every
+    /// heartbeat interval, never on the claim path.
+    ///
+    /// The default records nothing (and [`Store::relays`] then lists no
+    /// relay).
+    fn heartbeat(
+        &self,
+        heartbeat: &RelayHeartbeat,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = heartbeat;
+        async { Ok(()) }
+    }
+
+    /// The relays with a heartbeat row, oldest start first.
+    ///
+    /// The default lists none.
+    fn relays(&self) -> impl Future<Output = Result<Vec<RelayRecord>, StoreError>> + Send {
+        async { Ok(Vec::new()) }
+    }
+
+    /// Deletes a relay's heartbeat row (on its clean shutdown, or by an
+    /// operator for a relay that died). Returns whether there was one.
+    ///
+    /// The default removes nothing.
+    fn remove_relay(
+        &self,
+        relay_id: Uuid,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send {
+        let _ = relay_id;
+        async { Ok(false) }
+    }
+
+    /// Up to `limit` tenants that have pending messages (leased ones
+    /// count), for fair claiming: the relay claims for each in turn (see
+    /// `RelayOptions::tenant_fairness`). Messages without a tenant are not
+    /// listed. A store implementing it must make claims restricted to one
+    /// tenant cheap however many messages other tenants have (an index).
+    ///
+    /// The default lists none: the relay then claims oldest first across
+    /// tenants.
+    fn pending_tenants(
+        &self,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send {
+        let _ = limit;
+        async { Ok(Vec::new()) }
+    }
+
+    /// What holds delivery or cleanup back right now (see [`Holdups`]).
+    /// The relay samples it with the stats into gauges and warns when a
+    /// holder gets old.
+    ///
+    /// The default reports nothing (stores where nothing can hold back, such
+    /// as single-writer SQLite).
+    fn holdups(&self) -> impl Future<Output = Result<Holdups, StoreError>> + Send {
+        async { Ok(Holdups::default()) }
+    }
+}
+
+/// [`Store::stats_by`] for stores without a grouped query.
+async fn stats_by_listing<S: Store + ?Sized>(
+    store: &S,
+    filter: &Filter,
+    by: GroupBy,
+) -> Result<Vec<GroupStats>, StoreError> {
+    const PAGE: usize = 1000;
+    #[derive(Default)]
+    struct Acc {
+        ready: u64,
+        delayed: u64,
+        retrying: u64,
+        leased: u64,
+        dead: u64,
+        sent: u64,
+        parked: std::collections::HashSet<Option<String>>,
+        oldest: Option<SystemTime>,
+    }
+    let now = SystemTime::now();
+    let mut groups: std::collections::BTreeMap<Option<String>, Acc> = Default::default();
+    let mut query = ListQuery::new(None, PAGE).filter(filter.clone());
+    loop {
+        let page = store.list(&query).await?;
+        for r in &page {
+            let group = match by {
+                GroupBy::Tenant => r.tenant.clone(),
+                _ => Some(r.topic.clone()),
+            };
+            let acc = groups.entry(group).or_default();
+            match r.status {
+                Status::Dead => {
+                    acc.dead += 1;
+                    if r.parked {
+                        acc.parked.insert(r.key.clone());
+                    }
+                    continue;
+                }
+                Status::Sent => {
+                    acc.sent += 1;
+                    continue;
+                }
+                Status::Leased => acc.leased += 1,
+                _ if r.attempts > 0 => acc.retrying += 1,
+                _ if r.available_at > now => acc.delayed += 1,
+                _ => acc.ready += 1,
+            }
+            acc.oldest = Some(acc.oldest.map_or(r.created_at, |o| o.min(r.created_at)));
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE => query.after_seq = Some(last.seq),
+            _ => break,
+        }
+    }
+    Ok(groups
+        .into_iter()
+        .map(|(group, a)| {
+            GroupStats::new(
+                group,
+                Stats::new(
+                    a.ready,
+                    a.delayed,
+                    a.retrying,
+                    a.leased,
+                    a.dead,
+                    a.parked.len() as u64,
+                    a.sent,
+                    a.oldest,
+                ),
+            )
+        })
+        .collect())
 }

@@ -1,5 +1,6 @@
 //! Webhook publisher settings.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -55,6 +56,11 @@ pub struct HttpConfig {
     /// `traceparent` and `content-type` mean what they say).
     #[serde(default)]
     pub header_prefix: String,
+    /// PEM file of extra root certificates (e.g. a private CA) trusted for
+    /// `https://` in addition to the platform's. Default none. Server
+    /// certificates are always verified; there is no setting to skip that.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_concurrency() -> usize {
@@ -70,7 +76,7 @@ fn default_connect_timeout_ms() -> u64 {
 impl std::fmt::Debug for HttpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpConfig")
-            .field("url", &redact_url(&self.url))
+            .field("url", &postbox_core::redact_userinfo(&self.url))
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("unsigned", &self.unsigned)
             .field("concurrency", &self.concurrency)
@@ -78,6 +84,7 @@ impl std::fmt::Debug for HttpConfig {
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("allow_private_networks", &self.allow_private_networks)
             .field("header_prefix", &self.header_prefix)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -94,6 +101,7 @@ impl HttpConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             allow_private_networks: false,
             header_prefix: String::new(),
+            ca_file: None,
         }
     }
 
@@ -145,11 +153,23 @@ impl HttpConfig {
         self.header_prefix = prefix.into();
         self
     }
+
+    /// Trusts the root certificates in this PEM file too (see
+    /// [`HttpConfig::ca_file`]).
+    #[must_use]
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
 }
 
 pub(crate) fn parse_url(url: &str) -> Result<url::Url, HttpError> {
-    let parsed = url::Url::parse(url)
-        .map_err(|e| HttpError::invalid("url", format!("{} is not a URL: {e}", redact_url(url))))?;
+    let parsed = url::Url::parse(url).map_err(|e| {
+        HttpError::invalid(
+            "url",
+            format!("{} is not a URL: {e}", postbox_core::redact_userinfo(url)),
+        )
+    })?;
     match parsed.scheme() {
         "http" | "https" => {}
         other => {
@@ -163,23 +183,6 @@ pub(crate) fn parse_url(url: &str) -> Result<url::Url, HttpError> {
         return Err(HttpError::invalid("url", "has no host"));
     }
     Ok(parsed)
-}
-
-/// The URL with any password replaced by `***`, for messages and logs.
-pub(crate) fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        // not a URL: show only what precedes a possible userinfo part
-        Err(_) => match url.find('@') {
-            Some(at) => format!("***{}", &url[at..]),
-            None => url.to_owned(),
-        },
-    }
 }
 
 #[cfg(test)]

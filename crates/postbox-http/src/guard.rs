@@ -115,8 +115,21 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn resolve_guarded(host: String, allow_private: bool) -> Result<Addrs, BoxError> {
     let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+    let allowed = allowed_addresses(&host, resolved, allow_private)?;
+    Ok(Box::new(allowed.into_iter()))
+}
+
+/// What the guard keeps of the addresses `host` resolved to: all of them
+/// when private networks are allowed, else only public ones, and an error
+/// naming the refused ones when none is left (a name that resolves to both
+/// is reached on its public addresses only).
+fn allowed_addresses(
+    host: &str,
+    resolved: Vec<SocketAddr>,
+    allow_private: bool,
+) -> Result<Vec<SocketAddr>, Refused> {
     if allow_private {
-        return Ok(Box::new(resolved.into_iter()));
+        return Ok(resolved);
     }
     let (ok, refused): (Vec<SocketAddr>, Vec<SocketAddr>) = resolved
         .into_iter()
@@ -132,12 +145,15 @@ async fn resolve_guarded(host: String, allow_private: bool) -> Result<Addrs, Box
         } else {
             detail
         };
-        return Err(Box::new(Refused { host, detail }));
+        return Err(Refused {
+            host: host.to_owned(),
+            detail,
+        });
     }
     if !refused.is_empty() {
         tracing::debug!(host = %host, refused = refused.len(), "dropped refused addresses");
     }
-    Ok(Box::new(ok.into_iter()))
+    Ok(ok)
 }
 
 /// Whether `err` (a reqwest error) was caused by the guard.
@@ -215,5 +231,51 @@ mod tests {
         ] {
             assert!(!refused(a), "{a} must be allowed");
         }
+    }
+
+    fn addrs(ips: &[&str]) -> Vec<SocketAddr> {
+        ips.iter()
+            .map(|ip| SocketAddr::new(ip.parse().unwrap(), 443))
+            .collect()
+    }
+
+    /// What a DNS name may resolve to: a name whose every address is
+    /// internal (`localhost` as `::1`, a name pointing at the metadata
+    /// endpoint, a mapped or NAT64 form) is refused, naming the addresses;
+    /// a name with public and internal addresses keeps only the public.
+    #[test]
+    fn names_resolving_to_internal_addresses_are_refused() {
+        for answer in [
+            &["::1"][..],
+            &["127.0.0.1", "::1"],
+            &["fe80::1"],
+            &["169.254.169.254"],
+            &["::ffff:169.254.169.254"],
+            &["64:ff9b::7f00:1"],
+            &["10.1.2.3", "fd00::1"],
+            &["0.0.0.0"],
+            &[],
+        ] {
+            let e = allowed_addresses("evil.example", addrs(answer), false).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains("evil.example"), "{text}");
+            assert!(text.contains("allow_private_networks"), "{text}");
+            for ip in answer {
+                assert!(text.contains(ip), "{answer:?}: {text}");
+            }
+        }
+        let e = allowed_addresses("localhost", addrs(&["::1"]), false).unwrap_err();
+        assert!(e.to_string().contains("::1 is a loopback address"), "{e}");
+        // mixed answer: only the public address is ever connected to
+        let kept = allowed_addresses(
+            "mixed.example",
+            addrs(&["127.0.0.1", "93.184.216.34", "::1"]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(kept, addrs(&["93.184.216.34"]));
+        // allowed on purpose: everything, unchanged
+        let all = addrs(&["::1", "10.0.0.1"]);
+        assert_eq!(allowed_addresses("x", all.clone(), true).unwrap(), all);
     }
 }

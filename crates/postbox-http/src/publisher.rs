@@ -12,9 +12,10 @@ use reqwest::{StatusCode, Url};
 use tracing::Instrument as _;
 
 use crate::HttpError;
-use crate::config::{HttpConfig, parse_url, redact_url};
+use crate::config::{HttpConfig, parse_url};
 use crate::guard::{GuardedResolver, refusal, refused_in_chain};
 use crate::sign::WebhookSecret;
+use postbox_core::redact_userinfo;
 
 /// How much of an error response body goes into a `Rejected` reason.
 const EXCERPT_CHARS: usize = 200;
@@ -129,7 +130,11 @@ impl HttpPublisher {
                 ));
             }
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &config.ca_file {
+            builder = builder.tls_certs_merge(extra_roots(path)?);
+        }
+        let client = builder
             .dns_resolver(GuardedResolver {
                 allow_private: config.allow_private_networks,
             })
@@ -140,14 +145,18 @@ impl HttpPublisher {
             .user_agent(concat!("postbox/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| HttpError::Client(e.without_url()))?;
+        // No user info at all: a webhook's user name may be a token
+        // (`https://TOKEN@host/hook`), like a NATS one; and nothing up to a
+        // last `@` (a token with an unescaped `/` ends up in the path).
         let mut shown = url.clone();
         let _ = shown.set_password(None);
+        let _ = shown.set_username("");
         shown.set_query(None);
         shown.set_fragment(None);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                display_url: redact_url(shown.as_str()),
+                display_url: redact_userinfo(shown.as_str()),
                 url,
                 secret,
                 concurrency: config.concurrency,
@@ -207,10 +216,26 @@ impl HttpPublisher {
         for (i, o) in results.into_iter().flatten() {
             outcomes[i] = Some(o);
         }
-        outcomes
+        let outcomes: Vec<PublishOutcome> = outcomes
             .into_iter()
             .map(|o| o.unwrap_or_else(|| PublishOutcome::transient("internal: no outcome")))
-            .collect()
+            .collect();
+        // one line per batch, not per message: an endpoint that is down (or
+        // whose certificate is refused) fails every request the same way
+        let mut failed = outcomes.iter().filter_map(|o| match o {
+            PublishOutcome::Transient { reason, .. } => Some(reason),
+            _ => None,
+        });
+        if let Some(first) = failed.next() {
+            tracing::warn!(
+                url = %self.inner.display_url,
+                failed = 1 + failed.count(),
+                of = outcomes.len(),
+                reason = %first,
+                "webhook requests failed; they will be retried"
+            );
+        }
+        outcomes
     }
 
     async fn send_one(&self, m: &Message) -> PublishOutcome {
@@ -409,6 +434,26 @@ pub(crate) fn excerpt(body: &[u8]) -> String {
         out.push('…');
     }
     out.trim().to_owned()
+}
+
+/// The certificates of a `ca_file`, refusing a file without any.
+fn extra_roots(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, HttpError> {
+    let pem = std::fs::read(path).map_err(|e| {
+        HttpError::invalid("ca_file", format!("cannot read {}: {e}", path.display()))
+    })?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        HttpError::invalid(
+            "ca_file",
+            format!("{} is not a PEM certificate bundle: {e}", path.display()),
+        )
+    })?;
+    if certs.is_empty() {
+        return Err(HttpError::invalid(
+            "ca_file",
+            format!("{} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(certs)
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

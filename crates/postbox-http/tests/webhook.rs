@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use postbox_core::{Headers, PublishOutcome, Publisher};
 use postbox_http::{HttpConfig, HttpError, HttpPublisher, WebhookSecret};
 use postbox_testkit::publisher_suite::message;
+use postbox_testkit::tls::{TestCa, TlsAcceptor, TlsListener};
 use postbox_testkit::{LargePayload, PublisherHarness, Received};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -65,6 +66,15 @@ struct Server {
 
 impl Server {
     async fn start(respond: Responder) -> Self {
+        Self::start_with(respond, None).await
+    }
+
+    /// An `https://` receiver presenting `tls`'s certificate.
+    async fn start_tls(respond: Responder, tls: TlsAcceptor) -> Self {
+        Self::start_with(respond, Some(tls)).await
+    }
+
+    async fn start_with(respond: Responder, tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
@@ -76,6 +86,7 @@ impl Server {
                     return;
                 };
                 let (seen, arrived, respond) = (seen2.clone(), arrived2.clone(), respond.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let (seen, arrived, respond) =
@@ -99,9 +110,16 @@ impl Server {
                             Ok::<_, hyper::Error>(b.body(Full::new(Bytes::from(r.body))).unwrap())
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(stream), svc).await,
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            http.serve_connection(TokioIo::new(stream), svc).await
+                        }
+                    };
                 });
             }
         });
@@ -598,4 +616,147 @@ async fn connection_cut_mid_request_is_transient() {
     release.notify_waiters();
     // the retry goes through a fresh connection
     assert!(publish_one(&p, b"again").await.is_ok());
+}
+
+/// An internal address written in any of the spellings a URL parser
+/// accepts (hex, octal, shortened, one number, IPv6 forms of IPv4, zero
+/// groups, a trailing dot) is refused: at build time when the host is an
+/// address literal, else by the resolver at send time. Nothing is sent
+/// either way (none of these hosts is ever connected to).
+#[tokio::test]
+async fn internal_addresses_in_every_spelling_are_refused() {
+    for url in [
+        "http://0x7f000001/",
+        "http://0x7f.0.0.1/",
+        "http://0177.0.0.1/",
+        "http://017700000001/",
+        "http://127.1/",
+        "http://0/",
+        "http://0xa9fea9fe/latest/meta-data",
+        "http://169.254.169.254./latest/meta-data",
+        "http://[0:0:0:0:0:0:0:1]/",
+        "http://[::ffff:7f00:1]/",
+        "http://[::ffff:a9fe:a9fe]/",
+        "http://[fe80::1]/",
+        "http://[fd00::1]/",
+        "http://[::]/",
+        "https://192.168.0.1:8443/",
+    ] {
+        match HttpPublisher::new(HttpConfig::new(url).secret(SECRET)) {
+            Err(e) => assert!(
+                e.to_string().contains("allow_private_networks"),
+                "{url}: {e}"
+            ),
+            Ok(p) => match publish_one(&p, b"x").await {
+                PublishOutcome::Rejected { reason } => {
+                    assert!(reason.contains("refused"), "{url}: {reason}")
+                }
+                o => panic!("{url}: expected a refusal, got {o:?}"),
+            },
+        }
+    }
+}
+
+/// A redirect is never followed, whatever it points to: a receiver that
+/// answers 301/302/303/307/308 towards a second, internal server gets a
+/// `Rejected` naming the status, and the second server sees nothing. (The
+/// first receiver is on loopback, so private networks are allowed here: the
+/// guard alone would let the redirect through; not following it is what
+/// stops it.)
+#[tokio::test]
+async fn redirects_are_never_followed() {
+    let internal = Server::ok().await;
+    let target = format!("http://localhost:{}/internal", internal.addr.port());
+    for status in [301u16, 302, 303, 307, 308] {
+        let location = target.clone();
+        let redirecting = Server::start(Arc::new(move |_s: Seen| {
+            let location = location.clone();
+            Box::pin(async move {
+                Reply {
+                    status,
+                    headers: vec![("location", location)],
+                    body: String::new(),
+                }
+            })
+        }))
+        .await;
+        let p = HttpPublisher::new(config(&redirecting.url())).unwrap();
+        match publish_one(&p, b"x").await {
+            PublishOutcome::Rejected { reason } => {
+                assert!(reason.contains(&status.to_string()), "{status}: {reason}");
+                assert!(reason.contains("redirect"), "{status}: {reason}");
+            }
+            o => panic!("{status}: expected Rejected, got {o:?}"),
+        }
+        assert_eq!(redirecting.seen().len(), 1, "{status}");
+    }
+    assert!(
+        internal.seen().is_empty(),
+        "a redirect was followed to the internal server"
+    );
+}
+
+fn https_url(addr: SocketAddr) -> String {
+    format!("https://127.0.0.1:{}/hook", addr.port())
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_refused_as_transient() {
+    let ca = TestCa::generate();
+    let listener = TlsListener::start(&ca).await.unwrap();
+    let p = HttpPublisher::new(config(&https_url(listener.addr()))).unwrap();
+    match publish_one(&p, b"secret payload").await {
+        PublishOutcome::Transient { reason, .. } => {
+            assert!(
+                reason.contains("certificate") && reason.contains("UnknownIssuer"),
+                "the reason should name the certificate problem: {reason}"
+            );
+        }
+        other => panic!("an untrusted certificate must give Transient, got {other:?}"),
+    }
+    assert_eq!(listener.handshakes_completed(), 0);
+}
+
+#[tokio::test]
+async fn a_certificate_from_the_configured_ca_file_is_accepted() {
+    let ca = TestCa::generate();
+    let server =
+        Server::start_tls(Arc::new(|_| Box::pin(async { reply(204) })), ca.acceptor()).await;
+    let url = https_url(server.addr);
+    // the same server is refused without the CA...
+    let plain = HttpPublisher::new(config(&url)).unwrap();
+    assert!(
+        matches!(
+            publish_one(&plain, b"x").await,
+            PublishOutcome::Transient { .. }
+        ),
+        "accepted without the CA"
+    );
+    assert!(server.seen().is_empty());
+    // ...and trusted with it
+    let ca_file =
+        std::env::temp_dir().join(format!("postbox-test-ca-{}.pem", uuid::Uuid::new_v4()));
+    std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+    let trusting = HttpPublisher::new(config(&url).ca_file(&ca_file)).unwrap();
+    let outcome = publish_one(&trusting, b"over tls").await;
+    std::fs::remove_file(&ca_file).unwrap();
+    assert_eq!(outcome, PublishOutcome::Ok);
+    assert_eq!(server.seen()[0].body, Bytes::from_static(b"over tls"));
+}
+
+#[test]
+fn an_unreadable_or_empty_ca_file_is_a_config_error() {
+    let missing =
+        std::env::temp_dir().join(format!("postbox-missing-{}.pem", uuid::Uuid::new_v4()));
+    let e = HttpPublisher::new(config("https://example.com/hook").ca_file(&missing))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ca_file") && e.contains("cannot read"), "{e}");
+    let empty = std::env::temp_dir().join(format!("postbox-empty-{}.pem", uuid::Uuid::new_v4()));
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let e = HttpPublisher::new(config("https://example.com/hook").ca_file(&empty))
+        .unwrap_err()
+        .to_string();
+    std::fs::remove_file(&empty).unwrap();
+    assert!(e.contains("ca_file"), "{e}");
 }

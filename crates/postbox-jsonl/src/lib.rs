@@ -16,7 +16,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use base64::Engine;
 use postbox_core::{Headers, Message, PublishOutcome, Publisher};
@@ -111,7 +111,13 @@ impl Publisher for StdoutPublisher {
 /// Appends each batch to a file with one `write(2)` on an `O_APPEND`
 /// descriptor, then `fdatasync`s it before reporting the batch published.
 /// Several relays (processes) may append to the same file: batches never
-/// interleave within a line.
+/// interleave within a line (appenders also take an exclusive `flock`, so
+/// the rest of a short write is never interleaved either). A relay killed
+/// inside its `write(2)` can leave a partial last line (SIGKILL ends a write
+/// to a regular file between pages); the next batch then starts on a new
+/// line, so that partial line stays one line a reader cannot parse (its
+/// messages were never reported sent and are delivered again) and the next
+/// batch's lines stay whole.
 ///
 /// Write errors (`ENOSPC`, `EFBIG`, `EIO`) are `Transient`: the messages stay
 /// pending and are retried.
@@ -119,16 +125,23 @@ impl Publisher for StdoutPublisher {
 pub struct FilePublisher {
     file: Arc<File>,
     path: Arc<Path>,
+    /// Serialises this process's appends: `flock` is held per open file,
+    /// so it cannot keep two batches of one publisher (and its clones) apart.
+    appending: Arc<Mutex<()>>,
 }
 
 impl FilePublisher {
     /// Opens `path` for appending, creating the file (not its directory).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, JsonlError> {
         let path = path.as_ref();
+        // read access lets a batch check whether the file ends mid-line;
+        // a file we may only write to is appended to without that check
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(path)
+            .or_else(|_| OpenOptions::new().create(true).append(true).open(path))
             .map_err(|source| JsonlError::Open {
                 path: path.to_owned(),
                 source,
@@ -136,6 +149,7 @@ impl FilePublisher {
         Ok(Self {
             file: Arc::new(file),
             path: path.into(),
+            appending: Arc::new(Mutex::new(())),
         })
     }
 
@@ -156,7 +170,26 @@ impl FilePublisher {
     }
 }
 
-fn append(mut file: &File, bytes: &[u8]) -> io::Result<()> {
+fn append(file: &File, bytes: &[u8]) -> io::Result<()> {
+    // Other postbox appenders take the same lock (a file system without
+    // flock gets the single write(2) alone). The lock goes with the process
+    // when it dies.
+    let locked = file.lock().is_ok();
+    let result = append_locked(file, bytes);
+    if locked {
+        let _ = file.unlock();
+    }
+    result
+}
+
+fn append_locked(mut file: &File, bytes: &[u8]) -> io::Result<()> {
+    let fresh_line;
+    let bytes = if ends_mid_line(file) {
+        fresh_line = [b"\n", bytes].concat();
+        &fresh_line[..]
+    } else {
+        bytes
+    };
     // One write(2) for the whole batch keeps concurrent appenders' lines
     // whole; a short write (rare on regular files) is completed, not lost.
     let n = file.write(bytes)?;
@@ -171,11 +204,37 @@ fn append(mut file: &File, bytes: &[u8]) -> io::Result<()> {
     file.sync_data()
 }
 
+/// Whether a regular file's last byte is not a newline: a batch written by
+/// a relay that was killed during its `write(2)`.
+#[cfg(unix)]
+fn ends_mid_line(file: &File) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let Ok(meta) = file.metadata() else {
+        return false;
+    };
+    if !meta.is_file() || meta.len() == 0 {
+        return false;
+    }
+    let mut last = [0u8; 1];
+    matches!(file.read_at(&mut last, meta.len() - 1), Ok(1)) && last[0] != b'\n'
+}
+
+#[cfg(not(unix))]
+fn ends_mid_line(_file: &File) -> bool {
+    false
+}
+
 impl Publisher for FilePublisher {
     async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
         let bytes = render(batch);
         let file = Arc::clone(&self.file);
-        let outcome = match tokio::task::spawn_blocking(move || append(&file, &bytes)).await {
+        let appending = Arc::clone(&self.appending);
+        let outcome = match tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = appending.lock().unwrap_or_else(PoisonError::into_inner);
+            append(&file, &bytes)
+        })
+        .await
+        {
             Ok(Ok(())) => PublishOutcome::Ok,
             Ok(Err(e)) => PublishOutcome::transient(format!(
                 "appending to {} failed: {e}",

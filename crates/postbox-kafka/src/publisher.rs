@@ -132,23 +132,43 @@ impl KafkaPublisher {
             .clone()
     }
 
-    /// Replaces a producer that hit a fatal error.
-    fn renew_if_fatal(&self, used: &FutureProducer) {
-        let Some((code, reason)) = used.client().fatal_error() else {
+    /// Replaces `used` with a fresh producer (a new producer id) when it
+    /// cannot deliver any more: librdkafka raised a fatal error, or the
+    /// broker refused its producer id or epoch (`fenced`). A producer in
+    /// that state fails every later record the same way, so without a new
+    /// one the relay would retry forever.
+    ///
+    /// Safe for ordering: batches in flight together never share a key
+    /// (the relay leases a key to one batch at a time), and this batch's
+    /// delivery reports are all in.
+    fn renew_if_broken(&self, used: &FutureProducer, fenced: Option<RDKafkaErrorCode>) {
+        let fatal = used.client().fatal_error();
+        if fatal.is_none() && fenced.is_none() {
             return;
-        };
+        }
         let mut slot = self
             .inner
             .producer
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        // someone else may have replaced it already
-        if slot.client().fatal_error().is_none() {
+        // another batch may have replaced it already
+        if slot.client().native_ptr() != used.client().native_ptr() {
             return;
         }
         match self.inner.client_config.create::<FutureProducer>() {
             Ok(fresh) => {
-                tracing::warn!(?code, %reason, "Kafka producer hit a fatal error; created a new one");
+                match (fatal, fenced) {
+                    (Some((code, reason)), _) => tracing::warn!(
+                        ?code,
+                        %reason,
+                        "Kafka producer hit a fatal error; created a new one"
+                    ),
+                    (None, Some(code)) => tracing::warn!(
+                        ?code,
+                        "Kafka broker refused the producer id or epoch; created a new producer"
+                    ),
+                    (None, None) => {}
+                }
                 *slot = fresh;
             }
             Err(e) => {
@@ -200,16 +220,22 @@ impl KafkaPublisher {
                 .map(|(i, topic, fut)| async move { (i, topic, fut.await) }),
         )
         .await;
+        let mut fenced = None;
         for (i, topic, report) in reports {
             outcomes[i] = Some(match report {
                 Ok(Ok(_delivery)) => PublishOutcome::Ok,
-                Ok(Err((e, _msg))) => outcome_for_error(&e, &topic, &self.inner.config),
+                Ok(Err((e, _msg))) => {
+                    if let Some(code) = e.rdkafka_error_code().filter(|c| is_fenced(*c)) {
+                        fenced = Some(code);
+                    }
+                    outcome_for_error(&e, &topic, &self.inner.config)
+                }
                 Err(_canceled) => {
                     PublishOutcome::transient("the Kafka producer was closed before delivery")
                 }
             });
         }
-        self.renew_if_fatal(&producer);
+        self.renew_if_broken(&producer, fenced);
         outcomes
             .into_iter()
             .map(|o| o.unwrap_or_else(|| PublishOutcome::transient("internal: no outcome")))
@@ -226,6 +252,15 @@ impl Publisher for KafkaPublisher {
         );
         self.publish_batch(batch).instrument(span)
     }
+}
+
+/// Errors after which the producer's id or epoch is no good any more.
+fn is_fenced(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::ProducerFenced | C::InvalidProducerEpoch | C::Fenced
+    )
 }
 
 /// Maps a produce error (immediate or from the delivery report).

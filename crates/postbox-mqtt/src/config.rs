@@ -27,8 +27,14 @@ pub struct MqttConfig {
     #[serde(default)]
     pub port: Option<u16>,
     /// TLS with the platform's root certificates (`mqtts://`). Default false.
+    /// The broker's certificate is always verified; there is no setting to
+    /// skip that.
     #[serde(default)]
     pub tls: bool,
+    /// With `tls`: PEM file of extra root certificates (e.g. a private CA)
+    /// trusted in addition to the platform's. Default none.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// User name, if the broker wants one.
     #[serde(default)]
     pub username: Option<String>,
@@ -102,6 +108,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("host", &self.host)
             .field("port", &self.port())
             .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("client_id", &self.client_id)
@@ -120,6 +127,7 @@ impl MqttConfig {
             host: host.into(),
             port: Some(port),
             tls: false,
+            ca_file: None,
             username: None,
             password: None,
             client_id: None,
@@ -138,8 +146,12 @@ impl MqttConfig {
     /// `mqtts://...` (TLS, default port 8883). Errors name the problem and
     /// never contain the password.
     pub fn from_url(url: &str) -> Result<Self, MqttError> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| MqttError::invalid("url", format!("{} is not a URL: {e}", redact(url))))?;
+        let parsed = url::Url::parse(url).map_err(|e| {
+            MqttError::invalid(
+                "url",
+                format!("{} is not a URL: {e}", postbox_core::redact_userinfo(url)),
+            )
+        })?;
         let tls = match parsed.scheme() {
             "mqtt" | "tcp" => false,
             "mqtts" | "ssl" => true,
@@ -172,6 +184,14 @@ impl MqttConfig {
             }
         }
         Ok(cfg)
+    }
+
+    /// Trusts the root certificates in this PEM file too (see
+    /// [`MqttConfig::ca_file`]).
+    #[must_use]
+    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
     }
 
     /// Sets the topic template (`{topic}` is the postbox topic).
@@ -306,13 +326,6 @@ fn hex(b: u8) -> Option<u8> {
         b'a'..=b'f' => Some(b - b'a' + 10),
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
-    }
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***{}", &url[..s], &url[at..]),
-        _ => url.to_owned(),
     }
 }
 

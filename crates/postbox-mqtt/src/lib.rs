@@ -12,6 +12,7 @@
 mod config;
 mod error;
 mod publisher;
+mod tls;
 
 pub use config::MqttConfig;
 pub use error::MqttError;

@@ -161,13 +161,11 @@ impl MqttPublisher {
             options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
         }
         if config.tls {
-            // rumqttc's default TLS config loads the platform roots and
-            // panics when it cannot: turn that into an error.
-            let transport = std::panic::catch_unwind(rumqttc::Transport::tls_with_default_config)
-                .map_err(|_| {
-                MqttError::invalid("tls", "the platform's root certificates cannot be loaded")
-            })?;
-            options.set_transport(transport);
+            let tls = crate::tls::client_config(config.ca_file.as_deref())
+                .map_err(|(field, reason)| MqttError::invalid(field, reason))?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+            ));
         }
         let (client, eventloop) = AsyncClient::new(options, config.queue_capacity);
         let (link, _) = watch::channel(Link::Connecting);

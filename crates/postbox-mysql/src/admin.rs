@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use postbox_core::{
-    Filter, Headers, ListQuery, MessageRecord, PurgeQuery, Stats, Status, StoreError,
-    from_unix_micros,
+    Filter, GroupBy, GroupStats, Headers, ListQuery, MessageRecord, PurgeQuery, Stats, Status,
+    StoreError, from_unix_micros,
 };
 use sqlx::mysql::{MySqlArguments, MySqlRow};
 use sqlx::query::Query;
 use sqlx::{MySql, MySqlPool, Row};
 use uuid::Uuid;
 
-use crate::claim::placeholders;
+use crate::claim::{BEGIN_RC, placeholders};
 use crate::error::map_err;
 use crate::outbox::{EPOCH, Sql};
 
@@ -94,19 +94,39 @@ fn count(row: &MySqlRow, col: &str) -> Result<u64, StoreError> {
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
+/// The counting columns of `stats` and `stats_by`, read by `stats_of`.
+fn counts() -> String {
+    format!(
+        "CAST(COALESCE(SUM(`status` = 'pending' AND NOT {LEASED} AND `attempts` = 0 AND `available_at` <= UTC_TIMESTAMP(6)), 0) AS SIGNED) AS `ready`, \
+         CAST(COALESCE(SUM(`status` = 'pending' AND NOT {LEASED} AND `attempts` = 0 AND `available_at` > UTC_TIMESTAMP(6)), 0) AS SIGNED) AS `delayed`, \
+         CAST(COALESCE(SUM(`status` = 'pending' AND NOT {LEASED} AND `attempts` > 0), 0) AS SIGNED) AS `retrying`, \
+         CAST(COALESCE(SUM(`status` = 'pending' AND {LEASED}), 0) AS SIGNED) AS `leased`, \
+         CAST(COALESCE(SUM(`status` = 'dead'), 0) AS SIGNED) AS `dead`, \
+         CAST(COUNT(DISTINCT CASE WHEN `status` = 'dead' AND `parked` THEN `key_hash` END) AS SIGNED) AS `parked_keys`, \
+         CAST(COALESCE(SUM(`status` = 'sent'), 0) AS SIGNED) AS `sent`, \
+         TIMESTAMPDIFF(MICROSECOND, {EPOCH}, MIN(CASE WHEN `status` = 'pending' THEN `created_at` END)) AS `oldest_us`"
+    )
+}
+
+fn stats_of(row: &MySqlRow) -> Result<Stats, StoreError> {
+    let oldest: Option<i64> = row.try_get("oldest_us").map_err(map_err)?;
+    Ok(Stats::new(
+        count(row, "ready")?,
+        count(row, "delayed")?,
+        count(row, "retrying")?,
+        count(row, "leased")?,
+        count(row, "dead")?,
+        count(row, "parked_keys")?,
+        count(row, "sent")?,
+        oldest.map(from_unix_micros),
+    ))
+}
+
 pub(crate) async fn stats(sql: &Sql, pool: &MySqlPool, f: &Filter) -> Result<Stats, StoreError> {
     let w = Where::new(f);
     let text = format!(
-        "SELECT \
-           CAST(COALESCE(SUM(`status` = 'pending' AND NOT {LEASED} AND `attempts` = 0 AND `available_at` <= UTC_TIMESTAMP(6)), 0) AS SIGNED) AS `ready`, \
-           CAST(COALESCE(SUM(`status` = 'pending' AND NOT {LEASED} AND `attempts` = 0 AND `available_at` > UTC_TIMESTAMP(6)), 0) AS SIGNED) AS `delayed`, \
-           CAST(COALESCE(SUM(`status` = 'pending' AND NOT {LEASED} AND `attempts` > 0), 0) AS SIGNED) AS `retrying`, \
-           CAST(COALESCE(SUM(`status` = 'pending' AND {LEASED}), 0) AS SIGNED) AS `leased`, \
-           CAST(COALESCE(SUM(`status` = 'dead'), 0) AS SIGNED) AS `dead`, \
-           CAST(COUNT(DISTINCT CASE WHEN `status` = 'dead' AND `parked` THEN `key_hash` END) AS SIGNED) AS `parked_keys`, \
-           CAST(COALESCE(SUM(`status` = 'sent'), 0) AS SIGNED) AS `sent`, \
-           TIMESTAMPDIFF(MICROSECOND, {EPOCH}, MIN(CASE WHEN `status` = 'pending' THEN `created_at` END)) AS `oldest_us` \
-         FROM {t} WHERE 1 = 1{w}",
+        "SELECT {counts} FROM {t} WHERE 1 = 1{w}",
+        counts = counts(),
         t = sql.t,
         w = w.sql
     );
@@ -115,17 +135,38 @@ pub(crate) async fn stats(sql: &Sql, pool: &MySqlPool, f: &Filter) -> Result<Sta
         .fetch_one(pool)
         .await
         .map_err(map_err)?;
-    let oldest: Option<i64> = row.try_get("oldest_us").map_err(map_err)?;
-    Ok(Stats::new(
-        count(&row, "ready")?,
-        count(&row, "delayed")?,
-        count(&row, "retrying")?,
-        count(&row, "leased")?,
-        count(&row, "dead")?,
-        count(&row, "parked_keys")?,
-        count(&row, "sent")?,
-        oldest.map(from_unix_micros),
-    ))
+    stats_of(&row)
+}
+
+/// Counts per topic or tenant: the same columns as `stats`, grouped.
+pub(crate) async fn stats_by(
+    sql: &Sql,
+    pool: &MySqlPool,
+    f: &Filter,
+    by: GroupBy,
+) -> Result<Vec<GroupStats>, StoreError> {
+    let column = match by {
+        GroupBy::Tenant => "`tenant`",
+        _ => "`topic`",
+    };
+    let w = Where::new(f);
+    let text = format!(
+        "SELECT {column} AS `grp`, {counts} FROM {t} WHERE 1 = 1{w} GROUP BY {column}",
+        counts = counts(),
+        t = sql.t,
+        w = w.sql
+    );
+    let rows = w
+        .bind(sqlx::query(&text))
+        .fetch_all(pool)
+        .await
+        .map_err(map_err)?;
+    let mut groups = rows
+        .iter()
+        .map(|row| Ok(GroupStats::new(opt_text(row, "grp")?, stats_of(row)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    groups.sort_by(|a, b| a.group.cmp(&b.group));
+    Ok(groups)
 }
 
 fn status_condition(status: Option<Status>) -> Result<String, StoreError> {
@@ -159,6 +200,7 @@ pub(crate) async fn list(
            `max_attempts`, `last_error`, `parked`, \
            TIMESTAMPDIFF(MICROSECOND, {EPOCH}, `created_at`) AS `created_us`, \
            TIMESTAMPDIFF(MICROSECOND, {EPOCH}, `available_at`) AS `available_us`, \
+           TIMESTAMPDIFF(MICROSECOND, {EPOCH}, `sent_at`) AS `sent_us`, \
            CAST(`headers` AS CHAR) AS `headers`, `payload` \
          FROM {t} WHERE `seq` > ?{status}{w} ORDER BY `seq` LIMIT ?",
         t = sql.t,
@@ -194,6 +236,7 @@ fn record(row: &MySqlRow) -> Result<MessageRecord, StoreError> {
         .and_then(|h| serde_json::from_str(&h).ok())
         .unwrap_or_default();
     let payload: Vec<u8> = row.try_get("payload").map_err(map_err)?;
+    let sent_us: Option<i64> = row.try_get("sent_us").map_err(map_err)?;
     Ok(MessageRecord::new(
         row.try_get("seq").map_err(map_err)?,
         Uuid::from_slice(&id).unwrap_or(Uuid::nil()),
@@ -209,7 +252,8 @@ fn record(row: &MySqlRow) -> Result<MessageRecord, StoreError> {
         from_unix_micros(available_us),
         headers,
         Bytes::from(payload),
-    ))
+    )
+    .sent_at(sent_us.map(from_unix_micros)))
 }
 
 pub(crate) async fn replay(sql: &Sql, pool: &MySqlPool, f: &Filter) -> Result<u64, StoreError> {
@@ -261,5 +305,55 @@ pub(crate) async fn purge(sql: &Sql, pool: &MySqlPool, q: &PurgeQuery) -> Result
         .execute(pool)
         .await
         .map_err(map_err)?;
+    Ok(done.rows_affected())
+}
+
+/// Tenants with pending rows, by name. No index serves it (tenants are TEXT):
+/// it reads the pending rows through the `(status, seq)` index, which the
+/// relay does once per fairness refresh (every few seconds), not per claim.
+/// Claims restricted to a tenant likewise read pending rows in `seq` order
+/// until they find that tenant's; see README.md, "Tenants".
+pub(crate) async fn pending_tenants(
+    sql: &Sql,
+    pool: &MySqlPool,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    let q = format!(
+        "SELECT DISTINCT `tenant` FROM {t} \
+         WHERE `status` = 'pending' AND `tenant` IS NOT NULL \
+         ORDER BY `tenant` LIMIT ?",
+        t = sql.t
+    );
+    // utf8mb4_bin TEXT comes back as bytes; it is valid UTF-8 by its charset
+    let names: Vec<Vec<u8>> = sqlx::query_scalar(&q)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await
+        .map_err(map_err)?;
+    Ok(names
+        .into_iter()
+        .map(|n| String::from_utf8_lossy(&n).into_owned())
+        .collect())
+}
+
+/// Deletes at most `limit` sent rows at least `older_than` old, oldest
+/// first: one statement (`Sql::purge_sent`) in one short READ COMMITTED
+/// transaction.
+pub(crate) async fn purge_sent(
+    sql: &Sql,
+    pool: &MySqlPool,
+    older_than: Duration,
+    limit: usize,
+) -> Result<u64, StoreError> {
+    // capped at ~100 years so that now - age stays a valid DATETIME
+    let age = micros(older_than).min(3_155_760_000_000_000);
+    let mut tx = pool.begin_with(BEGIN_RC).await.map_err(map_err)?;
+    let done = sqlx::query(&sql.purge_sent)
+        .bind(-age)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await
+        .map_err(map_err)?;
+    tx.commit().await.map_err(map_err)?;
     Ok(done.rows_affected())
 }

@@ -267,11 +267,14 @@ fn clip(error: &str) -> &str {
 /// Applies completions in one transaction. Every statement is guarded by
 /// `lease_token = ? AND status = 'pending'`: a relay whose lease was taken
 /// over changes nothing (fencing), and the rows it names count as lost.
+/// With `keep_sent` (a store with a retention) sent rows are marked sent
+/// instead of deleted.
 pub(crate) async fn complete(
     sql: &Sql,
     pool: &MySqlPool,
     token: Uuid,
     completions: &[Completion],
+    keep_sent: bool,
 ) -> Result<CompleteReport, StoreError> {
     if completions.is_empty() {
         return Ok(CompleteReport::default());
@@ -281,16 +284,26 @@ pub(crate) async fn complete(
     let mut tx = pool.begin_with(BEGIN_RC).await.map_err(map_err)?;
     let mut applied = 0u64;
 
-    // Sent rows go in one DELETE per chunk: the common case, kept to one
-    // statement.
+    // Sent rows go in one statement per chunk: the common case, kept to one
+    // statement. Deleted, or with a retention kept: marked sent on the
+    // database clock with the lease cleared. `status` leaves 'pending', so
+    // the rows drop out of the claim scan, and the per-key rule (only
+    // pending and parked dead rows block a key) no longer sees them.
     let sent: Vec<i64> = completions
         .iter()
         .filter(|c| c.disposition == Disposition::Sent)
         .map(|c| c.seq)
         .collect();
+    let sent_statement = if keep_sent {
+        "UPDATE {t} SET `status` = 'sent', `sent_at` = UTC_TIMESTAMP(6), `lease_token` = NULL, \
+         `lease_until` = NULL WHERE `lease_token` = ? AND `status` = 'pending' AND `seq` IN"
+    } else {
+        "DELETE FROM {t} WHERE `lease_token` = ? AND `status` = 'pending' AND `seq` IN"
+    };
     for chunk in sent.chunks(MAX_CLAIM) {
         let delete = format!(
-            "DELETE FROM {t} WHERE `lease_token` = ? AND `status` = 'pending' AND `seq` IN ({})",
+            "{} ({})",
+            sent_statement.replace("{t}", t),
             placeholders(chunk.len())
         );
         let mut q = sqlx::query(&delete).bind(token);

@@ -22,6 +22,7 @@
 mod admin;
 mod claim;
 mod error;
+mod heartbeat;
 mod migrate;
 mod outbox;
 mod store;

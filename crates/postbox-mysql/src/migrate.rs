@@ -22,11 +22,23 @@ struct Migration {
     sql: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "outbox",
-    sql: include_str!("../migrations/0001_outbox.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "outbox",
+        sql: include_str!("../migrations/0001_outbox.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "relays",
+        sql: include_str!("../migrations/0002_relays.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "sent_retention",
+        sql: include_str!("../migrations/0003_sent_retention.sql"),
+    },
+];
 
 /// Separates statements inside a migration file.
 const STATEMENT_BREAK: &str = "\n-- statement\n";
@@ -110,7 +122,9 @@ async fn apply(sql: &Sql, conn: &mut MySqlConnection) -> Result<(), StoreError> 
             .sql
             .replace("{table}", &sql.t)
             .replace("{keys}", &sql.keys)
-            .replace("{trigger}", &sql.trigger);
+            .replace("{trigger}", &sql.trigger)
+            .replace("{relays}", &sql.relays)
+            .replace("{table_name}", sql.table.as_str());
         for statement in text.split(STATEMENT_BREAK) {
             // DDL and CREATE TRIGGER go over the text protocol: the prepared
             // statement protocol refuses CREATE TRIGGER.

@@ -2,6 +2,7 @@
 //! them, and the producer side (`enqueue`, `enqueue_batch`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use postbox_core::{Ident, NewMessage, StoreError, to_unix_micros};
 use sqlx::mysql::MySql;
@@ -36,6 +37,8 @@ const BATCH_BYTES: usize = 4 << 20;
 #[derive(Clone, Debug)]
 pub struct MySqlOutbox {
     pub(crate) inner: Arc<Sql>,
+    /// Keep sent rows this long instead of deleting them.
+    pub(crate) retain_sent: Option<Duration>,
 }
 
 /// SQL text for one outbox table. Every statement lives here, with the reason
@@ -51,9 +54,12 @@ pub(crate) struct Sql {
     pub(crate) trigger: String,
     /// The migration history table, back-quoted.
     pub(crate) migrations: String,
+    /// The relays' heartbeat table (`<table>_relays`), back-quoted.
+    pub(crate) relays: String,
     pub(crate) insert_one: String,
     pub(crate) claim_any: String,
     pub(crate) claim_tenant: String,
+    pub(crate) purge_sent: String,
 }
 
 /// Columns a claim reads, decoded by `claim::decode`.
@@ -73,6 +79,8 @@ impl Sql {
         let keys = format!("`{table}_key_locks`");
         let trigger = format!("`{table}_key_order`");
         let migrations = format!("`{table}_migrations`");
+        // shorter than `_migrations`, so within MySQL's 64 characters
+        let relays = format!("`{table}_relays`");
         // `available_at` NULL means "now" on the database clock.
         let insert_one = format!(
             "INSERT INTO {t} (`id`, `topic`, `key`, `payload`, `headers`, `tenant`, `available_at`, `max_attempts`) \
@@ -105,7 +113,20 @@ impl Sql {
                 cols = row_columns("o"),
             )
         };
+        // Retention cleanup: at most `?` sent rows at least `?` old, oldest
+        // first, read in order on the `sent_age (status, sent_at)` index
+        // (migration 3), so the statement touches only the rows it deletes.
+        // Run in its own short READ COMMITTED transaction: record locks on
+        // those rows only, no gap locks in front of producers. `seq` makes
+        // the order total, so the LIMIT is deterministic (statement-based
+        // replication accepts it).
+        let purge_sent = format!(
+            "DELETE FROM {t} WHERE `status` = 'sent' \
+               AND `sent_at` <= TIMESTAMPADD(MICROSECOND, ?, UTC_TIMESTAMP(6)) \
+             ORDER BY `sent_at`, `seq` LIMIT ?"
+        );
         Self {
+            purge_sent,
             claim_any: claim(""),
             claim_tenant: claim("AND o.`tenant` = ?"),
             table,
@@ -113,6 +134,7 @@ impl Sql {
             keys,
             trigger,
             migrations,
+            relays,
             insert_one,
         }
     }
@@ -132,6 +154,7 @@ impl Default for MySqlOutbox {
             inner: Arc::new(Sql::new(
                 Ident::new("postbox_outbox").unwrap_or_else(|_| unreachable!("valid identifier")),
             )),
+            retain_sent: None,
         }
     }
 }
@@ -198,12 +221,34 @@ impl MySqlOutbox {
         }
         Ok(Self {
             inner: Arc::new(Sql::new(ident)),
+            retain_sent: None,
         })
     }
 
     /// The table name.
     pub fn table(&self) -> &str {
         self.inner.table.as_str()
+    }
+
+    /// Makes stores over this table keep sent messages for `keep` instead
+    /// of deleting them on success (`None`, the default, deletes them).
+    ///
+    /// A kept row is marked `sent` with `sent_at = UTC_TIMESTAMP(6)` and its
+    /// lease cleared, in the completion's transaction; it is never claimed
+    /// again and never holds its key back (the per-key rule counts only
+    /// pending and parked dead rows). A running relay deletes it once
+    /// `keep` has passed (`Store::purge_sent`, 500 rows per statement on
+    /// the `sent_age` index of migration 3).
+    #[must_use]
+    pub fn retain_sent(mut self, keep: Option<Duration>) -> Self {
+        self.retain_sent = keep;
+        self
+    }
+
+    /// How long stores over this table keep sent messages (`None`: they
+    /// delete them on success).
+    pub fn sent_retention(&self) -> Option<Duration> {
+        self.retain_sent
     }
 
     /// Creates or upgrades the outbox schema. Idempotent; several processes

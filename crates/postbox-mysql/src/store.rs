@@ -4,8 +4,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use postbox_core::{
-    Claim, ClaimRequest, CompleteReport, Completion, Filter, ListQuery, MessageRecord, PurgeQuery,
-    Stats, Store, StoreError,
+    Claim, ClaimRequest, CompleteReport, Completion, Filter, GroupBy, GroupStats, ListQuery,
+    MessageRecord, PurgeQuery, RelayHeartbeat, RelayRecord, Stats, Store, StoreError,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySqlPool};
@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::error::{check_server_version, map_connect_err, redact_url};
 use crate::outbox::MySqlOutbox;
-use crate::{admin, claim};
+use crate::{admin, claim, heartbeat};
 
 /// The outbox store on MySQL or MariaDB; implements [`Store`].
 ///
@@ -87,6 +87,14 @@ impl MySqlStore {
         Self::new(self.pool.clone(), outbox)
     }
 
+    /// This store keeping sent messages for `keep` instead of deleting them
+    /// (see [`MySqlOutbox::retain_sent`]).
+    #[must_use]
+    pub fn retain_sent(mut self, keep: Option<Duration>) -> Self {
+        self.outbox = self.outbox.retain_sent(keep);
+        self
+    }
+
     /// The outbox table this store reads.
     pub fn outbox(&self) -> &MySqlOutbox {
         &self.outbox
@@ -108,7 +116,14 @@ impl Store for MySqlStore {
         token: Uuid,
         completions: &[Completion],
     ) -> Result<CompleteReport, StoreError> {
-        claim::complete(&self.outbox.inner, &self.pool, token, completions).await
+        claim::complete(
+            &self.outbox.inner,
+            &self.pool,
+            token,
+            completions,
+            self.outbox.sent_retention().is_some(),
+        )
+        .await
     }
 
     async fn stats(&self, filter: &Filter) -> Result<Stats, StoreError> {
@@ -129,5 +144,33 @@ impl Store for MySqlStore {
 
     async fn purge(&self, query: &PurgeQuery) -> Result<u64, StoreError> {
         admin::purge(&self.outbox.inner, &self.pool, query).await
+    }
+
+    async fn pending_tenants(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        admin::pending_tenants(&self.outbox.inner, &self.pool, limit).await
+    }
+
+    fn sent_retention(&self) -> Option<Duration> {
+        self.outbox.sent_retention()
+    }
+
+    async fn purge_sent(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {
+        admin::purge_sent(&self.outbox.inner, &self.pool, older_than, limit).await
+    }
+
+    async fn stats_by(&self, filter: &Filter, by: GroupBy) -> Result<Vec<GroupStats>, StoreError> {
+        admin::stats_by(&self.outbox.inner, &self.pool, filter, by).await
+    }
+
+    async fn heartbeat(&self, beat: &RelayHeartbeat) -> Result<(), StoreError> {
+        heartbeat::write(&self.outbox.inner, &self.pool, beat).await
+    }
+
+    async fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
+        heartbeat::list(&self.outbox.inner, &self.pool).await
+    }
+
+    async fn remove_relay(&self, relay_id: Uuid) -> Result<bool, StoreError> {
+        heartbeat::remove(&self.outbox.inner, &self.pool, relay_id).await
     }
 }

@@ -105,7 +105,10 @@ async fn migrations_are_idempotent_and_safe_concurrently() {
         .fetch_one(h.pool())
         .await
         .expect("history");
-    assert_eq!(history, 1);
+    assert_eq!(
+        history, 3,
+        "migrations 1 (outbox), 2 (relays) and 3 (sent_retention), once each"
+    );
     let slots: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM `other_outbox_key_locks`")
         .fetch_one(h.pool())
         .await

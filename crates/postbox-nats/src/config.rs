@@ -1,5 +1,6 @@
 //! NATS publisher settings.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -48,6 +49,11 @@ pub struct NatsConfig {
     /// connections`). Default `postbox`.
     #[serde(default = "default_client_name")]
     pub client_name: String,
+    /// PEM file of extra root certificates (e.g. a private CA) trusted for
+    /// TLS in addition to the platform's. Default none. The server's
+    /// certificate is always verified; there is no setting to skip that.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A JetStream stream the publisher creates when it does not exist yet
@@ -92,12 +98,13 @@ fn default_client_name() -> String {
 impl std::fmt::Debug for NatsConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NatsConfig")
-            .field("url", &redact(&self.url))
+            .field("url", &postbox_core::redact_userinfo(&self.url))
             .field("subject_template", &self.subject_template)
             .field("ack_timeout_ms", &self.ack_timeout_ms)
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("create_stream", &self.create_stream)
             .field("client_name", &self.client_name)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -113,6 +120,7 @@ impl NatsConfig {
             connect_timeout_ms: default_connect_timeout_ms(),
             create_stream: None,
             client_name: default_client_name(),
+            ca_file: None,
         }
     }
 
@@ -151,6 +159,13 @@ impl NatsConfig {
         self
     }
 
+    /// Sets [`NatsConfig::ca_file`].
+    #[must_use]
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
     /// The subject a message of `topic` is published to.
     pub fn subject(&self, topic: &str) -> String {
         self.subject_template.replace("{topic}", topic)
@@ -163,7 +178,7 @@ impl NatsConfig {
                 "url",
                 format!(
                     "{} is not a URL ({e}); expected nats://host:4222",
-                    redact(&self.url)
+                    postbox_core::redact_userinfo(&self.url)
                 ),
             )
         })?;
@@ -173,20 +188,23 @@ impl NatsConfig {
                 format!(
                     "has unknown scheme {:?} in {}; expected nats:// or tls://",
                     url.scheme(),
-                    redact(&self.url)
+                    postbox_core::redact_userinfo(&self.url)
                 ),
             ));
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(NatsError::invalid(
                 "url",
-                format!("{} has no host", redact(&self.url)),
+                format!("{} has no host", postbox_core::redact_userinfo(&self.url)),
             ));
         }
         if self.url.parse::<async_nats::ServerAddr>().is_err() {
             return Err(NatsError::invalid(
                 "url",
-                format!("{} is not a NATS server address", redact(&self.url)),
+                format!(
+                    "{} is not a NATS server address",
+                    postbox_core::redact_userinfo(&self.url)
+                ),
             ));
         }
         if self.subject_template.trim().is_empty() {
@@ -214,25 +232,7 @@ impl NatsConfig {
 
     /// `host:port` of the server, for messages.
     pub(crate) fn server(&self) -> String {
-        redact(&self.url)
-    }
-}
-
-/// The URL without user name, password or token.
-pub(crate) fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if !url.username().is_empty() || url.password().is_some() {
-                let _ = url.set_username("");
-                let _ = url.set_password(None);
-            }
-            url.to_string()
-        }
-        // not a URL: show nothing that could be a secret
-        Err(_) => match raw.rsplit_once('@') {
-            Some((_, host)) => format!("<redacted>@{host}"),
-            None => raw.to_owned(),
-        },
+        postbox_core::redact_userinfo(&self.url)
     }
 }
 

@@ -2,20 +2,20 @@
 
 use std::error::Error as _;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_nats::jetstream::context::{
     GetStreamByNameErrorKind, PublishAckFuture, PublishErrorKind,
 };
 use async_nats::jetstream::{self, ErrorCode};
-use async_nats::{HeaderMap, HeaderName, HeaderValue};
+use async_nats::{Event, HeaderMap, HeaderName, HeaderValue};
 use futures_util::future::join_all;
 use postbox_core::{Message, PublishOutcome, Publisher};
 use tracing::Instrument;
 
-use crate::{NatsConfig, NatsError};
+use crate::{NatsConfig, NatsError, tls};
 
 /// Header carrying the postbox key of a keyed message (NATS has no key of
 /// its own). Keyless messages have no such header.
@@ -56,6 +56,9 @@ struct Inner {
     /// Whether `create_stream` has been ensured since start (or since the
     /// stream went missing).
     stream_ready: AtomicBool,
+    /// Why the last connection attempt failed (e.g. a TLS error), until the
+    /// client connects again: put into `Transient` reasons while down.
+    last_error: Arc<Mutex<Option<String>>>,
 }
 
 impl NatsPublisher {
@@ -65,14 +68,61 @@ impl NatsPublisher {
     /// Needs a tokio runtime.
     pub async fn new(config: NatsConfig) -> Result<Self, NatsError> {
         config.validate()?;
+        let last_error: Arc<Mutex<Option<String>>> = Arc::default();
+        let refused: tls::Refusal = Arc::default();
+        let tls_config = tls::client_config(
+            config.ca_file.as_deref(),
+            config.url.starts_with("tls://"),
+            Arc::clone(&refused),
+        )
+        .map_err(|(field, reason)| NatsError::invalid(field, reason))?;
+        let on_event = {
+            let last_error = Arc::clone(&last_error);
+            let server = config.server();
+            move |event: Event| {
+                let (last_error, refused, server) = (
+                    Arc::clone(&last_error),
+                    Arc::clone(&refused),
+                    server.clone(),
+                );
+                async move {
+                    // async-nats says only "IO error" when the handshake
+                    // failed on the certificate: add what the verifier saw
+                    let refusal = refused
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .take();
+                    let mut last = last_error.lock().unwrap_or_else(PoisonError::into_inner);
+                    match event {
+                        Event::Connected => {
+                            tracing::info!(%server, "connected to NATS");
+                            *last = None;
+                        }
+                        Event::Disconnected => {
+                            tracing::warn!(%server, "disconnected from NATS; reconnecting");
+                        }
+                        // a failed (re)connection attempt: refused, timed out,
+                        // TLS handshake or certificate refused, ...
+                        Event::ClientError(e) => {
+                            let error = match refusal {
+                                Some(why) => format!("{e} ({why})"),
+                                None => e.to_string(),
+                            };
+                            tracing::warn!(%server, %error, "NATS connection attempt failed");
+                            *last = Some(error);
+                        }
+                        other => tracing::debug!(%server, event = %other, "NATS connection event"),
+                    }
+                }
+            }
+        };
         let options = async_nats::ConnectOptions::new()
             .name(&config.client_name)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
-            .event_callback(|event| async move {
-                tracing::debug!(%event, "nats connection event");
-            });
+            .tls_client_config(tls_config)
+            .event_callback(on_event);
         let client = options
             .connect(config.url.as_str())
             .await
@@ -85,6 +135,7 @@ impl NatsPublisher {
                 client,
                 js,
                 stream_ready: AtomicBool::new(false),
+                last_error,
             }),
         })
     }
@@ -102,7 +153,11 @@ impl NatsPublisher {
             if tokio::time::Instant::now() >= deadline {
                 return Err(NatsError::Connect {
                     server: inner.config.server(),
-                    reason: format!("not connected after {} ms", inner.config.connect_timeout_ms),
+                    reason: format!(
+                        "not connected after {} ms{}",
+                        inner.config.connect_timeout_ms,
+                        inner.link_note()
+                    ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -124,6 +179,20 @@ impl NatsPublisher {
 }
 
 impl Inner {
+    /// `"; last connection error: …"` while the client is not connected
+    /// and an attempt has failed, else nothing.
+    fn link_note(&self) -> String {
+        if self.client.connection_state() == async_nats::connection::State::Connected {
+            return String::new();
+        }
+        self.last_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|e| format!("; not connected, last connection error: {e}"))
+            .unwrap_or_default()
+    }
+
     /// Creates the configured stream once (again after it went missing).
     async fn ensure_stream(&self) -> Result<(), String> {
         let Some(spec) = &self.config.create_stream else {
@@ -188,7 +257,11 @@ impl Inner {
                         e.kind(),
                         PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
                     ) {
-                        broken = Some(format!("NATS at {}: {e}", self.config.server()));
+                        broken = Some(format!(
+                            "NATS at {}: {e}{}",
+                            self.config.server(),
+                            self.link_note()
+                        ));
                     }
                     sent.push(Err(self.map_error(&e, &subject, m).await));
                 }
@@ -259,9 +332,10 @@ impl Inner {
                         source_text(e)
                     )),
                     _ => PublishOutcome::transient(format!(
-                        "NATS publish to {subject:?} at {}: {e}{}",
+                        "NATS publish to {subject:?} at {}: {e}{}{}",
                         self.config.server(),
-                        source_suffix(e)
+                        source_suffix(e),
+                        self.link_note()
                     )),
                 }
             }

@@ -19,7 +19,9 @@
 //! and its costs); claims are one statement each, cheap with millions of
 //! pending rows.
 
+mod claim;
 mod error;
+mod heartbeat;
 mod listen;
 mod migrate;
 mod outbox;
@@ -29,7 +31,7 @@ mod store;
 pub use error::redact_url;
 pub use outbox::{DEFAULT_SCHEMA, DEFAULT_TABLE, MAX_TABLE_LEN, PgOutbox};
 pub use store::{
-    ACQUIRE_TIMEOUT, Blocker, DEFAULT_POOL_SIZE, OldestTransaction, PgStore, relay_connect_options,
+    ACQUIRE_TIMEOUT, Blocker, CLAIM_POOL_SIZE, DEFAULT_POOL_SIZE, PgStore, relay_connect_options,
 };
 
 use std::sync::OnceLock;

@@ -11,11 +11,24 @@ use crate::error::map;
 use crate::outbox::PgOutbox;
 
 /// `(version, name, sql)`, in order. Never edit an applied file: add one.
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "outbox", include_str!("../migrations/0001_outbox.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "outbox", include_str!("../migrations/0001_outbox.sql")),
+    (2, "relays", include_str!("../migrations/0002_relays.sql")),
+    (
+        3,
+        "fillfactor",
+        include_str!("../migrations/0003_fillfactor.sql"),
+    ),
+    (4, "tenants", include_str!("../migrations/0004_tenants.sql")),
+    (
+        5,
+        "sent_retention",
+        include_str!("../migrations/0005_sent_retention.sql"),
+    ),
+];
 
 /// The newest schema version this crate knows.
-pub(crate) const LATEST: i32 = 1;
+pub(crate) const LATEST: i32 = 5;
 
 pub(crate) async fn run(outbox: &PgOutbox, pool: &PgPool) -> Result<(), StoreError> {
     let schema = outbox.schema().as_str();

@@ -2,6 +2,7 @@
 //! from them, migrations and the producer side (`enqueue`, `enqueue_batch`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use postbox_core::{Ident, NewMessage, StoreError, to_unix_micros};
 use sqlx::{PgPool, Postgres};
@@ -41,6 +42,8 @@ pub(crate) struct Inner {
     pub(crate) table: Ident,
     pub(crate) qualified: String,
     pub(crate) notify_on_enqueue: bool,
+    /// Keep sent rows this long instead of deleting them.
+    pub(crate) retain_sent: Option<Duration>,
     pub(crate) sql: Sql,
 }
 
@@ -51,6 +54,7 @@ impl Default for PgOutbox {
             Ident::new(DEFAULT_SCHEMA).unwrap_or_else(|_| unreachable!("valid constant")),
             Ident::new(DEFAULT_TABLE).unwrap_or_else(|_| unreachable!("valid constant")),
             false,
+            None,
         )
     }
 }
@@ -79,10 +83,15 @@ impl PgOutbox {
                 table.as_str()
             )));
         }
-        Ok(Self::build(schema, table, false))
+        Ok(Self::build(schema, table, false, None))
     }
 
-    fn build(schema: Ident, table: Ident, notify_on_enqueue: bool) -> Self {
+    fn build(
+        schema: Ident,
+        table: Ident,
+        notify_on_enqueue: bool,
+        retain_sent: Option<Duration>,
+    ) -> Self {
         let qualified = format!("{}.{}", schema.quoted(), table.quoted());
         let sql = Sql::new(&qualified, &schema, &table);
         Self {
@@ -91,6 +100,7 @@ impl PgOutbox {
                 table,
                 qualified,
                 notify_on_enqueue,
+                retain_sent,
                 sql,
             }),
         }
@@ -105,7 +115,39 @@ impl PgOutbox {
     /// process is woken by its `RelayWaker`, and others by their poll.
     #[must_use]
     pub fn notify_on_enqueue(self, on: bool) -> Self {
-        Self::build(self.inner.schema.clone(), self.inner.table.clone(), on)
+        Self::build(
+            self.inner.schema.clone(),
+            self.inner.table.clone(),
+            on,
+            self.inner.retain_sent,
+        )
+    }
+
+    /// Makes stores over this table keep sent messages for `keep` instead
+    /// of deleting them on success (`None`, the default, deletes them).
+    ///
+    /// A kept row is marked `sent` with `sent_at = now()` (database clock)
+    /// and its lease cleared, in the same one-statement completion; it is
+    /// never claimed again, never holds its key back, and a running relay
+    /// deletes it once `keep` has passed (`Store::purge_sent`, 500 rows per
+    /// statement, on the partial index of migration 5). The cost: marking
+    /// a row sent is an `UPDATE` of a column that partial-index predicates
+    /// use, so it is never HOT, and the rows (and their index entries) stay
+    /// in the table for `keep`.
+    #[must_use]
+    pub fn retain_sent(self, keep: Option<Duration>) -> Self {
+        Self::build(
+            self.inner.schema.clone(),
+            self.inner.table.clone(),
+            self.inner.notify_on_enqueue,
+            keep,
+        )
+    }
+
+    /// How long stores over this table keep sent messages (`None`: they
+    /// delete them on success).
+    pub fn sent_retention(&self) -> Option<Duration> {
+        self.inner.retain_sent
     }
 
     /// The schema name.
@@ -227,12 +269,10 @@ impl PgOutbox {
         Ok(())
     }
 
-    /// A [`PgStore`] (the relay's side) over `pool`.
-    ///
-    /// The pool's connections should run with
-    /// `plan_cache_mode = force_custom_plan`, as pools from
-    /// [`PgStore::connect`] and [`crate::relay_connect_options`] do; otherwise
-    /// a claim prepared on an empty table may keep a generic plan.
+    /// A [`PgStore`] (the relay's side) over `pool`, which serves its admin
+    /// queries; claims and completions get a pool of their own to the same
+    /// database with the claim session settings
+    /// ([`crate::relay_connect_options`]), connected on first use.
     pub fn store(&self, pool: PgPool) -> PgStore {
         PgStore::new(self.clone(), pool)
     }

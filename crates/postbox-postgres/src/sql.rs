@@ -3,6 +3,8 @@
 
 use postbox_core::Ident;
 
+use crate::claim::ClaimSql;
+
 /// The SQL text for one outbox table.
 #[derive(Debug)]
 pub(crate) struct Sql {
@@ -10,14 +12,25 @@ pub(crate) struct Sql {
     pub(crate) insert_notify: String,
     pub(crate) insert_batch: String,
     pub(crate) insert_batch_notify: String,
-    pub(crate) claim: String,
+    /// Claims for any tenant.
+    pub(crate) claim_any: ClaimSql,
+    /// Claims restricted to one tenant.
+    pub(crate) claim_tenant: ClaimSql,
     pub(crate) complete: String,
+    pub(crate) complete_sent: String,
+    pub(crate) complete_keep: String,
+    pub(crate) complete_sent_keep: String,
+    pub(crate) purge_sent: String,
     pub(crate) stats: String,
+    pub(crate) stats_by_topic: String,
+    pub(crate) stats_by_tenant: String,
     pub(crate) list: String,
     pub(crate) replay: String,
     pub(crate) skip: String,
     pub(crate) purge: String,
     pub(crate) blockers: String,
+    pub(crate) horizon: String,
+    pub(crate) pending_tenants: String,
 }
 
 /// The admin filter, parameters $1..$6: topic, key, tenant, ids, older than
@@ -29,8 +42,80 @@ const FILTER: &str = "($1::text IS NULL OR topic = $1)
    AND ($5::int8 IS NULL OR created_at <= now() - $5::int8 * interval '1 microsecond')
    AND ($6::text IS NULL OR strpos(last_error, $6) > 0)";
 
-fn micros(expr: &str) -> String {
+/// Makes the statement's own (implicit) transaction commit without waiting
+/// for the WAL flush. `set_config(…, true)` lasts until the end of the
+/// current transaction, which for an autocommit statement is the statement
+/// itself, so the session keeps `synchronous_commit = on` for everything
+/// else. Used for writes whose loss in a database crash can only cause a
+/// redelivery (see `claim::CLAIM_COMMIT` and the completions).
+pub(crate) const ASYNC_COMMIT: &str =
+    "set_config('synchronous_commit', 'off', true) AS commit_mode";
+
+pub(crate) fn micros(expr: &str) -> String {
     format!("(extract(epoch from {expr}) * 1000000)::int8")
+}
+
+/// The oldest `$1` holders of the server's cleanup horizon: by
+/// transaction-id age, the oldest snapshot or transaction of any session in
+/// any database (but this one), prepared transaction or replication slot.
+/// Columns: pid
+/// (NULL but for sessions), age in µs (NULL for slots: they have no start
+/// time), a description naming it.
+const HORIZON: &str = "SELECT pid, age_us, description FROM (
+        SELECT a.pid, (extract(epoch from now() - a.xact_start) * 1000000)::int8 AS age_us,
+               format('pid %s in database %s (%s, %s, %s transactions behind)', a.pid,
+                      coalesce(a.datname, '-'), coalesce(nullif(a.application_name, ''), 'no application name'),
+                      coalesce(a.state, 'unknown state'),
+                      greatest(age(a.backend_xmin), age(a.backend_xid))) AS description,
+               greatest(age(a.backend_xmin), age(a.backend_xid)) AS xid_age
+          FROM pg_stat_activity AS a
+         WHERE (a.backend_xmin IS NOT NULL OR a.backend_xid IS NOT NULL)
+           AND a.pid <> pg_backend_pid()
+        UNION ALL
+        SELECT NULL, (extract(epoch from now() - p.prepared) * 1000000)::int8,
+               format('prepared transaction %L in database %s (%s transactions behind)', p.gid, p.database,
+                      age(p.transaction)),
+               age(p.transaction)
+          FROM pg_prepared_xacts AS p
+        UNION ALL
+        SELECT NULL, NULL,
+               format('replication slot %L (%s, %s transactions behind)', s.slot_name, s.slot_type,
+                      greatest(age(s.xmin), age(s.catalog_xmin))),
+               greatest(age(s.xmin), age(s.catalog_xmin))
+          FROM pg_replication_slots AS s
+         WHERE s.xmin IS NOT NULL OR s.catalog_xmin IS NOT NULL
+    ) AS h
+    ORDER BY xid_age DESC NULLS LAST, age_us DESC NULLS LAST
+    LIMIT $1";
+
+/// Exact counts (see `Stats`), of the whole outbox or per `group` column
+/// (`topic` or `tenant`, then the group value comes first), narrowed by the
+/// admin [`FILTER`]. An admin query: one pass over the rows the filter
+/// leaves, never on the relay's path.
+fn stats_sql(t: &str, group: Option<&str>) -> String {
+    let leased = "(status = 'pending' AND lease_until > now())";
+    let (select_group, group_by) = match group {
+        Some(column) => (format!("{column},"), format!("GROUP BY {column}")),
+        None => (String::new(), String::new()),
+    };
+    format!(
+        "SELECT {select_group}
+            count(*) FILTER (WHERE status = 'pending' AND NOT coalesce({leased}, false)
+                               AND attempts = 0 AND available_at <= now()),
+            count(*) FILTER (WHERE status = 'pending' AND NOT coalesce({leased}, false)
+                               AND attempts = 0 AND available_at > now()),
+            count(*) FILTER (WHERE status = 'pending' AND NOT coalesce({leased}, false)
+                               AND attempts > 0),
+            count(*) FILTER (WHERE coalesce({leased}, false)),
+            count(*) FILTER (WHERE status = 'dead'),
+            count(DISTINCT key) FILTER (WHERE status = 'dead' AND parked),
+            count(*) FILTER (WHERE status = 'sent'),
+            {}
+           FROM {t}
+          WHERE {FILTER}
+          {group_by}",
+        micros("min(created_at) FILTER (WHERE status = 'pending')")
+    )
 }
 
 impl Sql {
@@ -74,22 +159,24 @@ impl Sql {
             "WITH ins AS ({insert_batch} RETURNING 1) SELECT pg_notify($9, '') FROM (SELECT count(*) FROM ins) AS n"
         );
 
-        let claim = claim_sql(t);
+        let claim_any = ClaimSql::new(t, false);
+        let claim_tenant = ClaimSql::new(t, true);
 
         // One round trip for a whole batch of outcomes: the arrays are
         // unnested and joined on `seq`; every row is guarded by the lease
-        // token, so a relay whose lease was taken over changes nothing.
-        let complete = format!(
-            "WITH c AS (
+        // token, so a relay whose lease was taken over changes nothing. The
+        // `seq = ANY($2)` conditions let even a generic plan (claim sessions
+        // plan once, see `claim.rs`) reach the rows through the primary key
+        // instead of joining the whole table. Sent rows are deleted, or with
+        // a retention (`complete_keep`) marked sent: the two `sent` CTEs
+        // below.
+        let complete_with = |sent: &str| {
+            format!(
+                "WITH c AS (
                 SELECT * FROM unnest($2::int8[], $3::text[], $4::int8[], $5::text[], $6::bool[])
                     AS c(seq, kind, delay_us, error, park)
              ),
-             sent AS (
-                DELETE FROM {t} AS t USING c
-                 WHERE t.seq = c.seq AND c.kind = 'sent'
-                   AND t.lease_token = $1 AND t.status = 'pending'
-                RETURNING t.seq
-             ),
+             sent AS ({sent}),
              other AS (
                 UPDATE {t} AS t SET
                     status = CASE WHEN c.kind = 'dead' THEN 'dead' ELSE 'pending' END,
@@ -103,36 +190,87 @@ impl Sql {
                     lease_token = NULL,
                     lease_until = NULL
                   FROM c
-                 WHERE t.seq = c.seq AND c.kind <> 'sent'
+                 WHERE t.seq = ANY($2::int8[]) AND t.seq = c.seq AND c.kind <> 'sent'
                    AND t.lease_token = $1 AND t.status = 'pending'
                 RETURNING t.seq
              )
-             SELECT (SELECT count(*) FROM sent) + (SELECT count(*) FROM other)"
+             SELECT (SELECT count(*) FROM sent) + (SELECT count(*) FROM other),
+                    {ASYNC_COMMIT}"
+            )
+        };
+        let complete = complete_with(&format!(
+            "DELETE FROM {t} AS t USING c
+              WHERE t.seq = ANY($2::int8[]) AND t.seq = c.seq AND c.kind = 'sent'
+                AND t.lease_token = $1 AND t.status = 'pending'
+             RETURNING t.seq"
+        ));
+        // With a retention: the same, sent rows kept (see `complete_sent_keep`).
+        let complete_keep = complete_with(&format!(
+            "UPDATE {t} AS t SET status = 'sent', sent_at = now(),
+                                 lease_token = NULL, lease_until = NULL
+               FROM c
+              WHERE t.seq = ANY($2::int8[]) AND t.seq = c.seq AND c.kind = 'sent'
+                AND t.lease_token = $1 AND t.status = 'pending'
+             RETURNING t.seq"
+        ));
+        // The common case, every row of the batch sent: a plain DELETE by
+        // primary key, cheap to plan and to run.
+        let complete_sent = format!(
+            "WITH sent AS (
+                DELETE FROM {t}
+                 WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'
+                RETURNING 1
+             )
+             SELECT count(*), {ASYNC_COMMIT} FROM sent"
+        );
+        // The same with a retention: an UPDATE by primary key under the same
+        // fencing guard, marking the rows sent on the database clock and
+        // clearing the lease. `status` leaves 'pending', so the rows drop out
+        // of every claim index and of the head index (they never block their
+        // key); since `status` is in those indexes' predicates the update
+        // cannot be HOT, the price of the opt-in. Committed without the WAL
+        // flush like every completion: a crash that forgets it leaves the
+        // row pending under an expired lease, so it is delivered once more,
+        // as after a forgotten DELETE.
+        let complete_sent_keep = format!(
+            "WITH sent AS (
+                UPDATE {t} SET status = 'sent', sent_at = now(), lease_token = NULL, lease_until = NULL
+                 WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'
+                RETURNING 1
+             )
+             SELECT count(*), {ASYNC_COMMIT} FROM sent"
+        );
+        // Retention cleanup: at most $2 sent rows at least $1 µs old, oldest
+        // first, read in order from the partial `sent_idx (sent_at) WHERE
+        // status = 'sent'` (migration 5), so a statement touches only the
+        // rows it deletes. SKIP LOCKED: the cleanups of several relays split
+        // the rows instead of queueing on each other. A small LIMIT keeps the
+        // transaction and its row locks short. A crash that forgets the
+        // no-flush commit only means the rows are deleted again next time.
+        let purge_sent = format!(
+            "WITH doomed AS (
+                SELECT seq FROM {t}
+                 WHERE status = 'sent' AND sent_at <= now() - $1::int8 * interval '1 microsecond'
+                 ORDER BY sent_at
+                 LIMIT $2
+                 FOR UPDATE SKIP LOCKED
+             ),
+             gone AS (
+                DELETE FROM {t} AS t USING doomed
+                 WHERE t.seq = doomed.seq AND t.status = 'sent'
+                RETURNING 1
+             )
+             SELECT count(*), {ASYNC_COMMIT} FROM gone"
         );
 
-        let leased = "(status = 'pending' AND lease_until > now())";
-        let stats = format!(
-            "SELECT
-                count(*) FILTER (WHERE status = 'pending' AND NOT coalesce({leased}, false)
-                                   AND attempts = 0 AND available_at <= now()),
-                count(*) FILTER (WHERE status = 'pending' AND NOT coalesce({leased}, false)
-                                   AND attempts = 0 AND available_at > now()),
-                count(*) FILTER (WHERE status = 'pending' AND NOT coalesce({leased}, false)
-                                   AND attempts > 0),
-                count(*) FILTER (WHERE coalesce({leased}, false)),
-                count(*) FILTER (WHERE status = 'dead'),
-                count(DISTINCT key) FILTER (WHERE status = 'dead' AND parked),
-                count(*) FILTER (WHERE status = 'sent'),
-                {}
-               FROM {t}
-              WHERE {FILTER}",
-            micros("min(created_at) FILTER (WHERE status = 'pending')")
-        );
+        let stats = stats_sql(t, None);
+        let stats_by_topic = stats_sql(t, Some("topic"));
+        let stats_by_tenant = stats_sql(t, Some("tenant"));
         let list = format!(
             "SELECT seq, id, topic, key, tenant,
                     CASE WHEN status = 'pending' AND lease_until > now() THEN 'leased' ELSE status END,
                     attempts, max_attempts, last_error, parked,
-                    {}, {}, headers::text, payload
+                    {}, {}, headers::text, payload, {}
                FROM {t}
               WHERE {FILTER}
                 AND ($7::text IS NULL
@@ -143,7 +281,8 @@ impl Sql {
               ORDER BY seq
               LIMIT $9",
             micros("created_at"),
-            micros("available_at")
+            micros("available_at"),
+            micros("sent_at")
         );
         let replay = format!(
             "UPDATE {t} SET status = 'pending', parked = false, attempts = 0, available_at = now(),
@@ -181,111 +320,37 @@ impl Sql {
             insert_notify,
             insert_batch,
             insert_batch_notify,
-            claim,
+            claim_any,
+            claim_tenant,
             complete,
+            complete_sent,
+            complete_keep,
+            complete_sent_keep,
+            purge_sent,
             stats,
+            stats_by_topic,
+            stats_by_tenant,
             list,
             replay,
             skip,
             purge,
             blockers,
+            horizon: HORIZON.to_owned(),
+            pending_tenants: format!(
+                // A loose index scan over `<t>_tenant_idx`: one probe per
+                // tenant, however many rows each has.
+                "WITH RECURSIVE tn AS (
+                    (SELECT tenant FROM {t}
+                      WHERE tenant IS NOT NULL AND status = 'pending'
+                      ORDER BY tenant LIMIT 1)
+                    UNION ALL
+                    SELECT (SELECT x.tenant FROM {t} AS x
+                             WHERE x.tenant > tn.tenant AND x.status = 'pending'
+                             ORDER BY x.tenant LIMIT 1)
+                      FROM tn WHERE tn.tenant IS NOT NULL
+                 )
+                 SELECT tenant FROM tn WHERE tenant IS NOT NULL LIMIT $1"
+            ),
         }
     }
-}
-
-/// The claim: one statement, one round trip.
-///
-/// Parameters: $1 limit, $2 lease (µs), $3 lease token, $4 tenant or NULL,
-/// $5 size of the keyed window, $6 key cursor of the walk or NULL, $7 walk
-/// length.
-///
-/// * `keyless`: oldest due keyless rows, `FOR UPDATE SKIP LOCKED`, on the
-///   partial index `(seq) WHERE key IS NULL AND status = 'pending'`.
-/// * keyed candidates come from two bounded sources, so that neither a deep
-///   backlog of one hot key nor a huge number of distinct keys makes a claim
-///   expensive:
-///   - `recent`: the oldest `$5` pending keyed rows (partial index on
-///     `seq`): oldest-first fairness when most rows are heads (many keys);
-///   - `walk`: a loose index scan over the distinct keys of the blocking
-///     rows (partial index `(key, seq)`), `$7` keys per claim starting after
-///     a cursor the store rotates, giving each key's head directly: every
-///     key is reached within a bounded number of claims even when one key's
-///     backlog fills the front of the table.
-/// * `keyed`: of those candidates, the rows that are due, unleased and have
-///   no earlier blocking row of their key (pending, leased, delayed, or dead
-///   and parked), probed on the same `(key, seq)` index; `FOR UPDATE OF r
-///   SKIP LOCKED` so two relays never both lease a head: the loser either
-///   skips the locked row or, once the winner committed, re-checks it and
-///   finds it leased.
-/// * The final `SELECT` always returns one row (LEFT JOIN) so the lease
-///   deadline and the walk's end come back even when nothing was claimed.
-fn claim_sql(t: &str) -> String {
-    let due = "r.available_at <= now() AND (r.lease_until IS NULL OR r.lease_until <= now())
-               AND ($4::text IS NULL OR r.tenant = $4)";
-    let head_pred = "h.key IS NOT NULL AND (h.status = 'pending' OR h.parked)";
-    format!(
-        "WITH RECURSIVE walk AS (
-            (SELECT h.key, h.seq, 1 AS n FROM {t} AS h
-              WHERE {head_pred} AND ($6::text IS NULL OR h.key > $6)
-              ORDER BY h.key, h.seq LIMIT 1)
-            UNION ALL
-            SELECT nx.key, nx.seq, w.n + 1
-              FROM walk AS w
-              CROSS JOIN LATERAL (
-                    SELECT h.key, h.seq FROM {t} AS h
-                     WHERE {head_pred} AND h.key > w.key
-                     ORDER BY h.key, h.seq LIMIT 1) AS nx
-             WHERE w.n < $7
-         ),
-         keyless AS (
-            SELECT r.seq FROM {t} AS r
-             WHERE r.key IS NULL AND r.status = 'pending' AND {due}
-             ORDER BY r.seq
-             LIMIT $1
-             FOR UPDATE SKIP LOCKED
-         ),
-         recent AS (
-            SELECT r.seq FROM {t} AS r
-             WHERE r.key IS NOT NULL AND r.status = 'pending'
-             ORDER BY r.seq
-             LIMIT $5
-         ),
-         keyed AS (
-            SELECT r.seq FROM {t} AS r
-             WHERE r.seq IN (SELECT seq FROM recent UNION SELECT seq FROM walk)
-               AND r.key IS NOT NULL AND r.status = 'pending' AND {due}
-               AND NOT EXISTS (
-                    SELECT 1 FROM {t} AS e
-                     WHERE e.key = r.key AND e.seq < r.seq
-                       AND e.key IS NOT NULL AND (e.status = 'pending' OR e.parked))
-             ORDER BY r.seq
-             LIMIT $1
-             FOR UPDATE OF r SKIP LOCKED
-         ),
-         picked AS (
-            SELECT seq FROM (SELECT seq FROM keyless UNION ALL SELECT seq FROM keyed) AS c
-             ORDER BY seq
-             LIMIT $1
-         ),
-         claimed AS (
-            UPDATE {t} AS t
-               SET attempts = t.attempts + 1,
-                   lease_token = $3,
-                   lease_until = now() + $2::int8 * interval '1 microsecond'
-              FROM picked
-             WHERE t.seq = picked.seq
-            RETURNING t.seq, t.id, t.topic, t.key, t.payload, t.headers::text AS headers, t.tenant,
-                      t.attempts, t.max_attempts, {created} AS created_us
-         )
-         SELECT c.seq, c.id, c.topic, c.key, c.payload, c.headers, c.tenant, c.attempts,
-                c.max_attempts, c.created_us,
-                {until} AS lease_until_us,
-                (SELECT max(key) FROM walk) AS walk_end,
-                (SELECT count(*) FROM walk) AS walk_len
-           FROM (SELECT 1) AS one
-           LEFT JOIN claimed AS c ON true
-          ORDER BY c.seq",
-        created = micros("t.created_at"),
-        until = micros("now() + $2::int8 * interval '1 microsecond'"),
-    )
 }

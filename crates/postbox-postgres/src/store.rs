@@ -1,17 +1,19 @@
 //! [`PgStore`]: the relay's side of the outbox, implementing
 //! [`postbox_core::Store`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
 use postbox_core::{
-    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, Lease, ListQuery,
-    Malformed, Message, MessageRecord, PurgeQuery, Stats, Status, Store, StoreError,
+    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, Holder, Holdups, Lease,
+    ListQuery, Malformed, Message, MessageRecord, PurgeQuery, Stats, Status, Store, StoreError,
     from_unix_micros,
 };
+use postbox_core::{GroupBy, GroupStats, RelayHeartbeat, RelayRecord};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use tokio::sync::watch;
@@ -21,38 +23,67 @@ use crate::error::{map, map_connect};
 use crate::listen::{Wakeup, listen_loop};
 use crate::outbox::PgOutbox;
 
-/// Connections in the pool [`PgStore::connect`] builds: enough for a relay
-/// with a few batches in flight plus admin queries.
-pub const DEFAULT_POOL_SIZE: u32 = 4;
+/// Connections in the admin pool [`PgStore::connect`] builds (stats,
+/// listings, heartbeats, migrations); claims and completions have their own
+/// pool of [`CLAIM_POOL_SIZE`].
+pub const DEFAULT_POOL_SIZE: u32 = 2;
+/// Connections in a store's claim pool: a relay's batches in flight (2 by
+/// default) plus room for a second relay over the same store.
+pub const CLAIM_POOL_SIZE: u32 = 4;
 /// How long a query waits for a free pooled connection before failing with
 /// [`StoreError::Unavailable`].
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Connect options for a relay's pool, sent in the startup packet (no extra
-/// round trip):
+/// Connect options for claim sessions, sent in the startup packet (no extra
+/// round trip). A [`PgStore`] builds its claim pool with them from the
+/// options of the pool it is given; they are public for `EXPLAIN` and tests.
 ///
-/// * `plan_cache_mode = force_custom_plan`, so a claim prepared while the
-///   table was empty is never stuck with a generic plan;
-/// * `enable_bitmapscan = off`: before the first ANALYZE of a freshly
-///   filled table the planner guesses the partial claim indexes hold a few
-///   dozen rows and would bitmap-scan and sort all of them (measured: 430 ms
-///   at 300k keyless rows) instead of reading the first rows in index order
-///   (0.2 ms). Relay sessions run only postbox's own statements, none of
-///   which wants a bitmap scan;
-/// * `jit = off`: past ~30k rows the claim's estimated cost crosses
-///   `jit_above_cost`, and since every claim is planned afresh, every claim
-///   was JIT-compiled again (postbox-bench with auto_explain: 189 ms of a
-///   206 ms claim; drain 2.5k → 9.1k msg/s at 30k rows with JIT off). The
-///   claim is index probes over a bounded set of rows: JIT never pays off;
+/// * `plan_cache_mode = force_generic_plan`: each claim and completion
+///   statement is planned once per connection. Planning afresh cost as much
+///   as running the claim (0.4 ms keyless, up to 2.4 ms keyed, per claim).
+///   The statements are written to have one good plan whatever the table
+///   holds (see the `claim` module), and a plan made while the table was
+///   empty is still right after a million rows: `tests/plans.rs`.
+/// * `enable_seqscan = off`, `enable_bitmapscan = off`: every claim
+///   statement reads a bounded number of rows through its partial indexes;
+///   with the table empty or never analyzed, the planner would otherwise
+///   cost a sequential scan or a bitmap scan plus sort as cheaper and keep
+///   it (measured before: a bitmap scan and sort of 300k rows, 430 ms per
+///   claim, where the index gives the first rows in 0.2 ms).
+/// * `jit = off`: JIT never pays off for bounded index probes (measured: it
+///   compiled every claim anew, 189 ms of a 206 ms claim).
 /// * `application_name = postbox-relay`.
 pub fn relay_connect_options(options: PgConnectOptions) -> PgConnectOptions {
     options
         .options([
-            ("plan_cache_mode", "force_custom_plan"),
+            ("plan_cache_mode", "force_generic_plan"),
+            ("enable_seqscan", "off"),
             ("enable_bitmapscan", "off"),
             ("jit", "off"),
         ])
         .application_name("postbox-relay")
+}
+
+/// Connect options for the admin pool [`PgStore::connect`] builds: custom
+/// plans (the admin statements' filters are optional parameters that fold
+/// away only in a custom plan) and no JIT.
+fn admin_connect_options(options: PgConnectOptions) -> PgConnectOptions {
+    options
+        .options([("plan_cache_mode", "force_custom_plan"), ("jit", "off")])
+        .application_name("postbox")
+}
+
+/// The claim pool for a store over `pool`: the same server, database and
+/// credentials, the claim session settings; connects on first use.
+fn claim_pool(pool: &PgPool) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(CLAIM_POOL_SIZE)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        // A claim is one round trip; pinging before each would be a
+        // second. A connection killed meanwhile fails one query with
+        // `Unavailable`, which the relay retries.
+        .test_before_acquire(false)
+        .connect_lazy_with(relay_connect_options((*pool.connect_options()).clone()))
 }
 
 /// One session that holds back some of an outbox's keys: it has enqueued a
@@ -75,33 +106,32 @@ pub struct Blocker {
     pub waiters: i64,
 }
 
-/// The oldest open transaction of the database: it does not stop postbox
-/// (ordering needs no horizon), but it holds back vacuum of the outbox's
-/// deleted rows, which slows claims over time.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[non_exhaustive]
-pub struct OldestTransaction {
-    /// Backend process id.
-    pub pid: i32,
-    /// How long its transaction has been open.
-    pub xact_age: Duration,
-    /// `pg_stat_activity.state`.
-    pub state: Option<String>,
-    /// `application_name` of the session.
-    pub application_name: Option<String>,
-}
-
 /// How many keys the claim's key walk visits per claim, and the size of
 /// the window over the oldest keyed rows, as multiples of the batch size.
 const WALK_FACTOR: usize = 1;
 const WINDOW_FACTOR: usize = 2;
 
-/// The PostgreSQL store. Cheap to clone; clones share the pool, the
-/// listener and the key-walk cursor.
+/// Claim statements, by what the previous claim saw: no keyed row pending;
+/// keyed rows, most of them heads; a hot key's backlog in front of the
+/// others (see `sql::claim_keyed_sql`).
+const MODE_KEYLESS: u8 = 0;
+const MODE_WINDOW: u8 = 1;
+const MODE_WALK: u8 = 2;
+/// Scopes whose claim mode is remembered (any tenant plus the tenants of a
+/// fairness rotation, which holds at most 1,000).
+const MAX_SCOPES: usize = 2_048;
+
+/// The PostgreSQL store. Cheap to clone; clones share the pools, the
+/// listener and the claim hints.
+///
+/// Two pools: the one it was built over, for admin queries, heartbeats and
+/// migrations, and a claim pool to the same database with the claim session
+/// settings ([`relay_connect_options`]) for claims and completions.
 #[derive(Clone)]
 pub struct PgStore {
     outbox: PgOutbox,
     pool: PgPool,
+    claims: PgPool,
     shared: Arc<Shared>,
 }
 
@@ -112,6 +142,14 @@ struct Shared {
     /// Where the next claim's walk over distinct keys starts (`None`: from
     /// the first key).
     cursor: Mutex<Option<String>>,
+    /// Which claim statement the next claim of each scope (any tenant, or
+    /// one tenant) uses (`MODE_*`), from what its latest claim saw. Per
+    /// scope because claims rotate across tenants, and one tenant's hot key
+    /// must get the key walk on that tenant's own turns.
+    modes: Mutex<HashMap<Option<String>, u8>>,
+    /// Whether the latest claim found keyed rows claimable after the
+    /// server's last crash recovery (see `sql::SETTLED`); logged on change.
+    settled: AtomicBool,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -124,22 +162,26 @@ impl std::fmt::Debug for PgStore {
 
 impl PgStore {
     pub(crate) fn new(outbox: PgOutbox, pool: PgPool) -> Self {
+        let claims = claim_pool(&pool);
         Self {
             outbox,
             pool,
+            claims,
             shared: Arc::new(Shared {
                 wakeup: Arc::default(),
                 listen: true,
                 listener: OnceLock::new(),
                 cursor: Mutex::new(None),
+                modes: Mutex::default(),
+                settled: AtomicBool::new(true),
             }),
         }
     }
 
-    /// Connects to `url` with the default table: a pool of
-    /// [`DEFAULT_POOL_SIZE`] connections with the relay session settings
-    /// ([`relay_connect_options`]) and an acquire timeout of
-    /// [`ACQUIRE_TIMEOUT`].
+    /// Connects to `url` with the default table: an admin pool of
+    /// [`DEFAULT_POOL_SIZE`] connections (custom plans, no JIT) and a claim
+    /// pool of [`CLAIM_POOL_SIZE`] (see [`relay_connect_options`]), both with
+    /// an acquire timeout of [`ACQUIRE_TIMEOUT`].
     ///
     /// Errors name the URL without its password: an unreachable server is
     /// [`StoreError::Unavailable`] (retry later); a wrong password, unknown
@@ -160,11 +202,7 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(DEFAULT_POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            // A claim is one round trip; pinging before each would be a
-            // second. A connection killed meanwhile fails one query with
-            // `Unavailable`, which the relay retries.
-            .test_before_acquire(false)
-            .connect_with(relay_connect_options(options))
+            .connect_with(admin_connect_options(options))
             .await
             .map_err(|e| map_connect(url, e))?;
         Ok(outbox.store(pool))
@@ -177,12 +215,25 @@ impl PgStore {
         Self {
             outbox: self.outbox,
             pool: self.pool,
+            claims: self.claims,
             shared: Arc::new(Shared {
                 wakeup: Arc::default(),
                 listen: on,
                 listener: OnceLock::new(),
                 cursor: Mutex::new(None),
+                modes: Mutex::default(),
+                settled: AtomicBool::new(true),
             }),
+        }
+    }
+
+    /// This store keeping sent messages for `keep` instead of deleting them
+    /// (see [`PgOutbox::retain_sent`]); clones share the pool and listener.
+    #[must_use]
+    pub fn retain_sent(self, keep: Option<Duration>) -> Self {
+        Self {
+            outbox: self.outbox.retain_sent(keep),
+            ..self
         }
     }
 
@@ -191,7 +242,7 @@ impl PgStore {
         &self.outbox
     }
 
-    /// The pool.
+    /// The pool it was built over (admin queries, heartbeats, migrations).
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
@@ -199,10 +250,7 @@ impl PgStore {
     /// Whether the LISTEN connection is up right now (false before the
     /// first [`Store::notified`] call starts it, and while it reconnects).
     pub fn is_listening(&self) -> bool {
-        self.shared
-            .wakeup
-            .listening
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.shared.wakeup.listening.load(Ordering::Relaxed)
     }
 
     /// Creates or upgrades the schema (see [`PgOutbox::migrate`]).
@@ -231,37 +279,76 @@ impl PgStore {
             .collect()
     }
 
-    /// The oldest open transaction in this database (other than this
-    /// query's own), if any.
-    pub async fn oldest_transaction(&self) -> Result<Option<OldestTransaction>, StoreError> {
-        let row = sqlx::query(
-            "SELECT pid, (extract(epoch from now() - xact_start) * 1000000)::int8, state, application_name
-               FROM pg_stat_activity
-              WHERE datname = current_database() AND xact_start IS NOT NULL
-                AND pid <> pg_backend_pid()
-                AND (backend_xid IS NOT NULL OR backend_xmin IS NOT NULL)
-              ORDER BY xact_start
-              LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(map)?;
-        row.map(|r| {
-            Ok(OldestTransaction {
-                pid: r.try_get(0).map_err(map)?,
-                xact_age: micros_to_duration(r.try_get::<Option<i64>, _>(1).map_err(map)?),
-                state: r.try_get(2).map_err(map)?,
-                application_name: r.try_get(3).map_err(map)?,
-            })
-        })
-        .transpose()
+    /// What holds back the server's cleanup horizon the longest: the
+    /// session, in any database, whose snapshot or transaction is the
+    /// oldest, or a prepared transaction, or a replication slot (`None` when
+    /// nothing does but this query). It does not stop postbox (ordering needs
+    /// no horizon), but the outbox's deleted rows cannot be vacuumed while
+    /// it holds, which slows claims over time. Sessions in other databases
+    /// are included: a slot or a prepared transaction holds every
+    /// database's horizon, and so does a session for the shared catalogs.
+    pub async fn horizon(&self) -> Result<Option<Holder>, StoreError> {
+        Ok(self.horizon_holders(1).await?.into_iter().next())
     }
 
-    /// The claim statement for `outbox` (parameters: limit, lease µs, token,
-    /// tenant, window size, walk cursor, walk length), for `EXPLAIN` by
-    /// operators and tests.
-    pub fn claim_sql_for_explain(outbox: &PgOutbox) -> &str {
-        &outbox.inner.sql.claim
+    /// The `n` oldest holders of the cleanup horizon, oldest first (see
+    /// [`PgStore::horizon`]).
+    pub async fn horizon_holders(&self, n: usize) -> Result<Vec<Holder>, StoreError> {
+        let rows = sqlx::query(&self.outbox.inner.sql.horizon)
+            .bind(clamp_i64(n))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        rows.iter()
+            .map(|r| {
+                let age: Option<i64> = r.try_get(1).map_err(map)?;
+                Ok(Holder::new(
+                    r.try_get(0).map_err(map)?,
+                    age.map(|us| micros_to_duration(Some(us))),
+                    r.try_get::<String, _>(2).map_err(map)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The claim statements, for `EXPLAIN` by operators and tests: `(name,
+    /// parameter types, SQL)` for the keyless, keyed and key-walk claims,
+    /// for any tenant and restricted to one. Parameters: limit, lease µs,
+    /// token; keyed and walk: window size; walk: cursor (`''` for the
+    /// first key), walk length; the tenant last.
+    pub fn claim_statements(outbox: &PgOutbox) -> Vec<(&'static str, &'static str, &str)> {
+        let sql = &outbox.inner.sql;
+        let (any, one) = (&sql.claim_any, &sql.claim_tenant);
+        vec![
+            ("keyless", "int8, int8, uuid", any.keyless.as_str()),
+            ("keyed", "int8, int8, uuid, int8", any.keyed.as_str()),
+            (
+                "walk",
+                "int8, int8, uuid, int8, text, int4",
+                any.walk.as_str(),
+            ),
+            (
+                "keyless_tenant",
+                "int8, int8, uuid, text",
+                one.keyless.as_str(),
+            ),
+            (
+                "keyed_tenant",
+                "int8, int8, uuid, int8, text",
+                one.keyed.as_str(),
+            ),
+            (
+                "walk_tenant",
+                "int8, int8, uuid, int8, text, int4, text",
+                one.walk.as_str(),
+            ),
+        ]
+    }
+
+    /// The retention cleanup's statement (parameters: age µs, limit; see
+    /// [`Store::purge_sent`]), for `EXPLAIN`.
+    pub fn purge_sent_sql_for_explain(outbox: &PgOutbox) -> &str {
+        &outbox.inner.sql.purge_sent
     }
 
     fn start_listener(&self) {
@@ -279,6 +366,43 @@ impl PgStore {
             ));
             tx
         });
+    }
+
+    /// Logs when keyed claims stop or resume after a database crash.
+    fn note_settled(&self, settled: bool, lease: Duration) {
+        if self.shared.settled.swap(settled, Ordering::Relaxed) == settled {
+            return;
+        }
+        if settled {
+            tracing::info!("keyed messages are claimable again");
+        } else {
+            tracing::warn!(
+                ?lease,
+                "the database recovered from a crash less than one lease ago: keyed messages wait until it has passed, so that no claim the crash forgot can still be publishing"
+            );
+        }
+    }
+
+    /// The claim statement for `scope`'s next claim; a scope not seen yet
+    /// looks at everything.
+    fn mode(&self, scope: &Option<String>) -> u8 {
+        self.modes().get(scope).copied().unwrap_or(MODE_WALK)
+    }
+
+    fn set_mode(&self, scope: &Option<String>, mode: u8) {
+        let mut modes = self.modes();
+        // bounded: forgetting costs one claim that looks at everything
+        if modes.len() >= MAX_SCOPES && !modes.contains_key(scope) {
+            modes.clear();
+        }
+        modes.insert(scope.clone(), mode);
+    }
+
+    fn modes(&self) -> std::sync::MutexGuard<'_, HashMap<Option<String>, u8>> {
+        self.shared
+            .modes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn walk_from(&self) -> Option<String> {
@@ -304,6 +428,12 @@ fn micros_to_duration(us: Option<i64>) -> Duration {
 
 fn duration_micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// An age as µs for `now() - age`, capped at 100 years: past that,
+/// PostgreSQL's timestamps run out of range (an error, not "nothing").
+fn age_micros(d: Duration) -> i64 {
+    duration_micros(d.min(Duration::from_secs(100 * 366 * 24 * 3600)))
 }
 
 fn clamp_i64(n: usize) -> i64 {
@@ -354,6 +484,24 @@ fn decode(r: &PgRow) -> Result<Result<Message, Malformed>, sqlx::Error> {
     )))
 }
 
+/// The counts of a `stats` row whose first count is column `at`.
+fn stats_from(r: &PgRow, at: usize) -> Result<Stats, StoreError> {
+    let n = |i: usize| -> Result<u64, StoreError> {
+        Ok(u64::try_from(r.try_get::<i64, _>(at + i).map_err(map)?).unwrap_or(0))
+    };
+    let oldest: Option<i64> = r.try_get(at + 7).map_err(map)?;
+    Ok(Stats::new(
+        n(0)?,
+        n(1)?,
+        n(2)?,
+        n(3)?,
+        n(4)?,
+        n(5)?,
+        n(6)?,
+        oldest.map(from_unix_micros),
+    ))
+}
+
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -396,34 +544,72 @@ impl Store for PgStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
         let limit = req.limit.max(1);
+        let lease = duration_micros(req.lease);
+        let window = clamp_i64(limit.saturating_mul(WINDOW_FACTOR));
         let walk_len =
             i32::try_from(limit.saturating_mul(WALK_FACTOR).min(10_000)).unwrap_or(10_000);
-        let rows = sqlx::query(&self.outbox.inner.sql.claim)
-            .bind(clamp_i64(limit))
-            .bind(duration_micros(req.lease))
-            .bind(token)
-            .bind(req.tenant.as_deref())
-            .bind(clamp_i64(limit.saturating_mul(WINDOW_FACTOR)))
-            .bind(self.walk_from())
-            .bind(walk_len)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map)?;
+        // Which claim: keyless while no keyed row is pending; the keyed
+        // window while most keyed rows are heads; with the key walk while
+        // the previous claim of this scope found the window short (a hot
+        // key's backlog in front). The hints come from the previous claim;
+        // a scope's first claim looks at everything.
+        let sql = &self.outbox.inner.sql;
+        let statements = match req.tenant {
+            Some(_) => &sql.claim_tenant,
+            None => &sql.claim_any,
+        };
+        let mode = self.mode(&req.tenant);
+        let query = match mode {
+            MODE_KEYLESS => sqlx::query(&statements.keyless),
+            MODE_WINDOW => sqlx::query(&statements.keyed),
+            _ => sqlx::query(&statements.walk),
+        }
+        .bind(clamp_i64(limit))
+        .bind(lease)
+        .bind(token);
+        let query = match mode {
+            MODE_KEYLESS => query,
+            MODE_WINDOW => query.bind(window),
+            _ => query
+                .bind(window)
+                .bind(self.walk_from().unwrap_or_default())
+                .bind(walk_len),
+        };
+        let query = match &req.tenant {
+            Some(tenant) => query.bind(tenant.as_str()),
+            None => query,
+        };
+        let rows = query.fetch_all(&self.claims).await.map_err(map)?;
+        let Some(first) = rows.first() else {
+            return Err(StoreError::Database(
+                "the claim statement returned no row".into(),
+            ));
+        };
+        let keyed: bool = first.try_get("keyed_pending").map_err(map)?;
+        let short: bool = first.try_get("short").map_err(map)?;
+        self.set_mode(
+            &req.tenant,
+            match (keyed, short) {
+                (false, _) => MODE_KEYLESS,
+                (true, false) => MODE_WINDOW,
+                (true, true) => MODE_WALK,
+            },
+        );
+        self.note_settled(first.try_get("settled").map_err(map)?, req.lease);
+        // NULL: the walk did not run; its cursor stays.
+        if let Some(walked) = first.try_get::<Option<i64>, _>("walk_len").map_err(map)? {
+            let end: Option<String> = first.try_get("walk_end").map_err(map)?;
+            // A short walk reached the last key: start over next time.
+            self.set_walk(if walked < i64::from(walk_len) {
+                None
+            } else {
+                end
+            });
+        }
+        let expires: Option<i64> = first.try_get("lease_until_us").map_err(map)?;
         let mut messages = Vec::with_capacity(rows.len());
         let mut malformed = Vec::new();
-        let mut expires = None;
         for r in &rows {
-            if expires.is_none() {
-                expires = r.try_get::<Option<i64>, _>("lease_until_us").map_err(map)?;
-                let walked: i64 = r.try_get("walk_len").map_err(map)?;
-                let end: Option<String> = r.try_get("walk_end").map_err(map)?;
-                // A short walk reached the last key: start over next time.
-                self.set_walk(if walked < i64::from(walk_len) {
-                    None
-                } else {
-                    end
-                });
-            }
             if r.try_get::<Option<i64>, _>("seq").map_err(map)?.is_none() {
                 continue; // the "nothing claimed" row
             }
@@ -472,15 +658,34 @@ impl Store for PgStore {
             errors.push(error);
             parks.push(park);
         }
-        let applied: i64 = sqlx::query_scalar(&self.outbox.inner.sql.complete)
-            .bind(token)
-            .bind(seqs)
-            .bind(kinds)
-            .bind(delays)
-            .bind(errors)
-            .bind(parks)
-            .fetch_one(&self.pool)
+        let sql = &self.outbox.inner.sql;
+        let keep = self.outbox.sent_retention().is_some();
+        let query = if kinds.iter().all(|k| *k == "sent") {
+            let all_sent = if keep {
+                &sql.complete_sent_keep
+            } else {
+                &sql.complete_sent
+            };
+            sqlx::query(all_sent).bind(token).bind(seqs)
+        } else {
+            let mixed = if keep {
+                &sql.complete_keep
+            } else {
+                &sql.complete
+            };
+            sqlx::query(mixed)
+                .bind(token)
+                .bind(seqs)
+                .bind(kinds)
+                .bind(delays)
+                .bind(errors)
+                .bind(parks)
+        };
+        let applied: i64 = query
+            .fetch_one(&self.claims)
             .await
+            .map_err(map)?
+            .try_get(0)
             .map_err(map)?;
         let applied = u64::try_from(applied).unwrap_or(0);
         Ok(CompleteReport {
@@ -507,20 +712,7 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(map)?;
-        let n = |i: usize| -> Result<u64, StoreError> {
-            Ok(u64::try_from(r.try_get::<i64, _>(i).map_err(map)?).unwrap_or(0))
-        };
-        let oldest: Option<i64> = r.try_get(7).map_err(map)?;
-        Ok(Stats::new(
-            n(0)?,
-            n(1)?,
-            n(2)?,
-            n(3)?,
-            n(4)?,
-            n(5)?,
-            n(6)?,
-            oldest.map(from_unix_micros),
-        ))
+        stats_from(&r, 0)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<MessageRecord>, StoreError> {
@@ -541,6 +733,7 @@ impl Store for PgStore {
                 let attempts: i32 = r.try_get(6).map_err(map)?;
                 let max_attempts: Option<i32> = r.try_get(7).map_err(map)?;
                 let payload: Vec<u8> = r.try_get(13).map_err(map)?;
+                let sent_at: Option<i64> = r.try_get(14).map_err(map)?;
                 Ok(MessageRecord::new(
                     r.try_get(0).map_err(map)?,
                     r.try_get(1).map_err(map)?,
@@ -556,7 +749,8 @@ impl Store for PgStore {
                     from_unix_micros(r.try_get(11).map_err(map)?),
                     headers,
                     Bytes::from(payload),
-                ))
+                )
+                .sent_at(sent_at.map(from_unix_micros)))
             })
             .collect()
     }
@@ -590,5 +784,83 @@ impl Store for PgStore {
             .await
             .map_err(map)?;
         Ok(done.rows_affected())
+    }
+
+    fn sent_retention(&self) -> Option<Duration> {
+        self.outbox.sent_retention()
+    }
+
+    async fn purge_sent(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {
+        // on a claim session: planned once, and robust like the claims
+        let deleted: i64 = sqlx::query(&self.outbox.inner.sql.purge_sent)
+            .bind(age_micros(older_than))
+            .bind(clamp_i64(limit))
+            .fetch_one(&self.claims)
+            .await
+            .map_err(map)?
+            .try_get(0)
+            .map_err(map)?;
+        Ok(u64::try_from(deleted).unwrap_or(0))
+    }
+
+    async fn stats_by(&self, filter: &Filter, by: GroupBy) -> Result<Vec<GroupStats>, StoreError> {
+        let sql = &self.outbox.inner.sql;
+        let text = match by {
+            GroupBy::Tenant => &sql.stats_by_tenant,
+            _ => &sql.stats_by_topic,
+        };
+        let rows = bind_filter(sqlx::query(text), filter)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(map)?;
+        let mut groups = rows
+            .iter()
+            .map(|r| {
+                Ok(GroupStats::new(
+                    r.try_get(0).map_err(map)?,
+                    stats_from(r, 1)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // byte order, `None` first, whatever the database's collation
+        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        Ok(groups)
+    }
+
+    async fn heartbeat(&self, heartbeat: &RelayHeartbeat) -> Result<(), StoreError> {
+        crate::heartbeat::write(&self.outbox, &self.pool, heartbeat).await
+    }
+
+    async fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
+        crate::heartbeat::list(&self.outbox, &self.pool).await
+    }
+
+    async fn remove_relay(&self, relay_id: Uuid) -> Result<bool, StoreError> {
+        crate::heartbeat::remove(&self.outbox, &self.pool, relay_id).await
+    }
+
+    async fn pending_tenants(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(&self.outbox.inner.sql.pending_tenants)
+            .bind(clamp_i64(limit))
+            .fetch_all(&self.claims)
+            .await
+            .map_err(map)
+    }
+
+    async fn holdups(&self) -> Result<Holdups, StoreError> {
+        let key_holder = self.blockers().await?.into_iter().next().map(|b| {
+            Holder::new(
+                Some(b.pid),
+                Some(b.xact_age),
+                format!(
+                    "pid {} ({}) holds {} key(s), {} producer(s) waiting",
+                    b.pid,
+                    b.state.as_deref().unwrap_or("unknown state"),
+                    b.keys_held,
+                    b.waiters
+                ),
+            )
+        });
+        Ok(Holdups::new(key_holder, self.horizon().await?))
     }
 }

@@ -332,11 +332,11 @@ async fn concurrent_migrations_into_a_custom_schema() {
     }
     let pool = db.app_pool(2).await;
     let versions: Vec<i32> =
-        sqlx::query_scalar("SELECT version FROM billing.events_outbox_migrations")
+        sqlx::query_scalar("SELECT version FROM billing.events_outbox_migrations ORDER BY version")
             .fetch_all(&pool)
             .await
             .expect("history");
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2, 3, 4, 5]);
     outbox.migrate(&pool).await.expect("idempotent");
     outbox
         .enqueue(&pool, &NewMessage::new("t", "x").key("k"))

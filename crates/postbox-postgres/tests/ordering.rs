@@ -88,12 +88,15 @@ async fn open_transaction_holds_its_key_then_all_go_out_in_order() {
         "{blockers:?}"
     );
     assert_eq!(blockers[0].state.as_deref(), Some("idle in transaction"));
-    let oldest = store
-        .oldest_transaction()
-        .await
-        .expect("oldest")
-        .expect("an open transaction");
-    assert_eq!(oldest.pid, blockers[0].pid);
+    // what a relay samples into its gauges: the same holder, with its age
+    let holdups = store.holdups().await.expect("holdups");
+    let holder = holdups.key_holder.expect("a key holder");
+    assert_eq!(holder.pid, Some(blockers[0].pid), "{holder:?}");
+    assert!(holder.description.contains("1 key(s)"), "{holder:?}");
+    assert!(
+        holdups.horizon.is_some(),
+        "an open transaction holds the horizon"
+    );
 
     // Other keys flow; nothing of K is claimable (k-1 is uncommitted, k-2 waits).
     let c = store

@@ -74,7 +74,7 @@ fn default_max_backoff_ms() -> u64 {
 impl std::fmt::Debug for RabbitMqConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitMqConfig")
-            .field("url", &redact(&self.url))
+            .field("url", &postbox_core::redact_userinfo(&self.url))
             .field("exchange", &self.exchange)
             .field("routing_key_template", &self.routing_key_template)
             .field("confirm_timeout_ms", &self.confirm_timeout_ms)
@@ -157,7 +157,7 @@ impl RabbitMqConfig {
                 "url",
                 format!(
                     "{} is not a URL ({e}); expected amqp://user:password@host:5672/%2f",
-                    redact(&self.url)
+                    postbox_core::redact_userinfo(&self.url)
                 ),
             )
         })?;
@@ -167,20 +167,23 @@ impl RabbitMqConfig {
                 format!(
                     "has unknown scheme {:?} in {}; expected amqp:// or amqps://",
                     url.scheme(),
-                    redact(&self.url)
+                    postbox_core::redact_userinfo(&self.url)
                 ),
             ));
         }
         if url.host_str().is_none_or(str::is_empty) {
             return Err(RabbitMqError::invalid(
                 "url",
-                format!("{} has no host", redact(&self.url)),
+                format!("{} has no host", postbox_core::redact_userinfo(&self.url)),
             ));
         }
         if self.url.parse::<lapin::uri::AMQPUri>().is_err() {
             return Err(RabbitMqError::invalid(
                 "url",
-                format!("{} is not a valid AMQP URI", redact(&self.url)),
+                format!(
+                    "{} is not a valid AMQP URI",
+                    postbox_core::redact_userinfo(&self.url)
+                ),
             ));
         }
         if self.routing_key_template.len() > 255 || self.exchange.len() > 255 {
@@ -203,29 +206,12 @@ impl RabbitMqConfig {
 
     /// The URL without credentials, for messages.
     pub(crate) fn server(&self) -> String {
-        redact(&self.url)
+        postbox_core::redact_userinfo(&self.url)
     }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The URL without user name or password.
-pub(crate) fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if !url.username().is_empty() || url.password().is_some() {
-                let _ = url.set_username("");
-                let _ = url.set_password(None);
-            }
-            url.to_string()
-        }
-        Err(_) => match raw.rsplit_once('@') {
-            Some((_, host)) => format!("<redacted>@{host}"),
-            None => raw.to_owned(),
-        },
-    }
 }
 
 #[cfg(test)]

@@ -146,7 +146,8 @@ impl Inner {
                     .saturating_mul(1 << link.failures.min(16).saturating_sub(1))
                     .min(Duration::from_millis(self.config.max_backoff_ms));
                 link.retry_at = Some(Instant::now() + backoff);
-                tracing::debug!(%reason, backoff_ms = backoff.as_millis(), "RabbitMQ connect failed");
+                // warn: a refused certificate or password shows here first
+                tracing::warn!(%reason, backoff_ms = backoff.as_millis(), "RabbitMQ connect failed");
                 Err(reason)
             }
         }

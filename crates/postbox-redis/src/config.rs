@@ -71,7 +71,7 @@ fn default_connect_timeout_ms() -> u64 {
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &redact(&self.url))
+            .field("url", &postbox_core::redact_userinfo(&self.url))
             .field("stream_template", &self.stream_template)
             .field("maxlen", &self.maxlen)
             .field("wait_replicas", &self.wait_replicas)
@@ -152,7 +152,7 @@ impl RedisConfig {
                 "url",
                 format!(
                     "{} is not a URL ({e}); expected redis://host:6379",
-                    redact(&self.url)
+                    postbox_core::redact_userinfo(&self.url)
                 ),
             )
         })?;
@@ -169,7 +169,7 @@ impl RedisConfig {
                     "url",
                     format!(
                         "has unknown scheme {other:?} in {}; expected redis://",
-                        redact(&self.url)
+                        postbox_core::redact_userinfo(&self.url)
                     ),
                 ));
             }
@@ -177,13 +177,16 @@ impl RedisConfig {
         if url.host_str().is_none_or(str::is_empty) {
             return Err(RedisError::invalid(
                 "url",
-                format!("{} has no host", redact(&self.url)),
+                format!("{} has no host", postbox_core::redact_userinfo(&self.url)),
             ));
         }
         if redis::Client::open(self.url.as_str()).is_err() {
             return Err(RedisError::invalid(
                 "url",
-                format!("{} is not a valid Redis URL", redact(&self.url)),
+                format!(
+                    "{} is not a valid Redis URL",
+                    postbox_core::redact_userinfo(&self.url)
+                ),
             ));
         }
         if self.stream_template.is_empty() {
@@ -209,29 +212,12 @@ impl RedisConfig {
 
     /// The URL without credentials, for messages.
     pub(crate) fn server(&self) -> String {
-        redact(&self.url)
+        postbox_core::redact_userinfo(&self.url)
     }
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// The URL without user name or password.
-pub(crate) fn redact(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if !url.username().is_empty() || url.password().is_some() {
-                let _ = url.set_username("");
-                let _ = url.set_password(None);
-            }
-            url.to_string()
-        }
-        Err(_) => match raw.rsplit_once('@') {
-            Some((_, host)) => format!("<redacted>@{host}"),
-            None => raw.to_owned(),
-        },
-    }
 }
 
 #[cfg(test)]

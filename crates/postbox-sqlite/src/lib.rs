@@ -39,11 +39,13 @@ use crate::sql::Sql;
 /// SQLite allows 32766 bound parameters per statement; 8 per row.
 const ROWS_PER_INSERT: usize = 1000;
 
-/// A validated outbox table name and the SQL built from it.
+/// A validated outbox table name and the SQL built from it, and whether
+/// stores over it keep sent messages.
 #[derive(Debug, Clone)]
 pub struct SqliteOutbox {
     name: Ident,
     sql: Arc<Sql>,
+    retain_sent: Option<std::time::Duration>,
 }
 
 impl Default for SqliteOutbox {
@@ -65,7 +67,28 @@ impl SqliteOutbox {
 
     fn from_ident(name: Ident) -> Self {
         let sql = Arc::new(Sql::new(&name));
-        Self { name, sql }
+        Self {
+            name,
+            sql,
+            retain_sent: None,
+        }
+    }
+
+    /// Keep sent messages for `keep` instead of deleting them on success
+    /// (`None`, the default, deletes them). Kept rows are marked `sent`
+    /// with `sent_at` on SQLite's clock, are never claimed again and never
+    /// hold their key back; a running relay deletes them once `keep` has
+    /// passed (`postbox_core::Store::purge_sent`, a few hundred rows per
+    /// statement).
+    #[must_use]
+    pub fn retain_sent(mut self, keep: Option<std::time::Duration>) -> Self {
+        self.retain_sent = keep;
+        self
+    }
+
+    /// How long sent messages are kept (`None`: deleted on success).
+    pub fn sent_retention(&self) -> Option<std::time::Duration> {
+        self.retain_sent
     }
 
     /// The table name.

@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use postbox_core::{
-    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, Headers, Lease,
-    ListQuery, Malformed, Message, MessageRecord, PurgeQuery, Stats, Status, Store, StoreError,
-    from_unix_micros, redact_url,
+    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, GroupBy, GroupStats,
+    Headers, Lease, ListQuery, Malformed, Message, MessageRecord, PurgeQuery, RelayHeartbeat,
+    RelayRecord, Stats, Status, Store, StoreError, from_unix_micros, redact_url, to_unix_micros,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
@@ -64,6 +64,14 @@ impl SqliteStore {
         Ok(Self::new(pool, SqliteOutbox::default()))
     }
 
+    /// This store keeping sent messages for `keep` instead of deleting them
+    /// (see [`SqliteOutbox::retain_sent`]).
+    #[must_use]
+    pub fn retain_sent(mut self, keep: Option<Duration>) -> Self {
+        self.outbox = self.outbox.retain_sent(keep);
+        self
+    }
+
     /// The table and its SQL.
     pub fn outbox(&self) -> &SqliteOutbox {
         &self.outbox
@@ -81,7 +89,16 @@ impl SqliteStore {
         let t = &self.outbox.sql().table;
         sqlx::query(&format!(
             "UPDATE {t} SET available_at = available_at - ?1, created_at = created_at - ?1, \
-             lease_until = lease_until - ?1"
+             lease_until = lease_until - ?1, sent_at = sent_at - ?1"
+        ))
+        .bind(micros(by))
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        // heartbeats are stamped on the database clock too
+        sqlx::query(&format!(
+            "UPDATE {} SET last_heartbeat = last_heartbeat - ?1",
+            self.outbox.sql().relays
         ))
         .bind(micros(by))
         .execute(&self.pool)
@@ -91,14 +108,101 @@ impl SqliteStore {
     }
 }
 
+/// The counting columns shared by `stats` and `stats_by`, over a CTE `r`
+/// holding the filtered rows with `leased` and `now`.
+const COUNTS: &str = "\
+    coalesce(sum(status = 'pending' AND NOT leased AND attempts = 0 AND available_at <= now), 0), \
+    coalesce(sum(status = 'pending' AND NOT leased AND attempts = 0 AND available_at > now), 0), \
+    coalesce(sum(status = 'pending' AND NOT leased AND attempts > 0), 0), \
+    coalesce(sum(leased), 0), \
+    coalesce(sum(status = 'dead'), 0), \
+    count(DISTINCT CASE WHEN status = 'dead' AND parked = 1 THEN key END), \
+    coalesce(sum(status = 'sent'), 0), \
+    min(CASE WHEN status = 'pending' THEN created_at END)";
+
+/// The filtered rows with their lease state, for `stats` and `stats_by`.
+fn counted_rows(t: &str, filter: &Filter) -> QueryBuilder<'static, Sqlite> {
+    let mut q = QueryBuilder::<Sqlite>::new(format!(
+        "WITH n(now) AS (SELECT {NOW}), r AS (SELECT o.*, \
+           (o.status = 'pending' AND coalesce(o.lease_until, 0) > n.now) AS leased, n.now AS now \
+           FROM {t} o, n WHERE 1 = 1"
+    ));
+    push_filter(&mut q, filter);
+    q.push(")");
+    q
+}
+
+/// Reads the `COUNTS` columns starting at `at`.
+fn stats_from_row(row: &SqliteRow, at: usize) -> Stats {
+    let n = |i: usize| row.get::<i64, _>(at + i).max(0).unsigned_abs();
+    Stats::new(
+        n(0),
+        n(1),
+        n(2),
+        n(3),
+        n(4),
+        n(5),
+        n(6),
+        row.get::<Option<i64>, _>(at + 7).map(from_unix_micros),
+    )
+}
+
+fn relay_from_row(row: &SqliteRow) -> Result<RelayRecord, StoreError> {
+    let get = |e: sqlx::Error| StoreError::Database(Box::new(e));
+    let us = |col: &str| -> Result<Duration, StoreError> {
+        Ok(Duration::from_micros(
+            row.try_get::<i64, _>(col)
+                .map_err(get)?
+                .max(0)
+                .unsigned_abs(),
+        ))
+    };
+    let heartbeat = RelayHeartbeat::new(
+        row.try_get("relay_id").map_err(get)?,
+        row.try_get::<String, _>("host").map_err(get)?,
+        u32::try_from(row.try_get::<i64, _>("pid").map_err(get)?).unwrap_or(0),
+        row.try_get::<String, _>("version").map_err(get)?,
+        from_unix_micros(row.try_get("started_at").map_err(get)?),
+        us("interval_us")?,
+    )
+    .last_claim_at(
+        row.try_get::<Option<i64>, _>("last_claim_at")
+            .map_err(get)?
+            .map(from_unix_micros),
+    )
+    .leased(
+        row.try_get::<i64, _>("leased")
+            .map_err(get)?
+            .max(0)
+            .unsigned_abs(),
+    );
+    Ok(RelayRecord::new(
+        heartbeat,
+        from_unix_micros(row.try_get("last_heartbeat").map_err(get)?),
+        us("silent_us")?,
+    ))
+}
+
 fn message_from_row(row: &SqliteRow) -> Result<Message, Malformed> {
     let seq: i64 = row.get("seq");
-    let key: Option<String> = row.try_get("key").ok().flatten();
+    // SQLite's TEXT takes any bytes from a plain-SQL producer: a key that is
+    // not UTF-8 dead-letters the row (and, shown lossily, parks that key)
+    // rather than letting it through as a keyless message.
+    let raw_key: Option<Vec<u8>> = row.try_get_unchecked("key").ok().flatten();
+    let key = raw_key
+        .as_deref()
+        .map(|k| String::from_utf8_lossy(k).into_owned());
     let bad = |reason: String| Malformed {
         seq,
         key: key.clone(),
         reason,
     };
+    if raw_key
+        .as_deref()
+        .is_some_and(|k| std::str::from_utf8(k).is_err())
+    {
+        return Err(bad("key is not valid UTF-8".to_owned()));
+    }
     let id: Uuid = row
         .try_get("id")
         .map_err(|e| bad(format!("id is not a 16-byte UUID: {e}")))?;
@@ -144,16 +248,23 @@ fn record_from_row(row: &SqliteRow, now: i64) -> Result<MessageRecord, StoreErro
         _ if lease_until.is_some_and(|l| l > now) => Status::Leased,
         _ => Status::Pending,
     };
-    let headers_text: String = row.try_get_unchecked("headers").map_err(get)?;
+    // Text columns a producer may have filled with bytes that are not
+    // UTF-8 are shown lossily: `dead list` must show the rows the relay
+    // dead-lettered for exactly that reason.
+    let lossy = |col: &str| -> Result<Option<String>, StoreError> {
+        let bytes: Option<Vec<u8>> = row.try_get_unchecked(col).map_err(get)?;
+        Ok(bytes.map(|b| String::from_utf8_lossy(&b).into_owned()))
+    };
+    let headers_text = lossy("headers")?.unwrap_or_default();
     let payload: Vec<u8> = row.try_get_unchecked("payload").map_err(get)?;
     let max_attempts: Option<i64> = row.try_get("max_attempts").map_err(get)?;
     let attempts: i64 = row.try_get("attempts").map_err(get)?;
     Ok(MessageRecord::new(
         row.try_get("seq").map_err(get)?,
         row.try_get("id").unwrap_or_else(|_| Uuid::nil()),
-        row.try_get("topic").map_err(get)?,
-        row.try_get("key").map_err(get)?,
-        row.try_get("tenant").map_err(get)?,
+        lossy("topic")?.unwrap_or_default(),
+        lossy("key")?,
+        lossy("tenant")?,
         status,
         u32::try_from(attempts).unwrap_or(u32::MAX),
         max_attempts.and_then(|m| u32::try_from(m).ok()),
@@ -164,6 +275,11 @@ fn record_from_row(row: &SqliteRow, now: i64) -> Result<MessageRecord, StoreErro
         // an undecodable header column still lists; the relay dead-letters it
         serde_json::from_str(&headers_text).unwrap_or_default(),
         Bytes::from(payload),
+    )
+    .sent_at(
+        row.try_get::<Option<i64>, _>("sent_at")
+            .map_err(get)?
+            .map(from_unix_micros),
     ))
 }
 
@@ -250,7 +366,11 @@ impl Store for SqliteStore {
             .collect();
         if !sent.is_empty() {
             let seqs = serde_json::to_string(&sent).unwrap_or_else(|_| "[]".to_owned());
-            applied += sqlx::query(&sql.complete_sent_many)
+            let statement = match self.outbox.sent_retention() {
+                Some(_) => &sql.complete_sent_keep,
+                None => &sql.complete_sent_many,
+            };
+            applied += sqlx::query(statement)
                 .bind(token)
                 .bind(seqs)
                 .execute(&mut *tx)
@@ -288,37 +408,69 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self, filter: &Filter) -> Result<Stats, StoreError> {
-        let t = &self.outbox.sql().table;
-        let mut q = QueryBuilder::<Sqlite>::new(format!(
-            "WITH n(now) AS (SELECT {NOW}), r AS (SELECT o.*, \
-               (o.status = 'pending' AND coalesce(o.lease_until, 0) > n.now) AS leased, n.now AS now \
-               FROM {t} o, n WHERE 1 = 1"
-        ));
-        push_filter(&mut q, filter);
-        q.push(
-            ") SELECT \
-               coalesce(sum(status = 'pending' AND NOT leased AND attempts = 0 AND available_at <= now), 0), \
-               coalesce(sum(status = 'pending' AND NOT leased AND attempts = 0 AND available_at > now), 0), \
-               coalesce(sum(status = 'pending' AND NOT leased AND attempts > 0), 0), \
-               coalesce(sum(leased), 0), \
-               coalesce(sum(status = 'dead'), 0), \
-               count(DISTINCT CASE WHEN status = 'dead' AND parked = 1 THEN key END), \
-               coalesce(sum(status = 'sent'), 0), \
-               min(CASE WHEN status = 'pending' THEN created_at END) \
-             FROM r",
-        );
+        let mut q = counted_rows(&self.outbox.sql().table, filter);
+        q.push(format!(" SELECT {COUNTS} FROM r"));
         let row = q.build().fetch_one(&self.pool).await.map_err(db_error)?;
-        let n = |i: usize| row.get::<i64, _>(i).max(0).unsigned_abs();
-        Ok(Stats::new(
-            n(0),
-            n(1),
-            n(2),
-            n(3),
-            n(4),
-            n(5),
-            n(6),
-            row.get::<Option<i64>, _>(7).map(from_unix_micros),
-        ))
+        Ok(stats_from_row(&row, 0))
+    }
+
+    async fn pending_tenants(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(&self.outbox.sql().pending_tenants)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)
+    }
+
+    async fn stats_by(&self, filter: &Filter, by: GroupBy) -> Result<Vec<GroupStats>, StoreError> {
+        let column = match by {
+            GroupBy::Tenant => "tenant",
+            _ => "topic",
+        };
+        let mut q = counted_rows(&self.outbox.sql().table, filter);
+        q.push(format!(
+            " SELECT {column}, {COUNTS} FROM r GROUP BY {column} ORDER BY {column}"
+        ));
+        let rows = q.build().fetch_all(&self.pool).await.map_err(db_error)?;
+        rows.iter()
+            .map(|row| {
+                let group: Option<String> = row.try_get(0).map_err(db_error)?;
+                Ok(GroupStats::new(group, stats_from_row(row, 1)))
+            })
+            .collect()
+    }
+
+    async fn heartbeat(&self, heartbeat: &RelayHeartbeat) -> Result<(), StoreError> {
+        sqlx::query(&self.outbox.sql().heartbeat)
+            .bind(heartbeat.relay_id)
+            .bind(heartbeat.host.as_str())
+            .bind(i64::from(heartbeat.pid))
+            .bind(heartbeat.version.as_str())
+            .bind(to_unix_micros(heartbeat.started_at))
+            .bind(micros(heartbeat.interval))
+            .bind(heartbeat.last_claim_at.map(to_unix_micros))
+            .bind(i64::try_from(heartbeat.leased).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
+        let rows = sqlx::query(&self.outbox.sql().list_relays)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(relay_from_row).collect()
+    }
+
+    async fn remove_relay(&self, relay_id: Uuid) -> Result<bool, StoreError> {
+        let done = sqlx::query(&self.outbox.sql().remove_relay)
+            .bind(relay_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected() > 0)
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<MessageRecord>, StoreError> {
@@ -401,6 +553,20 @@ impl Store for SqliteStore {
             QueryBuilder::<Sqlite>::new(format!("DELETE FROM {t} WHERE status = '{status}'"));
         push_filter(&mut q, &query.filter);
         Ok(q.build()
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?
+            .rows_affected())
+    }
+
+    fn sent_retention(&self) -> Option<Duration> {
+        self.outbox.sent_retention()
+    }
+
+    async fn purge_sent(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {
+        Ok(sqlx::query(&self.outbox.sql().purge_sent)
+            .bind(micros(older_than))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .execute(&self.pool)
             .await
             .map_err(db_error)?

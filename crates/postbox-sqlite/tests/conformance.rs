@@ -38,6 +38,10 @@ impl StoreHarness for Sqlite {
     async fn advance(&self, by: Duration) {
         self.store.shift_time_back(by).await.expect("shift time");
     }
+
+    fn retaining_store(&self, keep: Duration) -> SqliteStore {
+        self.store.clone().retain_sent(Some(keep))
+    }
 }
 
 async fn harness() -> Sqlite {

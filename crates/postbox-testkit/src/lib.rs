@@ -4,13 +4,16 @@
 //! runs against its real database.
 
 mod memory;
+pub mod pg_cluster;
 pub mod proxy;
 mod publisher;
 pub mod publisher_suite;
 pub mod services;
 pub mod store_suite;
+pub mod tls;
 
 pub use memory::{MemoryStore, MemoryTx};
+pub use pg_cluster::PgCluster;
 pub use proxy::{FaultProxy, LossReport, connection_loss_scenario};
 pub use publisher::{Behaviour, TestPublisher, key_order_violations};
 pub use publisher_suite::{LargePayload, PublisherHarness, Received};

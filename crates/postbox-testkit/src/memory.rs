@@ -1,15 +1,15 @@
 //! An in-memory [`Store`], the reference implementation of the store state
 //! machine. Single process only; for tests and examples.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use postbox_core::{
-    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, Headers, Lease,
-    ListQuery, Message, MessageRecord, NewMessage, PurgeQuery, SharedClock, Stats, Status, Store,
-    StoreError, SystemClock, since,
+    Claim, ClaimRequest, CompleteReport, Completion, Disposition, Filter, GroupBy, GroupStats,
+    Headers, Lease, ListQuery, Message, MessageRecord, NewMessage, PurgeQuery, RelayHeartbeat,
+    RelayRecord, SharedClock, Stats, Status, Store, StoreError, SystemClock, since,
 };
 use uuid::Uuid;
 
@@ -29,6 +29,8 @@ struct Row {
     attempts: u32,
     lease: Option<(Uuid, SystemTime)>,
     last_error: Option<String>,
+    /// Set when the row was sent and is kept (a store with a retention).
+    sent_at: Option<SystemTime>,
 }
 
 impl Row {
@@ -53,7 +55,9 @@ impl Row {
     }
 
     fn status(&self, now: SystemTime) -> Status {
-        if self.dead {
+        if self.sent_at.is_some() {
+            Status::Sent
+        } else if self.dead {
             Status::Dead
         } else if self.leased(now) {
             Status::Leased
@@ -68,6 +72,48 @@ struct State {
     next_seq: i64,
     rows: BTreeMap<i64, Row>,
     offset: Duration,
+    /// Heartbeats by relay id, with when each was written (store clock).
+    relays: HashMap<Uuid, (RelayHeartbeat, SystemTime)>,
+}
+
+/// Counts one group's rows into stats, as `stats` does for all of them.
+fn count<'a>(rows: impl Iterator<Item = &'a Row>, now: SystemTime) -> Stats {
+    let (mut ready, mut delayed, mut retrying, mut leased, mut dead, mut sent) = (0, 0, 0, 0, 0, 0);
+    let mut parked = HashSet::new();
+    let mut oldest: Option<SystemTime> = None;
+    for row in rows {
+        if row.sent_at.is_some() {
+            sent += 1;
+            continue;
+        }
+        if row.dead {
+            dead += 1;
+            if row.parked {
+                parked.insert(row.key.clone());
+            }
+            continue;
+        }
+        oldest = Some(oldest.map_or(row.created_at, |o| o.min(row.created_at)));
+        if row.leased(now) {
+            leased += 1;
+        } else if row.attempts > 0 {
+            retrying += 1;
+        } else if row.available_at > now {
+            delayed += 1;
+        } else {
+            ready += 1;
+        }
+    }
+    Stats::new(
+        ready,
+        delayed,
+        retrying,
+        leased,
+        dead,
+        parked.len() as u64,
+        sent,
+        oldest,
+    )
 }
 
 /// An in-memory outbox store.
@@ -87,6 +133,8 @@ struct State {
 pub struct MemoryStore {
     state: Arc<Mutex<State>>,
     clock: SharedClock,
+    /// Keep sent rows this long instead of deleting them.
+    retain_sent: Option<Duration>,
 }
 
 impl Default for MemoryStore {
@@ -115,7 +163,17 @@ impl MemoryStore {
                 ..State::default()
             })),
             clock,
+            retain_sent: None,
         }
+    }
+
+    /// This store (same rows) keeping sent messages for `keep` instead of
+    /// deleting them (`None`: delete on success, the default); see
+    /// `Disposition::Sent`.
+    #[must_use]
+    pub fn retain_sent(mut self, keep: Option<Duration>) -> Self {
+        self.retain_sent = keep;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -189,6 +247,7 @@ impl MemoryTx {
                     attempts: 0,
                     lease: None,
                     last_error: None,
+                    sent_at: None,
                 },
             );
         }
@@ -209,7 +268,8 @@ impl Store for MemoryStore {
             if messages.len() >= req.limit {
                 break;
             }
-            if row.dead && !row.parked {
+            // sent rows and unparked dead ones never hold their key back
+            if row.sent_at.is_some() || (row.dead && !row.parked) {
                 continue;
             }
             if let Some(k) = &row.key {
@@ -259,13 +319,16 @@ impl Store for MemoryStore {
                 report.lost += 1;
                 continue;
             };
-            if row.dead || row.lease.map(|(t, _)| t) != Some(token) {
+            if row.dead || row.sent_at.is_some() || row.lease.map(|(t, _)| t) != Some(token) {
                 report.lost += 1;
                 continue;
             }
             report.applied += 1;
             row.lease = None;
             match &c.disposition {
+                Disposition::Sent if self.retain_sent.is_some() => {
+                    row.sent_at = Some(now);
+                }
                 Disposition::Sent => {
                     st.rows.remove(&c.seq);
                 }
@@ -295,38 +358,62 @@ impl Store for MemoryStore {
     async fn stats(&self, filter: &Filter) -> Result<Stats, StoreError> {
         let st = self.lock();
         let now = self.now(&st);
-        let (mut ready, mut delayed, mut retrying, mut leased, mut dead) = (0, 0, 0, 0, 0);
-        let mut parked = HashSet::new();
-        let mut oldest: Option<SystemTime> = None;
-        for row in st.rows.values().filter(|r| r.matches(filter, now)) {
-            if row.dead {
-                dead += 1;
-                if row.parked {
-                    parked.insert(row.key.clone());
-                }
-                continue;
-            }
-            oldest = Some(oldest.map_or(row.created_at, |o| o.min(row.created_at)));
-            if row.leased(now) {
-                leased += 1;
-            } else if row.attempts > 0 {
-                retrying += 1;
-            } else if row.available_at > now {
-                delayed += 1;
-            } else {
-                ready += 1;
-            }
-        }
-        Ok(Stats::new(
-            ready,
-            delayed,
-            retrying,
-            leased,
-            dead,
-            parked.len() as u64,
-            0,
-            oldest,
+        Ok(count(
+            st.rows.values().filter(|r| r.matches(filter, now)),
+            now,
         ))
+    }
+
+    async fn pending_tenants(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        let st = self.lock();
+        let tenants: std::collections::BTreeSet<&String> = st
+            .rows
+            .values()
+            .filter(|r| !r.dead)
+            .filter_map(|r| r.tenant.as_ref())
+            .collect();
+        Ok(tenants.into_iter().take(limit).cloned().collect())
+    }
+
+    async fn stats_by(&self, filter: &Filter, by: GroupBy) -> Result<Vec<GroupStats>, StoreError> {
+        let st = self.lock();
+        let now = self.now(&st);
+        let mut groups: BTreeMap<Option<String>, Vec<&Row>> = BTreeMap::new();
+        for row in st.rows.values().filter(|r| r.matches(filter, now)) {
+            let group = match by {
+                GroupBy::Tenant => row.tenant.clone(),
+                _ => Some(row.topic.clone()),
+            };
+            groups.entry(group).or_default().push(row);
+        }
+        Ok(groups
+            .into_iter()
+            .map(|(group, rows)| GroupStats::new(group, count(rows.into_iter(), now)))
+            .collect())
+    }
+
+    async fn heartbeat(&self, heartbeat: &RelayHeartbeat) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        let now = self.now(&st);
+        st.relays
+            .insert(heartbeat.relay_id, (heartbeat.clone(), now));
+        Ok(())
+    }
+
+    async fn relays(&self) -> Result<Vec<RelayRecord>, StoreError> {
+        let st = self.lock();
+        let now = self.now(&st);
+        let mut out: Vec<RelayRecord> = st
+            .relays
+            .values()
+            .map(|(h, at)| RelayRecord::new(h.clone(), *at, since(now, *at)))
+            .collect();
+        out.sort_by_key(|r| (r.heartbeat.started_at, r.heartbeat.relay_id));
+        Ok(out)
+    }
+
+    async fn remove_relay(&self, relay_id: Uuid) -> Result<bool, StoreError> {
+        Ok(self.lock().relays.remove(&relay_id).is_some())
     }
 
     async fn list(&self, q: &ListQuery) -> Result<Vec<MessageRecord>, StoreError> {
@@ -356,6 +443,7 @@ impl Store for MemoryStore {
                     r.headers.clone(),
                     r.payload.clone(),
                 )
+                .sent_at(r.sent_at)
             })
             .collect())
     }
@@ -392,13 +480,34 @@ impl Store for MemoryStore {
     async fn purge(&self, q: &PurgeQuery) -> Result<u64, StoreError> {
         let mut st = self.lock();
         let now = self.now(&st);
-        if q.status != Status::Dead {
-            // This store never keeps sent rows.
+        if !matches!(q.status, Status::Dead | Status::Sent) {
             return Ok(0);
         }
         let before = st.rows.len();
         st.rows
-            .retain(|_, r| !(r.dead && r.matches(&q.filter, now)));
+            .retain(|_, r| !(r.status(now) == q.status && r.matches(&q.filter, now)));
         Ok((before - st.rows.len()) as u64)
+    }
+
+    fn sent_retention(&self) -> Option<Duration> {
+        self.retain_sent
+    }
+
+    async fn purge_sent(&self, older_than: Duration, limit: usize) -> Result<u64, StoreError> {
+        let mut st = self.lock();
+        let now = self.now(&st);
+        // oldest sent first, as the SQL stores delete them
+        let mut expired: Vec<(SystemTime, i64)> = st
+            .rows
+            .iter()
+            .filter_map(|(&seq, r)| r.sent_at.map(|at| (at, seq)))
+            .filter(|&(at, _)| since(now, at) >= older_than)
+            .collect();
+        expired.sort_unstable();
+        expired.truncate(limit);
+        for (_, seq) in &expired {
+            st.rows.remove(seq);
+        }
+        Ok(expired.len() as u64)
     }
 }

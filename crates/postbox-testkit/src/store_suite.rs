@@ -6,6 +6,9 @@
 //!
 //! Time never passes by sleeping: [`StoreHarness::advance`] moves the store's
 //! clock forward (the SQL stores shift their stored deadlines back instead).
+//!
+//! The retention checks run on [`StoreHarness::retaining_store`], the same
+//! store built to keep sent messages.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,9 +16,11 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use postbox_core::{
-    CancellationToken, ClaimRequest, Completion, Disposition, Filter, ListQuery, Message,
-    NewMessage, OnDead, PurgeQuery, Relay, RetryPolicy, Status, Store,
+    CancellationToken, ClaimRequest, Completion, Disposition, Filter, GroupBy, GroupStats,
+    ListQuery, Message, NewMessage, OnDead, PurgeQuery, Relay, RelayHeartbeat, RetryPolicy, Stats,
+    Status, Store, from_unix_micros, to_unix_micros,
 };
+use uuid::Uuid;
 
 use crate::publisher::{Behaviour, TestPublisher, key_order_violations};
 
@@ -36,8 +41,14 @@ pub trait StoreHarness: Send + Sync + 'static {
     fn enqueue_rolled_back(&self, msgs: Vec<NewMessage>) -> impl Future<Output = ()> + Send;
 
     /// Moves the store's notion of "now" forward by `by` (or, equivalently,
-    /// every stored deadline and timestamp back by `by`).
+    /// every stored deadline and timestamp back by `by`, `sent_at` of kept
+    /// sent rows included).
     fn advance(&self, by: Duration) -> impl Future<Output = ()> + Send;
+
+    /// The store under test over the same tables, built to keep sent
+    /// messages for `keep` instead of deleting them (its crate's
+    /// `retain_sent(Some(keep))`).
+    fn retaining_store(&self, keep: Duration) -> Self::Store;
 }
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -493,6 +504,58 @@ pub async fn tenant_scoping<H: StoreHarness>(h: H) {
     assert_eq!(bodies(&c.messages), ["a1", "a2"]);
 }
 
+/// Tenant fairness: a tenant whose backlog was written first does not starve
+/// the others. The store lists the tenants with pending messages, and a
+/// relay's claims rotate across them (each tenant, then any tenant).
+pub async fn tenants_take_turns<H: StoreHarness>(h: H) {
+    let store = h.store();
+    let big: Vec<NewMessage> = (0..120)
+        .map(|i| {
+            let key = (i % 2 == 1).then(|| format!("big-{}", i % 7));
+            msg("t", key.as_deref(), &format!("big-{i}")).tenant("big")
+        })
+        .collect();
+    h.enqueue(big).await;
+    h.enqueue(vec![
+        msg("t", None, "s1-a").tenant("small1"),
+        msg("t", Some("s1"), "s1-b").tenant("small1"),
+        msg("t", Some("s1"), "s1-c").tenant("small1"),
+        msg("t", None, "s2-a").tenant("small2"),
+        msg("t", None, "no tenant"),
+    ])
+    .await;
+    assert_eq!(
+        store.pending_tenants(10).await.expect("tenants"),
+        ["big", "small1", "small2"]
+    );
+    assert_eq!(
+        store.pending_tenants(2).await.expect("tenants"),
+        ["big", "small1"]
+    );
+
+    let publisher = TestPublisher::recording();
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .batch_size(10)
+        .build()
+        .expect("relay");
+    // three rounds of big, small1, small2, any
+    for _ in 0..12 {
+        relay.tick().await.expect("tick");
+    }
+    let delivered = bodies(&publisher.delivered());
+    for small in ["s1-a", "s1-b", "s1-c", "s2-a"] {
+        assert!(
+            delivered.iter().any(|b| b == small),
+            "{small} starved behind the big tenant: {delivered:?}"
+        );
+    }
+    let big = delivered.iter().filter(|b| b.starts_with("big-")).count();
+    assert!(big < 120, "the big tenant went first: {delivered:?}");
+    // each key's order holds across the rotation
+    let violations = key_order_violations(&publisher.delivered());
+    assert!(violations.is_empty(), "order violations: {violations:?}");
+}
+
 /// Stats count every state exactly, and narrow by topic.
 pub async fn stats_are_exact<H: StoreHarness>(h: H) {
     let store = h.store();
@@ -547,6 +610,222 @@ pub async fn stats_are_exact<H: StoreHarness>(h: H) {
     );
 }
 
+/// `stats_by` breaks the exact counts down per topic and per tenant (rows
+/// without a tenant in the `None` group, listed first), narrowed by the
+/// filter, and the groups add up to the totals.
+pub async fn stats_break_down_by_topic_and_tenant<H: StoreHarness>(h: H) {
+    let store = h.store();
+    assert!(
+        store
+            .stats_by(&Filter::all(), GroupBy::Topic)
+            .await
+            .expect("stats_by")
+            .is_empty()
+    );
+    h.enqueue(vec![
+        msg("a", None, "a1").tenant("t1"), // -> released: ready
+        msg("a", Some("k"), "a2-dead"),    // -> dead, parks k; no tenant
+        msg("b", None, "b1").tenant("t2"), // -> retrying
+        msg("b", None, "b2")
+            .tenant("t2")
+            .delay(Duration::from_secs(600)), // delayed
+        msg("a", None, "a3").tenant("t1"), // -> stays leased
+    ])
+    .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["a1", "a2-dead", "b1", "a3"]);
+    let by = |b: &str| {
+        got.iter()
+            .filter(|m| m.payload == b.as_bytes())
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    complete_all(&store, token, &by("a1"), Disposition::Release).await;
+    complete_all(&store, token, &by("a2-dead"), dead(true)).await;
+    complete_all(&store, token, &by("b1"), retry(Duration::from_secs(60))).await;
+
+    // (group, ready, delayed, retrying, leased, dead, parked keys, pending)
+    type Row = (Option<String>, u64, u64, u64, u64, u64, u64, u64);
+    fn rows(groups: &[GroupStats]) -> Vec<Row> {
+        groups
+            .iter()
+            .map(|g| {
+                let s = &g.stats;
+                (
+                    g.group.clone(),
+                    s.ready,
+                    s.delayed,
+                    s.retrying,
+                    s.leased,
+                    s.dead,
+                    s.parked_keys,
+                    s.pending,
+                )
+            })
+            .collect()
+    }
+    let some = |s: &str| Some(s.to_owned());
+    let topics = store
+        .stats_by(&Filter::all(), GroupBy::Topic)
+        .await
+        .expect("stats_by topic");
+    assert_eq!(
+        rows(&topics),
+        [
+            (some("a"), 1, 0, 0, 1, 1, 1, 2),
+            (some("b"), 0, 1, 1, 0, 0, 0, 2)
+        ]
+    );
+    let tenants = store
+        .stats_by(&Filter::all(), GroupBy::Tenant)
+        .await
+        .expect("stats_by tenant");
+    assert_eq!(
+        rows(&tenants),
+        [
+            (None, 0, 0, 0, 0, 1, 1, 0),
+            (some("t1"), 1, 0, 0, 1, 0, 0, 2),
+            (some("t2"), 0, 1, 1, 0, 0, 0, 2)
+        ]
+    );
+    assert_eq!(tenants[0].stats.oldest_pending_at, None, "{tenants:?}");
+    assert!(tenants[1].stats.oldest_pending_at.is_some(), "{tenants:?}");
+    let total: Stats = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(
+        tenants.iter().map(|g| g.stats.pending).sum::<u64>(),
+        total.pending
+    );
+    let narrowed = store
+        .stats_by(&Filter::all().topic("a"), GroupBy::Tenant)
+        .await
+        .expect("stats_by narrowed");
+    assert_eq!(
+        rows(&narrowed),
+        [
+            (None, 0, 0, 0, 0, 1, 1, 0),
+            (some("t1"), 1, 0, 0, 1, 0, 0, 2)
+        ]
+    );
+}
+
+fn to_micros_precision(t: SystemTime) -> SystemTime {
+    from_unix_micros(to_unix_micros(t))
+}
+
+/// Heartbeat rows: written and read back whole, stamped and aged on the
+/// store's clock, stale once silent for 3 intervals while holding leases,
+/// refreshed by the next heartbeat, removed by id.
+pub async fn relay_heartbeats_are_recorded_and_age<H: StoreHarness>(h: H) {
+    let store = h.store();
+    assert!(store.relays().await.expect("relays").is_empty());
+    let now = to_micros_precision(SystemTime::now());
+    let interval = Duration::from_secs(5);
+    let one = Uuid::now_v7();
+    let beat = RelayHeartbeat::new(
+        one,
+        "relay-host-1",
+        4242,
+        "9.8.7",
+        now - Duration::from_secs(60),
+        interval,
+    )
+    .last_claim_at(Some(now - Duration::from_secs(1)))
+    .leased(100);
+    store.heartbeat(&beat).await.expect("heartbeat");
+    let relays = store.relays().await.expect("relays");
+    assert_eq!(relays.len(), 1, "{relays:?}");
+    assert_eq!(relays[0].heartbeat, beat, "fields did not round-trip");
+    assert!(relays[0].silent_for < interval, "{:?}", relays[0]);
+    assert!(!relays[0].is_silent() && !relays[0].is_stale());
+
+    h.advance(Duration::from_secs(16)).await;
+    let relays = store.relays().await.expect("relays");
+    assert!(
+        relays[0].silent_for >= Duration::from_secs(16),
+        "{:?}",
+        relays[0]
+    );
+    assert!(
+        relays[0].is_stale(),
+        "silent 16 s > 3 × 5 s holding 100 leases"
+    );
+
+    // the next heartbeat refreshes the row in place
+    let refreshed = beat.clone().last_claim_at(Some(now)).leased(0);
+    store.heartbeat(&refreshed).await.expect("heartbeat");
+    let relays = store.relays().await.expect("relays");
+    assert_eq!(relays.len(), 1, "{relays:?}");
+    assert_eq!(relays[0].heartbeat, refreshed);
+    assert!(relays[0].silent_for < interval, "{:?}", relays[0]);
+    h.advance(Duration::from_secs(16)).await;
+    let relays = store.relays().await.expect("relays");
+    assert!(relays[0].is_silent(), "{:?}", relays[0]);
+    assert!(!relays[0].is_stale(), "holds no lease: silent, not stale");
+
+    let two = Uuid::now_v7();
+    let other = RelayHeartbeat::new(two, "relay-host-2", 7, "9.8.7", now, interval);
+    store.heartbeat(&other).await.expect("heartbeat");
+    let relays = store.relays().await.expect("relays");
+    let ids: Vec<Uuid> = relays.iter().map(|r| r.heartbeat.relay_id).collect();
+    assert_eq!(ids, [one, two], "not in order of start");
+    assert_eq!(relays[1].heartbeat.last_claim_at, None);
+
+    assert!(store.remove_relay(one).await.expect("remove"));
+    assert!(!store.remove_relay(one).await.expect("remove"));
+    let relays = store.relays().await.expect("relays");
+    assert_eq!(relays.len(), 1);
+    assert_eq!(relays[0].heartbeat, other);
+}
+
+/// A running relay keeps its heartbeat row current (its id, this process,
+/// the rows it holds under lease) and deletes it on a clean shutdown.
+pub async fn relay_run_heartbeats_until_shutdown<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![msg("t", None, "a"), msg("t", Some("k"), "b")])
+        .await;
+    let publisher = TestPublisher::hanging();
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .heartbeat_interval(Some(Duration::from_millis(20)))
+        .poll_interval(Duration::from_millis(10))
+        .shutdown_grace(Duration::from_millis(10))
+        .concurrency(1)
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let row = loop {
+        let relays = store.relays().await.expect("relays");
+        if let Some(r) = relays.iter().find(|r| r.heartbeat.leased == 2) {
+            break r.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no heartbeat showing 2 leased rows: {relays:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(row.heartbeat.relay_id, relay.id());
+    assert_eq!(row.heartbeat.pid, std::process::id());
+    assert!(!row.heartbeat.host.is_empty());
+    assert!(!row.heartbeat.version.is_empty());
+    assert!(row.heartbeat.last_claim_at.is_some());
+    assert_eq!(relay.leased(), 2);
+
+    shutdown.cancel();
+    running.await.expect("relay task");
+    assert_eq!(relay.leased(), 0);
+    let left = store.relays().await.expect("relays");
+    assert!(left.is_empty(), "heartbeat row left behind: {left:?}");
+    // the held rows were released, not left to their lease
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.ready, s.leased), (2, 0), "{s:?}");
+}
+
 /// Purge deletes only matching dead messages, never pending ones.
 pub async fn purge_deletes_only_matching_dead<H: StoreHarness>(h: H) {
     let store = h.store();
@@ -583,6 +862,296 @@ pub async fn purge_deletes_only_matching_dead<H: StoreHarness>(h: H) {
         .await
         .expect("purge");
     assert_eq!(purged, 1);
+}
+
+/// The retention of the retention checks: long enough that nothing
+/// expires unless a check advances the clock past it.
+const KEEP: Duration = Duration::from_secs(3600);
+
+fn sent_count(s: &Stats) -> (u64, u64) {
+    (s.sent, s.pending)
+}
+
+/// Without a retention (the default) a sent message is deleted: nothing is
+/// counted or listed as sent, and `purge_sent` finds nothing to delete.
+pub async fn sent_messages_are_deleted_without_retention<H: StoreHarness>(h: H) {
+    let store = h.store();
+    assert_eq!(store.sent_retention(), None);
+    h.enqueue(vec![msg("t", Some("k"), "a"), msg("t", None, "b")])
+        .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    complete_all(&store, token, &got, Disposition::Sent).await;
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(sent_count(&s), (0, 0), "{s:?}");
+    let rows = store.list(&ListQuery::new(None, 10)).await.expect("list");
+    assert!(rows.is_empty(), "sent rows kept: {rows:?}");
+    h.advance(KEEP * 2).await;
+    assert_eq!(store.purge_sent(KEEP, 500).await.expect("purge_sent"), 0);
+}
+
+/// With a retention a sent message is kept as `sent`: counted in
+/// `stats().sent` (also per topic), not pending, listed as `Status::Sent`
+/// with its `sent_at`, never claimed again (even after its lease would have
+/// ended), and it does not hold its key back. Replay and skip leave it
+/// alone; `purge` with `Status::Sent` deletes it.
+pub async fn sent_messages_are_kept_with_retention<H: StoreHarness>(h: H) {
+    let store = h.retaining_store(KEEP);
+    assert_eq!(store.sent_retention(), Some(KEEP));
+    h.enqueue(vec![
+        msg("a", Some("k"), "k1"),
+        msg("b", None, "free"),
+        msg("a", Some("k"), "k2"),
+        msg("a", Some("l"), "l1"),
+    ])
+    .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["k1", "free", "l1"]);
+    let (sent, held): (Vec<_>, Vec<_>) = got.into_iter().partition(|m| m.payload != "l1");
+    complete_all(&store, token, &sent, Disposition::Sent).await;
+
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(
+        (s.sent, s.pending, s.ready, s.leased, s.dead),
+        (2, 2, 1, 1, 0),
+        "{s:?}"
+    );
+    let b = store.stats(&Filter::all().topic("b")).await.expect("stats");
+    assert_eq!(sent_count(&b), (1, 0), "{b:?}");
+    assert_eq!(b.oldest_pending_at, None, "a sent row counted as pending");
+    let topics = store
+        .stats_by(&Filter::all(), GroupBy::Topic)
+        .await
+        .expect("stats_by");
+    let per_topic: Vec<_> = topics
+        .iter()
+        .map(|g| (g.group.clone(), g.stats.sent, g.stats.pending))
+        .collect();
+    assert_eq!(
+        per_topic,
+        [(Some("a".to_owned()), 1, 2), (Some("b".to_owned()), 1, 0)]
+    );
+
+    let listed = store
+        .list(&ListQuery::new(Some(Status::Sent), 10))
+        .await
+        .expect("list sent");
+    assert_eq!(bodies_of(&listed), ["k1", "free"]);
+    for (row, m) in listed.iter().zip(&sent) {
+        assert_eq!((row.id, row.status, row.attempts), (m.id, Status::Sent, 1));
+        let at = row.sent_at.expect("sent_at of a kept sent row");
+        let age = postbox_core::since(SystemTime::now(), at);
+        assert!(age < Duration::from_secs(3600), "sent_at is off by {age:?}");
+    }
+    let pending = store
+        .list(&ListQuery::new(Some(Status::Pending), 10))
+        .await
+        .expect("list pending");
+    assert_eq!(bodies_of(&pending), ["k2"]);
+    let key_k = store
+        .list(&ListQuery::new(None, 10).filter(Filter::all().key("k")))
+        .await
+        .expect("list key");
+    let states: Vec<_> = key_k
+        .iter()
+        .map(|r| (r.status, r.sent_at.is_some()))
+        .collect();
+    assert_eq!(states, [(Status::Sent, true), (Status::Pending, false)]);
+
+    // k's sent head does not hold k2 back; l is still leased
+    let (token, next) = claim_bodies(&store, 10).await;
+    assert_eq!(
+        bodies(&next),
+        ["k2"],
+        "a sent row blocked its key or was claimed"
+    );
+    complete_all(&store, token, &next, Disposition::Sent).await;
+    h.advance(LEASE * 2).await;
+    let (_, again) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&again), ["l1"], "a sent row was claimed again");
+    assert_eq!(held[0].id, again[0].id);
+
+    assert_eq!(store.replay(&Filter::all()).await.expect("replay"), 0);
+    assert_eq!(store.skip(&Filter::all()).await.expect("skip"), 0);
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.sent, s.pending, s.dead), (3, 1, 0), "{s:?}");
+
+    let purged = store
+        .purge(&PurgeQuery::new(Status::Sent, Filter::all().topic("b")))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 1);
+    let purged = store
+        .purge(&PurgeQuery::new(Status::Dead, Filter::all()))
+        .await
+        .expect("purge");
+    assert_eq!(purged, 0, "purging dead rows deleted sent ones");
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!(sent_count(&s), (2, 1), "{s:?}");
+}
+
+/// Fencing holds with a retention: a completion under a lease that was
+/// taken over does not mark the row sent, and once it is sent no
+/// completion, stale or current, changes it again.
+pub async fn kept_sent_messages_are_fenced<H: StoreHarness>(h: H) {
+    let store = h.retaining_store(KEEP);
+    h.enqueue(vec![msg("t", Some("k"), "a"), msg("t", None, "b")])
+        .await;
+    let (old, first) = claim_bodies(&store, 10).await;
+    h.advance(LEASE + Duration::from_secs(1)).await;
+    let (new, second) = claim_bodies(&store, 10).await;
+    assert_eq!(second.len(), 2);
+    let all = |msgs: &[Message], d: Disposition| -> Vec<Completion> {
+        msgs.iter()
+            .map(|m| Completion::new(m.seq, d.clone()))
+            .collect()
+    };
+    let r = store
+        .complete(old, &all(&first, Disposition::Sent))
+        .await
+        .expect("complete");
+    assert_eq!((r.applied, r.lost), (0, 2), "stale Sent applied: {r:?}");
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.sent, s.leased), (0, 2), "{s:?}");
+
+    complete_all(&store, new, &second, Disposition::Sent).await;
+    for token in [old, new] {
+        for d in [
+            Disposition::Sent,
+            dead(true),
+            retry(Duration::from_secs(1)),
+            Disposition::Release,
+        ] {
+            let r = store
+                .complete(token, &all(&second, d.clone()))
+                .await
+                .expect("complete");
+            assert_eq!(
+                (r.applied, r.lost),
+                (0, 2),
+                "{d:?} changed a sent row: {r:?}"
+            );
+        }
+    }
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.sent, s.dead, s.pending), (2, 0, 0), "{s:?}");
+    let rows = store
+        .list(&ListQuery::new(Some(Status::Sent), 10))
+        .await
+        .expect("list");
+    assert!(
+        rows.iter().all(|r| r.attempts == 2 && !r.parked),
+        "{rows:?}"
+    );
+}
+
+/// `purge_sent` deletes only sent messages whose `sent_at` is at least
+/// `older_than` ago on the store's clock, at most `limit` per call, and
+/// never a pending or dead one however old.
+pub async fn purge_sent_deletes_only_expired_sent<H: StoreHarness>(h: H) {
+    let store = h.retaining_store(KEEP);
+    let far = Duration::from_secs(100 * 3600);
+    h.enqueue(vec![
+        msg("t", None, "s1"),
+        msg("t", None, "s2"),
+        msg("t", None, "s3"),
+        msg("t", Some("k"), "dead"),
+        msg("t", None, "delayed").delay(far),
+    ])
+    .await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["s1", "s2", "s3", "dead"]);
+    let (to_dead, to_send): (Vec<_>, Vec<_>) = got.into_iter().partition(|m| m.payload == "dead");
+    complete_all(&store, token, &to_send, Disposition::Sent).await;
+    complete_all(&store, token, &to_dead, dead(true)).await;
+    assert_eq!(store.purge_sent(KEEP, 500).await.expect("purge_sent"), 0);
+
+    h.advance(KEEP / 2).await;
+    h.enqueue(vec![msg("t", None, "s4")]).await;
+    let (token, got) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&got), ["s4"]);
+    complete_all(&store, token, &got, Disposition::Sent).await;
+    assert_eq!(store.purge_sent(KEEP, 500).await.expect("purge_sent"), 0);
+
+    h.advance(KEEP / 2 + Duration::from_secs(60)).await;
+    assert_eq!(store.purge_sent(KEEP, 2).await.expect("purge_sent"), 2);
+    assert_eq!(store.purge_sent(KEEP, 500).await.expect("purge_sent"), 1);
+    assert_eq!(store.purge_sent(KEEP, 500).await.expect("purge_sent"), 0);
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.sent, s.dead, s.pending), (1, 1, 1), "{s:?}");
+    let kept = store
+        .list(&ListQuery::new(Some(Status::Sent), 10))
+        .await
+        .expect("list");
+    assert_eq!(bodies_of(&kept), ["s4"]);
+
+    // the age is the caller's, not the store's retention
+    assert_eq!(
+        store.purge_sent(KEEP / 4, 500).await.expect("purge_sent"),
+        1
+    );
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.sent, s.dead, s.pending), (0, 1, 1), "{s:?}");
+}
+
+/// A running relay deletes the sent messages kept past the store's
+/// retention, and only those, from its cleanup task.
+pub async fn relay_cleans_up_sent_past_retention<H: StoreHarness>(h: H) {
+    let store = h.retaining_store(KEEP);
+    h.enqueue(vec![msg("t", Some("k"), "old-1"), msg("t", None, "old-2")])
+        .await;
+    let publisher = TestPublisher::recording();
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .cleanup_interval(Some(Duration::from_millis(20)))
+        .poll_interval(Duration::from_millis(10))
+        .heartbeat_interval(None)
+        .stats_interval(None)
+        .build()
+        .expect("relay");
+    assert_eq!(relay.tick().await.expect("tick").sent, 2);
+    assert_eq!(relay.clean_up_sent().await.expect("clean up"), 0);
+    assert_eq!(
+        store.stats(&Filter::all()).await.expect("stats").sent,
+        2,
+        "cleaned up before the retention"
+    );
+
+    h.advance(KEEP + Duration::from_secs(60)).await;
+    h.enqueue(vec![msg("t", Some("k"), "young")]).await;
+    assert_eq!(relay.tick().await.expect("tick").sent, 1);
+
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = store.stats(&Filter::all()).await.expect("stats");
+        if s.sent <= 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay did not clean up: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    running.await.expect("relay task");
+    let kept = store
+        .list(&ListQuery::new(Some(Status::Sent), 10))
+        .await
+        .expect("list");
+    assert_eq!(bodies_of(&kept), ["young"], "a young sent row was deleted");
+    assert_eq!(bodies(&publisher.delivered()), ["old-1", "old-2", "young"]);
+
+    // a relay over a store without retention has nothing to clean up
+    let plain = Relay::builder(h.store(), TestPublisher::recording())
+        .build()
+        .expect("relay");
+    assert_eq!(plain.clean_up_sent().await.expect("clean up"), 0);
+    assert_eq!(store.stats(&Filter::all()).await.expect("stats").sent, 1);
 }
 
 /// The relay retries transient failures until `max_attempts`, then
@@ -760,7 +1329,16 @@ macro_rules! store_conformance_tests {
             delayed_delivery_waits_and_holds_its_key,
             tenant_scoping,
             stats_are_exact,
+            stats_break_down_by_topic_and_tenant,
+            relay_heartbeats_are_recorded_and_age,
+            relay_run_heartbeats_until_shutdown,
+            tenants_take_turns,
             purge_deletes_only_matching_dead,
+            sent_messages_are_deleted_without_retention,
+            sent_messages_are_kept_with_retention,
+            kept_sent_messages_are_fenced,
+            purge_sent_deletes_only_expired_sent,
+            relay_cleans_up_sent_past_retention,
             relay_retries_then_dead_letters,
             relay_rejection_with_skip_policy,
             concurrent_relays_keep_key_order,

@@ -114,15 +114,30 @@ impl StoreHarness for MySqlHarness {
             "UPDATE `{}` SET \
                `available_at` = TIMESTAMPADD(MICROSECOND, -?, `available_at`), \
                `created_at` = TIMESTAMPADD(MICROSECOND, -?, `created_at`), \
-               `lease_until` = TIMESTAMPADD(MICROSECOND, -?, `lease_until`)",
+               `lease_until` = TIMESTAMPADD(MICROSECOND, -?, `lease_until`), \
+               `sent_at` = TIMESTAMPADD(MICROSECOND, -?, `sent_at`)",
             self.outbox().table()
         ))
+        .bind(us)
         .bind(us)
         .bind(us)
         .bind(us)
         .execute(self.pool())
         .await
         .expect("advance");
+        // heartbeats are stamped on the database clock too
+        sqlx::query(&format!(
+            "UPDATE `{}_relays` SET `last_heartbeat` = TIMESTAMPADD(MICROSECOND, -?, `last_heartbeat`)",
+            self.outbox().table()
+        ))
+        .bind(us)
+        .execute(self.pool())
+        .await
+        .expect("advance heartbeats");
+    }
+
+    fn retaining_store(&self, keep: Duration) -> MySqlStore {
+        self.store.clone().retain_sent(Some(keep))
     }
 }
 

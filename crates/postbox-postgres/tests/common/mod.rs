@@ -158,12 +158,27 @@ impl StoreHarness for PgHarness {
         sqlx::query(&format!(
             "UPDATE {} SET available_at = available_at - $1 * interval '1 microsecond',
                            lease_until = lease_until - $1 * interval '1 microsecond',
-                           created_at = created_at - $1 * interval '1 microsecond'",
+                           created_at = created_at - $1 * interval '1 microsecond',
+                           sent_at = sent_at - $1 * interval '1 microsecond'",
             self.outbox.qualified_name()
         ))
         .bind(us)
         .execute(&self.app)
         .await
         .expect("advance");
+        // heartbeats are stamped on the database clock too
+        sqlx::query(&format!(
+            "UPDATE {}.\"{}_relays\" SET last_heartbeat = last_heartbeat - $1 * interval '1 microsecond'",
+            self.outbox.schema().quoted(),
+            self.outbox.table().as_str()
+        ))
+        .bind(us)
+        .execute(&self.app)
+        .await
+        .expect("advance heartbeats");
+    }
+
+    fn retaining_store(&self, keep: Duration) -> PgStore {
+        self.store.clone().retain_sent(Some(keep))
     }
 }

@@ -1,0 +1,369 @@
+//! What a relay tells operators (metrics, health) and how it shuts down,
+//! checked on the in-memory store with scriptable publishers.
+
+use std::time::Duration;
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::{CompositeKey, MetricKind};
+use postbox_core::observe;
+use postbox_core::{CancellationToken, ListQuery, NewMessage, Relay, Status, Store};
+use postbox_testkit::{Behaviour, MemoryStore, TestPublisher};
+
+/// Everything recorded so far (a debugging snapshot resets what it reads,
+/// so each check takes one and looks everything up in it).
+struct Recorded(Vec<(CompositeKey, DebugValue)>);
+
+fn recorded(snap: &Snapshotter) -> Recorded {
+    Recorded(
+        snap.snapshot()
+            .into_vec()
+            .into_iter()
+            .map(|(key, _, _, value)| (key, value))
+            .collect(),
+    )
+}
+
+/// The value of counter `name` with exactly these labels, or 0.
+fn counter(snap: &Recorded, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut want: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    want.sort();
+    snap.0
+        .iter()
+        .find_map(|(key, value)| {
+            if key.kind() != MetricKind::Counter {
+                return None;
+            }
+            let mut got: Vec<(String, String)> = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            got.sort();
+            match value {
+                DebugValue::Counter(n) if key.key().name() == name && got == want => Some(*n),
+                _ => None,
+            }
+        })
+        .unwrap_or(0)
+}
+
+fn histogram_len(snap: &Recorded, name: &str) -> usize {
+    snap.0
+        .iter()
+        .filter(|(key, _)| key.key().name() == name)
+        .map(|(_, value)| match value {
+            DebugValue::Histogram(v) => v.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn gauge(snap: &Recorded, name: &str) -> Option<f64> {
+    snap.0.iter().find_map(|(key, value)| match value {
+        DebugValue::Gauge(g) if key.key().name() == name => Some(g.into_inner()),
+        _ => None,
+    })
+}
+
+/// Runs `f` on a current-thread runtime with paused time and a recorder
+/// local to this test.
+fn with_recorder(f: impl AsyncFnOnce(Snapshotter)) {
+    let recorder = DebuggingRecorder::new();
+    let snap = recorder.snapshotter();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    metrics::with_local_recorder(&recorder, || rt.block_on(f(snap)));
+}
+
+#[test]
+fn relay_counts_outcomes_by_topic_and_times_each_step() {
+    with_recorder(async |snap| {
+        let store = MemoryStore::new();
+        store.enqueue([
+            NewMessage::new("orders.created", "1"),
+            NewMessage::new("orders.created", "2").key("k1"),
+            NewMessage::new("orders.paid", "3").key("bad"),
+            NewMessage::new("orders.paid", "4").key("flaky"),
+        ]);
+        let publisher = TestPublisher::new(|m| match m.key.as_deref() {
+            Some("bad") => Behaviour::Reject("no such exchange".into()),
+            Some("flaky") => Behaviour::Transient("broker busy".into()),
+            _ => Behaviour::Deliver,
+        });
+        let relay = Relay::builder(store, publisher).build().expect("relay");
+        let r = relay.tick().await.expect("tick");
+        assert_eq!((r.claimed, r.sent, r.dead, r.retried), (4, 2, 1, 1));
+        let snap = recorded(&snap);
+
+        let published = |topic| counter(&snap, observe::PUBLISHED_TOTAL, &[("topic", topic)]);
+        assert_eq!(published("orders.created"), 2);
+        assert_eq!(published("orders.paid"), 0);
+        let failed = |kind| {
+            counter(
+                &snap,
+                observe::PUBLISH_FAILURES_TOTAL,
+                &[("topic", "orders.paid"), ("kind", kind)],
+            )
+        };
+        assert_eq!(failed("rejected"), 1);
+        assert_eq!(failed("transient"), 1);
+        assert_eq!(
+            counter(&snap, observe::DEAD_TOTAL, &[("topic", "orders.paid")]),
+            1
+        );
+        assert_eq!(histogram_len(&snap, observe::COMMIT_TO_PUBLISH_SECONDS), 2);
+        assert_eq!(histogram_len(&snap, observe::CLAIM_DURATION_SECONDS), 1);
+        assert_eq!(histogram_len(&snap, observe::PUBLISH_DURATION_SECONDS), 1);
+        assert_eq!(histogram_len(&snap, observe::COMPLETE_DURATION_SECONDS), 1);
+        assert_eq!(histogram_len(&snap, observe::BATCH_SIZE), 1);
+        // a batch with an acknowledgement: the publisher counts as healthy
+        let health = relay.health();
+        assert!(health.is_ready(), "{health:?}");
+    });
+}
+
+#[test]
+fn topic_labels_past_the_limit_are_counted_as_other() {
+    with_recorder(async |snap| {
+        let store = MemoryStore::new();
+        store.enqueue((0..5).map(|i| NewMessage::new(format!("tenant.{i}"), "x")));
+        let mut options = postbox_core::RelayOptions::default();
+        options.metrics_topic_limit = 2;
+        let relay = Relay::builder(store, TestPublisher::recording())
+            .options(options)
+            .build()
+            .expect("relay");
+        relay.tick().await.expect("tick");
+        let snap = recorded(&snap);
+        let published = |topic| counter(&snap, observe::PUBLISHED_TOTAL, &[("topic", topic)]);
+        assert_eq!(published("tenant.0"), 1);
+        assert_eq!(published("tenant.1"), 1);
+        assert_eq!(published(observe::OTHER_TOPIC), 3);
+        assert_eq!(published("tenant.4"), 0);
+    });
+}
+
+#[test]
+fn an_all_transient_batch_makes_the_relay_unready_until_a_message_goes_through() {
+    with_recorder(async |_snap| {
+        let store = MemoryStore::new();
+        store.enqueue([NewMessage::new("t", "a")]);
+        // fails the first attempt of every message, delivers the second
+        let relay = Relay::builder(store.clone(), TestPublisher::fail_first(1))
+            .retry_policy(postbox_core::RetryPolicy::new(
+                Duration::from_millis(1),
+                Duration::from_millis(1),
+            ))
+            .build()
+            .expect("relay");
+        assert!(
+            !relay.health().is_ready(),
+            "not ready before the first claim"
+        );
+        relay.tick().await.expect("tick");
+        let h = relay.health();
+        assert!(!h.is_ready());
+        assert_eq!(h.store_error, None);
+        assert!(
+            h.publisher_error
+                .as_deref()
+                .is_some_and(|e| e.contains("injected failure")),
+            "{h:?}"
+        );
+        // an empty claim changes nothing about the publisher
+        relay.tick().await.expect("tick");
+        assert!(!relay.health().is_ready());
+        store.advance(Duration::from_secs(1));
+        let r = relay.tick().await.expect("tick");
+        assert_eq!(r.sent, 1);
+        assert!(relay.health().is_ready(), "{:?}", relay.health());
+    });
+}
+
+#[test]
+fn run_samples_store_counts_into_gauges() {
+    with_recorder(async |snap| {
+        let store = MemoryStore::new();
+        // parked on a dead head: stays pending, so the gauges have something to show
+        store.enqueue([
+            NewMessage::new("t", "a").key("k"),
+            NewMessage::new("t", "b").key("k"),
+        ]);
+        let relay = Relay::builder(store, TestPublisher::reject_key("k"))
+            .stats_interval(Some(Duration::from_secs(1)))
+            .build()
+            .expect("relay");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn({
+            let relay = relay.clone();
+            let shutdown = shutdown.clone();
+            async move { relay.run(shutdown).await }
+        });
+        // (paused time) the first sample is taken at start, before the
+        // claim; the next one `stats_interval` later sees the dead head
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        shutdown.cancel();
+        running.await.expect("run");
+        let snap = recorded(&snap);
+        assert_eq!(gauge(&snap, observe::DEAD), Some(1.0));
+        assert_eq!(gauge(&snap, observe::PENDING), Some(1.0));
+        assert_eq!(gauge(&snap, observe::PARKED_KEYS), Some(1.0));
+        assert!(gauge(&snap, observe::OLDEST_PENDING_AGE_SECONDS).is_some());
+    });
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_releases_a_batch_whose_publish_outlives_the_grace() {
+    let store = MemoryStore::new();
+    store.enqueue([
+        NewMessage::new("t", "a").key("k"),
+        NewMessage::new("t", "b"),
+    ]);
+    let publisher = TestPublisher::hanging();
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .concurrency(1)
+        .send_timeout(Duration::from_secs(20))
+        .shutdown_grace(Duration::from_secs(2))
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    while publisher.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let asked = tokio::time::Instant::now();
+    shutdown.cancel();
+    let report = running.await.expect("run");
+    // it gave the publish its grace, not the whole send timeout
+    let waited = asked.elapsed();
+    assert!(
+        waited >= Duration::from_secs(2) && waited < Duration::from_secs(20),
+        "{waited:?}"
+    );
+    assert_eq!((report.claimed, report.sent, report.retried), (2, 0, 0));
+
+    // both rows are claimable at once, their attempt not counted
+    let rows = store.list(&ListQuery::new(None, 10)).await.expect("list");
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r.status, Status::Pending, "{r:?}");
+        assert_eq!(r.attempts, 0, "{r:?}");
+    }
+    let next = Relay::builder(store, TestPublisher::recording())
+        .build()
+        .expect("relay");
+    assert_eq!(next.tick().await.expect("tick").sent, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_a_publish_finish_within_the_grace() {
+    let store = MemoryStore::new();
+    store.enqueue([NewMessage::new("t", "a")]);
+    // answers after 1 s, inside the 5 s grace
+    let publisher = SlowPublisher(TestPublisher::recording(), Duration::from_secs(1));
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .concurrency(1)
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    while publisher.0.calls() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    shutdown.cancel();
+    let report = running.await.expect("run");
+    assert_eq!(report.sent, 1);
+    assert_eq!(publisher.0.delivered().len(), 1);
+    assert!(
+        store
+            .list(&ListQuery::new(None, 10))
+            .await
+            .expect("list")
+            .is_empty()
+    );
+}
+
+#[derive(Clone)]
+struct SlowPublisher(TestPublisher, Duration);
+
+impl postbox_core::Publisher for SlowPublisher {
+    async fn publish(&self, batch: &[postbox_core::Message]) -> Vec<postbox_core::PublishOutcome> {
+        // counted first, answered after the delay
+        let answer = self.0.publish(batch);
+        tokio::time::sleep(self.1).await;
+        answer.await
+    }
+}
+
+#[test]
+fn leases_held_gauge_and_heartbeat_follow_the_batch_in_flight() {
+    with_recorder(async |snap| {
+        let store = MemoryStore::new();
+        store.enqueue([
+            NewMessage::new("t", "a"),
+            NewMessage::new("t", "b").key("k"),
+        ]);
+        let publisher = TestPublisher::hanging();
+        let relay = Relay::builder(store.clone(), publisher.clone())
+            .concurrency(1)
+            .send_timeout(Duration::from_secs(20))
+            .heartbeat_interval(Some(Duration::from_secs(1)))
+            .shutdown_grace(Duration::from_secs(1))
+            .build()
+            .expect("relay");
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn({
+            let relay = relay.clone();
+            let shutdown = shutdown.clone();
+            async move { relay.run(shutdown).await }
+        });
+        while publisher.calls() == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // (paused time) the next heartbeat sees the batch held
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let rows = store.relays().await.expect("relays");
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].heartbeat.relay_id, relay.id());
+        assert_eq!(rows[0].heartbeat.leased, 2);
+        assert_eq!(gauge(&recorded(&snap), observe::LEASES_HELD), Some(2.0));
+
+        shutdown.cancel();
+        running.await.expect("run");
+        // the debugging recorder resets what it reads: after reading 2,
+        // releasing the batch moves the gauge by -2, back to 0 in total
+        assert_eq!(gauge(&recorded(&snap), observe::LEASES_HELD), Some(-2.0));
+        assert_eq!(relay.leased(), 0);
+        assert!(store.relays().await.expect("relays").is_empty());
+    });
+}
+
+#[test]
+fn heartbeat_interval_must_be_positive() {
+    let err = Relay::builder(MemoryStore::new(), TestPublisher::recording())
+        .heartbeat_interval(Some(Duration::ZERO))
+        .build()
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("heartbeat_interval"), "{err}");
+    assert!(
+        Relay::builder(MemoryStore::new(), TestPublisher::recording())
+            .heartbeat_interval(None)
+            .build()
+            .is_ok()
+    );
+}
