@@ -189,6 +189,13 @@ pub(crate) struct RelayArgs {
     /// config file).
     #[arg(long, value_name = "HOST:PORT")]
     pub(crate) metrics_addr: Option<String>,
+    /// Export the relay's spans by OTLP over HTTP to this collector, e.g.
+    /// http://127.0.0.1:4318 (`/v1/traces` is appended; also env
+    /// POSTBOX_OTLP_ENDPOINT, [log] otlp_endpoint in the config file, or
+    /// the standard OTEL_EXPORTER_OTLP_ENDPOINT; service name from
+    /// OTEL_SERVICE_NAME, default `postbox`).
+    #[arg(long, value_name = "URL")]
+    pub(crate) otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -230,6 +230,27 @@ pub(crate) enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub(crate) struct LogSection {
     pub(crate) format: Option<LogFormat>,
+    /// OTLP/HTTP collector the relay exports its spans to (flag
+    /// `--otlp-endpoint` and env `POSTBOX_OTLP_ENDPOINT` override; the
+    /// standard `OTEL_EXPORTER_OTLP_ENDPOINT` is the fallback).
+    pub(crate) otlp_endpoint: Option<String>,
+}
+
+/// Checks an OTLP/HTTP collector URL: `http` or `https` with a host. The
+/// error says what is wrong, for a message that names the key (the URL is
+/// not repeated: it may carry credentials).
+pub(crate) fn check_otlp_endpoint(endpoint: &str) -> Result<(), String> {
+    let url = url::Url::parse(endpoint).map_err(|e| format!("is not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!(
+            "has scheme {:?}; OTLP export takes http:// or https:// (OTLP over HTTP)",
+            url.scheme()
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".to_owned());
+    }
+    Ok(())
 }
 
 /// `[metrics]`: where the daemon serves `/metrics`, `/healthz`, `/readyz`.
@@ -380,6 +401,10 @@ impl FileConfig {
         if let Some(addr) = &config.metrics.addr {
             check_listen_addr(addr)
                 .map_err(|why| usage(format!("[metrics] addr = {addr:?} {why}")))?;
+        }
+        if let Some(endpoint) = &config.log.otlp_endpoint {
+            check_otlp_endpoint(endpoint)
+                .map_err(|why| usage(format!("[log] otlp_endpoint {why}")))?;
         }
         for (i, r) in config.routes.iter().enumerate() {
             TopicPattern::new(&r.topics).map_err(|e| usage(format!("routes[{i}].topics: {e}")))?;

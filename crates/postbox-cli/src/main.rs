@@ -10,6 +10,7 @@ mod any;
 mod cli;
 mod config;
 mod demo;
+mod otel;
 mod relay;
 mod serve;
 
@@ -31,7 +32,7 @@ pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli);
+    let exporter = init_logging(&cli);
     // Two rustls providers are compiled in (reqwest brings aws-lc-rs, the
     // broker clients ring), so rustls cannot choose a process default and any
     // client building its TLS config with `ClientConfig::builder()` panics.
@@ -48,6 +49,9 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(run(cli));
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -70,41 +74,78 @@ fn is_usage(e: &anyhow::Error) -> bool {
     })
 }
 
-fn init_logging(cli: &Cli) {
-    use tracing_subscriber::EnvFilter;
+/// Logs to stderr (text or JSON lines) and, for a relay with an OTLP
+/// endpoint, exports spans too; the exporter is returned to be flushed at
+/// exit. A bad endpoint starts no exporter here: the relay then refuses it
+/// with exit 2 naming the key.
+fn init_logging(cli: &Cli) -> Option<otel::Exporter> {
+    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt};
     let default = match &cli.command {
         // the demo speaks for itself on stdout; keep its stderr quiet
         Command::Demo(_) => "warn",
         _ => "info",
     };
-    let mut filter =
-        EnvFilter::try_from_env("POSTBOX_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    // Dependencies that log a broker URL with its credentials at debug
-    // level stay at info whatever POSTBOX_LOG says: async-nats prints the
-    // server address as a `Url` whose `Debug` shows user and password.
-    for quiet in ["async_nats::connector=info"] {
-        if let Ok(directive) = quiet.parse() {
-            filter = filter.add_directive(directive);
+    let log_filter = || {
+        let mut filter =
+            EnvFilter::try_from_env("POSTBOX_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+        // Dependencies that log a broker URL with its credentials at debug
+        // level stay at info whatever POSTBOX_LOG says: async-nats prints
+        // the server address as a `Url` whose `Debug` shows user and password.
+        for quiet in ["async_nats::connector=info"] {
+            if let Ok(directive) = quiet.parse() {
+                filter = filter.add_directive(directive);
+            }
         }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // `[log] format` of a relay's config file; a file that does not parse is
-    // reported (exit 2) once the command reads it properly.
-    let file_json = match &cli.command {
-        Command::Relay(args) => args
-            .config
-            .as_deref()
-            .and_then(|path| config::FileConfig::load(path).ok())
-            .is_some_and(|c| c.log.format == Some(config::LogFormat::Json)),
-        _ => false,
+        filter
     };
-    if cli.log_json || file_json {
-        builder.json().init();
+    // `[log]` of a relay's config file; a file that does not parse is
+    // reported (exit 2) once the command reads it properly.
+    let (file, endpoint) = match &cli.command {
+        Command::Relay(args) => {
+            let file = args
+                .config
+                .as_deref()
+                .and_then(|path| config::FileConfig::load(path).ok());
+            let endpoint = otel::endpoint(args, file.as_ref());
+            (file, endpoint)
+        }
+        _ => (None, None),
+    };
+    let json = cli.log_json
+        || file
+            .as_ref()
+            .is_some_and(|c| c.log.format == Some(config::LogFormat::Json));
+    let exporter = endpoint
+        .filter(|(_, e)| config::check_otlp_endpoint(e).is_ok())
+        .and_then(|(key, e)| match otel::Exporter::start(&e) {
+            Ok(exporter) => Some(exporter),
+            Err(why) => {
+                eprintln!("warning: OTLP export ({key}) not started: {why}");
+                None
+            }
+        });
+    // POSTBOX_LOG quiets the log, not the traces: spans go to the collector
+    // from info up (each message's `postbox.message`) whatever it says
+    let spans = exporter.as_ref().map(|x| {
+        tracing_opentelemetry::layer()
+            .with_tracer(x.tracer())
+            .with_filter(LevelFilter::INFO)
+    });
+    let (json_log, text_log) = if json {
+        let layer = fmt::layer().json().with_writer(std::io::stderr);
+        (Some(layer.with_filter(log_filter())), None)
     } else {
-        builder.init();
-    }
+        let layer = fmt::layer().with_writer(std::io::stderr);
+        (None, Some(layer.with_filter(log_filter())))
+    };
+    tracing_subscriber::registry()
+        .with(spans)
+        .with(json_log)
+        .with(text_log)
+        .init();
+    exporter
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

@@ -35,6 +35,10 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
+    if let Some((key, endpoint)) = crate::otel::endpoint(&args, Some(&file)) {
+        crate::config::check_otlp_endpoint(&endpoint)
+            .map_err(|why| usage(format!("{key} {why}")))?;
+    }
     let flags = RelaySection {
         batch_size: args.batch_size,
         lease: args.lease,
@@ -175,6 +179,7 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
         retain_sent: None,
         cleanup_interval: None,
         metrics_addr: None,
+        otlp_endpoint: None,
     })?;
     build_router(&r).await?;
     r.store.url = postbox_core::redact_url(&r.store.url);

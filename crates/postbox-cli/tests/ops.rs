@@ -1,7 +1,8 @@
 //! Operating the daemon, end to end through the binary on SQLite: the
 //! metrics endpoint and probes, graceful shutdown against a slow webhook,
 //! relay heartbeats in `status`, `dead show`, the chunked dead-letter
-//! commands, and the retention of sent messages with `purge`.
+//! commands, the retention of sent messages with `purge`, and OTLP export
+//! of the spans that continue a producer's trace.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,6 +21,8 @@ fn postbox() -> Command {
         .env_remove("POSTBOX_STORE_RETAIN_SENT")
         .env_remove("POSTBOX_METRICS_ADDR")
         .env_remove("POSTBOX_WEBHOOK_SECRET")
+        .env_remove("POSTBOX_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env("POSTBOX_LOG", "warn");
     c
 }
@@ -980,4 +983,165 @@ async fn sent_id(url: &str, seq: i64) -> String {
         .await
         .expect("id");
     id.to_string()
+}
+
+/// `(path, body)` of each request a [`Collector`] got.
+type Requests = Vec<(String, Vec<u8>)>;
+
+/// A stand-in OTLP/HTTP collector: answers every request 200 and keeps
+/// each `(path, body)`.
+struct Collector {
+    port: u16,
+    got: Arc<Mutex<Requests>>,
+}
+
+impl Collector {
+    fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind collector");
+        let port = listener.local_addr().expect("addr").port();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let keep = Arc::clone(&got);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let keep = Arc::clone(&keep);
+                std::thread::spawn(move || Self::serve(stream, &keep));
+            }
+        });
+        Self { port, got }
+    }
+
+    /// HTTP/1.1 with keep-alive: requests with a content-length body.
+    fn serve(stream: TcpStream, keep: &Mutex<Requests>) {
+        let Ok(mut out) = stream.try_clone() else {
+            return;
+        };
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut request = String::new();
+            if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                return;
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
+            let mut len = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    return;
+                }
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some((name, value)) = line.split_once(':')
+                    && name.eq_ignore_ascii_case("content-length")
+                {
+                    len = value.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            if reader.read_exact(&mut body).is_err() {
+                return;
+            }
+            keep.lock().expect("collector lock").push((path, body));
+            let ok = b"HTTP/1.1 200 OK\r\ncontent-type: application/x-protobuf\r\ncontent-length: 0\r\n\r\n";
+            if out.write_all(ok).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn requests(&self) -> Requests {
+        self.got.lock().expect("collector lock").clone()
+    }
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn otlp_export_continues_the_producers_trace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = migrated_sqlite(dir.path());
+    // a producer elsewhere, in a trace of its own, wrote the W3C header
+    let trace = format!("{:032x}", fastrand::u128(1..));
+    let parent = format!("{:016x}", fastrand::u64(1..));
+    let traceparent = format!("00-{trace}-{parent}-01");
+    enqueue(
+        &url,
+        &[
+            "--topic",
+            "orders.created",
+            "--payload",
+            "{}",
+            "--header",
+            &format!("traceparent={traceparent}"),
+        ],
+    );
+    let collector = Collector::start();
+    let out = dir.path().join("out.jsonl");
+    let relay = spawn_relay(&[
+        "--store",
+        &url,
+        "--publish",
+        &format!("file://{}", out.display()),
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{}/", collector.port),
+    ]);
+    let line = wait_for("the message published", || {
+        std::fs::read_to_string(&out)
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+    });
+    let published: serde_json::Value = serde_json::from_str(&line).expect("json line");
+    assert_eq!(published["headers"]["traceparent"], traceparent.as_str());
+    // SIGTERM: the relay flushes its spans before it exits
+    stop(relay);
+
+    let requests = collector.requests();
+    let traces: Vec<&Vec<u8>> = requests
+        .iter()
+        .filter(|(path, _)| path == "/v1/traces")
+        .map(|(_, body)| body)
+        .collect();
+    assert!(!traces.is_empty(), "no POST /v1/traces, got {requests:?}");
+    // protobuf carries ids as raw bytes and names as plain strings: the
+    // relay's span joined the producer's trace under the producer's span
+    let span = traces
+        .iter()
+        .find(|b| contains(b, b"postbox.message"))
+        .expect("a postbox.message span exported");
+    assert!(
+        contains(span, &hex_bytes(&trace)),
+        "not in the producer's trace"
+    );
+    assert!(
+        contains(span, &hex_bytes(&parent)),
+        "not under the producer's span"
+    );
+    assert!(contains(span, b"orders.created"));
+}
+
+#[test]
+fn a_bad_otlp_endpoint_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = migrated_sqlite(dir.path());
+    let o = run(&[
+        "relay",
+        "--store",
+        &url,
+        "--publish",
+        "stdout",
+        "--otlp-endpoint",
+        "grpc://collector:4317",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--otlp-endpoint"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("http://"), "{}", stderr(&o));
 }

@@ -20,6 +20,8 @@ mod relay;
 mod retry;
 mod route;
 mod store;
+#[cfg(feature = "opentelemetry")]
+pub mod trace_context;
 
 pub use clock::{Clock, SharedClock, SystemClock, TokioClock, since};
 pub use error::{BoxError, ConfigError, RelayError, StoreError};

@@ -135,6 +135,27 @@ impl NewMessage {
         self.id = id;
         self
     }
+
+    /// The headers as the stores write them at enqueue: a JSON object of
+    /// strings. With the `opentelemetry` feature it also carries the
+    /// producer's current W3C trace context (`traceparent`, `tracestate`;
+    /// see [`trace_context`](crate::trace_context)), unless the headers
+    /// already have a `traceparent`.
+    pub fn headers_json(&self) -> String {
+        #[cfg(feature = "opentelemetry")]
+        {
+            let mut headers = self.headers.clone();
+            crate::trace_context::inject_current(&mut headers);
+            encode_headers(&headers)
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        encode_headers(&self.headers)
+    }
+}
+
+fn encode_headers(headers: &Headers) -> String {
+    // a map of strings to strings always serialises
+    serde_json::to_string(headers).unwrap_or_else(|_| "{}".to_owned())
 }
 
 /// A message claimed from the outbox, handed to a [`Publisher`](crate::Publisher).

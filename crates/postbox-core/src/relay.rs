@@ -682,8 +682,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
 
         if !to_publish.is_empty() {
+            #[cfg(feature = "opentelemetry")]
+            let message_spans = crate::trace_context::message_spans(&to_publish);
             match self.publish(&to_publish, shutdown).await {
                 Some(outcomes) => {
+                    #[cfg(feature = "opentelemetry")]
+                    crate::trace_context::record_outcomes(&message_spans, &outcomes);
                     self.observe_outcomes(&to_publish, &outcomes);
                     for (m, outcome) in to_publish.iter().zip(outcomes) {
                         completions.push(Completion::new(m.seq, self.dispose(m, outcome)));
@@ -830,7 +834,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let timeout = self.inner.options.send_timeout;
         let grace = self.inner.options.shutdown_grace;
         let started = Instant::now();
-        let sent = tokio::time::timeout(timeout, self.inner.publisher.publish(batch));
+        let span = tracing::debug_span!("postbox.publish", postbox.batch_size = batch.len());
+        let sent = tokio::time::timeout(
+            timeout,
+            self.inner.publisher.publish(batch).instrument(span),
+        );
         let result = tokio::select! {
             r = sent => r,
             () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => return None,

@@ -176,8 +176,7 @@ const MAX_DATETIME_US: i64 = 253_402_300_799_999_999;
 
 impl Row {
     fn new(m: &NewMessage) -> Result<Self, StoreError> {
-        let headers = serde_json::to_string(&m.headers)
-            .map_err(|e| StoreError::Database(format!("cannot encode headers: {e}").into()))?;
+        let headers = m.headers_json();
         Ok(Self {
             id: m.id,
             topic: m.topic.clone(),

@@ -190,7 +190,7 @@ impl PgOutbox {
     where
         E: sqlx::Executor<'e, Database = Postgres>,
     {
-        let headers = headers_json(msg)?;
+        let headers = msg.headers_json();
         let sql = if self.inner.notify_on_enqueue {
             &self.inner.sql.insert_notify
         } else {
@@ -243,7 +243,7 @@ impl PgOutbox {
             topics.push(m.topic.clone());
             keys.push(m.key.clone());
             payloads.push(m.payload.to_vec());
-            headers.push(headers_json(m)?);
+            headers.push(m.headers_json());
             tenants.push(m.tenant.clone());
             available.push(m.available_at.map(to_unix_micros));
             attempts.push(max_attempts(m)?);
@@ -276,11 +276,6 @@ impl PgOutbox {
     pub fn store(&self, pool: PgPool) -> PgStore {
         PgStore::new(self.clone(), pool)
     }
-}
-
-fn headers_json(msg: &NewMessage) -> Result<String, StoreError> {
-    serde_json::to_string(&msg.headers)
-        .map_err(|e| StoreError::Config(format!("headers of message {}: {e}", msg.id)))
 }
 
 fn max_attempts(msg: &NewMessage) -> Result<Option<i32>, StoreError> {

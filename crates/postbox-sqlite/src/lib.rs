@@ -189,7 +189,7 @@ impl SqliteOutbox {
             row.push_bind(m.topic.as_str());
             row.push_bind(m.key.as_deref());
             row.push_bind(m.payload.as_ref());
-            row.push_bind(headers_json(m));
+            row.push_bind(m.headers_json());
             row.push_bind(m.tenant.as_deref());
             match m.available_at {
                 Some(t) => row.push_bind(to_unix_micros(t)),
@@ -205,11 +205,6 @@ impl SqliteOutbox {
     pub fn store(&self, pool: sqlx::SqlitePool) -> SqliteStore {
         SqliteStore::new(pool, self.clone())
     }
-}
-
-fn headers_json(m: &NewMessage) -> String {
-    // A map of strings always serialises.
-    serde_json::to_string(&m.headers).unwrap_or_else(|_| "{}".to_owned())
 }
 
 /// Creates or upgrades the default outbox table `postbox_outbox`.

@@ -19,6 +19,7 @@
 //! | `redis` | `redis` | Redis Streams publisher |
 //! | `mqtt` | `mqtt` | MQTT publisher (QoS 1, PUBACK per message) |
 //! | `http` | `http` | signed webhook publisher (Standard Webhooks) |
+//! | `opentelemetry` | `trace_context` | W3C trace context from `enqueue` through the relay to the broker |
 //!
 //! ```no_run
 //! use postbox::{CancellationToken, NewMessage, Relay};
