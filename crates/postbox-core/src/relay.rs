@@ -1,5 +1,14 @@
 //! The relay: claim a batch, publish it, record the outcomes, wait, repeat.
 //!
+//! Each of [`RelayOptions::concurrency`] workers overlaps the database's
+//! work with the broker's: while it publishes a full batch it already claims
+//! the next one and records the outcomes of the previous one. Order per key
+//! is the store's to keep: a key whose head is still leased yields nothing
+//! to the next claim, and a worker whose claim came back empty while it
+//! recorded a batch claims again at once instead of sleeping. A batch
+//! claimed ahead whose lease would end within the send timeout is released,
+//! not published.
+//!
 //! Every decision about a message's fate after a publish lives in
 //! [`Relay::dispose`]: `Ok` → sent; `Transient` → retry with backoff until the
 //! attempts run out, then dead; `Rejected` → dead now. Dead keyed messages
@@ -66,7 +75,9 @@ pub struct RelayOptions {
     /// How long to wait between claims when idle; notifications and the
     /// waker cut it short \[250 ms\].
     pub poll_interval: Duration,
-    /// Batches in flight at once (claim of one overlaps publish of another) \[2\].
+    /// Workers, each with up to three batches in flight under load (one
+    /// claimed ahead while one is published and the one before is
+    /// recorded) \[2\].
     pub concurrency: usize,
     /// A publish taking longer counts as `Transient` for the whole batch \[10 s\];
     /// must be shorter than the lease.
@@ -245,9 +256,37 @@ impl std::ops::AddAssign for TickReport {
 
 /// What one pass did, and whether its claim was for a tenant picked by the
 /// fairness rotation.
-struct Pass {
-    report: TickReport,
+/// Whether a worker should claim its next batch while it publishes the
+/// current one: only when publishing takes long enough to hide a good part
+/// of a claim behind it (at least a quarter of the latest claim's time).
+/// With a publisher that answers at once (a null or in-memory one) there is
+/// nothing to overlap, and a claim ahead would only add a concurrent claim
+/// that contends with the others in the database.
+fn claim_ahead_pays(claim_took: Duration, publish_took: Duration) -> bool {
+    publish_took > Duration::ZERO && publish_took * 4 >= claim_took
+}
+
+/// A claimed batch, not yet published.
+struct Claimed {
+    claim: crate::store::Claim,
+    /// Past this the rows are no longer ours.
+    lease_deadline: Instant,
+    /// How long the claim took.
+    took: Duration,
+    /// The claim was for a tenant the fairness rotation picked.
     rotated: bool,
+}
+
+/// A published batch whose outcomes are decided and not yet recorded.
+struct Settle {
+    token: Uuid,
+    completions: Vec<Completion>,
+    /// Past this the rows are no longer ours: recording stops retrying.
+    lease_deadline: Instant,
+    /// Rows claimed (for [`Relay::hold`]).
+    rows: u64,
+    /// The batch's `postbox.batch` span.
+    span: tracing::Span,
 }
 
 /// Wakes a running relay right away, e.g. just after the producer's commit,
@@ -536,7 +575,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     ///
     /// For tests and cron-style use; [`Relay::run`] loops over it.
     pub async fn tick(&self) -> Result<TickReport, RelayError> {
-        Ok(self.pass(&CancellationToken::new()).await?.report)
+        let (mut report, settle) = self.pass(&CancellationToken::new()).await?;
+        if let Some(settle) = settle {
+            report.lost = self.settle(settle).await?;
+        }
+        Ok(report)
     }
 
     /// The tenant the next claim is for: the configured one, or the next in
@@ -566,23 +609,26 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// the token fired is released unpublished, and a publish still running
     /// [`RelayOptions::shutdown_grace`] after it fired is abandoned and its
     /// rows released.
-    async fn pass(&self, shutdown: &CancellationToken) -> Result<Pass, RelayError> {
+    ///
+    /// The batch's outcomes are decided but not yet recorded: the caller
+    /// hands the returned [`Settle`] to [`Relay::settle`].
+    async fn pass(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> Result<(TickReport, Option<Settle>), RelayError> {
+        let claimed = self.claim_batch().await?;
+        Ok(self.publish_claimed(claimed, shutdown).await)
+    }
+
+    /// Claims the next batch (for the tenant the rotation picks) and counts
+    /// its rows as held.
+    async fn claim_batch(&self) -> Result<Claimed, RelayError> {
         let o = &self.inner.options;
         let mut req = ClaimRequest::new(o.batch_size, o.lease);
         let (tenant, rotated) = self.claim_scope().await;
         req.tenant = tenant;
-        let report = self.claim_and_process(&req, shutdown).await?;
-        Ok(Pass { report, rotated })
-    }
-
-    async fn claim_and_process(
-        &self,
-        req: &ClaimRequest,
-        shutdown: &CancellationToken,
-    ) -> Result<TickReport, RelayError> {
-        let o = &self.inner.options;
         let started = Instant::now();
-        let claim = match self.inner.store.claim(req).await {
+        let claim = match self.inner.store.claim(&req).await {
             Ok(claim) => {
                 self.health_state().claim_ok();
                 self.inner
@@ -597,11 +643,34 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             }
         };
         metrics::histogram!(observe::CLAIM_DURATION_SECONDS).record(started.elapsed());
-        if claim.is_empty() {
-            return Ok(TickReport::default());
+        if !claim.is_empty() {
+            metrics::histogram!(observe::BATCH_SIZE).record(claim.len() as f64);
+            self.hold(claim.len() as u64, true);
         }
-        metrics::histogram!(observe::BATCH_SIZE).record(claim.len() as f64);
-        let lease_deadline = started + o.lease;
+        Ok(Claimed {
+            claim,
+            lease_deadline: started + o.lease,
+            took: started.elapsed(),
+            rotated,
+        })
+    }
+
+    /// Publishes a claimed batch and decides its outcomes; `None` for an
+    /// empty claim. A batch whose lease would run out within the send
+    /// timeout (one claimed ahead that waited too long) is released instead.
+    async fn publish_claimed(
+        &self,
+        claimed: Claimed,
+        shutdown: &CancellationToken,
+    ) -> (TickReport, Option<Settle>) {
+        let Claimed {
+            claim,
+            lease_deadline,
+            ..
+        } = claimed;
+        if claim.is_empty() {
+            return (TickReport::default(), None);
+        }
         let token = claim.lease.token;
         let span = tracing::debug_span!(
             "postbox.batch",
@@ -609,15 +678,74 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             postbox.lease_token = %token,
         );
         let rows = claim.len() as u64;
-        self.hold(rows, true);
+        let (report, completions) =
+            if Instant::now() + self.inner.options.send_timeout >= lease_deadline {
+                tracing::warn!(
+                    postbox.batch_size = rows,
+                    "lease too close to its end to publish; releasing the batch"
+                );
+                let release = claim
+                    .messages
+                    .iter()
+                    .map(|m| Completion::new(m.seq, Disposition::Release))
+                    .chain(
+                        claim
+                            .malformed
+                            .iter()
+                            .map(|m| Completion::new(m.seq, Disposition::Release)),
+                    )
+                    .collect();
+                (
+                    TickReport {
+                        claimed: rows,
+                        ..TickReport::default()
+                    },
+                    release,
+                )
+            } else {
+                self.process(claim, shutdown).instrument(span.clone()).await
+            };
+        (
+            report,
+            Some(Settle {
+                token,
+                completions,
+                lease_deadline,
+                rows,
+                span,
+            }),
+        )
+    }
+
+    /// Records a published batch's outcomes ([`Relay::complete_until`]) and
+    /// gives its rows up; returns how many rows another relay had taken over
+    /// (their outcomes were not recorded).
+    async fn settle(&self, settle: Settle) -> Result<u64, RelayError> {
+        let Settle {
+            token,
+            completions,
+            lease_deadline,
+            rows,
+            span,
+        } = settle;
+        let started = Instant::now();
         let done = self
-            .process(claim, token, lease_deadline, shutdown)
+            .complete_until(token, &completions, lease_deadline)
             .instrument(span)
             .await;
         // completed, released, or (if recording failed) left to expire: no
         // longer this relay's either way
         self.hold(rows, false);
-        done
+        let done = done?;
+        metrics::histogram!(observe::COMPLETE_DURATION_SECONDS).record(started.elapsed());
+        if done.lost > 0 {
+            metrics::counter!(observe::LEASE_LOST_TOTAL).increment(done.lost);
+            tracing::warn!(
+                postbox.lost = done.lost,
+                "lease taken over before completion; another relay will deliver these again"
+            );
+        }
+        Ok(done.lost)
     }
 
     /// Counts rows claimed (`more`) or given up, for the heartbeat and the
@@ -635,13 +763,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
+    /// Publishes a claimed batch and decides each row's disposition.
     async fn process(
         &self,
         claim: crate::store::Claim,
-        token: Uuid,
-        lease_deadline: Instant,
         shutdown: &CancellationToken,
-    ) -> Result<TickReport, RelayError> {
+    ) -> (TickReport, Vec<Completion>) {
         let o = &self.inner.options;
         let mut report = TickReport {
             claimed: claim.len() as u64,
@@ -715,20 +842,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 _ => {}
             }
         }
-        let started = Instant::now();
-        let done = self
-            .complete_until(token, &completions, lease_deadline)
-            .await?;
-        metrics::histogram!(observe::COMPLETE_DURATION_SECONDS).record(started.elapsed());
-        if done.lost > 0 {
-            metrics::counter!(observe::LEASE_LOST_TOTAL).increment(done.lost);
-            tracing::warn!(
-                postbox.lost = done.lost,
-                "lease taken over before completion; another relay will deliver these again"
-            );
-        }
-        report.lost = done.lost;
-        Ok(report)
+        (report, completions)
     }
 
     /// Counters and latency per message, and the publisher's health.
@@ -1115,36 +1229,88 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
+    /// One worker. While it publishes a batch it records the previous one's
+    /// outcomes and, when the batch is full and publishing takes long
+    /// enough to hide a claim behind ([`claim_ahead_pays`]), already claims
+    /// the next one, so the database's work overlaps the broker's. A worker
+    /// holds at most three batches' leases (one being recorded, one being
+    /// published, one claimed ahead).
     async fn work(&self, worker: usize, shutdown: CancellationToken) -> TickReport {
         let o = &self.inner.options;
         let wake = &self.inner.waker.workers[worker];
         let error_backoff = RetryPolicy::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut failures = 0u32;
         let mut total = TickReport::default();
+        let mut unsettled: Option<Settle> = None;
+        let mut ahead: Option<Claimed> = None;
+        // how long this worker's latest publish took
+        let mut publish_took = Duration::ZERO;
         while !shutdown.is_cancelled() {
-            let pause = match self.pass(&shutdown).await {
-                Ok(Pass { report: r, rotated }) => {
+            let had_unsettled = unsettled.is_some();
+            let claimed = match ahead.take() {
+                Some(claimed) => Ok(claimed),
+                None => {
+                    let (claimed, lost) =
+                        tokio::join!(self.claim_batch(), self.settle_quietly(unsettled.take()));
+                    total.lost += lost;
+                    claimed
+                }
+            };
+            let pause = match claimed {
+                Ok(claimed) if claimed.claim.is_empty() => {
                     failures = 0;
-                    total += r;
-                    if r.claimed == 0 && rotated {
-                        // this tenant has nothing claimable now; the
-                        // rotation's "any tenant" claim decides whether to
-                        // sleep
-                        continue;
-                    }
-                    if r.claimed > 0 {
-                        // More may be waiting, including the next message of
-                        // each key just completed. After a full batch, idle
-                        // siblings help: a batch can hold every claimable
-                        // head (as many keys as the batch size), leaving
-                        // them an empty claim and a poll interval of sleep
-                        // while the next heads are already there.
-                        if r.claimed >= o.batch_size as u64 {
-                            self.inner.waker.wake_others(worker);
-                        }
+                    if claimed.rotated || had_unsettled {
+                        // A rotated claim: this tenant has nothing claimable
+                        // now; the rotation's "any tenant" claim decides
+                        // whether to sleep. A batch was being recorded: the
+                        // next message of each of its keys is claimable only
+                        // now, so look again before sleeping.
                         continue;
                     }
                     o.poll_interval
+                }
+                Ok(claimed) => {
+                    failures = 0;
+                    let claim_took = claimed.took;
+                    // A full batch says more is waiting: claim the next one
+                    // while this one is published, if there is broker time to
+                    // hide it behind. A partial one says the backlog is
+                    // drained: claiming ahead would mostly come back empty.
+                    let full = claimed.claim.len() >= o.batch_size;
+                    let claim_ahead = async {
+                        if full
+                            && claim_ahead_pays(claim_took, publish_took)
+                            && !shutdown.is_cancelled()
+                        {
+                            self.claim_batch().await.ok()
+                        } else {
+                            None
+                        }
+                    };
+                    let publish = async {
+                        let started = Instant::now();
+                        let done = self.publish_claimed(claimed, &shutdown).await;
+                        (done, started.elapsed())
+                    };
+                    let (((report, settle), took), next, lost) =
+                        tokio::join!(publish, claim_ahead, self.settle_quietly(unsettled.take()),);
+                    publish_took = took;
+                    total += report;
+                    total.lost += lost;
+                    unsettled = settle;
+                    // an empty claim ahead says nothing: the keys of the
+                    // batch just published open up once it is recorded
+                    ahead = next.filter(|c| !c.claim.is_empty());
+                    if full {
+                        // More may be waiting, including the next message of
+                        // each key just published. Idle siblings help: a
+                        // batch can hold every claimable head (as many keys
+                        // as the batch size), leaving them an empty claim and
+                        // a poll interval of sleep while the next heads are
+                        // already there.
+                        self.inner.waker.wake_others(worker);
+                    }
+                    continue;
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -1160,7 +1326,28 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 () = tokio::time::sleep(pause) => {}
             }
         }
+        // a batch claimed ahead is released unpublished (the token fired)
+        if let Some(claimed) = ahead.take() {
+            let (report, settle) = self.publish_claimed(claimed, &shutdown).await;
+            total += report;
+            total.lost += self.settle_quietly(settle).await;
+        }
+        total.lost += self.settle_quietly(unsettled.take()).await;
         total
+    }
+
+    /// [`Relay::settle`] for a worker: a failure is logged (the rows return
+    /// to whoever claims once the lease ends), not returned. Gives the rows
+    /// lost to a takeover.
+    async fn settle_quietly(&self, settle: Option<Settle>) -> u64 {
+        let Some(settle) = settle else { return 0 };
+        match self.settle(settle).await {
+            Ok(lost) => lost,
+            Err(e) => {
+                tracing::warn!(error = %e, "recording a batch's outcomes failed");
+                0
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use postbox_core::{Message, PublishOutcome, Publisher};
 
@@ -18,6 +19,9 @@ pub enum Behaviour {
     Reject(String),
     /// Never answer for the whole batch (the relay's send timeout fires).
     Hang,
+    /// Deliver it, answering for the whole batch only after this long (a
+    /// slow broker; the batch waits for its slowest message).
+    Slow(Duration),
 }
 
 type Rule = dyn Fn(&Message) -> Behaviour + Send + Sync;
@@ -148,12 +152,22 @@ impl Publisher for TestPublisher {
         if decisions.contains(&Behaviour::Hang) {
             std::future::pending::<()>().await;
         }
+        let slowest = decisions
+            .iter()
+            .filter_map(|d| match d {
+                Behaviour::Slow(t) => Some(*t),
+                _ => None,
+            })
+            .max();
+        if let Some(t) = slowest {
+            tokio::time::sleep(t).await;
+        }
         let mut log = self.log();
         batch
             .iter()
             .zip(decisions)
             .map(|(m, d)| match d {
-                Behaviour::Deliver => {
+                Behaviour::Deliver | Behaviour::Slow(_) => {
                     log.delivered.push(m.clone());
                     PublishOutcome::Ok
                 }

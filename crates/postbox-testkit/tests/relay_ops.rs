@@ -367,3 +367,98 @@ fn heartbeat_interval_must_be_positive() {
             .is_ok()
     );
 }
+
+/// A worker records a batch's outcomes while it claims the next one; the
+/// next message of a key in that batch becomes claimable only once they
+/// are recorded. The worker must then look again at once, not sleep a poll
+/// interval: one key of 20 messages, one per batch, drains in order with no
+/// poll in between (virtual time: the hour-long poll never elapses).
+#[test]
+fn a_key_drains_back_to_back_while_each_batch_is_being_recorded() {
+    with_recorder(async |_snap| {
+        let store = MemoryStore::new();
+        store.enqueue((0..20).map(|i| NewMessage::new("orders", i.to_string()).key("k")));
+        let publisher = TestPublisher::recording();
+        let poll = Duration::from_secs(3600);
+        let relay = Relay::builder(store, publisher.clone())
+            .batch_size(1)
+            .concurrency(1)
+            .poll_interval(poll)
+            .build()
+            .expect("relay");
+        let shutdown = CancellationToken::new();
+        let started = tokio::time::Instant::now();
+        let running = tokio::spawn({
+            let relay = relay.clone();
+            let shutdown = shutdown.clone();
+            async move { relay.run(shutdown).await }
+        });
+        while publisher.delivered().len() < 20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            started.elapsed() < poll,
+            "the worker slept a poll interval between two batches of one key"
+        );
+        let order: Vec<String> = publisher
+            .delivered()
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect();
+        let expected: Vec<String> = (0..20).map(|i: i32| i.to_string()).collect();
+        assert_eq!(order, expected);
+        shutdown.cancel();
+        let report = running.await.expect("relay task");
+        assert_eq!(report.sent, 20);
+        assert_eq!(relay.leased(), 0, "every lease settled at shutdown");
+    });
+}
+
+/// Under load a worker claims its next batch while it publishes the
+/// current one, when publishing is slow enough to hide a claim behind. At
+/// shutdown the batch claimed ahead is released unpublished with the one
+/// whose publish outlived the grace: every row claimable at once, no attempt
+/// counted, nothing left leased.
+#[tokio::test(start_paused = true)]
+async fn a_batch_claimed_ahead_is_released_unpublished_at_shutdown() {
+    let store = MemoryStore::new();
+    store.enqueue((0..6).map(|i| NewMessage::new("t", i.to_string())));
+    // the first batch is slow (so the worker learns that claiming ahead
+    // pays), the second never answers
+    let publisher = TestPublisher::new(|m| match &m.payload[..] {
+        b"0" | b"1" => Behaviour::Slow(Duration::from_secs(1)),
+        _ => Behaviour::Hang,
+    });
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .batch_size(2)
+        .concurrency(1)
+        .send_timeout(Duration::from_secs(20))
+        .shutdown_grace(Duration::from_secs(2))
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    // the second batch is being published and the third claimed ahead
+    while relay.leased() < 4 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(publisher.calls(), 2, "one publish at a time per worker");
+    shutdown.cancel();
+    let report = running.await.expect("run");
+    assert_eq!((report.claimed, report.sent), (6, 2));
+    assert_eq!(
+        publisher.calls(),
+        2,
+        "the batch claimed ahead was never published"
+    );
+    assert_eq!(relay.leased(), 0);
+    let rows = store.list(&ListQuery::new(None, 10)).await.expect("list");
+    assert_eq!(rows.len(), 4);
+    for r in &rows {
+        assert_eq!((r.status, r.attempts), (Status::Pending, 0), "{r:?}");
+    }
+}
