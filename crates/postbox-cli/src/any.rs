@@ -176,6 +176,10 @@ impl Store for AnyStore {
         each_store!(self, s => s.purge(query).await)
     }
 
+    fn parallel_writes(&self) -> bool {
+        each_store!(self, s => s.parallel_writes())
+    }
+
     fn sent_retention(&self) -> Option<Duration> {
         each_store!(self, s => s.sent_retention())
     }

@@ -1230,7 +1230,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     }
 
     /// One worker. While it publishes a batch it records the previous one's
-    /// outcomes and, when the batch is full and publishing takes long
+    /// outcomes (or, when that is still to do and the store's writes run in
+    /// parallel, while it claims the next one) and, when the batch is full and publishing takes long
     /// enough to hide a claim behind ([`claim_ahead_pays`]), already claims
     /// the next one, so the database's work overlaps the broker's. A worker
     /// holds at most three batches' leases (one being recorded, one being
@@ -1245,15 +1246,20 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut ahead: Option<Claimed> = None;
         // how long this worker's latest publish took
         let mut publish_took = Duration::ZERO;
+        let parallel_writes = self.inner.store.parallel_writes();
         while !shutdown.is_cancelled() {
             let had_unsettled = unsettled.is_some();
             let claimed = match ahead.take() {
                 Some(claimed) => Ok(claimed),
-                None => {
+                None if parallel_writes => {
                     let (claimed, lost) =
                         tokio::join!(self.claim_batch(), self.settle_quietly(unsettled.take()));
                     total.lost += lost;
                     claimed
+                }
+                None => {
+                    total.lost += self.settle_quietly(unsettled.take()).await;
+                    self.claim_batch().await
                 }
             };
             let pause = match claimed {

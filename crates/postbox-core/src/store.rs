@@ -719,6 +719,17 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes matching dead (or retained sent) messages. Returns how many.
     fn purge(&self, query: &PurgeQuery) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
+    /// Whether a claim and a completion on two connections run in parallel
+    /// in the database. A relay worker records a batch's outcomes while it
+    /// claims the next batch only when they do; a store with a single
+    /// writer (SQLite) says `false`, and the worker records first, then
+    /// claims, instead of making the two wait for each other's lock.
+    ///
+    /// The default is `true`.
+    fn parallel_writes(&self) -> bool {
+        true
+    }
+
     /// How long this store keeps sent messages (see [`Disposition::Sent`]):
     /// `None` when it deletes them on success. A running
     /// [`Relay`](crate::Relay) deletes the kept ones past this age with

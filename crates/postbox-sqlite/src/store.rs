@@ -559,6 +559,12 @@ impl Store for SqliteStore {
             .rows_affected())
     }
 
+    fn parallel_writes(&self) -> bool {
+        // one writer at a time: a completion and a claim would queue on the
+        // database lock (and its busy-wait backoff) rather than overlap
+        false
+    }
+
     fn sent_retention(&self) -> Option<Duration> {
         self.outbox.sent_retention()
     }
