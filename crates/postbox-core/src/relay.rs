@@ -1299,7 +1299,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         (done, started.elapsed())
                     };
                     let (((report, settle), took), next, lost) =
-                        tokio::join!(publish, claim_ahead, self.settle_quietly(unsettled.take()),);
+                        tokio::join!(publish, claim_ahead, self.settle_quietly(unsettled.take()));
                     publish_took = took;
                     total += report;
                     total.lost += lost;
