@@ -1,55 +1,14 @@
 //! The `postbox` binary against real PostgreSQL and MariaDB servers, each
 //! test in a database of its own.
 
-use std::process::{Command, Output, Stdio};
+mod support;
+
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use postbox_testkit::services::{MARIADB, POSTGRES};
 use sqlx::Connection;
-
-fn postbox() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_postbox"));
-    c.env_remove("POSTBOX_STORE_URL").env("POSTBOX_LOG", "warn");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    postbox().args(args).output().expect("run postbox")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}_{:016x}", fastrand_u64())
-}
-
-fn fastrand_u64() -> u64 {
-    // no extra dependency for one random number
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_nanos() as u64;
-    t ^ (u64::from(std::process::id()) << 32)
-}
-
-/// A fresh PostgreSQL database; returns its URL.
-async fn pg_database() -> String {
-    let addr = POSTGRES.require().await;
-    let name = unique("postbox_cli");
-    for role in ["postgres", "root"] {
-        let admin = format!("postgres://{role}@{addr}/test");
-        if let Ok(mut c) = sqlx::PgConnection::connect(&admin).await {
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&mut c)
-                .await
-                .expect("create database");
-            return format!("postgres://{role}@{addr}/{name}");
-        }
-    }
-    panic!("PostgreSQL at {addr} accepts neither role postgres nor root (trust auth expected)");
-}
+use support::{pg_database, postbox, run, stderr, unique};
 
 #[tokio::test]
 async fn postgres_migrate_enqueue_relay_status() {

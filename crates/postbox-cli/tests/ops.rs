@@ -14,26 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sqlx::Connection;
+use support::{postbox, run, stderr};
 
-fn postbox() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_postbox"));
-    c.env_remove("POSTBOX_STORE_URL")
-        .env_remove("POSTBOX_STORE_RETAIN_SENT")
-        .env_remove("POSTBOX_METRICS_ADDR")
-        .env_remove("POSTBOX_WEBHOOK_SECRET")
-        .env_remove("POSTBOX_OTLP_ENDPOINT")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .env("POSTBOX_LOG", "warn");
-    c
-}
-
-fn run(args: &[&str]) -> Output {
-    postbox().args(args).output().expect("run postbox")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+mod support;
 
 fn json(o: &Output) -> serde_json::Value {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(o));

@@ -6,7 +6,9 @@ use std::time::Duration;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
 use postbox_core::observe;
-use postbox_core::{CancellationToken, ListQuery, NewMessage, Relay, Status, Store};
+use postbox_core::{
+    CancellationToken, ListQuery, NewMessage, Publisher, Relay, Status, Store, TickReport,
+};
 use postbox_testkit::{Behaviour, MemoryStore, TestPublisher};
 
 /// Everything recorded so far (a debugging snapshot resets what it reads,
@@ -66,6 +68,16 @@ fn gauge(snap: &Recorded, name: &str) -> Option<f64> {
         DebugValue::Gauge(g) if key.key().name() == name => Some(g.into_inner()),
         _ => None,
     })
+}
+
+/// `relay.run(shutdown)` in a task of its own.
+fn spawn_run<P: Publisher>(
+    relay: &Relay<MemoryStore, P>,
+    shutdown: &CancellationToken,
+) -> tokio::task::JoinHandle<TickReport> {
+    let relay = relay.clone();
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move { relay.run(shutdown).await })
 }
 
 /// Runs `f` on a current-thread runtime with paused time and a recorder
@@ -200,11 +212,7 @@ fn run_samples_store_counts_into_gauges() {
             .build()
             .expect("relay");
         let shutdown = CancellationToken::new();
-        let running = tokio::spawn({
-            let relay = relay.clone();
-            let shutdown = shutdown.clone();
-            async move { relay.run(shutdown).await }
-        });
+        let running = spawn_run(&relay, &shutdown);
         // (paused time) the first sample is taken at start, before the
         // claim; the next one `stats_interval` later sees the dead head
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -233,11 +241,7 @@ async fn shutdown_releases_a_batch_whose_publish_outlives_the_grace() {
         .build()
         .expect("relay");
     let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
+    let running = spawn_run(&relay, &shutdown);
     while publisher.calls() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -276,11 +280,7 @@ async fn shutdown_lets_a_publish_finish_within_the_grace() {
         .build()
         .expect("relay");
     let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
+    let running = spawn_run(&relay, &shutdown);
     while publisher.0.calls() == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -326,11 +326,7 @@ fn leases_held_gauge_and_heartbeat_follow_the_batch_in_flight() {
             .build()
             .expect("relay");
         let shutdown = CancellationToken::new();
-        let running = tokio::spawn({
-            let relay = relay.clone();
-            let shutdown = shutdown.clone();
-            async move { relay.run(shutdown).await }
-        });
+        let running = spawn_run(&relay, &shutdown);
         while publisher.calls() == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -388,11 +384,7 @@ fn a_key_drains_back_to_back_while_each_batch_is_being_recorded() {
             .expect("relay");
         let shutdown = CancellationToken::new();
         let started = tokio::time::Instant::now();
-        let running = tokio::spawn({
-            let relay = relay.clone();
-            let shutdown = shutdown.clone();
-            async move { relay.run(shutdown).await }
-        });
+        let running = spawn_run(&relay, &shutdown);
         while publisher.delivered().len() < 20 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -437,11 +429,7 @@ async fn a_batch_claimed_ahead_is_released_unpublished_at_shutdown() {
         .build()
         .expect("relay");
     let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
+    let running = spawn_run(&relay, &shutdown);
     // the second batch is being published and the third claimed ahead
     while relay.leased() < 4 {
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -1,5 +1,6 @@
-//! Helpers shared by tests/bad_input.rs and tests/security.rs: the binary
-//! under test and databases of their own on the shared servers.
+//! Helpers shared by the binary's tests: the binary under test, with
+//! nothing from the environment, and databases of their own on the shared
+//! servers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::process::{Child, Command, Output};
@@ -16,6 +17,9 @@ pub fn postbox() -> Command {
         .env_remove("POSTBOX_STORE_RETAIN_SENT")
         .env_remove("POSTBOX_TABLE")
         .env_remove("POSTBOX_WEBHOOK_SECRET")
+        .env_remove("POSTBOX_METRICS_ADDR")
+        .env_remove("POSTBOX_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
         .env("POSTBOX_LOG", "warn");
     c
 }
