@@ -139,7 +139,7 @@ impl NewMessage {
     /// The headers as the stores write them at enqueue: a JSON object of
     /// strings. With the `opentelemetry` feature it also carries the
     /// producer's current W3C trace context (`traceparent`, `tracestate`;
-    /// see [`trace_context`](crate::trace_context)), unless the headers
+    /// see the `trace_context` module), unless the headers
     /// already have a `traceparent`.
     pub fn headers_json(&self) -> String {
         #[cfg(feature = "opentelemetry")]
