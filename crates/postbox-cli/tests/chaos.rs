@@ -286,6 +286,51 @@ async fn s3_postgres_restarted_mid_run() {
     drop(cluster);
 }
 
+/// What [`run_through_broker_faults`] did.
+struct BrokerRun {
+    ledger: Arc<Ledger>,
+    report: postbox_core::TickReport,
+    cuts: usize,
+    stalls: usize,
+    started: Instant,
+}
+
+/// Scenario 4's run, for any broker: an in-process relay publishing
+/// through `publisher` (connected via `proxy`) while 4 producers commit
+/// 5,000 messages (50,000 long), with the connection cut and stalled
+/// until the outbox is drained; then the relay is stopped.
+async fn run_through_broker_faults<P: Publisher>(
+    url: &str,
+    proxy: &postbox_testkit::FaultProxy,
+    publisher: P,
+) -> BrokerRun {
+    let store = PgStore::connect(url).await.unwrap();
+    let relay = broker_relay(store, publisher);
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    let ledger = Arc::new(Ledger::default());
+    let stop = CancellationToken::new();
+    let producers = start_producers(url, 4, size(5_000, 50_000), 20, &ledger, &stop);
+    let started = Instant::now();
+    let (cuts, stalls) = cut_and_stall_until_drained(proxy, url, &producers, started).await;
+    shutdown.cancel();
+    let report = running.await.unwrap();
+    for p in producers {
+        p.await.unwrap();
+    }
+    BrokerRun {
+        ledger,
+        report,
+        cuts,
+        stalls,
+        started,
+    }
+}
+
 /// The relay of scenario 4: an 8 s lease, a 3 s send timeout (the
 /// publishers' ack/confirm timeouts are 2 s), fast polls and retries.
 fn broker_relay<P: Publisher>(store: PgStore, publisher: P) -> Relay<PgStore, P> {
@@ -374,26 +419,13 @@ async fn s4_nats_connection_cut_and_stalled() {
     )
     .await
     .unwrap();
-    let store = PgStore::connect(&url).await.unwrap();
-    let relay = broker_relay(store, publisher);
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
-
-    let total = size(5_000, 50_000);
-    let ledger = Arc::new(Ledger::default());
-    let stop = CancellationToken::new();
-    let producers = start_producers(&url, 4, total, 20, &ledger, &stop);
-    let started = Instant::now();
-    let (cuts, stalls) = cut_and_stall_until_drained(&proxy, &url, &producers, started).await;
-    shutdown.cancel();
-    let report = running.await.unwrap();
-    for p in producers {
-        p.await.unwrap();
-    }
+    let BrokerRun {
+        ledger,
+        report,
+        cuts,
+        stalls,
+        started,
+    } = run_through_broker_faults(&url, &proxy, publisher).await;
 
     // everything the stream stored, in stream order
     let mut stream = js.get_stream(&stream_name).await.unwrap();
@@ -512,26 +544,13 @@ async fn s4_rabbitmq_connection_cut_and_stalled() {
             .max_backoff(Duration::from_millis(500)),
     )
     .unwrap();
-    let store = PgStore::connect(&url).await.unwrap();
-    let relay = broker_relay(store, publisher);
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
-
-    let total = size(5_000, 50_000);
-    let ledger = Arc::new(Ledger::default());
-    let stop = CancellationToken::new();
-    let producers = start_producers(&url, 4, total, 20, &ledger, &stop);
-    let started = Instant::now();
-    let (cuts, stalls) = cut_and_stall_until_drained(&proxy, &url, &producers, started).await;
-    shutdown.cancel();
-    let report = running.await.unwrap();
-    for p in producers {
-        p.await.unwrap();
-    }
+    let BrokerRun {
+        ledger,
+        report,
+        cuts,
+        stalls,
+        started,
+    } = run_through_broker_faults(&url, &proxy, publisher).await;
     // No more bytes through the proxy while the queue is read (a publish
     // written before a stall, on a connection the publisher has since given
     // up, could still be on its way).

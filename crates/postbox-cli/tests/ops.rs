@@ -79,6 +79,20 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
+/// Waits until `/readyz` answers 503 with this `reason` and a non-empty
+/// `error`.
+fn unready_because(port: u16, reason: &str) {
+    let body = wait_for(&format!("/readyz to say {reason}"), || {
+        let (code, body) = http_get(port, "/readyz")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (code == 503 && v["reason"] == reason).then_some(v)
+    });
+    assert!(
+        body["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{body}"
+    );
+}
+
 /// The value of one sample line of the Prometheus text, e.g.
 /// `postbox_messages_published_total{topic="orders.created"}`.
 fn sample(metrics: &str, series: &str) -> Option<f64> {
@@ -228,15 +242,7 @@ fn readyz_is_503_naming_the_publisher_while_every_message_fails() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("relay");
-    let body = wait_for("/readyz to name the publisher", || {
-        let (code, body) = http_get(port, "/readyz")?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        (code == 503 && v["reason"] == "publisher error").then_some(v)
-    });
-    assert!(
-        body["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{body}"
-    );
+    unready_because(port, "publisher error");
     let (code, _) = http_get(port, "/healthz").expect("/healthz");
     assert_eq!(code, 200, "the process runs: healthy, just not ready");
     let m = http_get(port, "/metrics").expect("/metrics").1;
@@ -823,15 +829,7 @@ async fn postgres_readyz_is_503_naming_the_store_when_the_database_is_gone() {
         .execute(&mut admin)
         .await
         .expect("drop database");
-    let body = wait_for("/readyz to name the store", || {
-        let (code, body) = http_get(port, "/readyz")?;
-        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-        (code == 503 && v["reason"] == "store error").then_some(v)
-    });
-    assert!(
-        body["error"].as_str().is_some_and(|e| !e.is_empty()),
-        "{body}"
-    );
+    unready_because(port, "store error");
     assert_eq!(http_get(port, "/healthz").expect("/healthz").0, 200);
     stop(relay);
 }
