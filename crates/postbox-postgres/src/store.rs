@@ -558,55 +558,73 @@ impl Store for PgStore {
             Some(_) => &sql.claim_tenant,
             None => &sql.claim_any,
         };
-        let mode = self.mode(&req.tenant);
-        let query = match mode {
-            MODE_KEYLESS => sqlx::query(&statements.keyless),
-            MODE_WINDOW => sqlx::query(&statements.keyed),
-            _ => sqlx::query(&statements.walk),
-        }
-        .bind(clamp_i64(limit))
-        .bind(lease)
-        .bind(token);
-        let query = match mode {
-            MODE_KEYLESS => query,
-            MODE_WINDOW => query.bind(window),
-            _ => query
-                .bind(window)
-                .bind(self.walk_from().unwrap_or_default())
-                .bind(walk_len),
-        };
-        let query = match &req.tenant {
-            Some(tenant) => query.bind(tenant.as_str()),
-            None => query,
-        };
-        let rows = query.fetch_all(&self.claims).await.map_err(map)?;
-        let Some(first) = rows.first() else {
-            return Err(StoreError::Database(
-                "the claim statement returned no row".into(),
-            ));
-        };
-        let keyed: bool = first.try_get("keyed_pending").map_err(map)?;
-        let short: bool = first.try_get("short").map_err(map)?;
-        self.set_mode(
-            &req.tenant,
-            match (keyed, short) {
+        let mut mode = self.mode(&req.tenant);
+        let (rows, expires) = loop {
+            let query = match mode {
+                MODE_KEYLESS => sqlx::query(&statements.keyless),
+                MODE_WINDOW => sqlx::query(&statements.keyed),
+                _ => sqlx::query(&statements.walk),
+            }
+            .bind(clamp_i64(limit))
+            .bind(lease)
+            .bind(token);
+            let query = match mode {
+                MODE_KEYLESS => query,
+                MODE_WINDOW => query.bind(window),
+                _ => query
+                    .bind(window)
+                    .bind(self.walk_from().unwrap_or_default())
+                    .bind(walk_len),
+            };
+            let query = match &req.tenant {
+                Some(tenant) => query.bind(tenant.as_str()),
+                None => query,
+            };
+            let rows = query.fetch_all(&self.claims).await.map_err(map)?;
+            let Some(first) = rows.first() else {
+                return Err(StoreError::Database(
+                    "the claim statement returned no row".into(),
+                ));
+            };
+            let keyed: bool = first.try_get("keyed_pending").map_err(map)?;
+            let short: bool = first.try_get("short").map_err(map)?;
+            let next = match (keyed, short) {
                 (false, _) => MODE_KEYLESS,
                 (true, false) => MODE_WINDOW,
                 (true, true) => MODE_WALK,
-            },
-        );
-        self.note_settled(first.try_get("settled").map_err(map)?, req.lease);
-        // NULL: the walk did not run; its cursor stays.
-        if let Some(walked) = first.try_get::<Option<i64>, _>("walk_len").map_err(map)? {
-            let end: Option<String> = first.try_get("walk_end").map_err(map)?;
-            // A short walk reached the last key: start over next time.
-            self.set_walk(if walked < i64::from(walk_len) {
-                None
-            } else {
-                end
-            });
-        }
-        let expires: Option<i64> = first.try_get("lease_until_us").map_err(map)?;
+            };
+            self.set_mode(&req.tenant, next);
+            self.note_settled(first.try_get("settled").map_err(map)?, req.lease);
+            // NULL: the walk did not run; its cursor stays.
+            if let Some(walked) = first.try_get::<Option<i64>, _>("walk_len").map_err(map)? {
+                let end: Option<String> = first.try_get("walk_end").map_err(map)?;
+                // A short walk reached the last key: start over next time.
+                self.set_walk(if walked < i64::from(walk_len) {
+                    None
+                } else {
+                    end
+                });
+            }
+            // Nothing claimed, and the hint says a wider statement could
+            // have found something (keyed rows arrived while the keyless one
+            // ran; the window was full of a hot key's rows): look again with
+            // it now. An empty claim must mean "nothing claimable", or a
+            // relay woken for exactly these rows would go back to sleep for a
+            // poll interval. A claim that did lease rows returns them; the
+            // relay claims again at once after a batch anyway. `next > mode`
+            // bounds this to two more statements.
+            let claimed_nothing = rows.len() == 1
+                && first
+                    .try_get::<Option<i64>, _>("seq")
+                    .map_err(map)?
+                    .is_none();
+            if claimed_nothing && next > mode {
+                mode = next;
+                continue;
+            }
+            let expires: Option<i64> = first.try_get("lease_until_us").map_err(map)?;
+            break (rows, expires);
+        };
         let mut messages = Vec::with_capacity(rows.len());
         let mut malformed = Vec::new();
         for r in &rows {

@@ -327,3 +327,61 @@ async fn malformed_rows_are_reported_not_fatal() {
         c.malformed[0].reason
     );
 }
+
+/// An empty claim means nothing is claimable. The store picks its claim
+/// statement from what the previous claim saw: after a claim that found no
+/// keyed row it uses the keyless statement, which cannot lease a keyed row
+/// that arrives next. That claim must look again with the keyed statement
+/// at once rather than come back empty, or a relay woken for the new row
+/// sleeps a poll interval (a whole poll with LISTEN off and a long interval,
+/// as the axum example's test showed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_keyed_row_after_keyless_ones_is_claimed_at_once() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let req = ClaimRequest::new(10, LEASE);
+    h.outbox
+        .enqueue(&h.app, &NewMessage::new("t", "keyless"))
+        .await
+        .expect("enqueue");
+    for (round, key) in ["A", "B", "C"].into_iter().enumerate() {
+        // drain: the last claim of each round sees no keyed row pending
+        loop {
+            let claim = store.claim(&req).await.expect("claim");
+            if claim.is_empty() {
+                break;
+            }
+            let done: Vec<_> = claim
+                .messages
+                .iter()
+                .map(|m| Completion::new(m.seq, Disposition::Sent))
+                .collect();
+            store
+                .complete(claim.lease.token, &done)
+                .await
+                .expect("complete");
+        }
+        h.outbox
+            .enqueue(
+                &h.app,
+                &NewMessage::new("t", format!("keyed-{round}")).key(key),
+            )
+            .await
+            .expect("enqueue");
+        let claim = store.claim(&req).await.expect("claim");
+        assert_eq!(
+            claim.messages.iter().map(body).collect::<Vec<_>>(),
+            [format!("keyed-{round}")],
+            "round {round}: the keyed row is claimed by the first claim after its commit"
+        );
+        let done: Vec<_> = claim
+            .messages
+            .iter()
+            .map(|m| Completion::new(m.seq, Disposition::Sent))
+            .collect();
+        store
+            .complete(claim.lease.token, &done)
+            .await
+            .expect("complete");
+    }
+}

@@ -228,7 +228,7 @@ mod tests {
     }
 
     async fn delivered_within(publisher: &TestPublisher, n: usize) -> Vec<Message> {
-        tokio::time::timeout(Duration::from_secs(30), async {
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
             loop {
                 let got = publisher.delivered();
                 if got.len() >= n {
@@ -237,8 +237,17 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
-        .await
-        .expect("events delivered")
+        .await;
+        waited.unwrap_or_else(|_| {
+            let got = publisher.delivered();
+            panic!(
+                "{} of {n} events delivered within 30 s (the poll is 1 h: a wake was lost): {:?}",
+                got.len(),
+                got.iter()
+                    .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                    .collect::<Vec<_>>()
+            )
+        })
     }
 
     #[tokio::test]
