@@ -25,10 +25,15 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "sent_retention",
         include_str!("../migrations/0005_sent_retention.sql"),
     ),
+    (
+        6,
+        "trigger_when",
+        include_str!("../migrations/0006_trigger_when.sql"),
+    ),
 ];
 
 /// The newest schema version this crate knows.
-pub(crate) const LATEST: i32 = 5;
+pub(crate) const LATEST: i32 = 6;
 
 pub(crate) async fn run(outbox: &PgOutbox, pool: &PgPool) -> Result<(), StoreError> {
     let schema = outbox.schema().as_str();

@@ -119,12 +119,24 @@ fn stats_sql(t: &str, group: Option<&str>) -> String {
 }
 
 impl Sql {
-    pub(crate) fn new(t: &str, _schema: &Ident, _table: &Ident) -> Self {
-        // $7: available_at as Unix µs or NULL (= now()).
+    pub(crate) fn new(t: &str, schema: &Ident, table: &Ident) -> Self {
+        // The table's sequence, as the regclass literal `nextval` takes (the
+        // identifiers are validated: letters, digits, underscores).
+        let seq = format!("'\"{}\".\"{}_seq\"'", schema.as_str(), table.as_str());
+        // The key's advisory lock, then `seq`, in one statement (see
+        // migration 6: rows that come with a `seq` skip the plpgsql
+        // trigger, which cost more than the rest of the row). The lock is
+        // an InitPlan of the one-time filter, so it is taken before the row
+        // is projected and `nextval` runs; for a keyless row it takes
+        // nothing. Per key, `seq` order is therefore commit order, as with
+        // the trigger. $7: available_at as Unix µs or NULL (= now()).
         let insert = format!(
-            "INSERT INTO {t} (id, topic, key, payload, headers, tenant, available_at, max_attempts)
-             VALUES ($1, $2, $3, $4, $5::jsonb, $6,
-                     COALESCE('epoch'::timestamptz + $7::int8 * interval '1 microsecond', now()), $8)"
+            "INSERT INTO {t} (seq, id, topic, key, payload, headers, tenant, available_at, max_attempts)
+             SELECT nextval({seq}), $1, $2, $3, $4, $5::jsonb, $6,
+                    COALESCE('epoch'::timestamptz + $7::int8 * interval '1 microsecond', now()), $8
+              WHERE (SELECT count(*) FROM (
+                        SELECT pg_advisory_xact_lock('{t}'::regclass::oid::int4, hashtext($3::text))
+                         WHERE $3::text IS NOT NULL) AS taken) >= 0"
         );
         // pg_notify in the same statement: no extra round trip.
         let insert_notify = format!(
@@ -135,9 +147,11 @@ impl Sql {
         // advisory locks of every distinct key in ascending hash order BEFORE
         // any row is inserted (the scalar subquery in WHERE is an InitPlan,
         // evaluated once before the first row is produced), so batches that
-        // share keys queue instead of deadlocking. The trigger's own lock
-        // calls then find the locks already held. `ORDER BY ord` keeps the
-        // batch's order in `seq`.
+        // share keys queue instead of deadlocking. `seq` comes from
+        // `nextval` in the select list, which PostgreSQL evaluates after the
+        // `ORDER BY ord` sort (volatile output expressions are computed
+        // above the sort), so `seq` follows the batch's order and the
+        // trigger is skipped (migration 6).
         let insert_batch = format!(
             "WITH locks AS (
                 SELECT count(*) AS n FROM (
@@ -146,8 +160,8 @@ impl Sql {
                              WHERE k IS NOT NULL ORDER BY 1) AS hashes
                 ) AS taken
              )
-             INSERT INTO {t} (id, topic, key, payload, headers, tenant, available_at, max_attempts)
-             SELECT m.id, m.topic, m.key, m.payload, m.headers::jsonb, m.tenant,
+             INSERT INTO {t} (seq, id, topic, key, payload, headers, tenant, available_at, max_attempts)
+             SELECT nextval({seq}), m.id, m.topic, m.key, m.payload, m.headers::jsonb, m.tenant,
                     COALESCE('epoch'::timestamptz + m.avail * interval '1 microsecond', now()), m.max_attempts
                FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bytea[], $5::text[], $6::text[],
                            $7::int8[], $8::int4[])

@@ -336,7 +336,7 @@ async fn concurrent_migrations_into_a_custom_schema() {
             .fetch_all(&pool)
             .await
             .expect("history");
-    assert_eq!(versions, [1, 2, 3, 4, 5]);
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
     outbox.migrate(&pool).await.expect("idempotent");
     outbox
         .enqueue(&pool, &NewMessage::new("t", "x").key("k"))
@@ -344,4 +344,94 @@ async fn concurrent_migrations_into_a_custom_schema() {
         .expect("enqueue");
     let store = outbox.store(pool);
     assert_eq!(store.stats(&Filter::all()).await.expect("stats").pending, 1);
+}
+
+/// A table at schema version 5 (the trigger runs for every row) keeps
+/// working with this code before and after `migrate` takes it to version 6
+/// (the trigger runs only for rows without a `seq`): `enqueue` gives a
+/// `seq` that the old trigger replaces, plain SQL and batches keep going,
+/// and the key's order survives the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_5_table_upgrades_in_place_and_keeps_key_order() {
+    let db = TestDb::create().await;
+    let pool = db.app_pool(4).await;
+    let v5 = [
+        include_str!("../migrations/0001_outbox.sql"),
+        include_str!("../migrations/0002_relays.sql"),
+        include_str!("../migrations/0003_fillfactor.sql"),
+        include_str!("../migrations/0004_tenants.sql"),
+        include_str!("../migrations/0005_sent_retention.sql"),
+    ];
+    let mut setup = String::from(
+        "CREATE TABLE public.postbox_outbox_migrations (
+             version integer PRIMARY KEY, name text NOT NULL,
+             applied_at timestamptz NOT NULL DEFAULT now());
+         INSERT INTO public.postbox_outbox_migrations (version, name)
+             VALUES (1, 'outbox'), (2, 'relays'), (3, 'fillfactor'), (4, 'tenants'), (5, 'sent_retention');",
+    );
+    for sql in v5 {
+        setup.push_str(
+            &sql.replace("{schema}", "public")
+                .replace("{t}", "postbox_outbox"),
+        );
+    }
+    sqlx::raw_sql(&setup)
+        .execute(&pool)
+        .await
+        .expect("version 5 schema");
+
+    let outbox = PgOutbox::default();
+    let plain = "INSERT INTO public.postbox_outbox (topic, key, payload) VALUES ('t', 'K', $1)";
+    let write = |body: &'static str, how: u8| {
+        let (pool, outbox) = (pool.clone(), outbox.clone());
+        async move {
+            let msg = NewMessage::new("t", body).key("K");
+            match how {
+                0 => outbox.enqueue(&pool, &msg).await.expect("enqueue"),
+                1 => outbox
+                    .enqueue_batch(&pool, &[msg, NewMessage::new("t", "other").key("L")])
+                    .await
+                    .expect("enqueue_batch"),
+                _ => {
+                    sqlx::query(plain)
+                        .bind(body.as_bytes())
+                        .execute(&pool)
+                        .await
+                        .expect("plain insert");
+                }
+            }
+        }
+    };
+    write("1", 0).await;
+    write("2", 1).await;
+    write("3", 2).await;
+    outbox
+        .migrate(&pool)
+        .await
+        .expect("upgrade to the latest version");
+    let versions: Vec<i32> =
+        sqlx::query_scalar("SELECT version FROM public.postbox_outbox_migrations ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .expect("history");
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
+    write("4", 0).await;
+    write("5", 1).await;
+    write("6", 2).await;
+
+    let bodies: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT payload FROM public.postbox_outbox WHERE key = 'K' ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("rows");
+    let bodies: Vec<String> = bodies
+        .into_iter()
+        .map(|b| String::from_utf8(b).expect("utf-8"))
+        .collect();
+    assert_eq!(
+        bodies,
+        ["1", "2", "3", "4", "5", "6"],
+        "seq order is write order across the upgrade"
+    );
 }

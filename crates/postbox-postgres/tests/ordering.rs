@@ -385,3 +385,74 @@ async fn the_first_keyed_row_after_keyless_ones_is_claimed_at_once() {
             .expect("complete");
     }
 }
+
+/// `enqueue` and `enqueue_batch` take the key's lock and the `seq`
+/// themselves; the plpgsql trigger runs only for plain-SQL rows (it cost
+/// more than the rest of the row). Counted by PostgreSQL's per-transaction
+/// function statistics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_plain_sql_rows_go_through_the_trigger() {
+    let h = PgHarness::new().await;
+    let t = h.outbox.qualified_name().to_owned();
+    let mut tx = h.app.begin().await.expect("begin");
+    sqlx::query("SET LOCAL track_functions = 'pl'")
+        .execute(&mut *tx)
+        .await
+        .expect("track_functions");
+    h.outbox
+        .enqueue(&mut *tx, &NewMessage::new("t", "a").key("K"))
+        .await
+        .expect("enqueue");
+    h.outbox
+        .enqueue(&mut *tx, &NewMessage::new("t", "b"))
+        .await
+        .expect("enqueue");
+    h.outbox
+        .enqueue_batch(
+            &mut *tx,
+            &[
+                NewMessage::new("t", "c").key("K"),
+                NewMessage::new("t", "d").key("L"),
+            ],
+        )
+        .await
+        .expect("enqueue_batch");
+    assert_eq!(
+        trigger_calls(&mut tx).await,
+        0,
+        "enqueue paths skip the trigger"
+    );
+    sqlx::query(&format!(
+        "INSERT INTO {t} (topic, key, payload) VALUES ('t', 'K', 'e'), ('t', NULL, 'f')"
+    ))
+    .execute(&mut *tx)
+    .await
+    .expect("plain insert");
+    assert_eq!(
+        trigger_calls(&mut tx).await,
+        2,
+        "plain rows get their seq from the trigger"
+    );
+    tx.commit().await.expect("commit");
+
+    let bodies: Vec<Vec<u8>> = sqlx::query_scalar(&format!("SELECT payload FROM {t} ORDER BY seq"))
+        .fetch_all(&h.app)
+        .await
+        .expect("rows");
+    assert_eq!(
+        bodies,
+        [b"a", b"b", b"c", b"d", b"e", b"f"].map(|b| b.to_vec()),
+        "one seq order across both paths"
+    );
+}
+
+/// Calls of the outbox trigger function in the current transaction.
+async fn trigger_calls(tx: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum(calls), 0)::int8 FROM pg_stat_xact_user_functions
+          WHERE funcname = 'postbox_outbox_before_insert'",
+    )
+    .fetch_one(tx)
+    .await
+    .expect("function stats")
+}
