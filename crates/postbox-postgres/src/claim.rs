@@ -252,6 +252,19 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
     } else {
         "EXISTS (SELECT 1 FROM recent)".to_owned()
     };
+    // The window's rows. For any tenant they are every pending keyed row up
+    // to the window's last `seq` (same snapshot), so one ordered range scan
+    // of `keyed_idx` reads them: one descent and the leaf pages in order.
+    // Looking each up by `seq = ANY(...)` cost one descent per row, 1.5x the
+    // buffers once the index is a level deeper (1M rows: 851 buffers vs 557,
+    // 2.3-3.5 ms vs 1.6-2.5 ms for this part, EXPLAIN ANALYZE). A tenant's
+    // window is interleaved with other tenants' rows in `keyed_idx`, so
+    // there each row is looked up.
+    let in_window = if tenant.is_some() {
+        "r.seq = ANY(ARRAY(SELECT seq FROM recent))"
+    } else {
+        "r.seq <= (SELECT max(seq) FROM recent)"
+    };
     format!(
         "WITH RECURSIVE recent AS (
             SELECT r.seq FROM {t} AS r
@@ -265,7 +278,7 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
          keyed AS (
             SELECT r.seq FROM {t} AS r
              WHERE (SELECT yes FROM settled)
-               AND r.seq = ANY(ARRAY(SELECT seq FROM recent))
+               AND {in_window}
                AND r.key IS NOT NULL AND r.status = 'pending' AND {DUE}
                AND r.seq = (SELECT min(e.seq) FROM {t} AS e
                              WHERE e.key = r.key AND (e.status = 'pending' OR e.parked))
