@@ -152,8 +152,11 @@ impl Store for AnyStore {
         each_store!(self, s => s.complete(token, completions).await)
     }
 
-    async fn notified(&self) {
-        each_store!(self, s => s.notified().await)
+    fn notified(&self) -> impl std::future::Future<Output = ()> + Send {
+        // the backend's wait is created (subscribed) now, not at first poll
+        let woken: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> =
+            each_store!(self, s => Box::pin(s.notified()));
+        woken
     }
 
     async fn stats(&self, filter: &Filter) -> Result<Stats, StoreError> {

@@ -1249,6 +1249,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let parallel_writes = self.inner.store.parallel_writes();
         while !shutdown.is_cancelled() {
             let had_unsettled = unsettled.is_some();
+            // Subscribed before the claim: a notification for rows the claim
+            // is too early to see ends the wait below instead of being lost
+            // while the claim runs.
+            let mut store_woken = std::pin::pin!(self.inner.store.notified());
             let claimed = match ahead.take() {
                 Some(claimed) => Ok(claimed),
                 None if parallel_writes => {
@@ -1328,7 +1332,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = wake.notified() => {}
-                () = self.inner.store.notified() => {}
+                () = store_woken.as_mut() => {}
                 () = tokio::time::sleep(pause) => {}
             }
         }

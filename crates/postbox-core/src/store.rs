@@ -695,6 +695,12 @@ pub trait Store: Send + Sync + 'static {
     /// Resolves when the store hears that new work may be there (for example
     /// a PostgreSQL notification). Only a hint: relays poll regardless. The
     /// default never resolves.
+    ///
+    /// The wait starts when this is called, not when the future is first
+    /// polled: the relay calls it before it claims and awaits it only after
+    /// an empty claim, so a notification that lands while the claim runs
+    /// must resolve the future (implementations subscribe eagerly, outside
+    /// the `async` block).
     fn notified(&self) -> impl Future<Output = ()> + Send {
         std::future::pending()
     }

@@ -11,13 +11,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 /// Shared between the store handles and the listener task.
-#[derive(Debug, Default)]
+///
+/// A generation counter in a `watch` channel rather than a `Notify`: a
+/// relay subscribes *before* it claims, and a notification that lands while
+/// the claim runs (after its snapshot was taken) must still end the wait
+/// that follows. `Notify::notify_waiters` reaches only futures already
+/// waiting and would drop it.
+#[derive(Debug)]
 pub(crate) struct Wakeup {
-    pub(crate) notify: Notify,
+    generation: watch::Sender<u64>,
     pub(crate) listening: AtomicBool,
+}
+
+impl Default for Wakeup {
+    fn default() -> Self {
+        Self {
+            generation: watch::Sender::new(0),
+            listening: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Wakeup {
+    /// Ends every wait subscribed before now.
+    pub(crate) fn wake(&self) {
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// A wait that ends at the next [`Wakeup::wake`] after this call (not
+    /// after the first poll of the returned future).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
 }
 
 /// Runs until `stop` is dropped.
@@ -45,15 +73,15 @@ pub(crate) async fn listen_loop(
             wakeup.listening.store(true, Ordering::Relaxed);
             tracing::debug!(postbox.channel = %channel, "listening for outbox notifications");
             // Anything notified while we were not listening was lost: look now.
-            wakeup.notify.notify_waiters();
+            wakeup.wake();
             loop {
                 match listener.try_recv().await? {
-                    Some(_) => wakeup.notify.notify_waiters(),
+                    Some(_) => wakeup.wake(),
                     None => {
                         // connection lost; PgListener reconnects and
                         // re-listens on the next call
                         tracing::warn!(postbox.channel = %channel, "LISTEN connection lost, reconnecting");
-                        wakeup.notify.notify_waiters();
+                        wakeup.wake();
                     }
                 }
                 failures = 0;
@@ -66,7 +94,7 @@ pub(crate) async fn listen_loop(
             r = session => r,
         };
         wakeup.listening.store(false, Ordering::Relaxed);
-        wakeup.notify.notify_waiters();
+        wakeup.wake();
         failures = failures.saturating_add(1);
         let wait = Duration::from_millis(100)
             .saturating_mul(2u32.saturating_pow(failures.min(8)))

@@ -110,6 +110,12 @@ pub struct Blocker {
 /// the window over the oldest keyed rows, as multiples of the batch size.
 const WALK_FACTOR: usize = 1;
 const WINDOW_FACTOR: usize = 2;
+/// The fewest keys a walk visits. The next walk starts at the last key of
+/// the previous one (inclusive), so a walk of one key would never move on.
+const MIN_WALK: usize = 16;
+/// Walk statements one claim may run while the keys walked yield nothing
+/// (all parked, leased or delayed) before it reports "nothing claimable".
+const MAX_WALKS: u32 = 8;
 
 /// Claim statements, by what the previous claim saw: no keyed row pending;
 /// keyed rows, most of them heads; a hot key's backlog in front of the
@@ -546,8 +552,8 @@ impl Store for PgStore {
         let limit = req.limit.max(1);
         let lease = duration_micros(req.lease);
         let window = clamp_i64(limit.saturating_mul(WINDOW_FACTOR));
-        let walk_len =
-            i32::try_from(limit.saturating_mul(WALK_FACTOR).min(10_000)).unwrap_or(10_000);
+        let walk_len = i32::try_from(limit.saturating_mul(WALK_FACTOR).clamp(MIN_WALK, 10_000))
+            .unwrap_or(10_000);
         // Which claim: keyless while no keyed row is pending; the keyed
         // window while most keyed rows are heads; with the key walk while
         // the previous claim of this scope found the window short (a hot
@@ -559,7 +565,9 @@ impl Store for PgStore {
             None => &sql.claim_any,
         };
         let mut mode = self.mode(&req.tenant);
+        let (mut walks, mut wrapped) = (0u32, false);
         let (rows, expires) = loop {
+            let walk_start = self.walk_from();
             let query = match mode {
                 MODE_KEYLESS => sqlx::query(&statements.keyless),
                 MODE_WINDOW => sqlx::query(&statements.keyed),
@@ -573,7 +581,7 @@ impl Store for PgStore {
                 MODE_WINDOW => query.bind(window),
                 _ => query
                     .bind(window)
-                    .bind(self.walk_from().unwrap_or_default())
+                    .bind(walk_start.as_deref().unwrap_or_default())
                     .bind(walk_len),
             };
             let query = match &req.tenant {
@@ -596,14 +604,22 @@ impl Store for PgStore {
             self.set_mode(&req.tenant, next);
             self.note_settled(first.try_get("settled").map_err(map)?, req.lease);
             // NULL: the walk did not run; its cursor stays.
+            let mut walk_on = false;
             if let Some(walked) = first.try_get::<Option<i64>, _>("walk_len").map_err(map)? {
                 let end: Option<String> = first.try_get("walk_end").map_err(map)?;
                 // A short walk reached the last key: start over next time.
-                self.set_walk(if walked < i64::from(walk_len) {
-                    None
-                } else {
-                    end
-                });
+                let reached_end = walked < i64::from(walk_len);
+                self.set_walk(if reached_end { None } else { end });
+                walks += 1;
+                // If it leased nothing, a claimable head may lie beyond the
+                // keys it walked: walk on from where it stopped, and from the
+                // first key once if it started further on (bounded).
+                walk_on = walks < MAX_WALKS
+                    && if reached_end {
+                        walk_start.is_some() && !std::mem::replace(&mut wrapped, true)
+                    } else {
+                        true
+                    };
             }
             // Nothing claimed, and the hint says a wider statement could
             // have found something (keyed rows arrived while the keyless one
@@ -612,13 +628,13 @@ impl Store for PgStore {
             // relay woken for exactly these rows would go back to sleep for a
             // poll interval. A claim that did lease rows returns them; the
             // relay claims again at once after a batch anyway. `next > mode`
-            // bounds this to two more statements.
+            // bounds this to two more statements; the walk to `MAX_WALKS`.
             let claimed_nothing = rows.len() == 1
                 && first
                     .try_get::<Option<i64>, _>("seq")
                     .map_err(map)?
                     .is_none();
-            if claimed_nothing && next > mode {
+            if claimed_nothing && (next > mode || (next == MODE_WALK && walk_on)) {
                 mode = next;
                 continue;
             }
@@ -714,14 +730,17 @@ impl Store for PgStore {
 
     fn notified(&self) -> impl std::future::Future<Output = ()> + Send {
         self.start_listener();
-        let wakeup = Arc::clone(&self.shared.wakeup);
-        let listen = self.shared.listen;
+        // subscribed now, so a notification that arrives before the future
+        // is first polled still ends it
+        let woken = self.shared.listen.then(|| self.shared.wakeup.subscribe());
         async move {
-            if listen {
-                wakeup.notify.notified().await;
-            } else {
-                std::future::pending::<()>().await;
+            if let Some(mut rx) = woken
+                && rx.changed().await.is_ok()
+            {
+                return;
             }
+            // not listening, or the sender is gone with the last store handle
+            std::future::pending::<()>().await;
         }
     }
 

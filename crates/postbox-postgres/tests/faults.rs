@@ -159,6 +159,34 @@ async fn relays_survive_killed_connections() {
     );
 }
 
+/// `notified()` waits from the call, not from the first poll: a relay takes
+/// the future before it claims and awaits it only after an empty claim, so a
+/// notification that arrives in between must resolve it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_before_the_first_poll_is_not_lost() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let probe = tokio::spawn({
+        let store = store.clone();
+        async move { store.notified().await }
+    });
+    wait_until("LISTEN to start", || async { store.is_listening() }).await;
+    let taken_early = store.notified();
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(h.outbox.channel())
+        .execute(&h.app)
+        .await
+        .expect("notify");
+    // the probe, polled all along, says the listener has passed it on
+    tokio::time::timeout(Duration::from_secs(30), probe)
+        .await
+        .expect("the listener never passed the notification on")
+        .expect("probe task");
+    tokio::time::timeout(Duration::from_secs(5), taken_early)
+        .await
+        .expect("a notification that arrived before the first poll was lost");
+}
+
 /// With the LISTEN connection killed, polling still delivers; the listener
 /// comes back on its own and a NOTIFY then wakes `notified()` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -456,3 +456,70 @@ async fn trigger_calls(tx: &mut sqlx::PgConnection) -> i64 {
     .await
     .expect("function stats")
 }
+
+/// Keys whose heads are parked fill the claim window and the first walks
+/// over the keys; the one claimable head lies past them. A claim of one
+/// message must still find it (the walk goes on past keys that yield
+/// nothing) instead of reporting nothing claimable and leaving the relay
+/// asleep for a poll interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimable_head_behind_many_parked_keys_is_found_by_one_claim() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let keys: Vec<String> = (0..40).map(|k| format!("parked-{k:02}")).collect();
+    let heads: Vec<NewMessage> = keys
+        .iter()
+        .map(|k| NewMessage::new("t", format!("{k}/head")).key(k.as_str()))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &heads)
+        .await
+        .expect("enqueue");
+    let claim = store
+        .claim(&ClaimRequest::new(100, LEASE))
+        .await
+        .expect("claim heads");
+    assert_eq!(claim.messages.len(), keys.len());
+    let dead: Vec<_> = claim
+        .messages
+        .iter()
+        .map(|m| {
+            Completion::new(
+                m.seq,
+                Disposition::Dead {
+                    error: "rejected".into(),
+                    park: true,
+                },
+            )
+        })
+        .collect();
+    store
+        .complete(claim.lease.token, &dead)
+        .await
+        .expect("park");
+    // two waiting messages behind each parked head, then one free key
+    let behind: Vec<NewMessage> = keys
+        .iter()
+        .flat_map(|k| {
+            (1..=2).map(move |i| NewMessage::new("t", format!("{k}/{i}")).key(k.as_str()))
+        })
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &behind)
+        .await
+        .expect("enqueue");
+    h.outbox
+        .enqueue(&h.app, &NewMessage::new("t", "free").key("zz-free"))
+        .await
+        .expect("enqueue");
+
+    let claim = store
+        .claim(&ClaimRequest::new(1, LEASE))
+        .await
+        .expect("claim");
+    assert_eq!(
+        claim.messages.iter().map(body).collect::<Vec<_>>(),
+        ["free"],
+        "the one claimable head, past 40 parked keys"
+    );
+}
