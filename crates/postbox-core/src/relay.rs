@@ -73,7 +73,12 @@ pub struct RelayOptions {
     /// Lease length, on the store's clock \[30 s\].
     pub lease: Duration,
     /// How long to wait between claims when idle; notifications and the
-    /// waker cut it short \[250 ms\].
+    /// waker cut it short \[250 ms\]. It also bounds how late work that
+    /// nobody announces is picked up: a retry whose backoff ended, a
+    /// delayed message that came due, rows whose lease ran out after a
+    /// relay died, an operator's replay. An idle relay does not compute
+    /// when the next of those is due; it looks again after this interval,
+    /// so keep it short (the default) unless such lateness is acceptable.
     pub poll_interval: Duration,
     /// Workers, each with up to three batches in flight under load (one
     /// claimed ahead while one is published and the one before is
