@@ -374,6 +374,23 @@ impl PgStore {
         });
     }
 
+    /// After an operator's replay, skip or purge made `n` rows claimable (or
+    /// unparked their keys): NOTIFY the outbox's channel so that relays
+    /// listening on it claim now rather than at their next poll. Only a
+    /// hint, so a failure is logged, not returned.
+    async fn announce(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        if let Err(e) = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(self.outbox.channel())
+            .execute(&self.pool)
+            .await
+        {
+            tracing::debug!(error = %map(e), "NOTIFY after an admin change failed; relays see it at their next poll");
+        }
+    }
+
     /// Logs when keyed claims stop or resume after a database crash.
     fn note_settled(&self, settled: bool, lease: Duration) {
         if self.shared.settled.swap(settled, Ordering::Relaxed) == settled {
@@ -797,6 +814,7 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await
             .map_err(map)?;
+        self.announce(done.rows_affected()).await;
         Ok(done.rows_affected())
     }
 
@@ -805,6 +823,7 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await
             .map_err(map)?;
+        self.announce(done.rows_affected()).await;
         Ok(done.rows_affected())
     }
 
@@ -820,6 +839,10 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await
             .map_err(map)?;
+        if query.status == Status::Dead {
+            // a purged parked row no longer holds its key back
+            self.announce(done.rows_affected()).await;
+        }
         Ok(done.rows_affected())
     }
 

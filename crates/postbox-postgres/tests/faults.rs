@@ -187,6 +187,51 @@ async fn a_notification_before_the_first_poll_is_not_lost() {
         .expect("a notification that arrived before the first poll was lost");
 }
 
+/// An operator's replay makes rows claimable that no producer announced: the
+/// store NOTIFYs, so relays listening claim them now, not at their next poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_wakes_listening_relays() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    h.outbox
+        .enqueue(&h.app, &NewMessage::new("t", "x").key("k"))
+        .await
+        .expect("enqueue");
+    let claim = store
+        .claim(&postbox_core::ClaimRequest::new(
+            10,
+            Duration::from_secs(30),
+        ))
+        .await
+        .expect("claim");
+    let dead: Vec<_> = claim
+        .messages
+        .iter()
+        .map(|m| {
+            postbox_core::Completion::new(
+                m.seq,
+                postbox_core::Disposition::Dead {
+                    error: "rejected".into(),
+                    park: true,
+                },
+            )
+        })
+        .collect();
+    store
+        .complete(claim.lease.token, &dead)
+        .await
+        .expect("dead letter");
+    // the listener's own wake when it starts listening ends this first wait
+    tokio::time::timeout(Duration::from_secs(30), store.notified())
+        .await
+        .expect("the listener never started");
+    let probe = store.notified();
+    assert_eq!(store.replay(&Filter::default()).await.expect("replay"), 1);
+    tokio::time::timeout(Duration::from_secs(30), probe)
+        .await
+        .expect("no notification after the replay");
+}
+
 /// With the LISTEN connection killed, polling still delivers; the listener
 /// comes back on its own and a NOTIFY then wakes `notified()` again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
