@@ -125,7 +125,7 @@ impl Sql {
         let seq = format!("'\"{}\".\"{}_seq\"'", schema.as_str(), table.as_str());
         // The key's advisory lock, then `seq`, in one statement (see
         // migration 6: rows that come with a `seq` skip the plpgsql
-        // trigger, which cost more than the rest of the row). The lock is
+        // trigger, a few µs per row, which a batch pays per row). The lock is
         // an InitPlan of the one-time filter, so it is taken before the row
         // is projected and `nextval` runs; for a keyless row it takes
         // nothing. Per key, `seq` order is therefore commit order, as with

@@ -387,9 +387,9 @@ async fn the_first_keyed_row_after_keyless_ones_is_claimed_at_once() {
 }
 
 /// `enqueue` and `enqueue_batch` take the key's lock and the `seq`
-/// themselves; the plpgsql trigger runs only for plain-SQL rows (it cost
-/// more than the rest of the row). Counted by PostgreSQL's per-transaction
-/// function statistics.
+/// themselves; the plpgsql trigger runs only for plain-SQL rows (a few µs
+/// per row saved). Counted by PostgreSQL's per-transaction function
+/// statistics.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_plain_sql_rows_go_through_the_trigger() {
     let h = PgHarness::new().await;
