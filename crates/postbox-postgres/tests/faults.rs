@@ -204,23 +204,7 @@ async fn replay_wakes_listening_relays() {
         ))
         .await
         .expect("claim");
-    let dead: Vec<_> = claim
-        .messages
-        .iter()
-        .map(|m| {
-            postbox_core::Completion::new(
-                m.seq,
-                postbox_core::Disposition::Dead {
-                    error: "rejected".into(),
-                    park: true,
-                },
-            )
-        })
-        .collect();
-    store
-        .complete(claim.lease.token, &dead)
-        .await
-        .expect("dead letter");
+    common::complete_all(&store, &claim, common::parked()).await;
     // the listener's own wake when it starts listening ends this first wait
     tokio::time::timeout(Duration::from_secs(30), store.notified())
         .await

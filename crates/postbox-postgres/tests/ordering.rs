@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::PgHarness;
 use postbox_core::{
-    CancellationToken, ClaimRequest, Completion, Disposition, Filter, NewMessage, Relay, Store,
+    CancellationToken, ClaimRequest, Disposition, Filter, NewMessage, Relay, Store,
 };
 use postbox_testkit::{TestPublisher, key_order_violations};
 
@@ -127,15 +127,7 @@ async fn open_transaction_holds_its_key_then_all_go_out_in_order() {
             .collect();
         assert!(k.len() <= 1, "two heads of K in one claim");
         order.extend(k.iter().map(body));
-        let done: Vec<_> = c
-            .messages
-            .iter()
-            .map(|m| Completion::new(m.seq, Disposition::Sent))
-            .collect();
-        store
-            .complete(c.lease.token, &done)
-            .await
-            .expect("complete");
+        common::complete_all(&store, &c, Disposition::Sent).await;
     }
     assert_eq!(order, ["k-1", "k-2"]);
 }
@@ -351,15 +343,7 @@ async fn the_first_keyed_row_after_keyless_ones_is_claimed_at_once() {
             if claim.is_empty() {
                 break;
             }
-            let done: Vec<_> = claim
-                .messages
-                .iter()
-                .map(|m| Completion::new(m.seq, Disposition::Sent))
-                .collect();
-            store
-                .complete(claim.lease.token, &done)
-                .await
-                .expect("complete");
+            common::complete_all(&store, &claim, Disposition::Sent).await;
         }
         h.outbox
             .enqueue(
@@ -374,15 +358,7 @@ async fn the_first_keyed_row_after_keyless_ones_is_claimed_at_once() {
             [format!("keyed-{round}")],
             "round {round}: the keyed row is claimed by the first claim after its commit"
         );
-        let done: Vec<_> = claim
-            .messages
-            .iter()
-            .map(|m| Completion::new(m.seq, Disposition::Sent))
-            .collect();
-        store
-            .complete(claim.lease.token, &done)
-            .await
-            .expect("complete");
+        common::complete_all(&store, &claim, Disposition::Sent).await;
     }
 }
 
@@ -480,23 +456,7 @@ async fn a_claimable_head_behind_many_parked_keys_is_found_by_one_claim() {
         .await
         .expect("claim heads");
     assert_eq!(claim.messages.len(), keys.len());
-    let dead: Vec<_> = claim
-        .messages
-        .iter()
-        .map(|m| {
-            Completion::new(
-                m.seq,
-                Disposition::Dead {
-                    error: "rejected".into(),
-                    park: true,
-                },
-            )
-        })
-        .collect();
-    store
-        .complete(claim.lease.token, &dead)
-        .await
-        .expect("park");
+    common::complete_all(&store, &claim, common::parked()).await;
     // two waiting messages behind each parked head, then one free key
     let behind: Vec<NewMessage> = keys
         .iter()

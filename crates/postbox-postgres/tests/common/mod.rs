@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use postbox_core::NewMessage;
+use postbox_core::{Claim, Completion, Disposition, NewMessage, Store};
 use postbox_postgres::{PgOutbox, PgStore};
 use postbox_testkit::StoreHarness;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -180,5 +180,26 @@ impl StoreHarness for PgHarness {
 
     fn retaining_store(&self, keep: Duration) -> PgStore {
         self.store.clone().retain_sent(Some(keep))
+    }
+}
+
+/// Records `disposition` for every message of `claim`.
+pub async fn complete_all(store: &PgStore, claim: &Claim, disposition: Disposition) {
+    let done: Vec<_> = claim
+        .messages
+        .iter()
+        .map(|m| Completion::new(m.seq, disposition.clone()))
+        .collect();
+    store
+        .complete(claim.lease.token, &done)
+        .await
+        .expect("complete");
+}
+
+/// A dead letter that parks its key.
+pub fn parked() -> Disposition {
+    Disposition::Dead {
+        error: "rejected".into(),
+        park: true,
     }
 }
