@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use postbox_testkit::services::{MARIADB, POSTGRES};
 use sqlx::Connection;
-use support::{pg_database, postbox, run, stderr, unique};
+use support::{drop_database, pg_database, postbox, run, stderr, unique};
 
 #[tokio::test]
 async fn postgres_migrate_enqueue_relay_status() {
@@ -94,6 +94,8 @@ async fn postgres_migrate_enqueue_relay_status() {
         .execute(&mut holder)
         .await
         .expect("rollback");
+    drop(holder);
+    drop_database(&url).await;
 }
 
 #[tokio::test]
