@@ -73,12 +73,11 @@ pub struct RelayOptions {
     /// Lease length, on the store's clock \[30 s\].
     pub lease: Duration,
     /// How long to wait between claims when idle; notifications and the
-    /// waker cut it short \[250 ms\]. It also bounds how late work that
-    /// nobody announces is picked up: a retry whose backoff ended, a
-    /// delayed message that came due, rows whose lease ran out after a
-    /// relay died, an operator's replay. An idle relay does not compute
-    /// when the next of those is due; it looks again after this interval,
-    /// so keep it short (the default) unless such lateness is acceptable.
+    /// waker cut it short \[250 ms\], and so does a retry that this
+    /// worker recorded coming due. It also bounds how late other work that
+    /// nobody announces is picked up: a delayed message that came due,
+    /// another relay's retry, rows whose lease ran out after a relay died.
+    /// Keep it short (the default) unless such lateness is acceptable.
     pub poll_interval: Duration,
     /// Workers, each with up to three batches in flight under load (one
     /// claimed ahead while one is published and the one before is
@@ -1249,6 +1248,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut total = TickReport::default();
         let mut unsettled: Option<Settle> = None;
         let mut ahead: Option<Claimed> = None;
+        let mut dues = RetryDues::default();
         // how long this worker's latest publish took
         let mut publish_took = Duration::ZERO;
         let parallel_writes = self.inner.store.parallel_writes();
@@ -1261,13 +1261,15 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             let claimed = match ahead.take() {
                 Some(claimed) => Ok(claimed),
                 None if parallel_writes => {
-                    let (claimed, lost) =
-                        tokio::join!(self.claim_batch(), self.settle_quietly(unsettled.take()));
+                    let (claimed, lost) = tokio::join!(
+                        self.claim_batch(),
+                        self.settle_quietly(unsettled.take(), &mut dues)
+                    );
                     total.lost += lost;
                     claimed
                 }
                 None => {
-                    total.lost += self.settle_quietly(unsettled.take()).await;
+                    total.lost += self.settle_quietly(unsettled.take(), &mut dues).await;
                     self.claim_batch().await
                 }
             };
@@ -1282,7 +1284,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         // now, so look again before sleeping.
                         continue;
                     }
-                    o.poll_interval
+                    dues.pause(o.poll_interval)
                 }
                 Ok(claimed) => {
                     failures = 0;
@@ -1307,8 +1309,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         let done = self.publish_claimed(claimed, &shutdown).await;
                         (done, started.elapsed())
                     };
-                    let (((report, settle), took), next, lost) =
-                        tokio::join!(publish, claim_ahead, self.settle_quietly(unsettled.take()));
+                    let (((report, settle), took), next, lost) = tokio::join!(
+                        publish,
+                        claim_ahead,
+                        self.settle_quietly(unsettled.take(), &mut dues)
+                    );
                     publish_took = took;
                     total += report;
                     total.lost += lost;
@@ -1345,19 +1350,36 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         if let Some(claimed) = ahead.take() {
             let (report, settle) = self.publish_claimed(claimed, &shutdown).await;
             total += report;
-            total.lost += self.settle_quietly(settle).await;
+            total.lost += self.settle_quietly(settle, &mut dues).await;
         }
-        total.lost += self.settle_quietly(unsettled.take()).await;
+        total.lost += self.settle_quietly(unsettled.take(), &mut dues).await;
         total
     }
 
     /// [`Relay::settle`] for a worker: a failure is logged (the rows return
     /// to whoever claims once the lease ends), not returned. Gives the rows
-    /// lost to a takeover.
-    async fn settle_quietly(&self, settle: Option<Settle>) -> u64 {
+    /// lost to a takeover, and notes in `dues` when the retries it recorded
+    /// come due.
+    async fn settle_quietly(&self, settle: Option<Settle>, dues: &mut RetryDues) -> u64 {
         let Some(settle) = settle else { return 0 };
+        let delays: Vec<Duration> = settle
+            .completions
+            .iter()
+            .filter_map(|c| match &c.disposition {
+                Disposition::Retry { delay, .. } => Some(*delay),
+                _ => None,
+            })
+            .collect();
         match self.settle(settle).await {
-            Ok(lost) => lost,
+            Ok(lost) => {
+                // measured from after the store recorded them, so never
+                // before the store's own `now() + delay`
+                let recorded = Instant::now();
+                for delay in delays {
+                    dues.add(recorded + delay);
+                }
+                lost
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "recording a batch's outcomes failed");
                 0
@@ -1366,7 +1388,72 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     }
 }
 
+/// When the retries a worker recorded come due, so that an idle worker
+/// wakes for them instead of waiting out a whole poll interval. Only this
+/// worker's own retries: delayed messages and other relays' retries are
+/// found by the poll.
+#[derive(Debug, Default)]
+struct RetryDues(std::collections::BinaryHeap<std::cmp::Reverse<Instant>>);
+
+impl RetryDues {
+    /// Due times kept at most; later ones fall back to the poll.
+    const MAX: usize = 1024;
+
+    fn add(&mut self, due: Instant) {
+        if self.0.len() < Self::MAX {
+            self.0.push(std::cmp::Reverse(due));
+        }
+    }
+
+    /// How long an idle worker sleeps: `poll`, or less if one of its
+    /// retries comes due sooner. Due times already passed are dropped (the
+    /// claim that just came back empty was made after them), so each one
+    /// shortens at most one sleep and an early wake cannot spin.
+    fn pause(&mut self, poll: Duration) -> Duration {
+        let now = Instant::now();
+        while self.0.peek().is_some_and(|d| d.0 <= now) {
+            self.0.pop();
+        }
+        self.0
+            .peek()
+            .map_or(poll, |d| poll.min(d.0.saturating_duration_since(now)))
+    }
+}
+
 /// This machine's host name, for the heartbeat row.
 fn host_name() -> String {
     whoami::fallible::hostname().unwrap_or_else(|_| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_dues_shorten_one_sleep_each_and_never_lengthen_the_poll() {
+        let poll = Duration::from_secs(60);
+        let mut dues = RetryDues::default();
+        assert_eq!(dues.pause(poll), poll, "nothing due: the poll");
+        let now = Instant::now();
+        dues.add(now + Duration::from_secs(90));
+        assert_eq!(dues.pause(poll), poll, "due after the poll: the poll");
+        dues.add(now + Duration::from_secs(5));
+        dues.add(now + Duration::from_secs(2));
+        assert_eq!(dues.pause(poll), Duration::from_secs(2));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        // 2 s has passed and is dropped; 5 s is next
+        assert_eq!(dues.pause(poll), Duration::from_secs(2));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(dues.pause(poll), poll, "all passed or beyond the poll");
+        tokio::time::advance(Duration::from_secs(85)).await;
+        assert_eq!(
+            dues.pause(poll),
+            poll,
+            "a passed due never gives a zero pause"
+        );
+        for i in 0..RetryDues::MAX + 10 {
+            dues.add(Instant::now() + Duration::from_secs(1 + i as u64));
+        }
+        assert_eq!(dues.0.len(), RetryDues::MAX, "bounded");
+    }
 }

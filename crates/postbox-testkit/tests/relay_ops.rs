@@ -450,3 +450,37 @@ async fn a_batch_claimed_ahead_is_released_unpublished_at_shutdown() {
         assert_eq!((r.status, r.attempts), (Status::Pending, 0), "{r:?}");
     }
 }
+
+/// An idle worker wakes when a retry it recorded comes due, not a whole
+/// poll interval later: with a 1 h poll and retries under 30 s, the message
+/// goes out within ten minutes of (paused) time.
+#[tokio::test(start_paused = true)]
+async fn an_idle_worker_wakes_for_its_own_retry() {
+    let store = MemoryStore::with_clock(std::sync::Arc::new(postbox_core::TokioClock::new()));
+    store.enqueue([NewMessage::new("t", "flaky")]);
+    let publisher = TestPublisher::fail_first(1);
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .poll_interval(Duration::from_secs(3600))
+        .retry_policy(postbox_core::RetryPolicy::new(
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+        ))
+        .concurrency(1)
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = spawn_run(&relay, &shutdown);
+    let delivered = tokio::time::timeout(Duration::from_secs(600), async {
+        while publisher.delivered().is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    shutdown.cancel();
+    let report = running.await.expect("run");
+    assert!(
+        delivered.is_ok(),
+        "the retry waited for the 1 h poll instead of its own due time"
+    );
+    assert_eq!((report.retried, report.sent), (1, 1));
+}
