@@ -258,8 +258,6 @@ impl std::ops::AddAssign for TickReport {
     }
 }
 
-/// What one pass did, and whether its claim was for a tenant picked by the
-/// fairness rotation.
 /// Whether a worker should claim its next batch while it publishes the
 /// current one: only when publishing takes long enough to hide a good part
 /// of a claim behind it (at least a quarter of the latest claim's time).
@@ -268,6 +266,13 @@ impl std::ops::AddAssign for TickReport {
 /// that contends with the others in the database.
 fn claim_ahead_pays(claim_took: Duration, publish_took: Duration) -> bool {
     publish_took > Duration::ZERO && publish_took * 4 >= claim_took
+}
+
+/// Completions that give rows back unpublished, their attempt not counted.
+fn releases(seqs: impl IntoIterator<Item = i64>) -> Vec<Completion> {
+    seqs.into_iter()
+        .map(|seq| Completion::new(seq, Disposition::Release))
+        .collect()
 }
 
 /// A claimed batch, not yet published.
@@ -688,17 +693,13 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     postbox.batch_size = rows,
                     "lease too close to its end to publish; releasing the batch"
                 );
-                let release = claim
-                    .messages
-                    .iter()
-                    .map(|m| Completion::new(m.seq, Disposition::Release))
-                    .chain(
-                        claim
-                            .malformed
-                            .iter()
-                            .map(|m| Completion::new(m.seq, Disposition::Release)),
-                    )
-                    .collect();
+                let release = releases(
+                    claim
+                        .messages
+                        .iter()
+                        .map(|m| m.seq)
+                        .chain(claim.malformed.iter().map(|m| m.seq)),
+                );
                 (
                     TickReport {
                         claimed: rows,
@@ -829,11 +830,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         postbox.batch_size = to_publish.len(),
                         "shutting down: releasing the batch's leases to other relays"
                     );
-                    completions.extend(
-                        to_publish
-                            .iter()
-                            .map(|m| Completion::new(m.seq, Disposition::Release)),
-                    );
+                    completions.extend(releases(to_publish.iter().map(|m| m.seq)));
                 }
             }
         }

@@ -746,10 +746,11 @@ impl Store for PgStore {
     }
 
     fn notified(&self) -> impl std::future::Future<Output = ()> + Send {
-        self.start_listener();
         // subscribed now, so a notification that arrives before the future
-        // is first polled still ends it
+        // is first polled still ends it (and before the listener starts, so
+        // its first "look now" wake is not missed either)
         let woken = self.shared.listen.then(|| self.shared.wakeup.subscribe());
+        self.start_listener();
         async move {
             if let Some(mut rx) = woken
                 && rx.changed().await.is_ok()

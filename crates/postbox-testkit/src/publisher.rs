@@ -130,6 +130,19 @@ impl TestPublisher {
         self.log().delivered.clone()
     }
 
+    /// Waits until at least `n` messages were delivered, looking every
+    /// 10 ms of tokio time (paused time advances), for at most `within`;
+    /// gives what was delivered by then, fewer than `n` if time ran out.
+    pub async fn delivered_within(&self, n: usize, within: Duration) -> Vec<Message> {
+        let _ = tokio::time::timeout(within, async {
+            while self.log().delivered.len() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        self.delivered()
+    }
+
     /// Number of `publish` calls.
     pub fn calls(&self) -> u64 {
         self.log().calls

@@ -470,16 +470,14 @@ async fn an_idle_worker_wakes_for_its_own_retry() {
         .expect("relay");
     let shutdown = CancellationToken::new();
     let running = spawn_run(&relay, &shutdown);
-    let delivered = tokio::time::timeout(Duration::from_secs(600), async {
-        while publisher.delivered().is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    let delivered = publisher
+        .delivered_within(1, Duration::from_secs(600))
+        .await;
     shutdown.cancel();
     let report = running.await.expect("run");
-    assert!(
-        delivered.is_ok(),
+    assert_eq!(
+        delivered.len(),
+        1,
         "the retry waited for the 1 h poll instead of its own due time"
     );
     assert_eq!((report.retried, report.sent), (1, 1));

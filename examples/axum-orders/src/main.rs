@@ -228,26 +228,16 @@ mod tests {
     }
 
     async fn delivered_within(publisher: &TestPublisher, n: usize) -> Vec<Message> {
-        let waited = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let got = publisher.delivered();
-                if got.len() >= n {
-                    return got;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        waited.unwrap_or_else(|_| {
-            let got = publisher.delivered();
-            panic!(
-                "{} of {n} events delivered within 30 s (the poll is 1 h: a wake was lost): {:?}",
-                got.len(),
-                got.iter()
-                    .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-                    .collect::<Vec<_>>()
-            )
-        })
+        let got = publisher.delivered_within(n, Duration::from_secs(30)).await;
+        assert!(
+            got.len() >= n,
+            "{} of {n} events delivered within 30 s (the poll is 1 h: a wake was lost): {:?}",
+            got.len(),
+            got.iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+                .collect::<Vec<_>>()
+        );
+        got
     }
 
     #[tokio::test]
