@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -106,10 +106,15 @@ pub struct Blocker {
     pub waiters: i64,
 }
 
-/// How many keys the claim's key walk visits per claim, and the size of
-/// the window over the oldest keyed rows, as multiples of the batch size.
+/// How many keys the claim's key walk visits per claim, as a multiple of
+/// the batch size.
 const WALK_FACTOR: usize = 1;
+/// How far the keyed window reaches past the rows this store holds or is
+/// leasing, as a multiple of the batch size (see [`keyed_window`]).
 const WINDOW_FACTOR: usize = 2;
+/// The most of those rows the keyed window reaches past, as a multiple of
+/// the batch size.
+const MAX_HELD_FACTOR: usize = 8;
 /// The fewest keys a walk visits. The next walk starts at the last key of
 /// the previous one (inclusive), so a walk of one key would never move on.
 const MIN_WALK: usize = 16;
@@ -156,6 +161,12 @@ struct Shared {
     /// Whether the latest claim found keyed rows claimable after the
     /// server's last crash recovery (see `sql::SETTLED`); logged on change.
     settled: AtomicBool,
+    /// Rows this store leased and has not completed yet: the keyed window
+    /// reaches this far past the batch (see [`keyed_window`]).
+    held: AtomicU64,
+    /// The batch sizes of this store's claims running now: rows they may be
+    /// locking, which the keyed window of a concurrent claim reaches past.
+    claiming: AtomicU64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -180,6 +191,8 @@ impl PgStore {
                 cursor: Mutex::new(None),
                 modes: Mutex::default(),
                 settled: AtomicBool::new(true),
+                held: AtomicU64::new(0),
+                claiming: AtomicU64::new(0),
             }),
         }
     }
@@ -229,6 +242,8 @@ impl PgStore {
                 cursor: Mutex::new(None),
                 modes: Mutex::default(),
                 settled: AtomicBool::new(true),
+                held: AtomicU64::new(0),
+                claiming: AtomicU64::new(0),
             }),
         }
     }
@@ -554,6 +569,47 @@ fn status_text(s: Status) -> Option<&'static str> {
     }
 }
 
+/// The keyed claim's window: how many of the oldest pending keyed rows it
+/// looks at for heads. The oldest keyed rows are usually the ones this
+/// relay already holds (its batches in flight, up to three per worker) or
+/// is leasing in a concurrent claim, and a window that holds only those
+/// finds no head, so the claim falls back on the key walk, which costs more
+/// and takes heads in key order rather than oldest first. So the window
+/// reaches `WINDOW_FACTOR` batches past `ours`, those rows (counting at
+/// most `MAX_HELD_FACTOR` batches of them).
+///
+/// A longer window costs little while heads are plentiful: the keyed scan
+/// stops at the batch's last head, and only the window's bound reads all of
+/// it, from the index alone. Other relays' leases are not counted; with
+/// several relays a window may still come back short, and the walk finds
+/// the heads.
+fn keyed_window(limit: usize, ours: u64) -> i64 {
+    let ours = usize::try_from(ours).unwrap_or(usize::MAX);
+    clamp_i64(
+        limit
+            .saturating_mul(WINDOW_FACTOR)
+            .saturating_add(ours.min(limit.saturating_mul(MAX_HELD_FACTOR))),
+    )
+}
+
+/// Subtracts `rows` from one of a store's row counts when dropped: when a
+/// claim or a completion ends, however it ends (done, failed, cancelled).
+struct Untally<'a> {
+    count: &'a AtomicU64,
+    rows: u64,
+}
+
+impl Drop for Untally<'_> {
+    fn drop(&mut self) {
+        // the closure always returns Some, so this cannot fail
+        let _ = self
+            .count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(self.rows))
+            });
+    }
+}
+
 fn parse_status(s: &str) -> Status {
     match s {
         "leased" => Status::Leased,
@@ -568,7 +624,16 @@ impl Store for PgStore {
         let token = Uuid::new_v4();
         let limit = req.limit.max(1);
         let lease = duration_micros(req.lease);
-        let window = clamp_i64(limit.saturating_mul(WINDOW_FACTOR));
+        // Rows this store has leased or is leasing in another claim now:
+        // the oldest keyed rows, usually, which this claim cannot have.
+        let ours = u64::try_from(limit).unwrap_or(u64::MAX);
+        let claiming = self.shared.claiming.fetch_add(ours, Ordering::Relaxed);
+        let _claiming = Untally {
+            count: &self.shared.claiming,
+            rows: ours,
+        };
+        let held = self.shared.held.load(Ordering::Relaxed);
+        let window = keyed_window(limit, held.saturating_add(claiming));
         let walk_len = i32::try_from(limit.saturating_mul(WALK_FACTOR).clamp(MIN_WALK, 10_000))
             .unwrap_or(10_000);
         // Which claim: keyless while no keyed row is pending; the keyed
@@ -669,6 +734,8 @@ impl Store for PgStore {
                 Err(bad) => malformed.push(bad),
             }
         }
+        let leased = u64::try_from(messages.len() + malformed.len()).unwrap_or(u64::MAX);
+        self.shared.held.fetch_add(leased, Ordering::Relaxed);
         let expires_at = from_unix_micros(expires.unwrap_or(0));
         Ok(Claim::new(Lease { token, expires_at }, messages, malformed))
     }
@@ -682,6 +749,13 @@ impl Store for PgStore {
             return Ok(CompleteReport::default());
         }
         let n = completions.len();
+        // Whatever the outcome, these leases end: by this statement or, if
+        // it fails, when they expire. Until it has committed, the rows still
+        // fill the front of the window of claims that run meanwhile.
+        let _held = Untally {
+            count: &self.shared.held,
+            rows: u64::try_from(n).unwrap_or(u64::MAX),
+        };
         let (mut seqs, mut kinds, mut delays, mut errors, mut parks) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -923,5 +997,27 @@ impl Store for PgStore {
             )
         });
         Ok(Holdups::new(key_holder, self.horizon().await?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keyed_window;
+
+    #[test]
+    fn the_keyed_window_reaches_past_the_rows_in_flight_within_a_bound() {
+        assert_eq!(
+            keyed_window(100, 0),
+            200,
+            "two batches when nothing is held"
+        );
+        assert_eq!(keyed_window(100, 350), 550, "past the 350 rows held");
+        assert_eq!(
+            keyed_window(100, 1_000_000),
+            1_000,
+            "at most eight batches of held rows"
+        );
+        assert_eq!(keyed_window(1, 0), 2);
+        assert_eq!(keyed_window(usize::MAX, u64::MAX), i64::MAX, "no overflow");
     }
 }

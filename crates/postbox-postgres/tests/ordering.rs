@@ -483,3 +483,42 @@ async fn a_claimable_head_behind_many_parked_keys_is_found_by_one_claim() {
         "the one claimable head, past 40 parked keys"
     );
 }
+
+/// The keyed window reaches past the batches the same relay already holds:
+/// with two batches of heads leased at the front of the table, the third
+/// claim still takes the oldest claimable heads, from the window. (A window
+/// of only twice the batch held nothing but the leased rows, and the claim
+/// fell back on the key walk, which takes heads in key order: here the
+/// newest ones.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_takes_the_oldest_heads_past_the_batches_its_store_holds() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    // one row per key, keys in descending order: seq order is the reverse
+    // of key order
+    let rows: Vec<NewMessage> = (0..60)
+        .rev()
+        .map(|k| NewMessage::new("t", format!("k{k:02}")).key(format!("k{k:02}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(10, LEASE);
+    let mut held = Vec::new();
+    for batch in 0..3 {
+        let claim = store.claim(&req).await.expect("claim");
+        let expected: Vec<String> = (0..10)
+            .map(|i| format!("k{:02}", 59 - 10 * batch - i))
+            .collect();
+        assert_eq!(
+            claim.messages.iter().map(body).collect::<Vec<_>>(),
+            expected,
+            "claim {batch}: the oldest ten heads not yet held"
+        );
+        held.push(claim);
+    }
+    for claim in &held {
+        common::complete_all(&store, claim, Disposition::Sent).await;
+    }
+}
