@@ -12,9 +12,11 @@
 //!   query repeats, or a lookup of `seq = ANY(ARRAY(SELECT ...))`, an index
 //!   condition on the primary key or a claim index, never a join the
 //!   planner could turn into a scan of the whole table;
-//! * "is this row the head of its key" is a correlated scalar subquery
-//!   (`min(seq)` over the head index), which PostgreSQL always runs per row as
-//!   one index probe and never rewrites into a join;
+//! * "is this row the head of its key" is decided within the keyed window
+//!   (the key's first row there, see `keyed_sql`) plus a correlated scalar
+//!   subquery on the parked index, or for one tenant's window a correlated
+//!   `min(seq)` over the head index: PostgreSQL always runs a scalar
+//!   subquery per row as one index probe and never rewrites it into a join;
 //! * tenant-restricted claims are separate statements, so the tenant's
 //!   `(tenant, seq)` index is in the plan instead of a filter;
 //! * the key walk starts at `key >= $cursor` (the empty string for the
@@ -252,22 +254,57 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
     } else {
         "EXISTS (SELECT 1 FROM recent)".to_owned()
     };
-    // The window's rows. For any tenant they are every pending keyed row up
-    // to the window's last `seq` (same snapshot), so one ordered range scan
-    // of `keyed_idx` reads them: one descent and the leaf pages in order.
-    // Looking each up by `seq = ANY(...)` cost one descent per row, 1.5x the
-    // buffers once the index is a level deeper (1M rows: 851 buffers vs 557,
-    // 2.3-3.5 ms vs 1.6-2.5 ms for this part, EXPLAIN ANALYZE). A tenant's
-    // window is interleaved with other tenants' rows in `keyed_idx`, so
-    // there each row is looked up.
-    let in_window = if tenant.is_some() {
-        "r.seq = ANY(ARRAY(SELECT seq FROM recent))"
+    // Which of the window's rows are heads, and the window itself.
+    //
+    // Any tenant: the window holds every pending keyed row up to its last
+    // `seq` (one snapshot, the oldest `$4` of them), so a window row is its
+    // key's head exactly when it is the key's first row in the window and
+    // no parked dead row of the key comes before it. `firsts` ranks the
+    // window's rows per key (a sort of `$4` rows it read anyway), and the
+    // parked check is one probe of `parked_idx`, which holds only parked
+    // rows and is usually empty. This replaced one `head_idx` probe per
+    // candidate, whose cost grew with the backlog: 1-2 us a probe at 10k
+    // pending rows, 6-7 us at 1M (a descent into a large index, cache misses
+    // and all), 0.6 ms of a 1.0 ms keyed part; now 0.5 ms at 1M.
+    //
+    // One tenant: the window is that tenant's rows only, and a key's head
+    // may belong to another tenant, so each candidate asks `head_idx`.
+    let (recent_cols, firsts, keyed_pred) = if tenant.is_some() {
+        (
+            "r.seq",
+            String::new(),
+            format!(
+                "r.seq = ANY(ARRAY(SELECT seq FROM recent))
+               AND r.key IS NOT NULL AND r.status = 'pending' AND {DUE}
+               AND r.seq = (SELECT min(e.seq) FROM {t} AS e
+                             WHERE e.key = r.key AND (e.status = 'pending' OR e.parked))"
+            ),
+        )
     } else {
-        "r.seq <= (SELECT max(seq) FROM recent)"
+        (
+            "r.seq, r.key",
+            "firsts AS (
+                SELECT f.seq FROM (
+                    SELECT w.seq, row_number() OVER (PARTITION BY w.key ORDER BY w.seq) AS nth
+                      FROM recent AS w
+                ) AS f
+                 WHERE f.nth = 1
+             ),"
+            .to_owned(),
+            // a scalar subquery, so that it stays one probe per candidate
+            // rather than an anti-join that reads every parked row
+            format!(
+                "r.seq = ANY(ARRAY(SELECT seq FROM firsts))
+               AND r.key IS NOT NULL AND r.status = 'pending' AND {DUE}
+               AND (SELECT p.seq FROM {t} AS p
+                     WHERE p.parked AND p.key = r.key AND p.seq < r.seq
+                     LIMIT 1) IS NULL"
+            ),
+        )
     };
     format!(
         "WITH RECURSIVE recent AS (
-            SELECT r.seq FROM {t} AS r
+            SELECT {recent_cols} FROM {t} AS r
              WHERE r.key IS NOT NULL AND r.status = 'pending' {recent_tenant}
              ORDER BY r.seq
              LIMIT $4
@@ -275,13 +312,11 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
          settled AS (
             SELECT {SETTLED} AS yes
          ),
+         {firsts}
          keyed AS (
             SELECT r.seq FROM {t} AS r
              WHERE (SELECT yes FROM settled)
-               AND {in_window}
-               AND r.key IS NOT NULL AND r.status = 'pending' AND {DUE}
-               AND r.seq = (SELECT min(e.seq) FROM {t} AS e
-                             WHERE e.key = r.key AND (e.status = 'pending' OR e.parked))
+               AND {keyed_pred}
              ORDER BY r.seq
              LIMIT $1
              FOR UPDATE OF r SKIP LOCKED

@@ -30,10 +30,15 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "trigger_when",
         include_str!("../migrations/0006_trigger_when.sql"),
     ),
+    (
+        7,
+        "parked_idx",
+        include_str!("../migrations/0007_parked_idx.sql"),
+    ),
 ];
 
 /// The newest schema version this crate knows.
-pub(crate) const LATEST: i32 = 6;
+pub(crate) const LATEST: i32 = 7;
 
 pub(crate) async fn run(outbox: &PgOutbox, pool: &PgPool) -> Result<(), StoreError> {
     let schema = outbox.schema().as_str();

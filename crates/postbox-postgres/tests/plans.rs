@@ -23,12 +23,12 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
         (
             "keyed",
             ", 200",
-            &["_keyless_idx", "_keyed_idx", "_head_idx"],
+            &["_keyless_idx", "_keyed_idx", "_parked_idx"],
         ),
         (
             "walk",
             ", 200, '', 100",
-            &["_keyless_idx", "_keyed_idx", "_head_idx"],
+            &["_keyless_idx", "_keyed_idx", "_parked_idx", "_head_idx"],
         ),
         ("keyless_tenant", ", 't3'", &["_tenant_idx"]),
         ("keyed_tenant", ", 200, 't3'", &["_tenant_idx", "_head_idx"]),
