@@ -20,6 +20,8 @@ mod relay;
 mod retry;
 mod route;
 mod store;
+#[cfg(feature = "tls")]
+pub mod tls;
 #[cfg(feature = "opentelemetry")]
 pub mod trace_context;
 

@@ -10,54 +10,29 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::{ClientConfig, RootCertStore};
+use postbox_core::tls::load_roots;
+use rustls::ClientConfig;
 
 /// The client configuration: the platform's roots and those in `ca_file`,
 /// with the ring provider. Errors name the setting at fault.
 pub(crate) fn client_config(
     ca_file: Option<&Path>,
 ) -> Result<ClientConfig, (&'static str, String)> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(|e| ("ca_file", format!("cannot read {}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err((
-                "ca_file",
-                format!("{} holds no PEM certificate", path.display()),
-            ));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| {
-                (
-                    "ca_file",
-                    format!("{} holds a certificate rustls refuses: {e}", path.display()),
-                )
-            })?;
-        }
-    }
-    if roots.is_empty() {
-        let why = native
-            .errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
+    let roots = load_roots(ca_file).map_err(|e| ("ca_file", e.to_string()))?;
+    if roots.store.is_empty() {
         return Err((
             "tls",
-            format!("no root certificate could be loaded from the platform ({why}); set ca_file"),
+            format!(
+                "no root certificate could be loaded from the platform ({}); set ca_file",
+                roots.platform_errors
+            ),
         ));
     }
     Ok(
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
             .map_err(|e| ("tls", format!("TLS set-up failed: {e}")))?
-            .with_root_certificates(roots)
+            .with_root_certificates(roots.store)
             .with_no_client_auth(),
     )
 }

@@ -14,11 +14,11 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use postbox_core::tls::load_roots;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 
 /// Where the verifier leaves the reason of its last refusal.
 pub(crate) type Refusal = Arc<Mutex<Option<String>>>;
@@ -32,45 +32,19 @@ pub(crate) fn client_config(
     need_roots: bool,
     refused: Refusal,
 ) -> Result<ClientConfig, (&'static str, String)> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-            .map_err(|e| ("ca_file", format!("cannot read {}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err((
-                "ca_file",
-                format!("{} holds no PEM certificate", path.display()),
-            ));
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| {
-                (
-                    "ca_file",
-                    format!("{} holds a certificate rustls refuses: {e}", path.display()),
-                )
-            })?;
-        }
-    }
-    if need_roots && roots.is_empty() {
-        let why = native
-            .errors
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join("; ");
+    let roots = load_roots(ca_file).map_err(|e| ("ca_file", e.to_string()))?;
+    if need_roots && roots.store.is_empty() {
         return Err((
             "url",
             format!(
-                "is tls:// but no root certificate could be loaded from the platform ({why}); set ca_file"
+                "is tls:// but no root certificate could be loaded from the platform ({}); set ca_file",
+                roots.platform_errors
             ),
         ));
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let webpki =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots.store), Arc::clone(&provider))
             .build()
             .map_err(|e| {
                 (
