@@ -40,7 +40,8 @@ enum Scenario {
     Enqueue,
     /// Commit → publish latency at a steady rate vs a raw LISTEN/NOTIFY client.
     Latency,
-    /// 1, 2 and 4 relays on one backlog.
+    /// 1, 2 and 4 relays on one keyless backlog; 1 and 2 relays on one
+    /// keyed over 1,000 keys.
     Relays,
     /// Claim cost at 10k vs 1M pending rows (`--big`).
     ClaimCost,

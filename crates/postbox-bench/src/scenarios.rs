@@ -467,11 +467,21 @@ pub(crate) async fn relays(pg: &Pg, o: &Opts, lines: &mut Vec<Line>) -> Result<(
     let n = o.rows;
     let batch = o.batches.first().copied().unwrap_or(100);
     let mut by = HashMap::<usize, Vec<f64>>::new();
+    // keyed over 1,000 keys, 1 and 2 relays: each relay's window counts
+    // only its own leases
+    let mut keyed = HashMap::<usize, Vec<f64>>::new();
     for rep in 1..=o.repeat {
         progress!("relays: repeat {rep}/{}", o.repeat);
         for r in [1usize, 2, 4] {
             pg.fresh(n, Keys::None).await?;
             by.entry(r)
+                .or_default()
+                .push(rate(n, postbox_drain(pg, drain_of(o, n, batch, r)).await?));
+        }
+        for r in [1usize, 2] {
+            pg.fresh(n, Keys::All(1000)).await?;
+            keyed
+                .entry(r)
                 .or_default()
                 .push(rate(n, postbox_drain(pg, drain_of(o, n, batch, r)).await?));
         }
@@ -492,6 +502,21 @@ pub(crate) async fn relays(pg: &Pg, o: &Opts, lines: &mut Vec<Line>) -> Result<(
             .extra(json!({"rows": n, "batch": batch, "concurrency_per_relay": o.concurrency})),
         );
     }
+    emit(
+        lines,
+        Line::new(
+            "relays",
+            format!("2 relays, 1000 keys, batch {batch}"),
+            "1 relay, 1000 keys",
+            "msg/s",
+            Better::Higher,
+            keyed[&1].clone(),
+            keyed[&2].clone(),
+            Goal::RatioAtLeast(0.9),
+        )
+        .extra(json!({"rows": n, "batch": batch, "keys": 1000,
+                      "concurrency_per_relay": o.concurrency})),
+    );
     Ok(())
 }
 

@@ -132,7 +132,7 @@ async fn latency_completes() {
 
 #[tokio::test]
 async fn relays_complete() {
-    assert_eq!(pg_scenario("relays").await.len(), 2);
+    assert_eq!(pg_scenario("relays").await.len(), 3);
 }
 
 #[tokio::test]
