@@ -176,7 +176,8 @@ fn keyless_sql(t: &str, tenant: Option<&str>) -> String {
             t,
             &format!(
                 "NULL::text AS walk_end, NULL::int8 AS walk_len,
-                 {} AS keyed_pending, true AS settled, false AS short",
+                 {} AS keyed_pending, true AS settled, false AS short,
+                 NULL::int8 AS window_leased",
                 keyed_probe(t)
             ),
             ASYNC_COMMIT
@@ -269,7 +270,11 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
     //
     // One tenant: the window is that tenant's rows only, and a key's head
     // may belong to another tenant, so each candidate asks `head_idx`.
-    let (recent_cols, firsts, keyed_pred) = if tenant.is_some() {
+    //
+    // `window_leased` (any tenant): how many of the window's rows were under
+    // a live lease, whoever holds them; the store reaches that far past
+    // them next time (see `keyed_window` in the store).
+    let (recent_cols, firsts, keyed_pred, window_leased) = if tenant.is_some() {
         (
             "r.seq",
             String::new(),
@@ -279,13 +284,14 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
                AND r.seq = (SELECT min(e.seq) FROM {t} AS e
                              WHERE e.key = r.key AND (e.status = 'pending' OR e.parked))"
             ),
+            "NULL::int8",
         )
     } else {
         (
-            "r.seq, r.key",
+            "r.seq, r.key, r.available_at, r.lease_until",
             "firsts AS (
-                SELECT f.seq FROM (
-                    SELECT w.seq, row_number() OVER (PARTITION BY w.key ORDER BY w.seq) AS nth
+                SELECT f.seq, f.key, f.available_at, f.lease_until FROM (
+                    SELECT w.*, row_number() OVER (PARTITION BY w.key ORDER BY w.seq) AS nth
                       FROM recent AS w
                 ) AS f
                  WHERE f.nth = 1
@@ -300,6 +306,27 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
                      WHERE p.parked AND p.key = r.key AND p.seq < r.seq
                      LIMIT 1) IS NULL"
             ),
+            "(SELECT count(*) FROM recent WHERE lease_until > now())",
+        )
+    };
+    // `short` sends the next claim to the key walk: the window was full and
+    // gave fewer heads than the batch. For any tenant, only if its snapshot
+    // held fewer claimable heads, too: when it held enough but concurrent
+    // claims (other relays') locked some first, the window is not what fell
+    // short, and the next claim finds the heads after theirs. Evaluated only
+    // when the claim came back short (CASE), and then only over the keys'
+    // first rows.
+    let snapshot_short = if tenant.is_some() {
+        String::new()
+    } else {
+        format!(
+            "AND CASE WHEN count(*) < $1 THEN
+                 (SELECT count(*) FROM firsts AS f
+                   WHERE f.available_at <= now() AND (f.lease_until IS NULL OR f.lease_until <= now())
+                     AND (SELECT p.seq FROM {t} AS p
+                           WHERE p.parked AND p.key = f.key AND p.seq < f.seq
+                           LIMIT 1) IS NULL) < $1
+                 ELSE false END"
         )
     };
     format!(
@@ -324,7 +351,8 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
          short AS (
             SELECT (SELECT yes FROM settled)
                    AND (SELECT count(*) FROM recent) >= $4
-                   AND count(*) < $1 AS yes
+                   AND count(*) < $1
+                   {snapshot_short} AS yes
               FROM keyed
          ),
          {walk_ctes}
@@ -346,7 +374,8 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
                 "{walk_report}
                  {keyed_pending} AS keyed_pending,
                  (SELECT yes FROM settled) AS settled,
-                 (SELECT yes FROM short) AS short"
+                 (SELECT yes FROM short) AS short,
+                 {window_leased} AS window_leased"
             ),
             CLAIM_COMMIT
         ),

@@ -167,6 +167,9 @@ struct Shared {
     /// The batch sizes of this store's claims running now: rows they may be
     /// locking, which the keyed window of a concurrent claim reaches past.
     claiming: AtomicU64,
+    /// How many rows of the latest any-tenant keyed window were under a
+    /// live lease, this store's or other relays'.
+    window_leased: AtomicU64,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -193,6 +196,7 @@ impl PgStore {
                 settled: AtomicBool::new(true),
                 held: AtomicU64::new(0),
                 claiming: AtomicU64::new(0),
+                window_leased: AtomicU64::new(0),
             }),
         }
     }
@@ -244,6 +248,7 @@ impl PgStore {
                 settled: AtomicBool::new(true),
                 held: AtomicU64::new(0),
                 claiming: AtomicU64::new(0),
+                window_leased: AtomicU64::new(0),
             }),
         }
     }
@@ -570,25 +575,25 @@ fn status_text(s: Status) -> Option<&'static str> {
 }
 
 /// The keyed claim's window: how many of the oldest pending keyed rows it
-/// looks at for heads. The oldest keyed rows are usually the ones this
-/// relay already holds (its batches in flight, up to three per worker) or
-/// is leasing in a concurrent claim, and a window that holds only those
-/// finds no head, so the claim falls back on the key walk, which costs more
-/// and takes heads in key order rather than oldest first. So the window
-/// reaches `WINDOW_FACTOR` batches past `ours`, those rows (counting at
-/// most `MAX_HELD_FACTOR` batches of them).
+/// looks at for heads. The oldest keyed rows are usually leased ones: this
+/// relay's batches in flight (up to three per worker), its concurrent
+/// claims, other relays' batches. A window that holds only those finds no
+/// head, so the claim falls back on the key walk, which costs more and
+/// takes heads in key order rather than oldest first. So the window
+/// reaches `WINDOW_FACTOR` batches past `leased`, those rows (counting at
+/// most `MAX_HELD_FACTOR` batches of them): the larger of the rows this
+/// store holds or is claiming now and the leased rows the previous window
+/// held, which counts other relays' too.
 ///
-/// A longer window costs little while heads are plentiful: the keyed scan
-/// stops at the batch's last head, and only the window's bound reads all of
-/// it, from the index alone. Other relays' leases are not counted; with
-/// several relays a window may still come back short, and the walk finds
-/// the heads.
-fn keyed_window(limit: usize, ours: u64) -> i64 {
-    let ours = usize::try_from(ours).unwrap_or(usize::MAX);
+/// The window costs one read of its rows and a sort by key, then the keyed
+/// scan stops at the batch's last head, so a window a few batches long
+/// costs little next to a walk.
+fn keyed_window(limit: usize, leased: u64) -> i64 {
+    let leased = usize::try_from(leased).unwrap_or(usize::MAX);
     clamp_i64(
         limit
             .saturating_mul(WINDOW_FACTOR)
-            .saturating_add(ours.min(limit.saturating_mul(MAX_HELD_FACTOR))),
+            .saturating_add(leased.min(limit.saturating_mul(MAX_HELD_FACTOR))),
     )
 }
 
@@ -633,7 +638,8 @@ impl Store for PgStore {
             rows: ours,
         };
         let held = self.shared.held.load(Ordering::Relaxed);
-        let window = keyed_window(limit, held.saturating_add(claiming));
+        let leased = self.shared.window_leased.load(Ordering::Relaxed);
+        let window = keyed_window(limit, held.saturating_add(claiming).max(leased));
         let walk_len = i32::try_from(limit.saturating_mul(WALK_FACTOR).clamp(MIN_WALK, 10_000))
             .unwrap_or(10_000);
         // Which claim: keyless while no keyed row is pending; the keyed
@@ -684,6 +690,14 @@ impl Store for PgStore {
                 (true, true) => MODE_WALK,
             };
             self.set_mode(&req.tenant, next);
+            if let Some(leased) = first
+                .try_get::<Option<i64>, _>("window_leased")
+                .map_err(map)?
+            {
+                self.shared
+                    .window_leased
+                    .store(u64::try_from(leased).unwrap_or(0), Ordering::Relaxed);
+            }
             self.note_settled(first.try_get("settled").map_err(map)?, req.lease);
             // NULL: the walk did not run; its cursor stays.
             let mut walk_on = false;

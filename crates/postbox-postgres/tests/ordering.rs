@@ -8,6 +8,7 @@ use common::PgHarness;
 use postbox_core::{
     CancellationToken, ClaimRequest, Disposition, Filter, NewMessage, Relay, Store,
 };
+use postbox_postgres::PgStore;
 use postbox_testkit::{TestPublisher, key_order_violations};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -519,6 +520,95 @@ async fn a_claim_takes_the_oldest_heads_past_the_batches_its_store_holds() {
         held.push(claim);
     }
     for claim in &held {
+        common::complete_all(&store, claim, Disposition::Sent).await;
+    }
+}
+
+/// The keyed window also reaches past rows another relay holds: once a
+/// claim has seen them leased in its window, the next claim takes the
+/// oldest claimable heads from a longer window rather than from the key
+/// walk (which takes heads in key order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_takes_the_oldest_heads_past_another_relays_leases() {
+    let h = PgHarness::new().await;
+    let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
+        .await
+        .expect("second store");
+    // one row per key, keys in descending order: seq order is the reverse
+    // of key order
+    let rows: Vec<NewMessage> = (0..60)
+        .rev()
+        .map(|k| NewMessage::new("t", format!("k{k:02}")).key(format!("k{k:02}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(10, LEASE);
+    // the other relay holds the twenty oldest heads
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(other.claim(&req).await.expect("claim"));
+    }
+    // this store's first claim sees only leased rows in its window of 20;
+    // it gives its batch back
+    let first = h.store.claim(&req).await.expect("claim");
+    assert_eq!(first.messages.len(), 10, "the walk finds heads");
+    common::complete_all(&h.store, &first, Disposition::Release).await;
+    let second = h.store.claim(&req).await.expect("claim");
+    assert_eq!(
+        second.messages.iter().map(body).collect::<Vec<_>>(),
+        (30..40).rev().map(|k| format!("k{k}")).collect::<Vec<_>>(),
+        "the oldest ten heads past the other relay's twenty"
+    );
+    for claim in &held {
+        common::complete_all(&other, claim, Disposition::Sent).await;
+    }
+    common::complete_all(&h.store, &second, Disposition::Sent).await;
+}
+
+/// A window that comes back short only because concurrent claims locked
+/// its heads first is not a hot key's backlog: the next claim stays with
+/// the window instead of walking the keys (which costs more and takes
+/// heads in key order). The "concurrent claim" here is a transaction that
+/// holds 15 of the oldest heads `FOR UPDATE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_locked_by_a_concurrent_claim_do_not_start_the_key_walk() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let rows: Vec<NewMessage> = (0..60)
+        .rev()
+        .map(|k| NewMessage::new("t", format!("k{k:02}")).key(format!("k{k:02}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+    let mut locker = h.app.begin().await.expect("begin");
+    let locked: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT seq FROM {} WHERE key >= 'k45' ORDER BY seq FOR UPDATE",
+        h.outbox.qualified_name()
+    ))
+    .fetch_all(&mut *locker)
+    .await
+    .expect("lock");
+    assert_eq!(locked.len(), 15);
+    let req = ClaimRequest::new(10, LEASE);
+    let names = |c: &postbox_core::Claim| c.messages.iter().map(body).collect::<Vec<_>>();
+    let first = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        names(&first),
+        (40..45).rev().map(|k| format!("k{k}")).collect::<Vec<_>>(),
+        "the window's five unlocked heads"
+    );
+    let second = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        names(&second),
+        (35..40).rev().map(|k| format!("k{k}")).collect::<Vec<_>>(),
+        "the next five heads of the window, and none from a walk over the keys"
+    );
+    locker.rollback().await.expect("rollback");
+    for claim in [&first, &second] {
         common::complete_all(&store, claim, Disposition::Sent).await;
     }
 }
