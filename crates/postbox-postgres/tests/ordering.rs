@@ -32,6 +32,21 @@ fn body(m: &postbox_core::Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
 
+/// Sixty keyed rows, one per key `k59`, `k58`, ... `k00` in that order, each
+/// with its key as body: `seq` order is the reverse of key order, so heads
+/// taken oldest first (the window) and heads taken in key order (the key
+/// walk) differ.
+async fn enqueue_descending_keys(h: &PgHarness) {
+    let rows: Vec<NewMessage> = (0..60)
+        .rev()
+        .map(|k| NewMessage::new("t", format!("k{k:02}")).key(format!("k{k:02}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+}
+
 /// A transaction held open after enqueuing for key K makes later K
 /// enqueues wait (they cannot take a lower-looking `seq`), the claim sees
 /// nothing of K meanwhile while other keys flow, `blockers()` names the
@@ -495,16 +510,7 @@ async fn a_claimable_head_behind_many_parked_keys_is_found_by_one_claim() {
 async fn a_claim_takes_the_oldest_heads_past_the_batches_its_store_holds() {
     let h = PgHarness::new().await;
     let store = h.store.clone();
-    // one row per key, keys in descending order: seq order is the reverse
-    // of key order
-    let rows: Vec<NewMessage> = (0..60)
-        .rev()
-        .map(|k| NewMessage::new("t", format!("k{k:02}")).key(format!("k{k:02}")))
-        .collect();
-    h.outbox
-        .enqueue_batch(&h.app, &rows)
-        .await
-        .expect("enqueue");
+    enqueue_descending_keys(&h).await;
     let req = ClaimRequest::new(10, LEASE);
     let mut held = Vec::new();
     for batch in 0..3 {
@@ -534,16 +540,7 @@ async fn a_claim_takes_the_oldest_heads_past_another_relays_leases() {
     let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
         .await
         .expect("second store");
-    // one row per key, keys in descending order: seq order is the reverse
-    // of key order
-    let rows: Vec<NewMessage> = (0..60)
-        .rev()
-        .map(|k| NewMessage::new("t", format!("k{k:02}")).key(format!("k{k:02}")))
-        .collect();
-    h.outbox
-        .enqueue_batch(&h.app, &rows)
-        .await
-        .expect("enqueue");
+    enqueue_descending_keys(&h).await;
     let req = ClaimRequest::new(10, LEASE);
     // the other relay holds the twenty oldest heads
     let mut held = Vec::new();
@@ -576,14 +573,7 @@ async fn a_claim_takes_the_oldest_heads_past_another_relays_leases() {
 async fn heads_locked_by_a_concurrent_claim_do_not_start_the_key_walk() {
     let h = PgHarness::new().await;
     let store = h.store.clone();
-    let rows: Vec<NewMessage> = (0..60)
-        .rev()
-        .map(|k| NewMessage::new("t", format!("k{k:02}")).key(format!("k{k:02}")))
-        .collect();
-    h.outbox
-        .enqueue_batch(&h.app, &rows)
-        .await
-        .expect("enqueue");
+    enqueue_descending_keys(&h).await;
     let mut locker = h.app.begin().await.expect("begin");
     let locked: Vec<i64> = sqlx::query_scalar(&format!(
         "SELECT seq FROM {} WHERE key >= 'k45' ORDER BY seq FOR UPDATE",
