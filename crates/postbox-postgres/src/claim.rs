@@ -115,6 +115,17 @@ impl ClaimSql {
     }
 }
 
+/// True when no parked dead row of `alias`'s key precedes it: one probe of
+/// `parked_idx` (usually empty). A scalar subquery, so that it stays one
+/// probe per row rather than an anti-join that reads every parked row.
+fn no_parked_before(t: &str, alias: &str) -> String {
+    format!(
+        "(SELECT p.seq FROM {t} AS p
+           WHERE p.parked AND p.key = {alias}.key AND p.seq < {alias}.seq
+           LIMIT 1) IS NULL"
+    )
+}
+
 /// `AND r.tenant = $n` for a tenant-restricted statement.
 fn tenant_pred(alias: &str, param: Option<&str>) -> String {
     param.map_or_else(String::new, |p| format!("AND {alias}.tenant = {p}"))
@@ -188,13 +199,16 @@ fn keyless_sql(t: &str, tenant: Option<&str>) -> String {
 /// The keyed claim, with the key walk or without.
 ///
 /// * `recent`: the oldest `$4` pending keyed rows (partial index on `seq`,
-///   or the tenant's index); `keyed`: of those, the oldest that are due,
-///   unleased heads of their keys, locked. All a claim needs while most rows
-///   are heads (many keys).
+///   or the tenant's index); `firsts` (any tenant): each key's first row
+///   among them; `keyed`: of those, the oldest that are due, unleased heads
+///   of their keys, locked. All a claim needs while most rows are heads
+///   (many keys).
 /// * `short`: the window was full of rows but gave fewer heads than asked
-///   for: a hot key's backlog fills the front of the table. The store then
-///   claims with the walk from the next claim of this scope on, until a
-///   claim is no longer short.
+///   for (for any tenant: and its snapshot held fewer claimable heads too,
+///   so the shortfall was not lost lock races): a hot key's backlog fills
+///   the front of the table. The store then claims with the walk from the
+///   next claim of this scope on, until a claim is no longer short.
+/// * `window_leased` (any tenant): the window's rows under a live lease.
 /// * `walk` (only in the walk form, and only executed when `short`: a CTE
 ///   runs only when read): a loose index scan over the distinct keys of the
 ///   blocking rows (partial index `(key, seq)`), `$6` keys starting at the
@@ -297,14 +311,11 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
                  WHERE f.nth = 1
              ),"
             .to_owned(),
-            // a scalar subquery, so that it stays one probe per candidate
-            // rather than an anti-join that reads every parked row
             format!(
                 "r.seq = ANY(ARRAY(SELECT seq FROM firsts))
                AND r.key IS NOT NULL AND r.status = 'pending' AND {DUE}
-               AND (SELECT p.seq FROM {t} AS p
-                     WHERE p.parked AND p.key = r.key AND p.seq < r.seq
-                     LIMIT 1) IS NULL"
+               AND {}",
+                no_parked_before(t, "r")
             ),
             "(SELECT count(*) FROM recent WHERE lease_until > now())",
         )
@@ -323,10 +334,9 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
             "AND CASE WHEN count(*) < $1 THEN
                  (SELECT count(*) FROM firsts AS f
                    WHERE f.available_at <= now() AND (f.lease_until IS NULL OR f.lease_until <= now())
-                     AND (SELECT p.seq FROM {t} AS p
-                           WHERE p.parked AND p.key = f.key AND p.seq < f.seq
-                           LIMIT 1) IS NULL) < $1
-                 ELSE false END"
+                     AND {}) < $1
+                 ELSE false END",
+            no_parked_before(t, "f")
         )
     };
     format!(
