@@ -114,7 +114,7 @@ const WALK_FACTOR: usize = 1;
 const WINDOW_FACTOR: usize = 2;
 /// The most of those rows the keyed window reaches past, as a multiple of
 /// the batch size.
-const MAX_HELD_FACTOR: usize = 8;
+const MAX_LEASED_FACTOR: usize = 8;
 /// The fewest keys a walk visits. The next walk starts at the last key of
 /// the previous one (inclusive), so a walk of one key would never move on.
 const MIN_WALK: usize = 16;
@@ -581,7 +581,7 @@ fn status_text(s: Status) -> Option<&'static str> {
 /// head, so the claim falls back on the key walk, which costs more and
 /// takes heads in key order rather than oldest first. So the window
 /// reaches `WINDOW_FACTOR` batches past `leased`, those rows (counting at
-/// most `MAX_HELD_FACTOR` batches of them): the larger of the rows this
+/// most `MAX_LEASED_FACTOR` batches of them): the larger of the rows this
 /// store holds or is claiming now and the leased rows the previous window
 /// held, which counts other relays' too.
 ///
@@ -593,7 +593,7 @@ fn keyed_window(limit: usize, leased: u64) -> i64 {
     clamp_i64(
         limit
             .saturating_mul(WINDOW_FACTOR)
-            .saturating_add(leased.min(limit.saturating_mul(MAX_HELD_FACTOR))),
+            .saturating_add(leased.min(limit.saturating_mul(MAX_LEASED_FACTOR))),
     )
 }
 
@@ -1019,17 +1019,17 @@ mod tests {
     use super::keyed_window;
 
     #[test]
-    fn the_keyed_window_reaches_past_the_rows_in_flight_within_a_bound() {
+    fn the_keyed_window_reaches_past_the_leased_rows_within_a_bound() {
         assert_eq!(
             keyed_window(100, 0),
             200,
-            "two batches when nothing is held"
+            "two batches when nothing is leased"
         );
-        assert_eq!(keyed_window(100, 350), 550, "past the 350 rows held");
+        assert_eq!(keyed_window(100, 350), 550, "past the 350 leased rows");
         assert_eq!(
             keyed_window(100, 1_000_000),
             1_000,
-            "at most eight batches of held rows"
+            "at most eight batches of leased rows"
         );
         assert_eq!(keyed_window(1, 0), 2);
         assert_eq!(keyed_window(usize::MAX, u64::MAX), i64::MAX, "no overflow");
