@@ -41,7 +41,7 @@ done
 p -c "DROP TRIGGER outbox_before_insert ON notrig.outbox" \
   -c "ALTER TABLE notrig.outbox ALTER seq SET DEFAULT nextval('notrig.outbox_seq')" \
   -c "DROP INDEX noid.outbox_id_key" \
-  -c "DROP INDEX noidx.outbox_id_key, noidx.outbox_keyless_idx, noidx.outbox_keyed_idx, noidx.outbox_head_idx, noidx.outbox_dead_idx, noidx.outbox_tenant_idx, noidx.outbox_sent_idx" \
+  -c "DROP INDEX noidx.outbox_id_key, noidx.outbox_keyless_idx, noidx.outbox_keyed_idx, noidx.outbox_head_idx, noidx.outbox_dead_idx, noidx.outbox_tenant_idx, noidx.outbox_sent_idx, noidx.outbox_parked_idx" \
   -c "CREATE SCHEMA minimal" \
   -c "CREATE TABLE minimal.outbox (seq bigserial PRIMARY KEY, topic text NOT NULL, key text, payload bytea NOT NULL)"
 # `viatrig` and its derivatives: every row through the trigger, as before migration 6
