@@ -305,7 +305,7 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
             "r.seq, r.key, r.available_at, r.lease_until",
             "firsts AS (
                 SELECT f.seq, f.key, f.available_at, f.lease_until FROM (
-                    SELECT w.*, row_number() OVER (PARTITION BY w.key ORDER BY w.seq) AS nth
+                    SELECT w.*, row_number() OVER (PARTITION BY w.key COLLATE \"C\" ORDER BY w.seq) AS nth
                       FROM recent AS w
                 ) AS f
                  WHERE f.nth = 1
