@@ -275,7 +275,9 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
     // `seq` (one snapshot, the oldest `$4` of them), so a window row is its
     // key's head exactly when it is the key's first row in the window and
     // no parked dead row of the key comes before it. `firsts` ranks the
-    // window's rows per key (a sort of `$4` rows it read anyway), and the
+    // window's rows per key (a sort of `$4` rows it read anyway, grouped by
+    // the key's bytes: equal keys are equal bytes under any deterministic
+    // collation, and byte comparison is the cheapest), and the
     // parked check is one probe of `parked_idx`, which holds only parked
     // rows and is usually empty. This replaced one `head_idx` probe per
     // candidate, whose cost grew with the backlog: 1-2 us a probe at 10k
