@@ -187,7 +187,7 @@ fn keyless_sql(t: &str, tenant: Option<&str>) -> String {
             t,
             &format!(
                 "NULL::text AS walk_end, NULL::int8 AS walk_len,
-                 {} AS keyed_pending, true AS settled, false AS short,
+                 {} AS keyed_pending, true AS settled, false AS short, false AS raced,
                  NULL::int8 AS window_leased",
                 keyed_probe(t)
             ),
@@ -245,7 +245,7 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
                  ),
                  walked AS (
                     SELECT r.seq FROM {t} AS r
-                     WHERE (SELECT yes FROM short)
+                     WHERE (SELECT yes FROM window_short)
                        AND r.seq = ANY(ARRAY(SELECT seq FROM walk))
                        AND r.key IS NOT NULL AND r.status = 'pending' AND {DUE} {walked_tenant}
                      ORDER BY r.seq
@@ -254,8 +254,8 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
                  ),"
             ),
             "UNION SELECT seq FROM walked",
-            "CASE WHEN (SELECT yes FROM short) THEN (SELECT max(key) FROM walk) END AS walk_end,
-             CASE WHEN (SELECT yes FROM short) THEN (SELECT count(*) FROM walk) END AS walk_len,",
+            "CASE WHEN (SELECT yes FROM window_short) THEN (SELECT max(key) FROM walk) END AS walk_end,
+             CASE WHEN (SELECT yes FROM window_short) THEN (SELECT count(*) FROM walk) END AS walk_len,",
         )
     } else {
         (
@@ -325,22 +325,23 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
             "(SELECT count(*) FROM recent WHERE lease_until > now())",
         )
     };
-    // `short` sends the next claim to the key walk: the window was full and
-    // gave fewer heads than the batch. For any tenant, only if its snapshot
-    // held fewer claimable heads, too: when it held enough but concurrent
-    // claims (other relays') locked some first, the window is not what fell
-    // short, and the next claim finds the heads after theirs. Evaluated only
-    // when the claim came back short (CASE), and then only over the keys'
-    // first rows.
+    // `window_short`: the window was full and gave fewer heads than the
+    // batch. `short`, which sends the next claim to the key walk: for any
+    // tenant, only if the snapshot held fewer claimable heads too. When it
+    // held enough but concurrent claims (other relays') locked some first,
+    // the window is not what fell short: the claim reports `raced` instead,
+    // and the store walks only when a raced claim got nothing (so that a
+    // long transaction holding heads `FOR UPDATE` cannot hide the keys
+    // behind the window). Counted only when the window
+    // came back short (`AND` stops at false), and then only over the keys'
+    // first rows. A tenant's window has no `firsts`: short is window_short.
     let snapshot_short = if tenant.is_some() {
         String::new()
     } else {
         format!(
-            "AND CASE WHEN count(*) < $1 THEN
-                 (SELECT count(*) FROM firsts AS f
+            "AND (SELECT count(*) FROM firsts AS f
                    WHERE f.available_at <= now() AND (f.lease_until IS NULL OR f.lease_until <= now())
-                     AND {}) < $1
-                 ELSE false END",
+                     AND {}) < $1",
             no_parked_before(t, "f")
         )
     };
@@ -363,12 +364,14 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
              LIMIT $1
              FOR UPDATE OF r SKIP LOCKED
          ),
-         short AS (
+         window_short AS (
             SELECT (SELECT yes FROM settled)
                    AND (SELECT count(*) FROM recent) >= $4
-                   AND count(*) < $1
-                   {snapshot_short} AS yes
+                   AND count(*) < $1 AS yes
               FROM keyed
+         ),
+         short AS (
+            SELECT (SELECT yes FROM window_short) {snapshot_short} AS yes
          ),
          {walk_ctes}
          {keyless},
@@ -390,6 +393,7 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
                  {keyed_pending} AS keyed_pending,
                  (SELECT yes FROM settled) AS settled,
                  (SELECT yes FROM short) AS short,
+                 (SELECT yes FROM window_short) AND NOT (SELECT yes FROM short) AS raced,
                  {window_leased} AS window_leased"
             ),
             CLAIM_COMMIT

@@ -682,12 +682,25 @@ impl Store for PgStore {
                     "the claim statement returned no row".into(),
                 ));
             };
+            let claimed_nothing = rows.len() == 1
+                && first
+                    .try_get::<Option<i64>, _>("seq")
+                    .map_err(map)?
+                    .is_none();
             let keyed: bool = first.try_get("keyed_pending").map_err(map)?;
             let short: bool = first.try_get("short").map_err(map)?;
-            let next = match (keyed, short) {
-                (false, _) => MODE_KEYLESS,
-                (true, false) => MODE_WINDOW,
-                (true, true) => MODE_WALK,
+            let raced: bool = first.try_get("raced").map_err(map)?;
+            let next = match (keyed, short, raced) {
+                (false, ..) => MODE_KEYLESS,
+                (true, true, _) => MODE_WALK,
+                // The window's heads were there but locked by other claims
+                // (or by anyone holding them `FOR UPDATE`): stay with the
+                // window, unless that left this claim nothing; then walk
+                // past them at once. Locks held for long therefore cost a
+                // walk only once the window has nothing else to give, and
+                // never hide the keys behind it.
+                (true, false, true) if claimed_nothing => MODE_WALK,
+                (true, false, _) => MODE_WINDOW,
             };
             self.set_mode(&req.tenant, next);
             if let Some(leased) = first
@@ -725,11 +738,6 @@ impl Store for PgStore {
             // poll interval. A claim that did lease rows returns them; the
             // relay claims again at once after a batch anyway. `next > mode`
             // bounds this to two more statements; the walk to `MAX_WALKS`.
-            let claimed_nothing = rows.len() == 1
-                && first
-                    .try_get::<Option<i64>, _>("seq")
-                    .map_err(map)?
-                    .is_none();
             if claimed_nothing && (next > mode || (next == MODE_WALK && walk_on)) {
                 mode = next;
                 continue;
