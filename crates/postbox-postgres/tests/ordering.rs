@@ -32,6 +32,26 @@ fn body(m: &postbox_core::Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
 
+/// Holds the outbox rows matching `condition` `FOR UPDATE` in a transaction
+/// of its own, as a concurrent claim would, until it is rolled back;
+/// checks that `count` rows matched.
+async fn lock_rows(
+    h: &PgHarness,
+    condition: &str,
+    count: usize,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut locker = h.app.begin().await.expect("begin");
+    let locked: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT seq FROM {} WHERE {condition} ORDER BY seq FOR UPDATE",
+        h.outbox.qualified_name()
+    ))
+    .fetch_all(&mut *locker)
+    .await
+    .expect("lock");
+    assert_eq!(locked.len(), count, "rows locked");
+    locker
+}
+
 /// Sixty keyed rows, one per key `k59`, `k58`, ... `k00` in that order, each
 /// with its key as body: `seq` order is the reverse of key order, so heads
 /// taken oldest first (the window) and heads taken in key order (the key
@@ -574,15 +594,7 @@ async fn heads_locked_by_a_concurrent_claim_do_not_start_the_key_walk() {
     let h = PgHarness::new().await;
     let store = h.store.clone();
     enqueue_descending_keys(&h).await;
-    let mut locker = h.app.begin().await.expect("begin");
-    let locked: Vec<i64> = sqlx::query_scalar(&format!(
-        "SELECT seq FROM {} WHERE key >= 'k35' ORDER BY seq FOR UPDATE",
-        h.outbox.qualified_name()
-    ))
-    .fetch_all(&mut *locker)
-    .await
-    .expect("lock");
-    assert_eq!(locked.len(), 25);
+    let locker = lock_rows(&h, "key >= 'k35'", 25).await;
     let req = ClaimRequest::new(10, LEASE);
     let names = |c: &postbox_core::Claim| c.messages.iter().map(body).collect::<Vec<_>>();
     // a scope's first claim may walk; its window held only locked heads
@@ -621,15 +633,7 @@ async fn heads_held_for_update_do_not_hide_the_keys_behind_the_window() {
         .enqueue_batch(&h.app, &rows)
         .await
         .expect("enqueue");
-    let mut locker = h.app.begin().await.expect("begin");
-    let locked: Vec<i64> = sqlx::query_scalar(&format!(
-        "SELECT seq FROM {} WHERE payload LIKE '%/0' ORDER BY seq FOR UPDATE",
-        h.outbox.qualified_name()
-    ))
-    .fetch_all(&mut *locker)
-    .await
-    .expect("lock");
-    assert_eq!(locked.len(), 20);
+    let locker = lock_rows(&h, "payload LIKE '%/0'", 20).await;
     let claim = store
         .claim(&ClaimRequest::new(10, LEASE))
         .await
