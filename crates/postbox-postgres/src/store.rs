@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use postbox_core::{
@@ -163,13 +163,75 @@ struct Shared {
     settled: AtomicBool,
     /// Rows this store leased and has not completed yet: the keyed window
     /// reaches this far past the batch (see [`keyed_window`]).
-    held: AtomicU64,
+    held: Mutex<Holdings>,
     /// The batch sizes of this store's claims running now: rows they may be
     /// locking, which the keyed window of a concurrent claim reaches past.
     claiming: AtomicU64,
     /// How many rows of the latest any-tenant keyed window were under a
     /// live lease, this store's or other relays'.
     window_leased: AtomicU64,
+}
+
+impl Shared {
+    fn new(listen: bool) -> Self {
+        Self {
+            wakeup: Arc::default(),
+            listen,
+            listener: OnceLock::new(),
+            cursor: Mutex::new(None),
+            modes: Mutex::default(),
+            settled: AtomicBool::new(true),
+            held: Mutex::default(),
+            claiming: AtomicU64::new(0),
+            window_leased: AtomicU64::new(0),
+        }
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Holdings> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The rows a store has leased and not completed yet, per lease.
+///
+/// A completion takes its rows off its lease once it has committed, so one
+/// that the relay retries after a failure counts once; a lease whose
+/// completions never commit stops counting when it expires (its rows are
+/// then anyone's to claim again). Only a sizing hint for the keyed window:
+/// a miscount makes claims cost more, never wrong.
+#[derive(Debug, Default)]
+struct Holdings {
+    leases: HashMap<Uuid, (u64, Instant)>,
+}
+
+impl Holdings {
+    /// `rows` leased under `token` until `until`.
+    fn leased(&mut self, token: Uuid, rows: u64, until: Instant) {
+        if rows > 0 {
+            self.leases.insert(token, (rows, until));
+        }
+    }
+
+    /// `rows` of the lease `token` completed (committed).
+    fn completed(&mut self, token: Uuid, rows: u64) {
+        if let Some((held, _)) = self.leases.get_mut(&token) {
+            *held = held.saturating_sub(rows);
+            if *held == 0 {
+                self.leases.remove(&token);
+            }
+        }
+    }
+
+    /// The rows held under leases that have not expired at `now`; expired
+    /// leases are forgotten.
+    fn total(&mut self, now: Instant) -> u64 {
+        self.leases.retain(|_, (_, until)| *until > now);
+        self.leases
+            .values()
+            .fold(0, |sum, (rows, _)| sum.saturating_add(*rows))
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -187,17 +249,7 @@ impl PgStore {
             outbox,
             pool,
             claims,
-            shared: Arc::new(Shared {
-                wakeup: Arc::default(),
-                listen: true,
-                listener: OnceLock::new(),
-                cursor: Mutex::new(None),
-                modes: Mutex::default(),
-                settled: AtomicBool::new(true),
-                held: AtomicU64::new(0),
-                claiming: AtomicU64::new(0),
-                window_leased: AtomicU64::new(0),
-            }),
+            shared: Arc::new(Shared::new(true)),
         }
     }
 
@@ -239,17 +291,7 @@ impl PgStore {
             outbox: self.outbox,
             pool: self.pool,
             claims: self.claims,
-            shared: Arc::new(Shared {
-                wakeup: Arc::default(),
-                listen: on,
-                listener: OnceLock::new(),
-                cursor: Mutex::new(None),
-                modes: Mutex::default(),
-                settled: AtomicBool::new(true),
-                held: AtomicU64::new(0),
-                claiming: AtomicU64::new(0),
-                window_leased: AtomicU64::new(0),
-            }),
+            shared: Arc::new(Shared::new(on)),
         }
     }
 
@@ -599,8 +641,8 @@ fn keyed_window(limit: usize, leased: u64) -> i64 {
     )
 }
 
-/// Subtracts `rows` from one of a store's row counts when dropped: when a
-/// claim or a completion ends, however it ends (done, failed, cancelled).
+/// Subtracts `rows` from a store's count of rows being claimed when
+/// dropped: when a claim ends, however it ends (done, failed, cancelled).
 struct Untally<'a> {
     count: &'a AtomicU64,
     rows: u64,
@@ -629,6 +671,7 @@ fn parse_status(s: &str) -> Status {
 impl Store for PgStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
+        let claimed_at = Instant::now();
         let limit = req.limit.max(1);
         let lease = duration_micros(req.lease);
         // Rows this store has leased or is leasing in another claim now:
@@ -639,7 +682,7 @@ impl Store for PgStore {
             count: &self.shared.claiming,
             rows: ours,
         };
-        let held = self.shared.held.load(Ordering::Relaxed);
+        let held = self.shared.held().total(Instant::now());
         let leased = self.shared.window_leased.load(Ordering::Relaxed);
         let window = keyed_window(limit, held.saturating_add(claiming).max(leased));
         let walk_len = i32::try_from(limit.saturating_mul(WALK_FACTOR).clamp(MIN_WALK, 10_000))
@@ -759,7 +802,11 @@ impl Store for PgStore {
             }
         }
         let leased = u64::try_from(messages.len() + malformed.len()).unwrap_or(u64::MAX);
-        self.shared.held.fetch_add(leased, Ordering::Relaxed);
+        // the lease as this process sees it; the database's clock decides
+        // when it ends, this only stops counting the rows
+        self.shared
+            .held()
+            .leased(token, leased, claimed_at + req.lease);
         let expires_at = from_unix_micros(expires.unwrap_or(0));
         Ok(Claim::new(Lease { token, expires_at }, messages, malformed))
     }
@@ -773,13 +820,6 @@ impl Store for PgStore {
             return Ok(CompleteReport::default());
         }
         let n = completions.len();
-        // Whatever the outcome, these leases end: by this statement or, if
-        // it fails, when they expire. Until it has committed, the rows still
-        // fill the front of the window of claims that run meanwhile.
-        let _held = Untally {
-            count: &self.shared.held,
-            rows: u64::try_from(n).unwrap_or(u64::MAX),
-        };
         let (mut seqs, mut kinds, mut delays, mut errors, mut parks) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -837,6 +877,12 @@ impl Store for PgStore {
             .try_get(0)
             .map_err(map)?;
         let applied = u64::try_from(applied).unwrap_or(0);
+        // Committed: these rows no longer fill the front of the window of
+        // the claims that follow. Not before, and not on failure: the relay
+        // retries the same completions, and an expired lease stops counting.
+        self.shared
+            .held()
+            .completed(token, u64::try_from(n).unwrap_or(u64::MAX));
         Ok(CompleteReport {
             applied,
             lost: (n as u64).saturating_sub(applied),
@@ -1026,7 +1072,33 @@ impl Store for PgStore {
 
 #[cfg(test)]
 mod tests {
-    use super::keyed_window;
+    use super::{Holdings, keyed_window};
+    use std::time::{Duration, Instant};
+    use uuid::Uuid;
+
+    #[test]
+    fn held_rows_count_each_committed_completion_once_and_end_with_the_lease() {
+        let now = Instant::now();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let mut h = Holdings::default();
+        h.leased(a, 100, now + Duration::from_secs(30));
+        h.leased(b, 40, now + Duration::from_secs(10));
+        h.leased(Uuid::new_v4(), 0, now + Duration::from_secs(30));
+        assert_eq!(h.total(now), 140);
+        // part of a's batch committed (a key's rows recorded on their own)
+        h.completed(a, 30);
+        assert_eq!(h.total(now), 110);
+        // a completion that failed was not counted; its retry commits once
+        h.completed(a, 70);
+        assert_eq!(h.total(now), 40, "a's rows are all done");
+        // a retry whose first attempt did commit after all counts nothing more
+        h.completed(a, 70);
+        assert_eq!(h.total(now), 40, "no other lease pays for a's retry");
+        // b's completions never committed: its rows stop counting at expiry
+        assert_eq!(h.total(now + Duration::from_secs(11)), 0);
+        h.completed(b, 40);
+        assert_eq!(h.total(now), 0);
+    }
 
     #[test]
     fn the_keyed_window_reaches_past_the_leased_rows_within_a_bound() {
