@@ -42,15 +42,6 @@ const FILTER: &str = "($1::text IS NULL OR topic = $1)
    AND ($5::int8 IS NULL OR created_at <= now() - $5::int8 * interval '1 microsecond')
    AND ($6::text IS NULL OR strpos(last_error, $6) > 0)";
 
-/// Makes the statement's own (implicit) transaction commit without waiting
-/// for the WAL flush. `set_config(…, true)` lasts until the end of the
-/// current transaction, which for an autocommit statement is the statement
-/// itself, so the session keeps `synchronous_commit = on` for everything
-/// else. Used for writes whose loss in a database crash can only cause a
-/// redelivery (see `claim::CLAIM_COMMIT` and the completions).
-pub(crate) const ASYNC_COMMIT: &str =
-    "set_config('synchronous_commit', 'off', true) AS commit_mode";
-
 pub(crate) fn micros(expr: &str) -> String {
     format!("(extract(epoch from {expr}) * 1000000)::int8")
 }
@@ -208,8 +199,7 @@ impl Sql {
                    AND t.lease_token = $1 AND t.status = 'pending'
                 RETURNING t.seq
              )
-             SELECT (SELECT count(*) FROM sent) + (SELECT count(*) FROM other),
-                    {ASYNC_COMMIT}"
+             SELECT (SELECT count(*) FROM sent) + (SELECT count(*) FROM other)"
             )
         };
         let complete = complete_with(&format!(
@@ -228,14 +218,12 @@ impl Sql {
              RETURNING t.seq"
         ));
         // The common case, every row of the batch sent: a plain DELETE by
-        // primary key, cheap to plan and to run.
+        // primary key, cheap to plan and to run; the count is the command
+        // tag's. (Wrapped in a CTE with `count(*)` it cost 15 % more per
+        // batch of 1,000.)
         let complete_sent = format!(
-            "WITH sent AS (
-                DELETE FROM {t}
-                 WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'
-                RETURNING 1
-             )
-             SELECT count(*), {ASYNC_COMMIT} FROM sent"
+            "DELETE FROM {t}
+              WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'"
         );
         // The same with a retention: an UPDATE by primary key under the same
         // fencing guard, marking the rows sent on the database clock and
@@ -247,12 +235,8 @@ impl Sql {
         // row pending under an expired lease, so it is delivered once more,
         // as after a forgotten DELETE.
         let complete_sent_keep = format!(
-            "WITH sent AS (
-                UPDATE {t} SET status = 'sent', sent_at = now(), lease_token = NULL, lease_until = NULL
-                 WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'
-                RETURNING 1
-             )
-             SELECT count(*), {ASYNC_COMMIT} FROM sent"
+            "UPDATE {t} SET status = 'sent', sent_at = now(), lease_token = NULL, lease_until = NULL
+              WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'"
         );
         // Retention cleanup: at most $2 sent rows at least $1 µs old, oldest
         // first, read in order from the partial `sent_idx (sent_at) WHERE
@@ -274,7 +258,7 @@ impl Sql {
                  WHERE t.seq = doomed.seq AND t.status = 'sent'
                 RETURNING 1
              )
-             SELECT count(*), {ASYNC_COMMIT} FROM gone"
+             SELECT count(*) FROM gone"
         );
 
         let stats = stats_sql(t, None);

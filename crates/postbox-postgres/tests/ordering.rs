@@ -646,3 +646,64 @@ async fn heads_held_for_update_do_not_hide_the_keys_behind_the_window() {
     locker.rollback().await.expect("rollback");
     common::complete_all(&store, &claim, Disposition::Sent).await;
 }
+
+/// After a keyless claim that came back full the store claims keyless rows
+/// with the backlog statement, which returns no row (and no hints) when it
+/// leases nothing. The claim after it must still see what arrived: keyed
+/// rows, more keyless rows, or nothing at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let keyless = |n: usize, tag: &str| -> Vec<NewMessage> {
+        (0..n)
+            .map(|i| NewMessage::new("t", format!("{tag}{i}")))
+            .collect()
+    };
+    let req = ClaimRequest::new(4, LEASE);
+    h.outbox
+        .enqueue_batch(&h.app, &keyless(8, "a"))
+        .await
+        .expect("enqueue");
+    let first = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        first.messages.iter().map(body).collect::<Vec<_>>(),
+        ["a0", "a1", "a2", "a3"]
+    );
+    // full: the next claim uses the backlog statement, and gets the rest in
+    // seq order
+    let second = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        second.messages.iter().map(body).collect::<Vec<_>>(),
+        ["a4", "a5", "a6", "a7"]
+    );
+    // full again, but the keyless rows are gone and keyed ones arrived:
+    // the backlog statement leases nothing and the claim goes on to them
+    let keyed: Vec<NewMessage> = ["k", "l"]
+        .iter()
+        .map(|k| NewMessage::new("t", format!("{k}1")).key(*k))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &keyed)
+        .await
+        .expect("enqueue");
+    let third = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        third.messages.iter().map(body).collect::<Vec<_>>(),
+        ["k1", "l1"],
+        "the keyed heads that arrived behind a keyless backlog"
+    );
+    // and a backlog that ends with nothing new ends in an empty claim
+    h.outbox
+        .enqueue_batch(&h.app, &keyless(4, "b"))
+        .await
+        .expect("enqueue");
+    for claim in [&first, &second, &third] {
+        common::complete_all(&store, claim, Disposition::Sent).await;
+    }
+    let fourth = store.claim(&req).await.expect("claim");
+    assert_eq!(fourth.messages.len(), 4);
+    let fifth = store.claim(&req).await.expect("claim");
+    assert!(fifth.messages.is_empty(), "nothing is left to claim");
+    common::complete_all(&store, &fourth, Disposition::Sent).await;
+}
