@@ -393,10 +393,10 @@ impl PgStore {
     }
 
     /// The claim statements, for `EXPLAIN` by operators and tests: `(name,
-    /// parameter types, SQL)` for the keyless (and its backlog form), keyed and key-walk claims,
-    /// for any tenant and restricted to one. Parameters: limit, lease µs,
-    /// token; keyed and walk: window size; walk: cursor (`''` for the
-    /// first key), walk length; the tenant last.
+    /// parameter types, SQL)` for the keyless claim (and its backlog form),
+    /// the keyed and the key-walk claims, for any tenant and restricted to
+    /// one. Parameters: limit, lease µs, token; keyed and walk: window size;
+    /// walk: cursor (`''` for the first key), walk length; the tenant last.
     pub fn claim_statements(outbox: &PgOutbox) -> Vec<(&'static str, &'static str, &str)> {
         let sql = &outbox.inner.sql;
         let (any, one) = (&sql.claim_any, &sql.claim_tenant);
