@@ -29,10 +29,11 @@
 use crate::sql::micros;
 
 /// How a keyed claim's transaction commits: like every statement of the
-/// claim sessions, without waiting for the WAL flush (`synchronous_commit =
-/// off` in [`relay_connect_options`](crate::relay_connect_options); measured
-/// ~2.4 ms per commit on our 2-core machines, more than the rest of a
-/// claim), except on a server with synchronous standbys.
+/// store's claim pool, without waiting for the WAL flush (that pool's
+/// sessions carry `synchronous_commit = off`, see `claim_connect_options` in
+/// the store; a flush measured ~2.4 ms per commit on our 2-core machines,
+/// more than the rest of a claim), except on a server with synchronous
+/// standbys.
 ///
 /// A database crash may forget a claim committed this way. For a keyless
 /// message that means one more delivery, which at-least-once allows. For a
@@ -77,9 +78,9 @@ fn keyed_probe(t: &str) -> String {
     )
 }
 
-/// The three claim statements of one outbox table for one scope (any tenant,
-/// or one tenant), chosen by the store from what the previous claim of that
-/// scope saw.
+/// The claim statements (keyless, its backlog form, keyed, key walk) of one
+/// outbox table for one scope (any tenant, or one tenant), chosen by the
+/// store from what the previous claim of that scope saw.
 ///
 /// Parameters, in every statement: `$1` limit, `$2` lease (µs), `$3` lease
 /// token; then `keyed` and `walk` take `$4` the keyed window; `walk` takes

@@ -52,16 +52,6 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 ///   claim, where the index gives the first rows in 0.2 ms).
 /// * `jit = off`: JIT never pays off for bounded index probes (measured: it
 ///   compiled every claim anew, 189 ms of a 206 ms claim).
-/// * `synchronous_commit = off`: the relay's claims, completions and
-///   retention cleanup commit without waiting for the WAL flush (~2.4 ms per
-///   commit measured on our 2-core machines, more than a claim). A database
-///   crash may forget the last of them; each one forgotten only makes a
-///   message go out once more, which at-least-once allows (a forgotten
-///   completion leaves its row pending under an expired lease; a forgotten
-///   claim, its row unleased). Keyed claims rule out the one case where that
-///   could break per-key order, and commit synchronously on a server with
-///   synchronous standbys (see the `claim` module). Nothing else runs on
-///   these sessions: producers' transactions keep the server's setting.
 /// * `application_name = postbox-relay`.
 pub fn relay_connect_options(options: PgConnectOptions) -> PgConnectOptions {
     options
@@ -70,9 +60,24 @@ pub fn relay_connect_options(options: PgConnectOptions) -> PgConnectOptions {
             ("enable_seqscan", "off"),
             ("enable_bitmapscan", "off"),
             ("jit", "off"),
-            ("synchronous_commit", "off"),
         ])
         .application_name("postbox-relay")
+}
+
+/// The claim pool's sessions: [`relay_connect_options`] plus
+/// `synchronous_commit = off`. The relay's claims, completions and retention
+/// cleanup commit without waiting for the WAL flush (~2.4 ms per commit
+/// measured on our 2-core machines, more than a claim). A database crash may
+/// forget the last of them; each one forgotten only makes a message go out
+/// once more, which at-least-once allows (a forgotten completion leaves its
+/// row pending under an expired lease; a forgotten claim, its row unleased).
+/// Keyed claims rule out the one case where that could break per-key order,
+/// and commit synchronously on a server with synchronous standbys (see the
+/// `claim` module). Private on purpose: only this pool, which runs nothing
+/// but those statements, may carry it; a pool that producers or admin
+/// commands commit on must keep the server's durable setting.
+fn claim_connect_options(options: PgConnectOptions) -> PgConnectOptions {
+    relay_connect_options(options).options([("synchronous_commit", "off")])
 }
 
 /// Connect options for the admin pool [`PgStore::connect`] builds: custom
@@ -94,7 +99,7 @@ fn claim_pool(pool: &PgPool) -> PgPool {
         // second. A connection killed meanwhile fails one query with
         // `Unavailable`, which the relay retries.
         .test_before_acquire(false)
-        .connect_lazy_with(relay_connect_options((*pool.connect_options()).clone()))
+        .connect_lazy_with(claim_connect_options((*pool.connect_options()).clone()))
 }
 
 /// One session that holds back some of an outbox's keys: it has enqueued a
@@ -140,6 +145,10 @@ const MODE_KEYLESS: u8 = 0;
 const MODE_WINDOW: u8 = 1;
 const MODE_WALK: u8 = 2;
 /// `keyless_bulk`: the keyless claim while the previous one came back full.
+/// Outside the order of the three above (which `claim` compares: a wider
+/// statement after an empty claim): a claim only moves to it after leasing
+/// rows, and when it leases nothing it moves to `MODE_KEYLESS` before any
+/// comparison.
 const MODE_BULK: u8 = 3;
 /// Scopes whose claim mode is remembered (any tenant plus the tenants of a
 /// fairness rotation, which holds at most 1,000).
@@ -497,6 +506,19 @@ impl PgStore {
         self.modes().get(scope).copied().unwrap_or(MODE_WALK)
     }
 
+    /// Which claim statement this store's next claim for `tenant` (`None`:
+    /// any tenant) runs first: `keyless`, `keyless_bulk`, `keyed` or `walk`.
+    /// For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn next_claim_statement(&self, tenant: Option<&str>) -> &'static str {
+        match self.mode(&tenant.map(str::to_owned)) {
+            MODE_KEYLESS => "keyless",
+            MODE_BULK => "keyless_bulk",
+            MODE_WINDOW => "keyed",
+            _ => "walk",
+        }
+    }
+
     fn set_mode(&self, scope: &Option<String>, mode: u8) {
         let mut modes = self.modes();
         // bounded: forgetting costs one claim that looks at everything
@@ -841,7 +863,12 @@ impl Store for PgStore {
         // when it ends, this only stops counting the rows
         self.shared
             .held()
-            .leased(token, leased, claimed_at + req.lease);
+            // (a lease too long for `Instant` is simply not counted)
+            .leased(
+                token,
+                leased,
+                claimed_at.checked_add(req.lease).unwrap_or(claimed_at),
+            );
         let expires_at = from_unix_micros(expires.unwrap_or(0));
         Ok(Claim::new(Lease { token, expires_at }, messages, malformed))
     }
@@ -1113,9 +1140,27 @@ impl Store for PgStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{Holdings, keyed_window};
+    use super::{Holdings, claim_connect_options, keyed_window, relay_connect_options};
+    use sqlx::postgres::PgConnectOptions;
     use std::time::{Duration, Instant};
     use uuid::Uuid;
+
+    #[test]
+    fn only_the_claim_pool_commits_without_the_flush() {
+        let base = PgConnectOptions::new();
+        let claim = claim_connect_options(base.clone());
+        let relay = relay_connect_options(base);
+        let (claim, relay) = (
+            claim.get_options().unwrap_or_default(),
+            relay.get_options().unwrap_or_default(),
+        );
+        assert!(claim.contains("-c synchronous_commit=off"), "{claim}");
+        assert!(
+            claim.contains("-c plan_cache_mode=force_generic_plan"),
+            "{claim}"
+        );
+        assert!(!relay.contains("synchronous_commit"), "{relay}");
+    }
 
     #[test]
     fn held_rows_count_each_committed_completion_once_and_end_with_the_lease() {

@@ -670,6 +670,11 @@ async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
         first.messages.iter().map(body).collect::<Vec<_>>(),
         ["a0", "a1", "a2", "a3"]
     );
+    assert_eq!(
+        store.next_claim_statement(None),
+        "keyless_bulk",
+        "came back full"
+    );
     // full: the next claim uses the backlog statement, and gets the rest in
     // seq order
     let second = store.claim(&req).await.expect("claim");
@@ -677,6 +682,7 @@ async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
         second.messages.iter().map(body).collect::<Vec<_>>(),
         ["a4", "a5", "a6", "a7"]
     );
+    assert_eq!(store.next_claim_statement(None), "keyless_bulk");
     // full again, but the keyless rows are gone and keyed ones arrived:
     // the backlog statement leases nothing and the claim goes on to them
     let keyed: Vec<NewMessage> = ["k", "l"]
@@ -693,6 +699,7 @@ async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
         ["k1", "l1"],
         "the keyed heads that arrived behind a keyless backlog"
     );
+    assert_eq!(store.next_claim_statement(None), "keyed");
     // and a backlog that ends with nothing new ends in an empty claim
     h.outbox
         .enqueue_batch(&h.app, &keyless(4, "b"))
@@ -703,7 +710,13 @@ async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
     }
     let fourth = store.claim(&req).await.expect("claim");
     assert_eq!(fourth.messages.len(), 4);
+    assert_eq!(store.next_claim_statement(None), "keyless_bulk");
     let fifth = store.claim(&req).await.expect("claim");
     assert!(fifth.messages.is_empty(), "nothing is left to claim");
+    assert_eq!(
+        store.next_claim_statement(None),
+        "keyless",
+        "the backlog ended"
+    );
     common::complete_all(&store, &fourth, Disposition::Sent).await;
 }

@@ -75,6 +75,14 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
         .await
         .expect("show");
     assert_eq!(mode, "force_generic_plan");
+    // relay_connect_options is public, and users build the pools they enqueue
+    // on with it: it must leave commits durable (only the store's private
+    // claim pool commits without the flush)
+    let commit: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&mut relay)
+        .await
+        .expect("show");
+    assert_eq!(commit, "on");
     for (name, types, sql, args, _) in &statements {
         sqlx::query(&format!("PREPARE {name}({types}) AS {sql}"))
             .execute(&mut relay)
