@@ -230,8 +230,9 @@ fn keyless_sql(t: &str, tenant: Option<&str>) -> String {
 /// of nothing still returns the hints, and sorted. That wrapper was 20 % of
 /// a keyless claim of 1,000 rows (6.8 ms → 5.4 ms, `EXPLAIN ANALYZE` at
 /// 300k pending rows). The price: a claim of nothing returns no row, and no
-/// hints, so the store runs this statement only after a keyless claim that
-/// came back full, and `keyless` again after one that leased nothing.
+/// hints, so the store runs this statement only after a claim that came
+/// back full with no keyed row pending, and `keyless` again after one that
+/// leased nothing.
 fn keyless_bulk_sql(t: &str, tenant: Option<&str>) -> String {
     format!(
         "UPDATE {t} AS t
@@ -329,9 +330,8 @@ fn keyed_sql(t: &str, walk: bool, tenant: Option<&str>) -> String {
     // comparisons, where sorting the keys themselves cost up to 10x for long
     // or TOASTed keys; two keys whose hashes collide only look like one key,
     // which can hold a head back, never let a second row of a key through),
-    // and the
-    // parked check is one probe of `parked_idx`, which holds only parked
-    // rows and is usually empty. This replaced one `head_idx` probe per
+    // and the parked check is one probe of `parked_idx`, which holds only
+    // parked rows and is usually empty. This replaced one `head_idx` probe per
     // candidate, whose cost grew with the backlog: 1-2 us a probe at 10k
     // pending rows, 6-7 us at 1M (a descent into a large index, cache misses
     // and all), 0.6 ms of a 1.0 ms keyed part; now 0.5 ms at 1M with a

@@ -144,7 +144,7 @@ const MAX_WALKS: u32 = 8;
 const MODE_KEYLESS: u8 = 0;
 const MODE_WINDOW: u8 = 1;
 const MODE_WALK: u8 = 2;
-/// `keyless_bulk`: the keyless claim while the previous one came back full.
+/// `keyless_bulk`: the keyless claim after a full claim with no keyed row pending.
 /// Outside the order of the three above (which `claim` compares: a wider
 /// statement after an empty claim): a claim only moves to it after leasing
 /// rows, and when it leases nothing it moves to `MODE_KEYLESS` before any
@@ -727,7 +727,7 @@ impl Store for PgStore {
             count: &self.shared.claiming,
             rows: ours,
         };
-        let held = self.shared.held().total(Instant::now());
+        let held = self.shared.held().total(claimed_at);
         let leased = self.shared.window_leased.load(Ordering::Relaxed);
         let window = keyed_window(limit, held.saturating_add(claiming).max(leased));
         let walk_len = i32::try_from(limit.saturating_mul(WALK_FACTOR).clamp(MIN_WALK, 10_000))
