@@ -31,7 +31,8 @@ mod store;
 pub use error::redact_url;
 pub use outbox::{DEFAULT_SCHEMA, DEFAULT_TABLE, MAX_TABLE_LEN, PgOutbox};
 pub use store::{
-    ACQUIRE_TIMEOUT, Blocker, CLAIM_POOL_SIZE, DEFAULT_POOL_SIZE, PgStore, relay_connect_options,
+    ACQUIRE_TIMEOUT, Blocker, CLAIM_POOL_SIZE, DEFAULT_POOL_SIZE, MAX_HELD, PgStore,
+    relay_connect_options,
 };
 
 use std::sync::OnceLock;

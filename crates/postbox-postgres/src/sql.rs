@@ -20,6 +20,9 @@ pub(crate) struct Sql {
     pub(crate) complete_sent: String,
     pub(crate) complete_keep: String,
     pub(crate) complete_sent_keep: String,
+    pub(crate) held_sent: String,
+    pub(crate) held_sent_keep: String,
+    pub(crate) held_stamp: String,
     pub(crate) purge_sent: String,
     pub(crate) stats: String,
     pub(crate) stats_by_topic: String,
@@ -238,6 +241,25 @@ impl Sql {
             "UPDATE {t} SET status = 'sent', sent_at = now(), lease_token = NULL, lease_until = NULL
               WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'"
         );
+        // The completions of a held claim (see `claim::keyless_held_sql`),
+        // run in the claim's own transaction, which holds every row's lock:
+        // no token to check, nobody else can have changed the rows. All
+        // sent: delete them (or mark them sent, with a retention), then the
+        // store commits.
+        let held_sent =
+            format!("DELETE FROM {t} WHERE seq = ANY($1::int8[]) AND status = 'pending'");
+        let held_sent_keep = format!(
+            "UPDATE {t} SET status = 'sent', sent_at = now(), lease_token = NULL, lease_until = NULL
+              WHERE seq = ANY($1::int8[]) AND status = 'pending'"
+        );
+        // Anything else: first write what a leasing claim would have (the
+        // attempt counted, the token), then `complete` applies the outcomes
+        // as for any lease, in the same transaction. Only failures and
+        // releases take this path.
+        let held_stamp = format!(
+            "UPDATE {t} SET attempts = attempts + 1, lease_token = $1
+              WHERE seq = ANY($2::int8[]) AND status = 'pending'"
+        );
         // Retention cleanup: at most $2 sent rows at least $1 µs old, oldest
         // first, read in order from the partial `sent_idx (sent_at) WHERE
         // status = 'sent'` (migration 5), so a statement touches only the
@@ -324,6 +346,9 @@ impl Sql {
             complete_sent,
             complete_keep,
             complete_sent_keep,
+            held_sent,
+            held_sent_keep,
+            held_stamp,
             purge_sent,
             stats,
             stats_by_topic,

@@ -14,9 +14,9 @@ use postbox_core::{
     from_unix_micros,
 };
 use postbox_core::{GroupBy, GroupStats, RelayHeartbeat, RelayRecord};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Row};
-use tokio::sync::watch;
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use uuid::Uuid;
 
 use crate::error::{map, map_connect};
@@ -28,8 +28,14 @@ use crate::outbox::PgOutbox;
 /// pool of [`CLAIM_POOL_SIZE`].
 pub const DEFAULT_POOL_SIZE: u32 = 2;
 /// Connections in a store's claim pool: a relay's batches in flight (2 by
-/// default) plus room for a second relay over the same store.
-pub const CLAIM_POOL_SIZE: u32 = 4;
+/// default, each of which may hold a connection while it is published, see
+/// [`MAX_HELD`]) plus room for a second relay over the same store.
+pub const CLAIM_POOL_SIZE: u32 = 6;
+/// The most backlog batches a store holds open transactions for at once
+/// (held claims, see [`PgStore`]); further backlog claims lease their rows
+/// instead. Fewer than [`CLAIM_POOL_SIZE`], so claims and completions always
+/// find a connection.
+pub const MAX_HELD: usize = 4;
 /// How long a query waits for a free pooled connection before failing with
 /// [`StoreError::Unavailable`].
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -150,6 +156,9 @@ const MODE_WALK: u8 = 2;
 /// rows, and when it leases nothing it moves to `MODE_KEYLESS` before any
 /// comparison.
 const MODE_BULK: u8 = 3;
+/// How often a held claim scans from the front of the keyless rows rather
+/// than past the batches its store holds (see `claim::keyless_held_sql`).
+const FRONT_SCAN_EVERY: Duration = Duration::from_secs(1);
 /// Scopes whose claim mode is remembered (any tenant plus the tenants of a
 /// fairness rotation, which holds at most 1,000).
 const MAX_SCOPES: usize = 2_048;
@@ -192,6 +201,95 @@ struct Shared {
     /// How many rows of the latest any-tenant keyed window were under a
     /// live lease, this store's or other relays'.
     window_leased: AtomicU64,
+    /// The open transactions of held claims, by lease token.
+    held_batches: Mutex<HashMap<Uuid, HeldBatch>>,
+    /// One permit per held claim, [`MAX_HELD`] in all.
+    hold_permits: Arc<Semaphore>,
+    /// When a held claim last scanned from the front (see
+    /// [`Shared::held_floor`]).
+    front_scanned: Mutex<Option<Instant>>,
+}
+
+/// A held claim's open transaction (see `claim::keyless_held_sql`): its row
+/// locks are the batch's lease. Ends with the batch's completion, or, if
+/// that never comes, when a later claim finds its lease over (dropped:
+/// rolled back, the rows claimable again; the server's
+/// `idle_in_transaction_session_timeout` ends it at the same time anyway).
+struct HeldBatch {
+    txn: Transaction<'static, Postgres>,
+    until: Instant,
+    /// The claim's scope (any tenant, or one) and its highest `seq`: where
+    /// that scope's next held claim starts.
+    scope: Option<String>,
+    last_seq: i64,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// A `complete` call's outcomes as the statements bind them: arrays in
+/// `seq`'s order.
+struct Outcomes {
+    seqs: Vec<i64>,
+    kinds: Vec<&'static str>,
+    delays: Vec<i64>,
+    errors: Vec<Option<String>>,
+    parks: Vec<bool>,
+}
+
+impl Outcomes {
+    fn new(completions: &[Completion]) -> Result<Self, StoreError> {
+        let n = completions.len();
+        let mut out = Self {
+            seqs: Vec::with_capacity(n),
+            kinds: Vec::with_capacity(n),
+            delays: Vec::with_capacity(n),
+            errors: Vec::with_capacity(n),
+            parks: Vec::with_capacity(n),
+        };
+        for c in completions {
+            let (kind, delay, error, park) = match &c.disposition {
+                Disposition::Sent => ("sent", 0, None, false),
+                Disposition::Retry { delay, error } => {
+                    ("retry", duration_micros(*delay), Some(error.clone()), false)
+                }
+                Disposition::Dead { error, park } => ("dead", 0, Some(error.clone()), *park),
+                Disposition::Release => ("release", 0, None, false),
+                other => {
+                    return Err(StoreError::Config(format!(
+                        "unsupported disposition {other:?}"
+                    )));
+                }
+            };
+            out.seqs.push(c.seq);
+            out.kinds.push(kind);
+            out.delays.push(delay);
+            out.errors.push(error);
+            out.parks.push(park);
+        }
+        Ok(out)
+    }
+
+    fn all(&self, kind: &str) -> bool {
+        self.kinds.iter().all(|k| *k == kind)
+    }
+
+    fn rows(&self) -> u64 {
+        u64::try_from(self.seqs.len()).unwrap_or(u64::MAX)
+    }
+
+    /// `query` (`complete` or `complete_keep`) with its parameters.
+    fn bind_mixed<'q>(
+        &'q self,
+        query: sqlx::query::Query<'q, Postgres, PgArguments>,
+        token: Uuid,
+    ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
+        query
+            .bind(token)
+            .bind(&self.seqs[..])
+            .bind(&self.kinds[..])
+            .bind(&self.delays[..])
+            .bind(&self.errors[..])
+            .bind(&self.parks[..])
+    }
 }
 
 impl Shared {
@@ -206,7 +304,66 @@ impl Shared {
             held: Mutex::default(),
             claiming: AtomicU64::new(0),
             window_leased: AtomicU64::new(0),
+            held_batches: Mutex::default(),
+            hold_permits: Arc::new(Semaphore::new(MAX_HELD)),
+            front_scanned: Mutex::new(None),
         }
+    }
+
+    /// Where a held claim of `scope` starts its scan (exclusive): past the
+    /// batches of that scope this store holds, whose locked rows it would
+    /// otherwise try and skip one by one; from the front at least every
+    /// [`FRONT_SCAN_EVERY`], for rows below that nobody holds.
+    fn held_floor(&self, scope: &Option<String>, now: Instant) -> i64 {
+        let floor = self
+            .held_batches()
+            .values()
+            .filter(|b| b.scope == *scope)
+            .map(|b| b.last_seq)
+            .max()
+            .unwrap_or(0);
+        if floor == 0 {
+            return 0;
+        }
+        let mut front = self
+            .front_scanned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *front {
+            Some(at) if now.saturating_duration_since(at) < FRONT_SCAN_EVERY => floor,
+            _ => {
+                *front = Some(now);
+                0
+            }
+        }
+    }
+
+    fn held_batches(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, HeldBatch>> {
+        self.held_batches
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Ends the held claims whose lease is over at `now`: their rows are
+    /// anyone's again, and their connections go back to the pool.
+    fn reap_held(&self, now: Instant) {
+        let expired: Vec<HeldBatch> = {
+            let mut held = self.held_batches();
+            let tokens: Vec<Uuid> = held
+                .iter()
+                .filter(|(_, b)| b.until <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            tokens.iter().filter_map(|t| held.remove(t)).collect()
+        };
+        if !expired.is_empty() {
+            tracing::warn!(
+                batches = expired.len(),
+                "held backlog batches were never completed within their lease; rolled back, their rows are claimable again"
+            );
+        }
+        // dropped outside the lock: each queues its ROLLBACK
+        drop(expired);
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Holdings> {
@@ -402,7 +559,8 @@ impl PgStore {
     }
 
     /// The claim statements, for `EXPLAIN` by operators and tests: `(name,
-    /// parameter types, SQL)` for the keyless claim (and its backlog form),
+    /// parameter types, SQL)` for the keyless claim (and its backlog forms,
+    /// leasing and held),
     /// the keyed and the key-walk claims, for any tenant and restricted to
     /// one. Parameters: limit, lease µs, token; keyed and walk: window size;
     /// walk: cursor (`''` for the first key), walk length; the tenant last.
@@ -415,6 +573,11 @@ impl PgStore {
                 "keyless_bulk",
                 "int8, int8, uuid",
                 any.keyless_bulk.as_str(),
+            ),
+            (
+                "keyless_held",
+                "int8, int8, uuid, int8",
+                any.keyless_held.as_str(),
             ),
             ("keyed", "int8, int8, uuid, int8", any.keyed.as_str()),
             (
@@ -431,6 +594,11 @@ impl PgStore {
                 "keyless_bulk_tenant",
                 "int8, int8, uuid, text",
                 one.keyless_bulk.as_str(),
+            ),
+            (
+                "keyless_held_tenant",
+                "int8, int8, uuid, int8, text",
+                one.keyless_held.as_str(),
             ),
             (
                 "keyed_tenant",
@@ -517,6 +685,92 @@ impl PgStore {
             MODE_WINDOW => "keyed",
             _ => "walk",
         }
+    }
+
+    /// How many held claims (backlog batches whose transaction is open
+    /// while they are published) this store has now. For tests and
+    /// diagnostics.
+    #[doc(hidden)]
+    pub fn held_batches(&self) -> usize {
+        self.shared.held_batches().len()
+    }
+
+    /// Records the outcomes of a held claim in its own transaction and
+    /// commits. A transaction that ended first (the server's idle timeout
+    /// at the lease's end, the connection lost, the server restarted) took
+    /// its writes with it: its rows are claimable again, untouched, and are
+    /// reported `lost`. All released: the rollback gives them back.
+    async fn complete_held(&self, token: Uuid, batch: HeldBatch, out: &Outcomes) -> CompleteReport {
+        let n = out.rows();
+        let HeldBatch { mut txn, .. } = batch;
+        let report = if out.all("release") {
+            // untouched either way: a failed rollback means the server
+            // ended the transaction already
+            if let Err(e) = txn.rollback().await {
+                tracing::debug!(error = %e, "rolling back a released held batch");
+            }
+            CompleteReport {
+                applied: n,
+                lost: 0,
+            }
+        } else {
+            let sql = &self.outbox.inner.sql;
+            let keep = self.outbox.sent_retention().is_some();
+            let recorded = async {
+                let applied = if out.all("sent") {
+                    let all_sent = if keep {
+                        &sql.held_sent_keep
+                    } else {
+                        &sql.held_sent
+                    };
+                    sqlx::query(all_sent)
+                        .bind(&out.seqs[..])
+                        .execute(&mut *txn)
+                        .await?
+                        .rows_affected()
+                } else {
+                    sqlx::query(&sql.held_stamp)
+                        .bind(token)
+                        .bind(&out.seqs[..])
+                        .execute(&mut *txn)
+                        .await?;
+                    let mixed = if keep {
+                        &sql.complete_keep
+                    } else {
+                        &sql.complete
+                    };
+                    let applied: i64 = out
+                        .bind_mixed(sqlx::query(mixed), token)
+                        .fetch_one(&mut *txn)
+                        .await?
+                        .try_get(0)?;
+                    u64::try_from(applied).unwrap_or(0)
+                };
+                txn.commit().await?;
+                Ok::<_, sqlx::Error>(applied)
+            }
+            .await;
+            match recorded {
+                Ok(applied) => CompleteReport {
+                    applied,
+                    lost: n.saturating_sub(applied),
+                },
+                Err(e) => {
+                    tracing::warn!(
+                        error = %map(e),
+                        rows = n,
+                        "a held batch's transaction ended before its outcomes were recorded; its rows are claimable again"
+                    );
+                    CompleteReport {
+                        applied: 0,
+                        lost: n,
+                    }
+                }
+            }
+        };
+        // whatever happened, this store no longer holds the rows
+        self.shared.held().completed(token, n);
+        report
     }
 
     fn set_mode(&self, scope: &Option<String>, mode: u8) {
@@ -677,6 +931,15 @@ fn status_text(s: Status) -> Option<&'static str> {
 /// for 10,000 (batch 1,000 with many rows held). `held` counts keyless and
 /// tenant-claimed rows too, which are not in this window; the cap bounds
 /// what that costs.
+/// How a held claim's transaction begins: the server ends it (rolling it
+/// back, its rows claimable again) once it has sat idle for the lease, so a
+/// relay that stalls mid-publish loses its rows when its lease ends, as it
+/// would a leasing claim's. A number, never text from outside.
+fn held_begin(lease: Duration) -> String {
+    let ms = lease.as_millis().clamp(1, i32::MAX as u128);
+    format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {ms}")
+}
+
 fn keyed_window(limit: usize, leased: u64) -> i64 {
     let leased = usize::try_from(leased).unwrap_or(usize::MAX);
     clamp_i64(
@@ -717,6 +980,7 @@ impl Store for PgStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
         let token = Uuid::new_v4();
         let claimed_at = Instant::now();
+        self.shared.reap_held(claimed_at);
         let limit = req.limit.max(1);
         let lease = duration_micros(req.lease);
         // Rows this store has leased or is leasing in another claim now:
@@ -744,10 +1008,22 @@ impl Store for PgStore {
         };
         let mut mode = self.mode(&req.tenant);
         let (mut walks, mut wrapped) = (0u32, false);
+        // a held claim's open transaction and its permit
+        let mut held = None;
         let (rows, expires) = loop {
             let walk_start = self.walk_from();
+            // A backlog claim holds its transaction open when a permit is
+            // free, and leases its rows otherwise.
+            let hold = (mode == MODE_BULK)
+                .then(|| {
+                    Arc::clone(&self.shared.hold_permits)
+                        .try_acquire_owned()
+                        .ok()
+                })
+                .flatten();
             let query = match mode {
                 MODE_KEYLESS => sqlx::query(&statements.keyless),
+                MODE_BULK if hold.is_some() => sqlx::query(&statements.keyless_held),
                 MODE_BULK => sqlx::query(&statements.keyless_bulk),
                 MODE_WINDOW => sqlx::query(&statements.keyed),
                 _ => sqlx::query(&statements.walk),
@@ -756,6 +1032,9 @@ impl Store for PgStore {
             .bind(lease)
             .bind(token);
             let query = match mode {
+                MODE_BULK if hold.is_some() => {
+                    query.bind(self.shared.held_floor(&req.tenant, claimed_at))
+                }
                 MODE_KEYLESS | MODE_BULK => query,
                 MODE_WINDOW => query.bind(window),
                 _ => query
@@ -767,7 +1046,23 @@ impl Store for PgStore {
                 Some(tenant) => query.bind(tenant.as_str()),
                 None => query,
             };
-            let rows = query.fetch_all(&self.claims).await.map_err(map)?;
+            let rows = match hold {
+                Some(permit) => {
+                    let mut txn = self
+                        .claims
+                        .begin_with(held_begin(req.lease))
+                        .await
+                        .map_err(map)?;
+                    let rows = query.fetch_all(&mut *txn).await.map_err(map)?;
+                    if rows.is_empty() {
+                        txn.rollback().await.map_err(map)?;
+                    } else {
+                        held = Some((txn, permit));
+                    }
+                    rows
+                }
+                None => query.fetch_all(&self.claims).await.map_err(map)?,
+            };
             let Some(first) = rows.first() else {
                 if mode == MODE_BULK {
                     // It leased nothing, and says nothing more: ask the
@@ -860,15 +1155,29 @@ impl Store for PgStore {
         messages.sort_unstable_by_key(|m| m.seq);
         let leased = u64::try_from(messages.len() + malformed.len()).unwrap_or(u64::MAX);
         // the lease as this process sees it; the database's clock decides
-        // when it ends, this only stops counting the rows
-        self.shared
-            .held()
-            // (a lease too long for `Instant` is simply not counted)
-            .leased(
+        // when it ends, this only stops counting the rows (a lease too long
+        // for `Instant` is simply not counted)
+        let until = claimed_at.checked_add(req.lease).unwrap_or(claimed_at);
+        self.shared.held().leased(token, leased, until);
+        if let Some((txn, permit)) = held {
+            let last_seq = messages
+                .last()
+                .map(|m| m.seq)
+                .into_iter()
+                .chain(malformed.iter().map(|m| m.seq))
+                .max()
+                .unwrap_or(0);
+            self.shared.held_batches().insert(
                 token,
-                leased,
-                claimed_at.checked_add(req.lease).unwrap_or(claimed_at),
+                HeldBatch {
+                    txn,
+                    until,
+                    scope: req.tenant.clone(),
+                    last_seq,
+                    _permit: permit,
+                },
             );
+        }
         let expires_at = from_unix_micros(expires.unwrap_or(0));
         Ok(Claim::new(Lease { token, expires_at }, messages, malformed))
     }
@@ -881,37 +1190,15 @@ impl Store for PgStore {
         if completions.is_empty() {
             return Ok(CompleteReport::default());
         }
-        let n = completions.len();
-        let (mut seqs, mut kinds, mut delays, mut errors, mut parks) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for c in completions {
-            seqs.push(c.seq);
-            let (kind, delay, error, park) = match &c.disposition {
-                Disposition::Sent => ("sent", 0, None, false),
-                Disposition::Retry { delay, error } => {
-                    ("retry", duration_micros(*delay), Some(error.clone()), false)
-                }
-                Disposition::Dead { error, park } => ("dead", 0, Some(error.clone()), *park),
-                Disposition::Release => ("release", 0, None, false),
-                other => {
-                    return Err(StoreError::Config(format!(
-                        "unsupported disposition {other:?}"
-                    )));
-                }
-            };
-            kinds.push(kind);
-            delays.push(delay);
-            errors.push(error);
-            parks.push(park);
+        let out = Outcomes::new(completions)?;
+        let n = out.rows();
+        let held = self.shared.held_batches().remove(&token);
+        if let Some(batch) = held {
+            return Ok(self.complete_held(token, batch, &out).await);
         }
         let sql = &self.outbox.inner.sql;
         let keep = self.outbox.sent_retention().is_some();
-        let applied = if kinds.iter().all(|k| *k == "sent") {
+        let applied = if out.all("sent") {
             // a plain statement: the command tag counts its rows
             let all_sent = if keep {
                 &sql.complete_sent_keep
@@ -920,7 +1207,7 @@ impl Store for PgStore {
             };
             let done = sqlx::query(all_sent)
                 .bind(token)
-                .bind(seqs)
+                .bind(&out.seqs[..])
                 .execute(&self.claims)
                 .await
                 .map_err(map)?;
@@ -931,13 +1218,7 @@ impl Store for PgStore {
             } else {
                 &sql.complete
             };
-            sqlx::query(mixed)
-                .bind(token)
-                .bind(seqs)
-                .bind(kinds)
-                .bind(delays)
-                .bind(errors)
-                .bind(parks)
+            out.bind_mixed(sqlx::query(mixed), token)
                 .fetch_one(&self.claims)
                 .await
                 .map_err(map)?
@@ -948,12 +1229,10 @@ impl Store for PgStore {
         // Committed: these rows no longer fill the front of the window of
         // the claims that follow. Not before, and not on failure: the relay
         // retries the same completions, and an expired lease stops counting.
-        self.shared
-            .held()
-            .completed(token, u64::try_from(n).unwrap_or(u64::MAX));
+        self.shared.held().completed(token, n);
         Ok(CompleteReport {
             applied,
-            lost: (n as u64).saturating_sub(applied),
+            lost: n.saturating_sub(applied),
         })
     }
 

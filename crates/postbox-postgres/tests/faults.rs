@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use postbox_core::{
-    CancellationToken, Filter, Message, NewMessage, PublishOutcome, Publisher, Relay, RetryPolicy,
-    Store, StoreError,
+    CancellationToken, ClaimRequest, Completion, Disposition, Filter, ListQuery, Message,
+    MessageRecord, NewMessage, PublishOutcome, Publisher, Relay, RetryPolicy, Status, Store,
+    StoreError,
 };
 use postbox_postgres::{PgOutbox, PgStore};
 use postbox_testkit::{TestPublisher, key_order_violations};
@@ -491,5 +492,247 @@ async fn a_version_5_table_upgrades_in_place_and_keeps_key_order() {
         bodies,
         ["1", "2", "3", "4", "5", "6"],
         "seq order is write order across the upgrade"
+    );
+}
+
+/// Eight keyless rows, a full claim of four completed, and the next claim
+/// of four: a backlog claim, held (its transaction open, its rows locked,
+/// not leased). Returns the held claim.
+async fn held_claim(h: &PgHarness, lease: Duration) -> postbox_core::Claim {
+    held_claim_by(h, &h.store, lease).await
+}
+
+/// [`held_claim`] by `store` (over `h`'s table).
+async fn held_claim_by(h: &PgHarness, store: &PgStore, lease: Duration) -> postbox_core::Claim {
+    let msgs: Vec<NewMessage> = (0..8)
+        .map(|i| NewMessage::new("t", format!("m{i}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &msgs)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(4, lease);
+    let first = store.claim(&req).await.expect("claim");
+    assert_eq!(first.messages.len(), 4);
+    common::complete_all(store, &first, Disposition::Sent).await;
+    assert_eq!(store.next_claim_statement(None), "keyless_bulk");
+    let held = store.claim(&req).await.expect("claim");
+    assert_eq!(held.messages.len(), 4);
+    assert_eq!(
+        store.held_batches(),
+        1,
+        "the backlog claim holds its transaction"
+    );
+    assert!(
+        held.messages.iter().all(|m| m.attempt == 1),
+        "a held claim reports the attempt it starts"
+    );
+    held
+}
+
+/// `store`'s first claim (of up to 10) that gets rows, polling for at most
+/// 90 s.
+async fn claim_when_back(store: &PgStore, what: &str) -> postbox_core::Claim {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let c = store
+            .claim(&ClaimRequest::new(10, Duration::from_secs(30)))
+            .await
+            .expect("claim");
+        if !c.messages.is_empty() {
+            return c;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn records(store: &PgStore) -> Vec<MessageRecord> {
+    store.list(&ListQuery::new(None, 100)).await.expect("list")
+}
+
+/// A held batch's outcomes are recorded in its own transaction like a
+/// lease's: sent rows deleted, a retry and a dead letter counted as an
+/// attempt with their error, a released row untouched. While it is held,
+/// another store's claims skip its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batch_records_every_outcome_and_is_skipped_while_held() {
+    let h = PgHarness::new().await;
+    let held = held_claim(&h, Duration::from_secs(30)).await;
+    let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
+        .await
+        .expect("connect");
+    h.outbox
+        .enqueue_batch(&h.app, &[NewMessage::new("t", "late")])
+        .await
+        .expect("enqueue");
+    let theirs = other
+        .claim(&ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    assert_eq!(
+        theirs
+            .messages
+            .iter()
+            .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            .collect::<Vec<_>>(),
+        ["late"],
+        "the held rows are locked: another claim skips them"
+    );
+    let seqs: Vec<i64> = held.messages.iter().map(|m| m.seq).collect();
+    let outcomes = vec![
+        Completion::new(seqs[0], Disposition::Sent),
+        Completion::new(
+            seqs[1],
+            Disposition::Retry {
+                delay: Duration::from_secs(3600),
+                error: "broker said later".into(),
+            },
+        ),
+        Completion::new(
+            seqs[2],
+            Disposition::Dead {
+                error: "rejected".into(),
+                park: false,
+            },
+        ),
+        Completion::new(seqs[3], Disposition::Release),
+    ];
+    let report = h
+        .store
+        .complete(held.lease.token, &outcomes)
+        .await
+        .expect("complete");
+    assert_eq!((report.applied, report.lost), (4, 0));
+    assert_eq!(h.store.held_batches(), 0);
+    let rows = records(&h.store).await;
+    let row = |seq: i64| rows.iter().find(|r| r.seq == seq);
+    assert!(row(seqs[0]).is_none(), "sent: deleted");
+    let retry = row(seqs[1]).expect("retry row");
+    assert_eq!(
+        (retry.status, retry.attempts, retry.last_error.as_deref()),
+        (Status::Pending, 1, Some("broker said later"))
+    );
+    assert!(retry.available_at > std::time::SystemTime::now() + Duration::from_secs(3000));
+    let dead = row(seqs[2]).expect("dead row");
+    assert_eq!(
+        (dead.status, dead.attempts, dead.last_error.as_deref()),
+        (Status::Dead, 1, Some("rejected"))
+    );
+    let released = row(seqs[3]).expect("released row");
+    assert_eq!(
+        (released.status, released.attempts),
+        (Status::Pending, 0),
+        "released: not attempted"
+    );
+    // the released row is claimable at once, by anyone
+    let again = other
+        .claim(&ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    assert_eq!(
+        again.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [seqs[3]]
+    );
+    common::complete_all(&other, &again, Disposition::Sent).await;
+    common::complete_all(&other, &theirs, Disposition::Sent).await;
+}
+
+/// The relay holding a batch loses its connection (a crash, a network
+/// cut, `pg_terminate_backend`): the server rolls its transaction back, the
+/// rows are claimable by anyone at once, untouched, and the old holder's
+/// completion changes nothing and reports every row lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batch_whose_connection_dies_gives_its_rows_back_at_once() {
+    let h = PgHarness::new().await;
+    let held = held_claim(&h, Duration::from_secs(300)).await;
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = $1 AND state = 'idle in transaction'",
+    )
+    .bind(&h.db.name)
+    .fetch_all(&h.app)
+    .await
+    .expect("terminate");
+    assert_eq!(killed, [true], "one session holds the batch");
+    let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
+        .await
+        .expect("connect");
+    let claim = claim_when_back(&other, "the rows to come back").await;
+    assert_eq!(
+        claim.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        held.messages.iter().map(|m| m.seq).collect::<Vec<_>>()
+    );
+    assert!(
+        claim.messages.iter().all(|m| m.attempt == 1),
+        "the attempt that died was not counted"
+    );
+    let report = h
+        .store
+        .complete(
+            held.lease.token,
+            &held
+                .messages
+                .iter()
+                .map(|m| Completion::new(m.seq, Disposition::Sent))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .expect("complete");
+    assert_eq!((report.applied, report.lost), (0, 4));
+    assert_eq!(h.store.held_batches(), 0);
+    assert_eq!(records(&h.store).await.len(), 4, "nothing was deleted");
+    common::complete_all(&other, &claim, Disposition::Sent).await;
+    assert!(records(&h.store).await.is_empty());
+}
+
+/// A relay that stalls with a held batch past its lease: the server ends
+/// the transaction (its idle timeout is the lease), so the rows are
+/// claimable again when the lease ends, as a leased row's would be, and the
+/// stalled relay's late completion is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batch_past_its_lease_is_ended_by_the_server() {
+    let h = PgHarness::new().await;
+    let held = held_claim(&h, Duration::from_millis(500)).await;
+    let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
+        .await
+        .expect("connect");
+    let claim = claim_when_back(&other, "the lease to end").await;
+    assert_eq!(claim.messages.len(), 4);
+    let report = h
+        .store
+        .complete(
+            held.lease.token,
+            &held
+                .messages
+                .iter()
+                .map(|m| Completion::new(m.seq, Disposition::Sent))
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .expect("complete");
+    assert_eq!((report.applied, report.lost), (0, 4));
+    assert_eq!(records(&h.store).await.len(), 4, "nothing was deleted");
+    common::complete_all(&other, &claim, Disposition::Sent).await;
+}
+
+/// A retaining store's held batch keeps its sent rows, marked sent, like a
+/// lease's completion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retaining_stores_held_batch_keeps_its_sent_rows() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone().retain_sent(Some(Duration::from_secs(3600)));
+    let held = held_claim_by(&h, &store, Duration::from_secs(30)).await;
+    common::complete_all(&store, &held, Disposition::Sent).await;
+    assert_eq!(store.held_batches(), 0);
+    let rows = records(&store).await;
+    assert_eq!(rows.len(), 8, "nothing deleted");
+    assert!(
+        rows.iter()
+            .all(|r| r.status == Status::Sent && r.sent_at.is_some()),
+        "{rows:?}"
     );
 }

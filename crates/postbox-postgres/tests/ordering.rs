@@ -720,3 +720,79 @@ async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
     );
     common::complete_all(&store, &fourth, Disposition::Sent).await;
 }
+
+/// A held backlog claim scans past the batches its store holds. Rows below
+/// them that nobody holds (here: delayed rows that came due) are still
+/// claimed, by the claim that starts from the front, and no row is claimed
+/// twice while the batches stay held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_below_the_held_batches_are_still_claimed() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let delay = Duration::from_millis(300);
+    let mut msgs: Vec<NewMessage> = (0..2)
+        .map(|i| NewMessage::new("t", format!("d{i}")).delay(delay))
+        .collect();
+    msgs.extend((0..12).map(|i| NewMessage::new("t", format!("m{i}"))));
+    h.outbox
+        .enqueue_batch(&h.app, &msgs)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(4, LEASE);
+    let first = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        first.messages.iter().map(body).collect::<Vec<_>>(),
+        ["m0", "m1", "m2", "m3"]
+    );
+    common::complete_all(&store, &first, Disposition::Sent).await;
+    let held = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        held.messages.iter().map(body).collect::<Vec<_>>(),
+        ["m4", "m5", "m6", "m7"]
+    );
+    assert_eq!(store.held_batches(), 1);
+    // the delayed rows, below the held batch, come due
+    loop {
+        let due: bool = sqlx::query_scalar(&format!(
+            "SELECT bool_and(available_at <= now()) FROM {}",
+            h.outbox.qualified_name()
+        ))
+        .fetch_one(&h.app)
+        .await
+        .expect("due");
+        if due {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // claim on, holding every batch: all 10 remaining rows, once each
+    let mut claimed = Vec::new();
+    let mut claims = vec![held];
+    for _ in 0..10 {
+        let c = store.claim(&req).await.expect("claim");
+        if c.messages.is_empty() {
+            break;
+        }
+        claims.push(c);
+    }
+    for c in &claims {
+        claimed.extend(c.messages.iter().map(body));
+    }
+    claimed.sort();
+    assert_eq!(
+        claimed,
+        ["d0", "d1", "m10", "m11", "m4", "m5", "m6", "m7", "m8", "m9"]
+    );
+    for c in &claims {
+        common::complete_all(&store, c, Disposition::Sent).await;
+    }
+    assert_eq!(store.held_batches(), 0);
+    let left: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {}",
+        h.outbox.qualified_name()
+    ))
+    .fetch_one(&h.app)
+    .await
+    .expect("count");
+    assert_eq!(left, 0);
+}

@@ -21,6 +21,7 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
     let want: &[(&str, &str, &[&str])] = &[
         ("keyless", "", &["_keyless_idx"]),
         ("keyless_bulk", "", &["_keyless_idx"]),
+        ("keyless_held", ", 0", &["_keyless_idx"]),
         (
             "keyed",
             ", 200",
@@ -33,6 +34,7 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
         ),
         ("keyless_tenant", ", 't3'", &["_tenant_idx"]),
         ("keyless_bulk_tenant", ", 't3'", &["_tenant_idx"]),
+        ("keyless_held_tenant", ", 0, 't3'", &["_tenant_idx"]),
         ("keyed_tenant", ", 200, 't3'", &["_tenant_idx", "_head_idx"]),
         (
             "walk_tenant",
