@@ -794,7 +794,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
 
         // A relay that died during a message's final attempt leaves it with
-        // attempts > max: it is dead, not published once more.
+        // attempts > max: it is dead, not published once more. (A store may
+        // leave such an attempt uncounted; see `Store::claim`.)
         let (to_publish, exhausted): (Vec<Message>, Vec<Message>) = claim
             .messages
             .into_iter()

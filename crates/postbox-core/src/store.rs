@@ -680,7 +680,13 @@ impl Holdups {
 pub trait Store: Send + Sync + 'static {
     /// Leases up to `req.limit` claimable messages: keyless ones in `seq`
     /// order, and for keyed ones only the head of each key whose head is not
-    /// already leased, parked or delayed. Increments each row's attempts.
+    /// already leased, parked or delayed. Increments each row's attempts
+    /// (each message's [`Message::attempt`] is the one starting now).
+    ///
+    /// A store may count an attempt when it is recorded instead, if a claim
+    /// whose relay dies leaves no trace (the PostgreSQL store's held backlog
+    /// batches: their transaction rolls back). Such an attempt is then not
+    /// counted, and the row is claimable again at once.
     fn claim(&self, req: &ClaimRequest) -> impl Future<Output = Result<Claim, StoreError>> + Send;
 
     /// Applies completions for rows claimed under `token`. A row whose lease

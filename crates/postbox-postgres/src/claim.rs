@@ -84,7 +84,8 @@ fn keyed_probe(t: &str) -> String {
 ///
 /// Parameters, in every statement: `$1` limit, `$2` lease (µs), `$3` lease
 /// token; then `keyed` and `walk` take `$4` the keyed window; `walk` takes
-/// `$5` the walk's cursor (`''` for the first key) and `$6` its length; a
+/// `$5` the walk's cursor (`''` for the first key) and `$6` its length;
+/// `keyless_held` takes `$4` the `seq` its scan starts after; a
 /// tenant-restricted statement takes the tenant as the last parameter.
 ///
 /// The ordering rule: a keyed row may be leased only when it is the head of

@@ -242,14 +242,16 @@ impl Sql {
               WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'"
         );
         // The completions of a held claim (see `claim::keyless_held_sql`),
-        // run in the claim's own transaction, which holds every row's lock:
-        // no token to check, nobody else can have changed the rows. All
-        // sent: delete them (or mark them sent, with a retention), then the
-        // store commits.
+        // run in the claim's own transaction on its own rows (the store
+        // passes only those), whose locks it holds: no token to check,
+        // nobody else can have changed them. All sent: delete them (or mark
+        // them sent, with the attempt counted as a leasing claim would have,
+        // with a retention), then the store commits.
         let held_sent =
             format!("DELETE FROM {t} WHERE seq = ANY($1::int8[]) AND status = 'pending'");
         let held_sent_keep = format!(
-            "UPDATE {t} SET status = 'sent', sent_at = now(), lease_token = NULL, lease_until = NULL
+            "UPDATE {t} SET status = 'sent', sent_at = now(), attempts = attempts + 1,
+                            lease_token = NULL, lease_until = NULL
               WHERE seq = ANY($1::int8[]) AND status = 'pending'"
         );
         // Anything else: first write what a leasing claim would have (the

@@ -1,7 +1,7 @@
 //! [`PgStore`]: the relay's side of the outbox, implementing
 //! [`postbox_core::Store`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,14 +27,14 @@ use crate::outbox::PgOutbox;
 /// listings, heartbeats, migrations); claims and completions have their own
 /// pool of [`CLAIM_POOL_SIZE`].
 pub const DEFAULT_POOL_SIZE: u32 = 2;
-/// Connections in a store's claim pool: a relay's batches in flight (2 by
-/// default, each of which may hold a connection while it is published, see
-/// [`MAX_HELD`]) plus room for a second relay over the same store.
+/// Connections in a store's claim pool: up to [`MAX_HELD`] held by backlog
+/// batches being published, the rest for claims and completions.
 pub const CLAIM_POOL_SIZE: u32 = 6;
 /// The most backlog batches a store holds open transactions for at once
 /// (held claims, see [`PgStore`]); further backlog claims lease their rows
-/// instead. Fewer than [`CLAIM_POOL_SIZE`], so claims and completions always
-/// find a connection.
+/// instead. Two fewer than [`CLAIM_POOL_SIZE`]: the rest of the pool stays
+/// for claims and completions, and a held batch's completion needs no
+/// other connection, so held batches can never starve the pool for good.
 pub const MAX_HELD: usize = 4;
 /// How long a query waits for a free pooled connection before failing with
 /// [`StoreError::Unavailable`].
@@ -82,8 +82,14 @@ pub fn relay_connect_options(options: PgConnectOptions) -> PgConnectOptions {
 /// `claim` module). Private on purpose: only this pool, which runs nothing
 /// but those statements, may carry it; a pool that producers or admin
 /// commands commit on must keep the server's durable setting.
+///
+/// And `lock_timeout = 2s`: nothing on this pool should wait for a row
+/// lock (claims skip locked rows), except a completion whose lease ran out
+/// while another relay's held backlog batch locked its rows; that one fails
+/// after 2 s (the relay retries it until the lease's end, then the rows are
+/// the holder's) instead of waiting out the holder's publish.
 fn claim_connect_options(options: PgConnectOptions) -> PgConnectOptions {
-    relay_connect_options(options).options([("synchronous_commit", "off")])
+    relay_connect_options(options).options([("synchronous_commit", "off"), ("lock_timeout", "2s")])
 }
 
 /// Connect options for the admin pool [`PgStore::connect`] builds: custom
@@ -169,6 +175,22 @@ const MAX_SCOPES: usize = 2_048;
 /// Two pools: the one it was built over, for admin queries, heartbeats and
 /// migrations, and a claim pool to the same database with the claim session
 /// settings ([`relay_connect_options`]) for claims and completions.
+///
+/// **Held backlog batches.** A keyless claim that follows a full one (a
+/// backlog) does not lease its rows: it locks them `FOR UPDATE SKIP LOCKED`
+/// in a transaction the store keeps open, on its own claim-pool connection,
+/// until the batch is completed; the completion writes in that transaction
+/// and commits. The locks are the lease and the transaction is the fence:
+/// the server ends it once it has been idle for the lease
+/// (`idle_in_transaction_session_timeout`), or when the relay's connection
+/// drops, and then the rows are claimable again at once, untouched. This
+/// writes each row once (its `DELETE`) instead of twice (lease, then
+/// `DELETE`); see the README and BENCHMARKS.md. At most [`MAX_HELD`] batches
+/// per store; beyond that, and for every other claim, rows are leased.
+/// Differences a caller can see: such rows count as ready, not leased, in
+/// [`Store::stats`]; an attempt ended by the relay's death is not counted
+/// (its transaction rolled back); a batch completed in parts commits with
+/// its last part.
 #[derive(Clone)]
 pub struct PgStore {
     outbox: PgOutbox,
@@ -205,24 +227,46 @@ struct Shared {
     held_batches: Mutex<HashMap<Uuid, HeldBatch>>,
     /// One permit per held claim, [`MAX_HELD`] in all.
     hold_permits: Arc<Semaphore>,
-    /// When a held claim last scanned from the front (see
+    /// When each scope's held claims last scanned from the front (see
     /// [`Shared::held_floor`]).
-    front_scanned: Mutex<Option<Instant>>,
+    front_scanned: Mutex<HashMap<Option<String>, Instant>>,
 }
 
 /// A held claim's open transaction (see `claim::keyless_held_sql`): its row
-/// locks are the batch's lease. Ends with the batch's completion, or, if
-/// that never comes, when a later claim finds its lease over (dropped:
-/// rolled back, the rows claimable again; the server's
-/// `idle_in_transaction_session_timeout` ends it at the same time anyway).
+/// locks are the batch's lease. Ends once every row of the batch has an
+/// outcome (committed), or, if that never comes, when a later claim finds
+/// its lease over (dropped: rolled back, the rows claimable again; the
+/// server's `idle_in_transaction_session_timeout` ends it at the same time
+/// anyway).
 struct HeldBatch {
-    txn: Transaction<'static, Postgres>,
+    /// `None` only while a completion runs on it, and once dropped.
+    txn: Option<Transaction<'static, Postgres>>,
     until: Instant,
+    /// The batch's rows that have no outcome yet.
+    open: HashSet<i64>,
     /// The claim's scope (any tenant, or one) and its highest `seq`: where
     /// that scope's next held claim starts.
     scope: Option<String>,
     last_seq: i64,
     _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for HeldBatch {
+    fn drop(&mut self) {
+        if let Some(txn) = self.txn.take() {
+            // Dropping a pooled connection hands it back to the pool on the
+            // Tokio runtime (sqlx spawns a task and panics without one).
+            // Outside a runtime (a store dropped after its runtime ended)
+            // let it go unreturned: the process is ending, and the server
+            // rolls the transaction back when the socket closes or the idle
+            // timeout ends it.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                drop(txn);
+            } else {
+                std::mem::forget(txn);
+            }
+        }
+    }
 }
 
 /// A `complete` call's outcomes as the statements bind them: arrays in
@@ -272,6 +316,27 @@ impl Outcomes {
         self.kinds.iter().all(|k| *k == kind)
     }
 
+    /// The outcomes `keep(seq, kind)` accepts, in order.
+    fn filter(&self, mut keep: impl FnMut(i64, &str) -> bool) -> Self {
+        let mut out = Self {
+            seqs: Vec::new(),
+            kinds: Vec::new(),
+            delays: Vec::new(),
+            errors: Vec::new(),
+            parks: Vec::new(),
+        };
+        for i in 0..self.seqs.len() {
+            if keep(self.seqs[i], self.kinds[i]) {
+                out.seqs.push(self.seqs[i]);
+                out.kinds.push(self.kinds[i]);
+                out.delays.push(self.delays[i]);
+                out.errors.push(self.errors[i].clone());
+                out.parks.push(self.parks[i]);
+            }
+        }
+        out
+    }
+
     fn rows(&self) -> u64 {
         u64::try_from(self.seqs.len()).unwrap_or(u64::MAX)
     }
@@ -306,15 +371,16 @@ impl Shared {
             window_leased: AtomicU64::new(0),
             held_batches: Mutex::default(),
             hold_permits: Arc::new(Semaphore::new(MAX_HELD)),
-            front_scanned: Mutex::new(None),
+            front_scanned: Mutex::default(),
         }
     }
 
-    /// Where a held claim of `scope` starts its scan (exclusive): past the
-    /// batches of that scope this store holds, whose locked rows it would
-    /// otherwise try and skip one by one; from the front at least every
+    /// Where a held claim of `scope` starts its scan (exclusive), and the
+    /// floor it would have started past: past the batches of that scope
+    /// this store holds, whose locked rows it would otherwise try and skip
+    /// one by one; from the front (0) when it holds none, and at least every
     /// [`FRONT_SCAN_EVERY`], for rows below that nobody holds.
-    fn held_floor(&self, scope: &Option<String>, now: Instant) -> i64 {
+    fn held_floor(&self, scope: &Option<String>, now: Instant) -> (i64, i64) {
         let floor = self
             .held_batches()
             .values()
@@ -323,19 +389,32 @@ impl Shared {
             .max()
             .unwrap_or(0);
         if floor == 0 {
-            return 0;
+            return (0, 0);
         }
-        let mut front = self
-            .front_scanned
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match *front {
-            Some(at) if now.saturating_duration_since(at) < FRONT_SCAN_EVERY => floor,
+        let mut front = self.front_scanned();
+        match front.get(scope) {
+            Some(at) if now.saturating_duration_since(*at) < FRONT_SCAN_EVERY => (floor, floor),
             _ => {
-                *front = Some(now);
-                0
+                // bounded like the claim modes
+                if front.len() >= MAX_SCOPES && !front.contains_key(scope) {
+                    front.clear();
+                }
+                front.insert(scope.clone(), now);
+                (0, floor)
             }
         }
+    }
+
+    /// A front scan of `scope` came back full of rows below the floor: more
+    /// may wait there, so its next held claim scans from the front again.
+    fn front_again(&self, scope: &Option<String>) {
+        self.front_scanned().remove(scope);
+    }
+
+    fn front_scanned(&self) -> std::sync::MutexGuard<'_, HashMap<Option<String>, Instant>> {
+        self.front_scanned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn held_batches(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, HeldBatch>> {
@@ -563,7 +642,8 @@ impl PgStore {
     /// leasing and held),
     /// the keyed and the key-walk claims, for any tenant and restricted to
     /// one. Parameters: limit, lease µs, token; keyed and walk: window size;
-    /// walk: cursor (`''` for the first key), walk length; the tenant last.
+    /// walk: cursor (`''` for the first key), walk length; held: the `seq`
+    /// its scan starts after (0: from the front); the tenant last.
     pub fn claim_statements(outbox: &PgOutbox) -> Vec<(&'static str, &'static str, &str)> {
         let sql = &outbox.inner.sql;
         let (any, one) = (&sql.claim_any, &sql.claim_tenant);
@@ -695,81 +775,99 @@ impl PgStore {
         self.shared.held_batches().len()
     }
 
-    /// Records the outcomes of a held claim in its own transaction and
-    /// commits. A transaction that ended first (the server's idle timeout
-    /// at the lease's end, the connection lost, the server restarted) took
-    /// its writes with it: its rows are claimable again, untouched, and are
-    /// reported `lost`. All released: the rollback gives them back.
-    async fn complete_held(&self, token: Uuid, batch: HeldBatch, out: &Outcomes) -> CompleteReport {
+    /// Records the outcomes of a held claim in its own transaction, and
+    /// commits once every row of the batch has one (the relay completes a
+    /// batch in one call; a caller that completes it in parts keeps it
+    /// open until the last). Released rows need no write: the commit frees
+    /// them untouched. A `seq` not of this batch is reported `lost`. A
+    /// transaction that ended first (the server's idle timeout at the
+    /// lease's end, the connection lost, the server restarted) took its
+    /// writes with it, earlier parts' included: its rows are claimable
+    /// again, untouched, and this call's are reported `lost`.
+    async fn complete_held(
+        &self,
+        token: Uuid,
+        mut batch: HeldBatch,
+        out: &Outcomes,
+    ) -> CompleteReport {
         let n = out.rows();
-        let HeldBatch { mut txn, .. } = batch;
-        let report = if out.all("release") {
-            // untouched either way: a failed rollback means the server
-            // ended the transaction already
-            if let Err(e) = txn.rollback().await {
-                tracing::debug!(error = %e, "rolling back a released held batch");
-            }
-            CompleteReport {
-                applied: n,
-                lost: 0,
-            }
-        } else {
-            let sql = &self.outbox.inner.sql;
-            let keep = self.outbox.sent_retention().is_some();
-            let recorded = async {
-                let applied = if out.all("sent") {
-                    let all_sent = if keep {
-                        &sql.held_sent_keep
-                    } else {
-                        &sql.held_sent
-                    };
-                    sqlx::query(all_sent)
-                        .bind(&out.seqs[..])
-                        .execute(&mut *txn)
-                        .await?
-                        .rows_affected()
+        let mine = out.filter(|seq, _| batch.open.remove(&seq));
+        let released = mine.kinds.iter().filter(|k| **k == "release").count() as u64;
+        let writes = mine.filter(|_, kind| kind != "release");
+        let finished = batch.open.is_empty();
+        let Some(mut txn) = batch.txn.take() else {
+            return CompleteReport {
+                applied: 0,
+                lost: n,
+            };
+        };
+        let sql = &self.outbox.inner.sql;
+        let keep = self.outbox.sent_retention().is_some();
+        let recorded = async {
+            let applied = if writes.seqs.is_empty() {
+                0
+            } else if writes.all("sent") {
+                let all_sent = if keep {
+                    &sql.held_sent_keep
                 } else {
-                    sqlx::query(&sql.held_stamp)
-                        .bind(token)
-                        .bind(&out.seqs[..])
-                        .execute(&mut *txn)
-                        .await?;
-                    let mixed = if keep {
-                        &sql.complete_keep
-                    } else {
-                        &sql.complete
-                    };
-                    let applied: i64 = out
-                        .bind_mixed(sqlx::query(mixed), token)
-                        .fetch_one(&mut *txn)
-                        .await?
-                        .try_get(0)?;
-                    u64::try_from(applied).unwrap_or(0)
+                    &sql.held_sent
                 };
+                sqlx::query(all_sent)
+                    .bind(&writes.seqs[..])
+                    .execute(&mut *txn)
+                    .await?
+                    .rows_affected()
+            } else {
+                sqlx::query(&sql.held_stamp)
+                    .bind(token)
+                    .bind(&writes.seqs[..])
+                    .execute(&mut *txn)
+                    .await?;
+                let mixed = if keep {
+                    &sql.complete_keep
+                } else {
+                    &sql.complete
+                };
+                let applied: i64 = writes
+                    .bind_mixed(sqlx::query(mixed), token)
+                    .fetch_one(&mut *txn)
+                    .await?
+                    .try_get(0)?;
+                u64::try_from(applied).unwrap_or(0)
+            };
+            if finished {
                 txn.commit().await?;
-                Ok::<_, sqlx::Error>(applied)
+            } else {
+                batch.txn = Some(txn);
             }
-            .await;
-            match recorded {
-                Ok(applied) => CompleteReport {
+            Ok::<_, sqlx::Error>(applied)
+        }
+        .await;
+        let report = match recorded {
+            Ok(applied) => {
+                if !finished {
+                    self.shared.held_batches().insert(token, batch);
+                }
+                let applied = applied.saturating_add(released);
+                CompleteReport {
                     applied,
                     lost: n.saturating_sub(applied),
-                },
-                Err(e) => {
-                    tracing::warn!(
-                        error = %map(e),
-                        rows = n,
-                        "a held batch's transaction ended before its outcomes were recorded; its rows are claimable again"
-                    );
-                    CompleteReport {
-                        applied: 0,
-                        lost: n,
-                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %map(e),
+                    rows = n,
+                    "a held batch's transaction ended before its outcomes were recorded; its rows are claimable again"
+                );
+                CompleteReport {
+                    applied: 0,
+                    lost: n,
                 }
             }
         };
-        // whatever happened, this store no longer holds the rows
-        self.shared.held().completed(token, n);
+        // recorded or not, this store no longer holds these rows
+        self.shared.held().completed(token, mine.rows());
         report
     }
 
@@ -915,6 +1013,21 @@ fn status_text(s: Status) -> Option<&'static str> {
     }
 }
 
+/// How a held claim's transaction begins: the server ends it (rolling it
+/// back, its rows claimable again) once it has sat idle for the lease, so a
+/// relay that stalls mid-publish loses its rows when its lease ends, as it
+/// would a leasing claim's. A number, never text from outside.
+fn held_begin(lease: Duration) -> String {
+    let ms = lease.as_millis().clamp(1, i32::MAX as u128);
+    format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {ms}")
+}
+
+/// Whether a claim under `lease` may be held: the server's idle timeout
+/// (an `int` of ms) and this process's clock can both express its end.
+fn holdable(lease: Duration, now: Instant) -> bool {
+    lease.as_millis() <= i32::MAX as u128 && now.checked_add(lease).is_some()
+}
+
 /// The keyed claim's window: how many of the oldest pending keyed rows it
 /// looks at for heads. The oldest keyed rows are usually leased ones: this
 /// relay's batches in flight (up to three per worker), its concurrent
@@ -931,15 +1044,6 @@ fn status_text(s: Status) -> Option<&'static str> {
 /// for 10,000 (batch 1,000 with many rows held). `held` counts keyless and
 /// tenant-claimed rows too, which are not in this window; the cap bounds
 /// what that costs.
-/// How a held claim's transaction begins: the server ends it (rolling it
-/// back, its rows claimable again) once it has sat idle for the lease, so a
-/// relay that stalls mid-publish loses its rows when its lease ends, as it
-/// would a leasing claim's. A number, never text from outside.
-fn held_begin(lease: Duration) -> String {
-    let ms = lease.as_millis().clamp(1, i32::MAX as u128);
-    format!("BEGIN; SET LOCAL idle_in_transaction_session_timeout = {ms}")
-}
-
 fn keyed_window(limit: usize, leased: u64) -> i64 {
     let leased = usize::try_from(leased).unwrap_or(usize::MAX);
     clamp_i64(
@@ -1013,14 +1117,19 @@ impl Store for PgStore {
         let (rows, expires) = loop {
             let walk_start = self.walk_from();
             // A backlog claim holds its transaction open when a permit is
-            // free, and leases its rows otherwise.
-            let hold = (mode == MODE_BULK)
+            // free (and the lease fits the server's idle timeout), and
+            // leases its rows otherwise.
+            let hold = (mode == MODE_BULK && holdable(req.lease, claimed_at))
                 .then(|| {
                     Arc::clone(&self.shared.hold_permits)
                         .try_acquire_owned()
                         .ok()
                 })
                 .flatten();
+            let (start, floor) = match hold {
+                Some(_) => self.shared.held_floor(&req.tenant, claimed_at),
+                None => (0, 0),
+            };
             let query = match mode {
                 MODE_KEYLESS => sqlx::query(&statements.keyless),
                 MODE_BULK if hold.is_some() => sqlx::query(&statements.keyless_held),
@@ -1032,9 +1141,7 @@ impl Store for PgStore {
             .bind(lease)
             .bind(token);
             let query = match mode {
-                MODE_BULK if hold.is_some() => {
-                    query.bind(self.shared.held_floor(&req.tenant, claimed_at))
-                }
+                MODE_BULK if hold.is_some() => query.bind(start),
                 MODE_KEYLESS | MODE_BULK => query,
                 MODE_WINDOW => query.bind(window),
                 _ => query
@@ -1057,7 +1164,7 @@ impl Store for PgStore {
                     if rows.is_empty() {
                         txn.rollback().await.map_err(map)?;
                     } else {
-                        held = Some((txn, permit));
+                        held = Some((txn, permit, start == 0 && floor > 0, floor));
                     }
                     rows
                 }
@@ -1159,19 +1266,23 @@ impl Store for PgStore {
         // for `Instant` is simply not counted)
         let until = claimed_at.checked_add(req.lease).unwrap_or(claimed_at);
         self.shared.held().leased(token, leased, until);
-        if let Some((txn, permit)) = held {
-            let last_seq = messages
-                .last()
+        if let Some((txn, permit, front, floor)) = held {
+            let open: HashSet<i64> = messages
+                .iter()
                 .map(|m| m.seq)
-                .into_iter()
                 .chain(malformed.iter().map(|m| m.seq))
-                .max()
-                .unwrap_or(0);
+                .collect();
+            let last_seq = open.iter().copied().max().unwrap_or(0);
+            if front && rows.len() >= limit && last_seq < floor {
+                // a full batch from below the floor: more may be there
+                self.shared.front_again(&req.tenant);
+            }
             self.shared.held_batches().insert(
                 token,
                 HeldBatch {
-                    txn,
+                    txn: Some(txn),
                     until,
+                    open,
                     scope: req.tenant.clone(),
                     last_seq,
                     _permit: permit,
@@ -1434,6 +1545,7 @@ mod tests {
             relay.get_options().unwrap_or_default(),
         );
         assert!(claim.contains("-c synchronous_commit=off"), "{claim}");
+        assert!(claim.contains("-c lock_timeout=2s"), "{claim}");
         assert!(
             claim.contains("-c plan_cache_mode=force_generic_plan"),
             "{claim}"

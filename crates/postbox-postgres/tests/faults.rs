@@ -732,7 +732,104 @@ async fn a_retaining_stores_held_batch_keeps_its_sent_rows() {
     assert_eq!(rows.len(), 8, "nothing deleted");
     assert!(
         rows.iter()
-            .all(|r| r.status == Status::Sent && r.sent_at.is_some()),
+            .all(|r| r.status == Status::Sent && r.sent_at.is_some() && r.attempts == 1),
         "{rows:?}"
     );
+}
+
+/// A held batch completed in parts stays held until its last row has an
+/// outcome; a `seq` that is not the batch's is reported lost and left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batch_completed_in_parts_commits_with_its_last_row() {
+    let h = PgHarness::new().await;
+    let held = held_claim(&h, Duration::from_secs(30)).await;
+    let seqs: Vec<i64> = held.messages.iter().map(|m| m.seq).collect();
+    h.outbox
+        .enqueue_batch(&h.app, &[NewMessage::new("t", "other")])
+        .await
+        .expect("enqueue");
+    let other_seq: i64 = sqlx::query_scalar(&format!(
+        "SELECT max(seq) FROM {}",
+        h.outbox.qualified_name()
+    ))
+    .fetch_one(&h.app)
+    .await
+    .expect("seq");
+    let first = h
+        .store
+        .complete(
+            held.lease.token,
+            &[
+                Completion::new(seqs[0], Disposition::Sent),
+                Completion::new(seqs[1], Disposition::Sent),
+                Completion::new(other_seq, Disposition::Sent),
+            ],
+        )
+        .await
+        .expect("complete");
+    assert_eq!((first.applied, first.lost), (2, 1));
+    assert_eq!(h.store.held_batches(), 1, "two rows still open");
+    assert_eq!(records(&h.store).await.len(), 5, "nothing committed yet");
+    let last = h
+        .store
+        .complete(
+            held.lease.token,
+            &[
+                Completion::new(seqs[2], Disposition::Release),
+                Completion::new(seqs[3], Disposition::Sent),
+            ],
+        )
+        .await
+        .expect("complete");
+    assert_eq!((last.applied, last.lost), (2, 0));
+    assert_eq!(h.store.held_batches(), 0);
+    let mut left: Vec<(i64, u32)> = records(&h.store)
+        .await
+        .iter()
+        .map(|r| (r.seq, r.attempts))
+        .collect();
+    left.sort_unstable();
+    assert_eq!(left, [(seqs[2], 0), (other_seq, 0)]);
+}
+
+/// A store holds at most `MAX_HELD` backlog batches open; the backlog
+/// claims beyond that lease their rows as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_claims_past_max_held_lease_their_rows() {
+    let h = PgHarness::new().await;
+    let n = 4 * (postbox_postgres::MAX_HELD + 2);
+    let msgs: Vec<NewMessage> = (0..n)
+        .map(|i| NewMessage::new("t", format!("m{i}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &msgs)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(4, Duration::from_secs(30));
+    let mut claims = Vec::new();
+    for _ in 0..postbox_postgres::MAX_HELD + 2 {
+        let c = h.store.claim(&req).await.expect("claim");
+        assert_eq!(c.messages.len(), 4);
+        claims.push(c);
+    }
+    // the first claim (not a backlog yet) and the last (no permit left)
+    // leased their rows; the ones between hold theirs
+    assert_eq!(h.store.held_batches(), postbox_postgres::MAX_HELD);
+    let leased: Vec<uuid::Uuid> = sqlx::query_scalar(&format!(
+        "SELECT DISTINCT lease_token FROM {} WHERE lease_token IS NOT NULL",
+        h.outbox.qualified_name()
+    ))
+    .fetch_all(&h.app)
+    .await
+    .expect("tokens");
+    let mut want = vec![claims[0].lease.token, claims[claims.len() - 1].lease.token];
+    let mut leased = leased;
+    want.sort_unstable();
+    leased.sort_unstable();
+    assert_eq!(leased, want);
+    for c in &claims {
+        common::complete_all(&h.store, c, Disposition::Sent).await;
+    }
+    assert_eq!(h.store.held_batches(), 0);
+    assert!(records(&h.store).await.is_empty());
 }
