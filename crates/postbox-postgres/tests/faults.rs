@@ -550,6 +550,19 @@ async fn claim_when_back(store: &PgStore, what: &str) -> postbox_core::Claim {
     }
 }
 
+/// Records every message of `claim` sent, and returns what that applied.
+async fn all_sent(store: &PgStore, claim: &postbox_core::Claim) -> postbox_core::CompleteReport {
+    let done: Vec<Completion> = claim
+        .messages
+        .iter()
+        .map(|m| Completion::new(m.seq, Disposition::Sent))
+        .collect();
+    store
+        .complete(claim.lease.token, &done)
+        .await
+        .expect("complete")
+}
+
 async fn records(store: &PgStore) -> Vec<MessageRecord> {
     store.list(&ListQuery::new(None, 100)).await.expect("list")
 }
@@ -670,18 +683,7 @@ async fn a_held_batch_whose_connection_dies_gives_its_rows_back_at_once() {
         claim.messages.iter().all(|m| m.attempt == 1),
         "the attempt that died was not counted"
     );
-    let report = h
-        .store
-        .complete(
-            held.lease.token,
-            &held
-                .messages
-                .iter()
-                .map(|m| Completion::new(m.seq, Disposition::Sent))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .expect("complete");
+    let report = all_sent(&h.store, &held).await;
     assert_eq!((report.applied, report.lost), (0, 4));
     assert_eq!(h.store.held_batches(), 0);
     assert_eq!(records(&h.store).await.len(), 4, "nothing was deleted");
@@ -702,18 +704,7 @@ async fn a_held_batch_past_its_lease_is_ended_by_the_server() {
         .expect("connect");
     let claim = claim_when_back(&other, "the lease to end").await;
     assert_eq!(claim.messages.len(), 4);
-    let report = h
-        .store
-        .complete(
-            held.lease.token,
-            &held
-                .messages
-                .iter()
-                .map(|m| Completion::new(m.seq, Disposition::Sent))
-                .collect::<Vec<_>>(),
-        )
-        .await
-        .expect("complete");
+    let report = all_sent(&h.store, &held).await;
     assert_eq!((report.applied, report.lost), (0, 4));
     assert_eq!(records(&h.store).await.len(), 4, "nothing was deleted");
     common::complete_all(&other, &claim, Disposition::Sent).await;
@@ -832,4 +823,77 @@ async fn backlog_claims_past_max_held_lease_their_rows() {
     }
     assert_eq!(h.store.held_batches(), 0);
     assert!(records(&h.store).await.is_empty());
+}
+
+/// Slows every publish down, so that a backlog lasts while the test kills
+/// sessions.
+#[derive(Clone)]
+struct Slow(TestPublisher);
+
+impl Publisher for Slow {
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        self.0.publish(batch).await
+    }
+}
+
+/// Three relays drain a keyless backlog in held batches while the sessions
+/// holding them (`idle in transaction`) are terminated again and again:
+/// every message is delivered, none of a batch whose transaction the
+/// server ended is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_whose_held_batches_are_killed_deliver_everything() {
+    let h = PgHarness::new().await;
+    let msgs: Vec<NewMessage> = (0..20_000)
+        .map(|i| NewMessage::new("t", format!("m{i}")))
+        .collect();
+    let ids: HashSet<_> = msgs.iter().map(|m| m.id).collect();
+    for chunk in msgs.chunks(1_000) {
+        h.outbox
+            .enqueue_batch(&h.app, chunk)
+            .await
+            .expect("enqueue");
+    }
+    let publisher = TestPublisher::recording();
+    let shutdown = CancellationToken::new();
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        let store = PgStore::connect_with(&h.db.url, h.outbox.clone())
+            .await
+            .expect("connect");
+        let relay = Relay::builder(store, Slow(publisher.clone()))
+            .batch_size(50)
+            .poll_interval(Duration::from_millis(10))
+            .build()
+            .expect("relay");
+        let sd = shutdown.clone();
+        relays.push(tokio::spawn(async move { relay.run(sd).await }));
+    }
+    // end held batches mid-publish until some were
+    let mut killed = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while killed < 5 && tokio::time::Instant::now() < deadline {
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+              WHERE datname = $1 AND application_name = 'postbox-relay'
+                AND state = 'idle in transaction'",
+        )
+        .bind(&h.db.name)
+        .fetch_all(&h.app)
+        .await
+        .expect("terminate");
+        killed += ended.into_iter().filter(|k| *k).count();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(killed > 0, "no held batch was open to end");
+    wait_until("everything delivered", || async {
+        h.store.stats(&Filter::all()).await.expect("stats").pending == 0
+    })
+    .await;
+    shutdown.cancel();
+    for r in relays {
+        r.await.expect("relay task");
+    }
+    let distinct: HashSet<_> = publisher.delivered().iter().map(|m| m.id).collect();
+    assert_eq!(distinct, ids, "not every message was delivered");
 }
