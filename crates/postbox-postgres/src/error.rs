@@ -5,12 +5,14 @@ use postbox_core::StoreError;
 /// SQLSTATEs after which retrying later is the right response: connection
 /// exceptions (class 08), server shutting down or starting (57P01..57P03),
 /// too many connections (53300), serialization failure and deadlock (40001,
-/// 40P01; the transaction was rolled back and may simply be run again).
+/// 40P01; the transaction was rolled back and may simply be run again), a
+/// row lock not granted within the claim sessions' `lock_timeout` (55P03),
+/// and a session the server ended for idling in a transaction (25P03).
 fn transient_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || matches!(
             code,
-            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "55P03" | "25P03"
         )
 }
 
@@ -88,5 +90,15 @@ mod tests {
             redact_text("failed for a:pw@h", "postgres://a:pw@h/d"),
             "failed for a:***@h"
         );
+    }
+
+    #[test]
+    fn lock_and_idle_timeouts_are_retried_later() {
+        for code in ["55P03", "25P03", "08006", "40P01"] {
+            assert!(transient_sqlstate(code), "{code}");
+        }
+        for code in ["23505", "42P01", "22P02"] {
+            assert!(!transient_sqlstate(code), "{code}");
+        }
     }
 }
