@@ -85,7 +85,8 @@ fn keyed_probe(t: &str) -> String {
 /// Parameters, in every statement: `$1` limit, `$2` lease (µs), `$3` lease
 /// token; then `keyed` and `walk` take `$4` the keyed window; `walk` takes
 /// `$5` the walk's cursor (`''` for the first key) and `$6` its length;
-/// `keyless_held` takes `$4` the `seq` its scan starts after; a
+/// `keyless_bulk` and `keyless_held` take `$4` the `seq` their scan starts
+/// after; a
 /// tenant-restricted statement takes the tenant as the last parameter.
 ///
 /// The ordering rule: a keyed row may be leased only when it is the head of
@@ -118,7 +119,7 @@ impl ClaimSql {
     pub(crate) fn new(t: &str, tenant: bool) -> Self {
         Self {
             keyless: keyless_sql(t, tenant.then_some("$4")),
-            keyless_bulk: keyless_bulk_sql(t, tenant.then_some("$4")),
+            keyless_bulk: keyless_bulk_sql(t, tenant.then_some("$5")),
             keyless_held: keyless_held_sql(t, tenant.then_some("$5")),
             keyed: keyed_sql(t, false, tenant.then_some("$5")),
             walk: keyed_sql(t, true, tenant.then_some("$7")),
@@ -146,10 +147,15 @@ fn tenant_pred(alias: &str, param: Option<&str>) -> String {
 /// index `(seq) WHERE key IS NULL AND status = 'pending'`, or for a tenant
 /// on `(tenant, seq) WHERE tenant IS NOT NULL AND status = 'pending'`.
 fn keyless_select(t: &str, tenant: Option<&str>) -> String {
+    keyless_select_past(t, tenant, "")
+}
+
+/// [`keyless_select`] with an extra condition `past` (`AND …`).
+fn keyless_select_past(t: &str, tenant: Option<&str>, past: &str) -> String {
     let tenant = tenant_pred("r", tenant);
     format!(
         "SELECT r.seq FROM {t} AS r
-          WHERE r.key IS NULL AND r.status = 'pending' AND {DUE} {tenant}
+          WHERE r.key IS NULL AND r.status = 'pending' {past} AND {DUE} {tenant}
           ORDER BY r.seq
           LIMIT $1
           FOR UPDATE SKIP LOCKED"
@@ -244,13 +250,17 @@ fn keyless_sql(t: &str, tenant: Option<&str>) -> String {
 /// hints, so the store runs this statement only after a claim that came
 /// back full with no keyed row pending, and `keyless` again after one that
 /// leased nothing.
+///
+/// It starts past `$4` like `keyless_held` (see there): the store uses it
+/// when all its held permits are taken, that is behind as many held
+/// batches of its own. The tenant is `$5`.
 fn keyless_bulk_sql(t: &str, tenant: Option<&str>) -> String {
     format!(
         "UPDATE {t} AS t
             {LEASE_SET}
           WHERE t.seq = ANY(ARRAY({keyless}))
          RETURNING {returned}, {until} AS lease_until_us, {hints}",
-        keyless = keyless_select(t, tenant),
+        keyless = keyless_select_past(t, tenant, "AND r.seq > $4"),
         returned = returned_columns(),
         until = lease_until_us(),
         hints = keyless_hints(t),

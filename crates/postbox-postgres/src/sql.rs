@@ -170,6 +170,12 @@ impl Sql {
         let claim_any = ClaimSql::new(t, false);
         let claim_tenant = ClaimSql::new(t, true);
 
+        // Completions stamp times with `statement_timestamp()`, not `now()`:
+        // a held batch's completion runs in the transaction its claim began,
+        // where `now()` is the claim's time, a whole publish earlier (a retry
+        // would come due that much early, `sent_at` would precede the send).
+        // In autocommit the two are the same.
+        //
         // One round trip for a whole batch of outcomes: the arrays are
         // unnested and joined on `seq`; every row is guarded by the lease
         // token, so a relay whose lease was taken over changes nothing. The
@@ -190,7 +196,7 @@ impl Sql {
                     status = CASE WHEN c.kind = 'dead' THEN 'dead' ELSE 'pending' END,
                     parked = (c.kind = 'dead' AND c.park AND t.key IS NOT NULL),
                     available_at = CASE WHEN c.kind = 'retry'
-                                        THEN now() + c.delay_us * interval '1 microsecond'
+                                        THEN statement_timestamp() + c.delay_us * interval '1 microsecond'
                                         ELSE t.available_at END,
                     last_error = CASE WHEN c.kind IN ('retry', 'dead') THEN c.error ELSE t.last_error END,
                     attempts = CASE WHEN c.kind = 'release' THEN greatest(t.attempts - 1, 0)
@@ -213,7 +219,7 @@ impl Sql {
         ));
         // With a retention: the same, sent rows kept (see `complete_sent_keep`).
         let complete_keep = complete_with(&format!(
-            "UPDATE {t} AS t SET status = 'sent', sent_at = now(),
+            "UPDATE {t} AS t SET status = 'sent', sent_at = statement_timestamp(),
                                  lease_token = NULL, lease_until = NULL
                FROM c
               WHERE t.seq = ANY($2::int8[]) AND t.seq = c.seq AND c.kind = 'sent'
@@ -238,7 +244,7 @@ impl Sql {
         // row pending under an expired lease, so it is delivered once more,
         // as after a forgotten DELETE.
         let complete_sent_keep = format!(
-            "UPDATE {t} SET status = 'sent', sent_at = now(), lease_token = NULL, lease_until = NULL
+            "UPDATE {t} SET status = 'sent', sent_at = statement_timestamp(), lease_token = NULL, lease_until = NULL
               WHERE seq = ANY($2::int8[]) AND lease_token = $1 AND status = 'pending'"
         );
         // The completions of a held claim (see `claim::keyless_held_sql`),
@@ -250,14 +256,14 @@ impl Sql {
         let held_sent =
             format!("DELETE FROM {t} WHERE seq = ANY($1::int8[]) AND status = 'pending'");
         let held_sent_keep = format!(
-            "UPDATE {t} SET status = 'sent', sent_at = now(), attempts = attempts + 1,
+            "UPDATE {t} SET status = 'sent', sent_at = statement_timestamp(), attempts = attempts + 1,
                             lease_token = NULL, lease_until = NULL
               WHERE seq = ANY($1::int8[]) AND status = 'pending'"
         );
         // Anything else: first write what a leasing claim would have (the
         // attempt counted, the token), then `complete` applies the outcomes
-        // as for any lease, in the same transaction. Only failures and
-        // releases take this path.
+        // as for any lease, in the same transaction: batches with a failure
+        // (released rows need no write and are left out).
         let held_stamp = format!(
             "UPDATE {t} SET attempts = attempts + 1, lease_token = $1
               WHERE seq = ANY($2::int8[]) AND status = 'pending'"

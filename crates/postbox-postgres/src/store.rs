@@ -83,11 +83,14 @@ pub fn relay_connect_options(options: PgConnectOptions) -> PgConnectOptions {
 /// but those statements, may carry it; a pool that producers or admin
 /// commands commit on must keep the server's durable setting.
 ///
-/// And `lock_timeout = 2s`: nothing on this pool should wait for a row
-/// lock (claims skip locked rows), except a completion whose lease ran out
-/// while another relay's held backlog batch locked its rows; that one fails
-/// after 2 s (the relay retries it until the lease's end, then the rows are
-/// the holder's) instead of waiting out the holder's publish.
+/// And `lock_timeout = 2s`: claims never wait for a row lock (they skip
+/// locked rows), but a leasing completion can find its rows locked by a
+/// held backlog batch: one that took them after the lease ran out, or one
+/// whose `SKIP LOCKED` scan locked a row just as another relay leased it
+/// (PostgreSQL then skips the row but keeps the lock until the holder's
+/// transaction ends). Such a completion fails after 2 s as `Unavailable`
+/// instead of waiting out the holder's publish; the relay retries it while
+/// its lease lasts.
 fn claim_connect_options(options: PgConnectOptions) -> PgConnectOptions {
     relay_connect_options(options).options([("synchronous_commit", "off"), ("lock_timeout", "2s")])
 }
@@ -187,10 +190,15 @@ const MAX_SCOPES: usize = 2_048;
 /// writes each row once (its `DELETE`) instead of twice (lease, then
 /// `DELETE`); see the README and BENCHMARKS.md. At most [`MAX_HELD`] batches
 /// per store; beyond that, and for every other claim, rows are leased.
-/// Differences a caller can see: such rows count as ready, not leased, in
-/// [`Store::stats`]; an attempt ended by the relay's death is not counted
-/// (its transaction rolled back); a batch completed in parts commits with
-/// its last part.
+/// Differences a caller can see: such rows count as ready (or retrying),
+/// not leased, in [`Store::stats`]; an attempt ended by the relay's death
+/// is not counted (its transaction rolled back); a batch completed in parts
+/// commits with its last part, and its parts must be completed one after
+/// the other (a second `complete` of a batch while one runs reports its
+/// rows lost); its transaction has a transaction id, so it shows in
+/// [`PgStore::horizon`] while it is open; and schema changes to the table
+/// wait for the open batches to end. [`PgStore::listen`] builds a store
+/// with its own claim state: call it before claiming.
 #[derive(Clone)]
 pub struct PgStore {
     outbox: PgOutbox,
@@ -642,8 +650,9 @@ impl PgStore {
     /// leasing and held),
     /// the keyed and the key-walk claims, for any tenant and restricted to
     /// one. Parameters: limit, lease µs, token; keyed and walk: window size;
-    /// walk: cursor (`''` for the first key), walk length; held: the `seq`
-    /// its scan starts after (0: from the front); the tenant last.
+    /// walk: cursor (`''` for the first key), walk length; the backlog
+    /// forms: the `seq` their scan starts after (0: from the front); the
+    /// tenant last.
     pub fn claim_statements(outbox: &PgOutbox) -> Vec<(&'static str, &'static str, &str)> {
         let sql = &outbox.inner.sql;
         let (any, one) = (&sql.claim_any, &sql.claim_tenant);
@@ -651,7 +660,7 @@ impl PgStore {
             ("keyless", "int8, int8, uuid", any.keyless.as_str()),
             (
                 "keyless_bulk",
-                "int8, int8, uuid",
+                "int8, int8, uuid, int8",
                 any.keyless_bulk.as_str(),
             ),
             (
@@ -672,7 +681,7 @@ impl PgStore {
             ),
             (
                 "keyless_bulk_tenant",
-                "int8, int8, uuid, text",
+                "int8, int8, uuid, int8, text",
                 one.keyless_bulk.as_str(),
             ),
             (
@@ -1126,9 +1135,9 @@ impl Store for PgStore {
                         .ok()
                 })
                 .flatten();
-            let (start, floor) = match hold {
-                Some(_) => self.shared.held_floor(&req.tenant, claimed_at),
-                None => (0, 0),
+            let (start, floor) = match mode {
+                MODE_BULK => self.shared.held_floor(&req.tenant, claimed_at),
+                _ => (0, 0),
             };
             let query = match mode {
                 MODE_KEYLESS => sqlx::query(&statements.keyless),
@@ -1141,8 +1150,8 @@ impl Store for PgStore {
             .bind(lease)
             .bind(token);
             let query = match mode {
-                MODE_BULK if hold.is_some() => query.bind(start),
-                MODE_KEYLESS | MODE_BULK => query,
+                MODE_BULK => query.bind(start),
+                MODE_KEYLESS => query,
                 MODE_WINDOW => query.bind(window),
                 _ => query
                     .bind(window)

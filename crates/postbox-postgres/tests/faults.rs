@@ -897,3 +897,41 @@ async fn relays_whose_held_batches_are_killed_deliver_everything() {
     let distinct: HashSet<_> = publisher.delivered().iter().map(|m| m.id).collect();
     assert_eq!(distinct, ids, "not every message was delivered");
 }
+
+/// A held batch's outcomes are stamped with the time they are recorded, not
+/// the time of the claim that began its transaction (where `now()` is): a
+/// retry comes due its delay after the failure, however long the publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batchs_retry_delay_counts_from_its_completion() {
+    let h = PgHarness::new().await;
+    let held = held_claim(&h, Duration::from_secs(30)).await;
+    // a slow publish
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let retry: Vec<Completion> = held
+        .messages
+        .iter()
+        .map(|m| {
+            Completion::new(
+                m.seq,
+                Disposition::Retry {
+                    delay: Duration::from_secs(1),
+                    error: "slow broker".into(),
+                },
+            )
+        })
+        .collect();
+    let report = h
+        .store
+        .complete(held.lease.token, &retry)
+        .await
+        .expect("complete");
+    assert_eq!(report.applied, 4);
+    let early: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE available_at <= now()",
+        h.outbox.qualified_name()
+    ))
+    .fetch_one(&h.app)
+    .await
+    .expect("count");
+    assert_eq!(early, 0, "a retry came due before its delay had passed");
+}

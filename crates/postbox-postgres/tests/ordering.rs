@@ -722,33 +722,30 @@ async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
 }
 
 /// A held backlog claim scans past the batches its store holds. Rows below
-/// them that nobody holds (here: delayed rows that came due) are still
-/// claimed, by the claim that starts from the front, and no row is claimed
-/// twice while the batches stay held.
+/// them that nobody holds (here: delayed rows that came due) are taken by a
+/// scan from the front: the first claim with batches held scans from there,
+/// and while such scans come back full of rows below, the next one does
+/// too. No row is claimed twice while the batches stay held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_below_the_held_batches_are_still_claimed() {
     let h = PgHarness::new().await;
     let store = h.store.clone();
-    let mut msgs: Vec<NewMessage> = (0..2)
+    let mut msgs: Vec<NewMessage> = (0..6)
         .map(|i| NewMessage::new("t", format!("d{i}")).delay(Duration::from_secs(3600)))
         .collect();
-    msgs.extend((0..12).map(|i| NewMessage::new("t", format!("m{i}"))));
+    msgs.extend((0..16).map(|i| NewMessage::new("t", format!("m{i:02}"))));
     h.outbox
         .enqueue_batch(&h.app, &msgs)
         .await
         .expect("enqueue");
     let req = ClaimRequest::new(4, LEASE);
-    let first = store.claim(&req).await.expect("claim");
-    assert_eq!(
-        first.messages.iter().map(body).collect::<Vec<_>>(),
-        ["m0", "m1", "m2", "m3"]
-    );
+    let claim = || async { store.claim(&req).await.expect("claim") };
+    let bodies = |c: &postbox_core::Claim| c.messages.iter().map(body).collect::<Vec<_>>();
+    let first = claim().await;
+    assert_eq!(bodies(&first), ["m00", "m01", "m02", "m03"]);
     common::complete_all(&store, &first, Disposition::Sent).await;
-    let held = store.claim(&req).await.expect("claim");
-    assert_eq!(
-        held.messages.iter().map(body).collect::<Vec<_>>(),
-        ["m4", "m5", "m6", "m7"]
-    );
+    let mut claims = vec![claim().await];
+    assert_eq!(bodies(&claims[0]), ["m04", "m05", "m06", "m07"]);
     assert_eq!(store.held_batches(), 1);
     // the delayed rows, below the held batch, come due
     let due = sqlx::query(&format!(
@@ -758,25 +755,29 @@ async fn rows_below_the_held_batches_are_still_claimed() {
     .execute(&h.app)
     .await
     .expect("due");
-    assert_eq!(due.rows_affected(), 2);
-    // claim on, holding every batch: all 10 remaining rows, once each
-    let mut claimed = Vec::new();
-    let mut claims = vec![held];
+    assert_eq!(due.rows_affected(), 6);
+    // the first claim past a held batch scans from the front, and finds a
+    // full batch below it
+    claims.push(claim().await);
+    assert_eq!(bodies(&claims[1]), ["d0", "d1", "d2", "d3"]);
+    // so the next one scans from the front again
+    claims.push(claim().await);
+    assert_eq!(bodies(&claims[2]), ["d4", "d5", "m08", "m09"]);
+    assert_eq!(store.held_batches(), 3);
+    // claim on, holding every batch (past MAX_HELD the claims lease): the
+    // rest, once each
     for _ in 0..10 {
-        let c = store.claim(&req).await.expect("claim");
+        let c = claim().await;
         if c.messages.is_empty() {
             break;
         }
         claims.push(c);
     }
-    for c in &claims {
-        claimed.extend(c.messages.iter().map(body));
-    }
+    let mut claimed: Vec<String> = claims.iter().flat_map(bodies).collect();
     claimed.sort();
-    assert_eq!(
-        claimed,
-        ["d0", "d1", "m10", "m11", "m4", "m5", "m6", "m7", "m8", "m9"]
-    );
+    let mut want: Vec<String> = (0..6).map(|i| format!("d{i}")).collect();
+    want.extend((4..16).map(|i| format!("m{i:02}")));
+    assert_eq!(claimed, want);
     for c in &claims {
         common::complete_all(&store, c, Disposition::Sent).await;
     }

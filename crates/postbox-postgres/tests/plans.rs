@@ -20,7 +20,7 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
     let o = &h.outbox;
     let want: &[(&str, &str, &[&str])] = &[
         ("keyless", "", &["_keyless_idx"]),
-        ("keyless_bulk", "", &["_keyless_idx"]),
+        ("keyless_bulk", ", 0", &["_keyless_idx"]),
         ("keyless_held", ", 0", &["_keyless_idx"]),
         (
             "keyed",
@@ -33,7 +33,7 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
             &["_keyless_idx", "_keyed_idx", "_parked_idx", "_head_idx"],
         ),
         ("keyless_tenant", ", 't3'", &["_tenant_idx"]),
-        ("keyless_bulk_tenant", ", 't3'", &["_tenant_idx"]),
+        ("keyless_bulk_tenant", ", 0, 't3'", &["_tenant_idx"]),
         ("keyless_held_tenant", ", 0, 't3'", &["_tenant_idx"]),
         ("keyed_tenant", ", 200, 't3'", &["_tenant_idx", "_head_idx"]),
         (
