@@ -530,6 +530,13 @@ async fn held_claim_by(h: &PgHarness, store: &PgStore, lease: Duration) -> postb
     held
 }
 
+/// A second store over `h`'s table, as another relay process would have.
+async fn another_store(h: &PgHarness) -> PgStore {
+    PgStore::connect_with(&h.db.url, h.outbox.clone())
+        .await
+        .expect("connect")
+}
+
 /// `store`'s first claim (of up to 10) that gets rows, polling for at most
 /// 90 s.
 async fn claim_when_back(store: &PgStore, what: &str) -> postbox_core::Claim {
@@ -575,9 +582,7 @@ async fn records(store: &PgStore) -> Vec<MessageRecord> {
 async fn a_held_batch_records_every_outcome_and_is_skipped_while_held() {
     let h = PgHarness::new().await;
     let held = held_claim(&h, Duration::from_secs(30)).await;
-    let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
-        .await
-        .expect("connect");
+    let other = another_store(&h).await;
     h.outbox
         .enqueue_batch(&h.app, &[NewMessage::new("t", "late")])
         .await
@@ -671,9 +676,7 @@ async fn a_held_batch_whose_connection_dies_gives_its_rows_back_at_once() {
     .await
     .expect("terminate");
     assert_eq!(killed, [true], "one session holds the batch");
-    let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
-        .await
-        .expect("connect");
+    let other = another_store(&h).await;
     let claim = claim_when_back(&other, "the rows to come back").await;
     assert_eq!(
         claim.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
@@ -699,9 +702,7 @@ async fn a_held_batch_whose_connection_dies_gives_its_rows_back_at_once() {
 async fn a_held_batch_past_its_lease_is_ended_by_the_server() {
     let h = PgHarness::new().await;
     let held = held_claim(&h, Duration::from_millis(500)).await;
-    let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
-        .await
-        .expect("connect");
+    let other = another_store(&h).await;
     let claim = claim_when_back(&other, "the lease to end").await;
     assert_eq!(claim.messages.len(), 4);
     let report = all_sent(&h.store, &held).await;
