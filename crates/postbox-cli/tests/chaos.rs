@@ -75,6 +75,10 @@ struct ProcessRun {
     relays: usize,
     producers: usize,
     total: usize,
+    /// Keyless messages committed before the relays start: a backlog, which
+    /// the PostgreSQL store claims in held batches (a transaction open while
+    /// the batch is published) rather than leased ones.
+    backlog: usize,
     every: Duration,
 }
 
@@ -84,10 +88,20 @@ async fn process_scenario(run: ProcessRun, chaos: Chaos<'_>) -> Verdict {
     let dir = tempfile::tempdir().unwrap();
     let sink = dir.path().join("out.jsonl");
     migrate(&run.url);
+    let ledger = Arc::new(Ledger::default());
+    let held_seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampling = CancellationToken::new();
+    if run.backlog > 0 {
+        load_keyless_backlog(&run.url, run.backlog, &ledger).await;
+        tokio::spawn(count_held_batches(
+            run.url.clone(),
+            Arc::clone(&held_seen),
+            sampling.clone(),
+        ));
+    }
     let mut relays: Vec<RelayProcess> = (0..run.relays)
         .map(|_| RelayProcess::spawn(&run.url, &sink, dir.path(), FAST_RELAY))
         .collect();
-    let ledger = Arc::new(Ledger::default());
     let stop = CancellationToken::new();
     let producers = start_producers(&run.url, run.producers, run.total, 20, &ledger, &stop);
     let started = Instant::now();
@@ -169,12 +183,26 @@ async fn process_scenario(run: ProcessRun, chaos: Chaos<'_>) -> Verdict {
     for p in producers {
         produced += p.await.unwrap();
     }
-    assert_eq!(produced, ledger.committed());
+    assert_eq!(produced + run.backlog, ledger.committed());
+    sampling.cancel();
+    let held_seen = held_seen.load(Ordering::Relaxed);
+    if run.backlog > 0 {
+        // the point of a backlog scenario: kills land on held batches
+        assert!(
+            held_seen > 0,
+            "{}: no relay session was ever seen holding a batch (idle in transaction)",
+            run.scenario
+        );
+        assert!(rounds > 0, "{}: drained before any chaos", run.scenario);
+    }
     for r in relays {
         r.stop();
     }
     let (deliveries, torn) = read_jsonl(&sink);
     let what = match chaos {
+        Chaos::Kill9 if run.backlog > 0 => format!(
+            "{rounds} relays killed with kill -9; held batches seen open at once (sampled every 20 ms): up to {held_seen}"
+        ),
         Chaos::Kill9 => format!("{rounds} relays killed with kill -9"),
         Chaos::Terminate => format!("{rounds} relay sessions terminated"),
         Chaos::Restart(..) => format!("{rounds} PostgreSQL restarts"),
@@ -216,6 +244,59 @@ async fn process_scenario(run: ProcessRun, chaos: Chaos<'_>) -> Verdict {
     verdict
 }
 
+/// Until `stop`, polls how many relay sessions sit idle in a transaction
+/// (held backlog batches being published) and keeps the most seen at once.
+async fn count_held_batches(
+    url: String,
+    seen: Arc<std::sync::atomic::AtomicUsize>,
+    stop: CancellationToken,
+) {
+    let Ok(mut c) = PgConnection::connect(&url).await else {
+        return;
+    };
+    while !stop.is_cancelled() {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND application_name = 'postbox-relay'
+                AND state = 'idle in transaction'",
+        )
+        .fetch_one(&mut c)
+        .await
+        .unwrap_or(0);
+        seen.fetch_max(usize::try_from(n).unwrap_or(0), Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = c.close().await;
+}
+
+/// `n` keyless messages in one transaction, recorded in `ledger`.
+async fn load_keyless_backlog(url: &str, n: usize, ledger: &Ledger) {
+    let mut c = PgConnection::connect(url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO postbox_outbox (topic, payload)
+         SELECT $1, convert_to('backlog:' || g, 'UTF8') FROM generate_series(1, $2) AS g",
+    )
+    .bind(TOPIC)
+    .bind(i64::try_from(n).unwrap())
+    .execute(&mut c)
+    .await
+    .unwrap();
+    ledger.commit(
+        (1..=n)
+            .map(|g| {
+                (
+                    format!("backlog:{g}"),
+                    Written {
+                        key: None,
+                        rank: i64::try_from(g).unwrap(),
+                    },
+                )
+            })
+            .collect(),
+    );
+    let _ = c.close().await;
+}
+
 /// 1. Eight producers (20 % rollbacks), three relay processes, one of them
 ///    `kill -9`'d and restarted every 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -229,7 +310,34 @@ async fn s1_relays_killed_every_two_seconds() {
             relays: 3,
             producers: 8,
             total: size(20_000, 200_000),
+            backlog: 0,
             every: Duration::from_secs(2),
+        },
+        Chaos::Kill9,
+    )
+    .await;
+    verdict.report_and_assert();
+    drop_database(&url).await;
+}
+
+/// 1b. A keyless backlog drained by three relay processes in held batches,
+///     one relay `kill -9`'d and restarted twice a second: a killed relay's
+///     open batches roll back and go out again; nothing is lost. (No
+///     producers: their keyed messages would turn the claims to the keyed
+///     statements, which lease.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn s1b_relays_killed_while_holding_keyless_batches() {
+    let addr = POSTGRES.require().await;
+    let url = pg_database(&addr).await;
+    let verdict = process_scenario(
+        ProcessRun {
+            scenario: "1b. kill -9 a relay every 0.5 s during a keyless backlog (3 relays)",
+            url: url.clone(),
+            relays: 3,
+            producers: 0,
+            total: 0,
+            backlog: size(50_000, 300_000),
+            every: Duration::from_millis(500),
         },
         Chaos::Kill9,
     )
@@ -251,6 +359,7 @@ async fn s2_relay_connections_terminated_repeatedly() {
             relays: 2,
             producers: 4,
             total: size(5_000, 50_000),
+            backlog: 0,
             every: Duration::from_millis(500),
         },
         Chaos::Terminate,
@@ -277,6 +386,7 @@ async fn s3_postgres_restarted_mid_run() {
             relays: 2,
             producers: 4,
             total,
+            backlog: 0,
             every: Duration::from_millis(250),
         },
         Chaos::Restart(&cluster, vec![total / 3, total * 2 / 3]),
