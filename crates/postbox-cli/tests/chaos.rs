@@ -25,7 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use chaos::harness::{
     Delivery, Ledger, RelayProcess, TOPIC, Verdict, Written, drop_database, eventually, migrate,
-    outbox_rows, pg_database, read_jsonl, size, start_producers, wait_drained,
+    outbox_rows, pg_database, read_jsonl, size, start_keyless_producers, start_producers,
+    wait_drained,
 };
 use postbox_core::{
     Clock, Message, NewMessage, PublishOutcome, Publisher, Relay, RetryPolicy, Status, Store,
@@ -103,7 +104,13 @@ async fn process_scenario(run: ProcessRun, chaos: Chaos<'_>) -> Verdict {
         .map(|_| RelayProcess::spawn(&run.url, &sink, dir.path(), FAST_RELAY))
         .collect();
     let stop = CancellationToken::new();
-    let producers = start_producers(&run.url, run.producers, run.total, 20, &ledger, &stop);
+    // a backlog scenario's producers write keyless messages: keyed ones
+    // would turn the claims to the keyed statements, which lease
+    let producers = if run.backlog > 0 {
+        start_keyless_producers(&run.url, run.producers, run.total, 20, &ledger, &stop)
+    } else {
+        start_producers(&run.url, run.producers, run.total, 20, &ledger, &stop)
+    };
     let started = Instant::now();
     let deadline = started + Duration::from_secs(if chaos::harness::long() { 3600 } else { 240 });
     let mut rounds = 0usize;
@@ -320,22 +327,21 @@ async fn s1_relays_killed_every_two_seconds() {
     drop_database(&url).await;
 }
 
-/// 1b. A keyless backlog drained by three relay processes in held batches,
+/// 1b. A keyless backlog drained by three relay processes in held batches
+///     while four producers write more keyless messages (20 % rolled back),
 ///     one relay `kill -9`'d and restarted twice a second: a killed relay's
-///     open batches roll back and go out again; nothing is lost. (No
-///     producers: their keyed messages would turn the claims to the keyed
-///     statements, which lease.)
+///     open batches roll back and go out again; nothing is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn s1b_relays_killed_while_holding_keyless_batches() {
     let addr = POSTGRES.require().await;
     let url = pg_database(&addr).await;
     let verdict = process_scenario(
         ProcessRun {
-            scenario: "1b. kill -9 a relay every 0.5 s during a keyless backlog (3 relays)",
+            scenario: "1b. kill -9 a relay every 0.5 s during a keyless backlog (3 relays, 4 keyless producers, 20 % rollbacks)",
             url: url.clone(),
             relays: 3,
-            producers: 0,
-            total: 0,
+            producers: 4,
+            total: size(5_000, 50_000),
             backlog: size(50_000, 300_000),
             every: Duration::from_millis(500),
         },

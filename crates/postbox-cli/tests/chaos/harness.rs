@@ -324,6 +324,7 @@ pub struct Producer {
     pub url: String,
     pub quota: usize,
     pub rollback_pct: u32,
+    /// Keys of this producer's own; 0: every message keyless.
     pub private_keys: usize,
     pub shared_keys: usize,
 }
@@ -355,6 +356,7 @@ impl Producer {
                 counter += 1;
                 let payload = format!("p{}:{counter}", self.id);
                 let key = match fastrand::u32(0..10) {
+                    _ if self.private_keys == 0 => None,
                     0 => None,
                     1..=3
                         if self.style == Style::PlainSql
@@ -447,7 +449,8 @@ enum Failed {
 }
 
 /// Starts `producers` producers (half library, half plain SQL) sharing
-/// `total` committed messages. Returns their join handles.
+/// `total` committed messages, one in ten keyless, the rest on 16 keys of
+/// each producer's own and 8 shared ones. Returns their join handles.
 pub fn start_producers(
     url: &str,
     producers: usize,
@@ -455,6 +458,33 @@ pub fn start_producers(
     rollback_pct: u32,
     ledger: &Arc<Ledger>,
     stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    producers_with(url, producers, total, rollback_pct, ledger, stop, (16, 8))
+}
+
+/// [`start_producers`], every message keyless.
+pub fn start_keyless_producers(
+    url: &str,
+    producers: usize,
+    total: usize,
+    rollback_pct: u32,
+    ledger: &Arc<Ledger>,
+    stop: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<usize>> {
+    producers_with(url, producers, total, rollback_pct, ledger, stop, (0, 0))
+}
+
+/// The producers of [`start_producers`], each with `private_keys` keys of
+/// its own and `shared_keys` shared ones (0 and 0: keyless).
+#[allow(clippy::too_many_arguments)]
+fn producers_with(
+    url: &str,
+    producers: usize,
+    total: usize,
+    rollback_pct: u32,
+    ledger: &Arc<Ledger>,
+    stop: &CancellationToken,
+    (private_keys, shared_keys): (usize, usize),
 ) -> Vec<tokio::task::JoinHandle<usize>> {
     (0..producers)
         .map(|id| {
@@ -469,8 +499,8 @@ pub fn start_producers(
                 url: url.to_owned(),
                 quota,
                 rollback_pct,
-                private_keys: 16,
-                shared_keys: 8,
+                private_keys,
+                shared_keys,
             };
             tokio::spawn(p.run(Arc::clone(ledger), stop.clone()))
         })
