@@ -740,13 +740,7 @@ async fn a_held_batch_completed_in_parts_commits_with_its_last_row() {
         .enqueue_batch(&h.app, &[NewMessage::new("t", "other")])
         .await
         .expect("enqueue");
-    let other_seq: i64 = sqlx::query_scalar(&format!(
-        "SELECT max(seq) FROM {}",
-        h.outbox.qualified_name()
-    ))
-    .fetch_one(&h.app)
-    .await
-    .expect("seq");
+    let other_seq = h.scalar("max(seq)", "").await;
     let first = h
         .store
         .complete(
@@ -927,12 +921,6 @@ async fn a_held_batchs_retry_delay_counts_from_its_completion() {
         .await
         .expect("complete");
     assert_eq!(report.applied, 4);
-    let early: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {} WHERE available_at <= now()",
-        h.outbox.qualified_name()
-    ))
-    .fetch_one(&h.app)
-    .await
-    .expect("count");
+    let early = h.scalar("count(*)", "WHERE available_at <= now()").await;
     assert_eq!(early, 0, "a retry came due before its delay had passed");
 }

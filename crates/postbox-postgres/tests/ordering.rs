@@ -782,12 +782,5 @@ async fn rows_below_the_held_batches_are_still_claimed() {
         common::complete_all(&store, c, Disposition::Sent).await;
     }
     assert_eq!(store.held_batches(), 0);
-    let left: i64 = sqlx::query_scalar(&format!(
-        "SELECT count(*) FROM {}",
-        h.outbox.qualified_name()
-    ))
-    .fetch_one(&h.app)
-    .await
-    .expect("count");
-    assert_eq!(left, 0);
+    assert_eq!(h.scalar("count(*)", "").await, 0);
 }

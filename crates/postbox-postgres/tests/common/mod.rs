@@ -105,6 +105,17 @@ impl PgHarness {
         Self::with_outbox(PgOutbox::default()).await
     }
 
+    /// `SELECT <what> FROM <the outbox table> <rest>` as one `int8`.
+    pub async fn scalar(&self, what: &str, rest: &str) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT {what} FROM {} {rest}",
+            self.outbox.qualified_name()
+        ))
+        .fetch_one(&self.app)
+        .await
+        .expect("scalar query")
+    }
+
     pub async fn with_outbox(outbox: PgOutbox) -> Self {
         let db = TestDb::create().await;
         let store = PgStore::connect_with(&db.url, outbox.clone())
