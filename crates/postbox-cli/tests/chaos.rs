@@ -25,8 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use chaos::harness::{
     Delivery, Ledger, RelayProcess, TOPIC, Verdict, Written, drop_database, eventually, migrate,
-    outbox_rows, pg_database, read_jsonl, size, start_keyless_producers, start_producers,
-    wait_drained,
+    outbox_rows, pg_database, read_jsonl, size, start_producers, wait_drained,
 };
 use postbox_core::{
     Clock, Message, NewMessage, PublishOutcome, Publisher, Relay, RetryPolicy, Status, Store,
@@ -106,11 +105,16 @@ async fn process_scenario(run: ProcessRun, chaos: Chaos<'_>) -> Verdict {
     let stop = CancellationToken::new();
     // a backlog scenario's producers write keyless messages: keyed ones
     // would turn the claims to the keyed statements, which lease
-    let producers = if run.backlog > 0 {
-        start_keyless_producers(&run.url, run.producers, run.total, 20, &ledger, &stop)
-    } else {
-        start_producers(&run.url, run.producers, run.total, 20, &ledger, &stop)
-    };
+    let keyless = run.backlog > 0;
+    let producers = start_producers(
+        &run.url,
+        run.producers,
+        run.total,
+        20,
+        &ledger,
+        &stop,
+        keyless,
+    );
     let started = Instant::now();
     let deadline = started + Duration::from_secs(if chaos::harness::long() { 3600 } else { 240 });
     let mut rounds = 0usize;
@@ -430,7 +434,7 @@ async fn run_through_broker_faults<P: Publisher>(
     });
     let ledger = Arc::new(Ledger::default());
     let stop = CancellationToken::new();
-    let producers = start_producers(url, 4, size(5_000, 50_000), 20, &ledger, &stop);
+    let producers = start_producers(url, 4, size(5_000, 50_000), 20, &ledger, &stop, false);
     let started = Instant::now();
     let (cuts, stalls) = cut_and_stall_until_drained(proxy, url, &producers, started).await;
     shutdown.cancel();
@@ -1322,7 +1326,7 @@ async fn s8_long_transaction_elsewhere() {
     // everything else flows meanwhile
     let n = size(2_000, 20_000);
     let stop = CancellationToken::new();
-    let producers = start_producers(&url, 4, n, 20, &ledger, &stop);
+    let producers = start_producers(&url, 4, n, 20, &ledger, &stop, false);
     for p in producers {
         p.await.unwrap();
     }

@@ -147,14 +147,18 @@ fn tenant_pred(alias: &str, param: Option<&str>) -> String {
 /// index `(seq) WHERE key IS NULL AND status = 'pending'`, or for a tenant
 /// on `(tenant, seq) WHERE tenant IS NOT NULL AND status = 'pending'`.
 fn keyless_select(t: &str, tenant: Option<&str>) -> String {
-    keyless_select_past(t, tenant, "")
+    keyless_rows(t, tenant, "", "r.seq")
 }
 
-/// [`keyless_select`] with an extra condition `past` (`AND …`).
-fn keyless_select_past(t: &str, tenant: Option<&str>, past: &str) -> String {
+/// The backlog forms' scan starts past `$4` (see `keyless_held_sql`).
+const PAST_FLOOR: &str = "AND r.seq > $4";
+
+/// [`keyless_select`] returning `columns` of `r`, with the extra condition
+/// `past` (`""` or [`PAST_FLOOR`]).
+fn keyless_rows(t: &str, tenant: Option<&str>, past: &str, columns: &str) -> String {
     let tenant = tenant_pred("r", tenant);
     format!(
-        "SELECT r.seq FROM {t} AS r
+        "SELECT {columns} FROM {t} AS r
           WHERE r.key IS NULL AND r.status = 'pending' {past} AND {DUE} {tenant}
           ORDER BY r.seq
           LIMIT $1
@@ -260,7 +264,7 @@ fn keyless_bulk_sql(t: &str, tenant: Option<&str>) -> String {
             {LEASE_SET}
           WHERE t.seq = ANY(ARRAY({keyless}))
          RETURNING {returned}, {until} AS lease_until_us, {hints}",
-        keyless = keyless_select_past(t, tenant, "AND r.seq > $4"),
+        keyless = keyless_rows(t, tenant, PAST_FLOOR, "r.seq"),
         returned = returned_columns(),
         until = lease_until_us(),
         hints = keyless_hints(t),
@@ -309,19 +313,13 @@ fn keyless_bulk_sql(t: &str, tenant: Option<&str>) -> String {
 /// the tenant `$5`. Returns no row when nothing is claimable, like
 /// `keyless_bulk`.
 fn keyless_held_sql(t: &str, tenant: Option<&str>) -> String {
-    let tenant_cond = tenant_pred("r", tenant);
-    format!(
-        "SELECT {returned}, {until} AS lease_until_us, {hints}
-           FROM {t} AS r
-          WHERE r.key IS NULL AND r.status = 'pending' AND r.seq > $4
-            AND {DUE} {tenant_cond}
-          ORDER BY r.seq
-          LIMIT $1
-          FOR UPDATE OF r SKIP LOCKED",
+    let columns = format!(
+        "{returned}, {until} AS lease_until_us, {hints}",
         returned = columns_of("r", "r.attempts + 1"),
         until = lease_until_us(),
         hints = keyless_hints(t),
-    )
+    );
+    keyless_rows(t, tenant, PAST_FLOOR, &columns)
 }
 
 /// The keyed claim, with the key walk or without.

@@ -14,8 +14,8 @@ use postbox_core::{
     from_unix_micros,
 };
 use postbox_core::{GroupBy, GroupStats, RelayHeartbeat, RelayRecord};
-use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use uuid::Uuid;
 
@@ -288,14 +288,13 @@ struct Outcomes {
 }
 
 impl Outcomes {
-    fn new(completions: &[Completion]) -> Result<Self, StoreError> {
-        let n = completions.len();
+    fn new<'a>(completions: impl IntoIterator<Item = &'a Completion>) -> Result<Self, StoreError> {
         let mut out = Self {
-            seqs: Vec::with_capacity(n),
-            kinds: Vec::with_capacity(n),
-            delays: Vec::with_capacity(n),
-            errors: Vec::with_capacity(n),
-            parks: Vec::with_capacity(n),
+            seqs: Vec::new(),
+            kinds: Vec::new(),
+            delays: Vec::new(),
+            errors: Vec::new(),
+            parks: Vec::new(),
         };
         for c in completions {
             let (kind, delay, error, park) = match &c.disposition {
@@ -324,44 +323,8 @@ impl Outcomes {
         self.kinds.iter().all(|k| *k == kind)
     }
 
-    /// The outcomes `keep(seq, kind)` accepts, in order.
-    fn filter(&self, mut keep: impl FnMut(i64, &str) -> bool) -> Self {
-        let mut out = Self {
-            seqs: Vec::new(),
-            kinds: Vec::new(),
-            delays: Vec::new(),
-            errors: Vec::new(),
-            parks: Vec::new(),
-        };
-        for i in 0..self.seqs.len() {
-            if keep(self.seqs[i], self.kinds[i]) {
-                out.seqs.push(self.seqs[i]);
-                out.kinds.push(self.kinds[i]);
-                out.delays.push(self.delays[i]);
-                out.errors.push(self.errors[i].clone());
-                out.parks.push(self.parks[i]);
-            }
-        }
-        out
-    }
-
     fn rows(&self) -> u64 {
         u64::try_from(self.seqs.len()).unwrap_or(u64::MAX)
-    }
-
-    /// `query` (`complete` or `complete_keep`) with its parameters.
-    fn bind_mixed<'q>(
-        &'q self,
-        query: sqlx::query::Query<'q, Postgres, PgArguments>,
-        token: Uuid,
-    ) -> sqlx::query::Query<'q, Postgres, PgArguments> {
-        query
-            .bind(token)
-            .bind(&self.seqs[..])
-            .bind(&self.kinds[..])
-            .bind(&self.delays[..])
-            .bind(&self.errors[..])
-            .bind(&self.parks[..])
     }
 }
 
@@ -434,15 +397,11 @@ impl Shared {
     /// Ends the held claims whose lease is over at `now`: their rows are
     /// anyone's again, and their connections go back to the pool.
     fn reap_held(&self, now: Instant) {
-        let expired: Vec<HeldBatch> = {
-            let mut held = self.held_batches();
-            let tokens: Vec<Uuid> = held
-                .iter()
-                .filter(|(_, b)| b.until <= now)
-                .map(|(t, _)| *t)
-                .collect();
-            tokens.iter().filter_map(|t| held.remove(t)).collect()
-        };
+        let expired: Vec<HeldBatch> = self
+            .held_batches()
+            .extract_if(|_, b| b.until <= now)
+            .map(|(_, b)| b)
+            .collect();
         if !expired.is_empty() {
             tracing::warn!(
                 batches = expired.len(),
@@ -784,6 +743,59 @@ impl PgStore {
         self.shared.held_batches().len()
     }
 
+    /// Writes `out` under lease `token` on `conn` and returns how many rows
+    /// it applied: all sent, the plain statement counted by its command tag
+    /// (see `sql.rs`); otherwise the mixed statement. `held`: the rows are a held
+    /// batch's, locked by the transaction on `conn` and never stamped with
+    /// the token, so the sent rows need no guard and the mixed statement
+    /// needs the stamp (`held_stamp`) first.
+    async fn write_outcomes(
+        &self,
+        conn: &mut PgConnection,
+        token: Uuid,
+        out: &Outcomes,
+        held: bool,
+    ) -> Result<u64, sqlx::Error> {
+        let sql = &self.outbox.inner.sql;
+        let keep = self.outbox.sent_retention().is_some();
+        if out.seqs.is_empty() {
+            return Ok(0);
+        }
+        if out.all("sent") {
+            let query = match (held, keep) {
+                (true, false) => sqlx::query(&sql.held_sent),
+                (true, true) => sqlx::query(&sql.held_sent_keep),
+                (false, false) => sqlx::query(&sql.complete_sent).bind(token),
+                (false, true) => sqlx::query(&sql.complete_sent_keep).bind(token),
+            };
+            let done = query.bind(&out.seqs[..]).execute(&mut *conn).await?;
+            return Ok(done.rows_affected());
+        }
+        if held {
+            sqlx::query(&sql.held_stamp)
+                .bind(token)
+                .bind(&out.seqs[..])
+                .execute(&mut *conn)
+                .await?;
+        }
+        let mixed = if keep {
+            &sql.complete_keep
+        } else {
+            &sql.complete
+        };
+        let applied: i64 = sqlx::query(mixed)
+            .bind(token)
+            .bind(&out.seqs[..])
+            .bind(&out.kinds[..])
+            .bind(&out.delays[..])
+            .bind(&out.errors[..])
+            .bind(&out.parks[..])
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get(0)?;
+        Ok(u64::try_from(applied).unwrap_or(0))
+    }
+
     /// Records the outcomes of a held claim in its own transaction, and
     /// commits once every row of the batch has one (the relay completes a
     /// batch in one call; a caller that completes it in parts keeps it
@@ -797,53 +809,28 @@ impl PgStore {
         &self,
         token: Uuid,
         mut batch: HeldBatch,
-        out: &Outcomes,
-    ) -> CompleteReport {
-        let n = out.rows();
-        let mine = out.filter(|seq, _| batch.open.remove(&seq));
-        let released = mine.kinds.iter().filter(|k| **k == "release").count() as u64;
-        let writes = mine.filter(|_, kind| kind != "release");
+        completions: &[Completion],
+    ) -> Result<CompleteReport, StoreError> {
+        let n = u64::try_from(completions.len()).unwrap_or(u64::MAX);
+        let (mut mine, mut released) = (0u64, 0u64);
+        let writes = Outcomes::new(completions.iter().filter(|c| {
+            if !batch.open.remove(&c.seq) {
+                return false;
+            }
+            mine += 1;
+            let release = c.disposition == Disposition::Release;
+            released += u64::from(release);
+            !release
+        }))?;
         let finished = batch.open.is_empty();
         let Some(mut txn) = batch.txn.take() else {
-            return CompleteReport {
+            return Ok(CompleteReport {
                 applied: 0,
                 lost: n,
-            };
+            });
         };
-        let sql = &self.outbox.inner.sql;
-        let keep = self.outbox.sent_retention().is_some();
         let recorded = async {
-            let applied = if writes.seqs.is_empty() {
-                0
-            } else if writes.all("sent") {
-                let all_sent = if keep {
-                    &sql.held_sent_keep
-                } else {
-                    &sql.held_sent
-                };
-                sqlx::query(all_sent)
-                    .bind(&writes.seqs[..])
-                    .execute(&mut *txn)
-                    .await?
-                    .rows_affected()
-            } else {
-                sqlx::query(&sql.held_stamp)
-                    .bind(token)
-                    .bind(&writes.seqs[..])
-                    .execute(&mut *txn)
-                    .await?;
-                let mixed = if keep {
-                    &sql.complete_keep
-                } else {
-                    &sql.complete
-                };
-                let applied: i64 = writes
-                    .bind_mixed(sqlx::query(mixed), token)
-                    .fetch_one(&mut *txn)
-                    .await?
-                    .try_get(0)?;
-                u64::try_from(applied).unwrap_or(0)
-            };
+            let applied = self.write_outcomes(&mut txn, token, &writes, true).await?;
             if finished {
                 txn.commit().await?;
             } else {
@@ -876,8 +863,8 @@ impl PgStore {
             }
         };
         // recorded or not, this store no longer holds these rows
-        self.shared.held().completed(token, mine.rows());
-        report
+        self.shared.held().completed(token, mine);
+        Ok(report)
     }
 
     fn set_mode(&self, scope: &Option<String>, mode: u8) {
@@ -1310,42 +1297,17 @@ impl Store for PgStore {
         if completions.is_empty() {
             return Ok(CompleteReport::default());
         }
-        let out = Outcomes::new(completions)?;
-        let n = out.rows();
         let held = self.shared.held_batches().remove(&token);
         if let Some(batch) = held {
-            return Ok(self.complete_held(token, batch, &out).await);
+            return self.complete_held(token, batch, completions).await;
         }
-        let sql = &self.outbox.inner.sql;
-        let keep = self.outbox.sent_retention().is_some();
-        let applied = if out.all("sent") {
-            // a plain statement: the command tag counts its rows
-            let all_sent = if keep {
-                &sql.complete_sent_keep
-            } else {
-                &sql.complete_sent
-            };
-            let done = sqlx::query(all_sent)
-                .bind(token)
-                .bind(&out.seqs[..])
-                .execute(&self.claims)
-                .await
-                .map_err(map)?;
-            i64::try_from(done.rows_affected()).unwrap_or(i64::MAX)
-        } else {
-            let mixed = if keep {
-                &sql.complete_keep
-            } else {
-                &sql.complete
-            };
-            out.bind_mixed(sqlx::query(mixed), token)
-                .fetch_one(&self.claims)
-                .await
-                .map_err(map)?
-                .try_get::<i64, _>(0)
-                .map_err(map)?
-        };
-        let applied = u64::try_from(applied).unwrap_or(0);
+        let out = Outcomes::new(completions)?;
+        let n = out.rows();
+        let mut conn = self.claims.acquire().await.map_err(map)?;
+        let applied = self
+            .write_outcomes(&mut conn, token, &out, false)
+            .await
+            .map_err(map)?;
         // Committed: these rows no longer fill the front of the window of
         // the claims that follow. Not before, and not on failure: the relay
         // retries the same completions, and an expired lease stops counting.

@@ -495,15 +495,10 @@ async fn a_version_5_table_upgrades_in_place_and_keeps_key_order() {
     );
 }
 
-/// Eight keyless rows, a full claim of four completed, and the next claim
-/// of four: a backlog claim, held (its transaction open, its rows locked,
+/// Eight keyless rows, `store`'s full claim of four completed, and its next
+/// claim of four: a backlog claim, held (its transaction open, its rows locked,
 /// not leased). Returns the held claim.
-async fn held_claim(h: &PgHarness, lease: Duration) -> postbox_core::Claim {
-    held_claim_by(h, &h.store, lease).await
-}
-
-/// [`held_claim`] by `store` (over `h`'s table).
-async fn held_claim_by(h: &PgHarness, store: &PgStore, lease: Duration) -> postbox_core::Claim {
+async fn held_claim(h: &PgHarness, store: &PgStore, lease: Duration) -> postbox_core::Claim {
     let msgs: Vec<NewMessage> = (0..8)
         .map(|i| NewMessage::new("t", format!("m{i}")))
         .collect();
@@ -537,37 +532,39 @@ async fn another_store(h: &PgHarness) -> PgStore {
         .expect("connect")
 }
 
-/// `store`'s first claim (of up to 10) that gets rows, polling for at most
-/// 90 s.
+/// `store`'s first claim (of up to 10) that gets rows, polled with
+/// [`wait_until`].
 async fn claim_when_back(store: &PgStore, what: &str) -> postbox_core::Claim {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
+    let got = std::sync::Mutex::new(None);
+    let got_ref = &got;
+    wait_until(what, move || async move {
         let c = store
             .claim(&ClaimRequest::new(10, Duration::from_secs(30)))
             .await
             .expect("claim");
-        if !c.messages.is_empty() {
-            return c;
+        let back = !c.messages.is_empty();
+        if back {
+            *got_ref.lock().expect("lock") = Some(c);
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        back
+    })
+    .await;
+    got.into_inner().expect("lock").expect("a claim")
 }
 
-/// Records every message of `claim` sent, and returns what that applied.
-async fn all_sent(store: &PgStore, claim: &postbox_core::Claim) -> postbox_core::CompleteReport {
-    let done: Vec<Completion> = claim
-        .messages
-        .iter()
-        .map(|m| Completion::new(m.seq, Disposition::Sent))
-        .collect();
-    store
-        .complete(claim.lease.token, &done)
-        .await
-        .expect("complete")
+/// Terminates the sessions of `h`'s database that sit idle in a
+/// transaction (held batches being published: nothing else here does);
+/// returns how many.
+async fn end_held_batches(h: &PgHarness) -> u64 {
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = $1 AND state = 'idle in transaction'",
+    )
+    .bind(&h.db.name)
+    .fetch_all(&h.app)
+    .await
+    .expect("terminate");
+    ended.into_iter().filter(|k| *k).count() as u64
 }
 
 async fn records(store: &PgStore) -> Vec<MessageRecord> {
@@ -581,7 +578,7 @@ async fn records(store: &PgStore) -> Vec<MessageRecord> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_batch_records_every_outcome_and_is_skipped_while_held() {
     let h = PgHarness::new().await;
-    let held = held_claim(&h, Duration::from_secs(30)).await;
+    let held = held_claim(&h, &h.store, Duration::from_secs(30)).await;
     let other = another_store(&h).await;
     h.outbox
         .enqueue_batch(&h.app, &[NewMessage::new("t", "late")])
@@ -666,16 +663,8 @@ async fn a_held_batch_records_every_outcome_and_is_skipped_while_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_batch_whose_connection_dies_gives_its_rows_back_at_once() {
     let h = PgHarness::new().await;
-    let held = held_claim(&h, Duration::from_secs(300)).await;
-    let killed: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-          WHERE datname = $1 AND state = 'idle in transaction'",
-    )
-    .bind(&h.db.name)
-    .fetch_all(&h.app)
-    .await
-    .expect("terminate");
-    assert_eq!(killed, [true], "one session holds the batch");
+    let held = held_claim(&h, &h.store, Duration::from_secs(300)).await;
+    assert_eq!(end_held_batches(&h).await, 1, "one session holds the batch");
     let other = another_store(&h).await;
     let claim = claim_when_back(&other, "the rows to come back").await;
     assert_eq!(
@@ -686,7 +675,7 @@ async fn a_held_batch_whose_connection_dies_gives_its_rows_back_at_once() {
         claim.messages.iter().all(|m| m.attempt == 1),
         "the attempt that died was not counted"
     );
-    let report = all_sent(&h.store, &held).await;
+    let report = common::complete_all(&h.store, &held, Disposition::Sent).await;
     assert_eq!((report.applied, report.lost), (0, 4));
     assert_eq!(h.store.held_batches(), 0);
     assert_eq!(records(&h.store).await.len(), 4, "nothing was deleted");
@@ -701,11 +690,11 @@ async fn a_held_batch_whose_connection_dies_gives_its_rows_back_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_batch_past_its_lease_is_ended_by_the_server() {
     let h = PgHarness::new().await;
-    let held = held_claim(&h, Duration::from_millis(500)).await;
+    let held = held_claim(&h, &h.store, Duration::from_millis(500)).await;
     let other = another_store(&h).await;
     let claim = claim_when_back(&other, "the lease to end").await;
     assert_eq!(claim.messages.len(), 4);
-    let report = all_sent(&h.store, &held).await;
+    let report = common::complete_all(&h.store, &held, Disposition::Sent).await;
     assert_eq!((report.applied, report.lost), (0, 4));
     assert_eq!(records(&h.store).await.len(), 4, "nothing was deleted");
     common::complete_all(&other, &claim, Disposition::Sent).await;
@@ -717,7 +706,7 @@ async fn a_held_batch_past_its_lease_is_ended_by_the_server() {
 async fn a_retaining_stores_held_batch_keeps_its_sent_rows() {
     let h = PgHarness::new().await;
     let store = h.store.clone().retain_sent(Some(Duration::from_secs(3600)));
-    let held = held_claim_by(&h, &store, Duration::from_secs(30)).await;
+    let held = held_claim(&h, &store, Duration::from_secs(30)).await;
     common::complete_all(&store, &held, Disposition::Sent).await;
     assert_eq!(store.held_batches(), 0);
     let rows = records(&store).await;
@@ -734,7 +723,7 @@ async fn a_retaining_stores_held_batch_keeps_its_sent_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_batch_completed_in_parts_commits_with_its_last_row() {
     let h = PgHarness::new().await;
-    let held = held_claim(&h, Duration::from_secs(30)).await;
+    let held = held_claim(&h, &h.store, Duration::from_secs(30)).await;
     let seqs: Vec<i64> = held.messages.iter().map(|m| m.seq).collect();
     h.outbox
         .enqueue_batch(&h.app, &[NewMessage::new("t", "other")])
@@ -801,7 +790,7 @@ async fn backlog_claims_past_max_held_lease_their_rows() {
     // the first claim (not a backlog yet) and the last (no permit left)
     // leased their rows; the ones between hold theirs
     assert_eq!(h.store.held_batches(), postbox_postgres::MAX_HELD);
-    let leased: Vec<uuid::Uuid> = sqlx::query_scalar(&format!(
+    let mut leased: Vec<uuid::Uuid> = sqlx::query_scalar(&format!(
         "SELECT DISTINCT lease_token FROM {} WHERE lease_token IS NOT NULL",
         h.outbox.qualified_name()
     ))
@@ -809,7 +798,6 @@ async fn backlog_claims_past_max_held_lease_their_rows() {
     .await
     .expect("tokens");
     let mut want = vec![claims[0].lease.token, claims[claims.len() - 1].lease.token];
-    let mut leased = leased;
     want.sort_unstable();
     leased.sort_unstable();
     assert_eq!(leased, want);
@@ -853,10 +841,7 @@ async fn relays_whose_held_batches_are_killed_deliver_everything() {
     let shutdown = CancellationToken::new();
     let mut relays = Vec::new();
     for _ in 0..3 {
-        let store = PgStore::connect_with(&h.db.url, h.outbox.clone())
-            .await
-            .expect("connect");
-        let relay = Relay::builder(store, Slow(publisher.clone()))
+        let relay = Relay::builder(another_store(&h).await, Slow(publisher.clone()))
             .batch_size(50)
             .poll_interval(Duration::from_millis(10))
             .build()
@@ -868,16 +853,7 @@ async fn relays_whose_held_batches_are_killed_deliver_everything() {
     let mut killed = 0;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while killed < 5 && tokio::time::Instant::now() < deadline {
-        let ended: Vec<bool> = sqlx::query_scalar(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-              WHERE datname = $1 AND application_name = 'postbox-relay'
-                AND state = 'idle in transaction'",
-        )
-        .bind(&h.db.name)
-        .fetch_all(&h.app)
-        .await
-        .expect("terminate");
-        killed += ended.into_iter().filter(|k| *k).count();
+        killed += end_held_batches(&h).await;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(killed > 0, "no held batch was open to end");
@@ -899,7 +875,7 @@ async fn relays_whose_held_batches_are_killed_deliver_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_batchs_retry_delay_counts_from_its_completion() {
     let h = PgHarness::new().await;
-    let held = held_claim(&h, Duration::from_secs(30)).await;
+    let held = held_claim(&h, &h.store, Duration::from_secs(30)).await;
     // a slow publish
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let retry: Vec<Completion> = held

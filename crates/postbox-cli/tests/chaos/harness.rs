@@ -449,8 +449,9 @@ enum Failed {
 }
 
 /// Starts `producers` producers (half library, half plain SQL) sharing
-/// `total` committed messages, one in ten keyless, the rest on 16 keys of
-/// each producer's own and 8 shared ones. Returns their join handles.
+/// `total` committed messages: one in ten keyless, the rest on 16 keys of
+/// each producer's own and 8 shared ones; or, `keyless`, all keyless.
+/// Returns their join handles.
 pub fn start_producers(
     url: &str,
     producers: usize,
@@ -458,34 +459,9 @@ pub fn start_producers(
     rollback_pct: u32,
     ledger: &Arc<Ledger>,
     stop: &CancellationToken,
+    keyless: bool,
 ) -> Vec<tokio::task::JoinHandle<usize>> {
-    producers_with(url, producers, total, rollback_pct, ledger, stop, (16, 8))
-}
-
-/// [`start_producers`], every message keyless.
-pub fn start_keyless_producers(
-    url: &str,
-    producers: usize,
-    total: usize,
-    rollback_pct: u32,
-    ledger: &Arc<Ledger>,
-    stop: &CancellationToken,
-) -> Vec<tokio::task::JoinHandle<usize>> {
-    producers_with(url, producers, total, rollback_pct, ledger, stop, (0, 0))
-}
-
-/// The producers of [`start_producers`], each with `private_keys` keys of
-/// its own and `shared_keys` shared ones (0 and 0: keyless).
-#[allow(clippy::too_many_arguments)]
-fn producers_with(
-    url: &str,
-    producers: usize,
-    total: usize,
-    rollback_pct: u32,
-    ledger: &Arc<Ledger>,
-    stop: &CancellationToken,
-    (private_keys, shared_keys): (usize, usize),
-) -> Vec<tokio::task::JoinHandle<usize>> {
+    let (private_keys, shared_keys) = if keyless { (0, 0) } else { (16, 8) };
     (0..producers)
         .map(|id| {
             let quota = total / producers + usize::from(id < total % producers);

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use postbox_core::{Claim, Completion, Disposition, NewMessage, Store};
+use postbox_core::{Claim, CompleteReport, Completion, Disposition, NewMessage, Store};
 use postbox_postgres::{PgOutbox, PgStore};
 use postbox_testkit::StoreHarness;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -194,8 +194,13 @@ impl StoreHarness for PgHarness {
     }
 }
 
-/// Records `disposition` for every message of `claim`.
-pub async fn complete_all(store: &PgStore, claim: &Claim, disposition: Disposition) {
+/// Records `disposition` for every message of `claim`; returns what that
+/// applied.
+pub async fn complete_all(
+    store: &PgStore,
+    claim: &Claim,
+    disposition: Disposition,
+) -> CompleteReport {
     let done: Vec<_> = claim
         .messages
         .iter()
@@ -204,7 +209,7 @@ pub async fn complete_all(store: &PgStore, claim: &Claim, disposition: Dispositi
     store
         .complete(claim.lease.token, &done)
         .await
-        .expect("complete");
+        .expect("complete")
 }
 
 /// A dead letter that parks its key.
