@@ -35,10 +35,15 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "parked_idx",
         include_str!("../migrations/0007_parked_idx.sql"),
     ),
+    (
+        8,
+        "claim_hint",
+        include_str!("../migrations/0008_claim_hint.sql"),
+    ),
 ];
 
 /// The newest schema version this crate knows.
-pub(crate) const LATEST: i32 = 7;
+pub(crate) const LATEST: i32 = 8;
 
 pub(crate) async fn run(outbox: &PgOutbox, pool: &PgPool) -> Result<(), StoreError> {
     let schema = outbox.schema().as_str();

@@ -167,8 +167,10 @@ impl Sql {
             "WITH ins AS ({insert_batch} RETURNING 1) SELECT pg_notify($9, '') FROM (SELECT count(*) FROM ins) AS n"
         );
 
-        let claim_any = ClaimSql::new(t, false);
-        let claim_tenant = ClaimSql::new(t, true);
+        // The claim hint (migration 8), as `to_regclass` takes it.
+        let hint = format!("\"{}\".\"{}_claim_hint\"", schema.as_str(), table.as_str());
+        let claim_any = ClaimSql::new(t, &hint, false);
+        let claim_tenant = ClaimSql::new(t, &hint, true);
 
         // Completions stamp times with `statement_timestamp()`, not `now()`:
         // a held batch's completion runs in the transaction its claim began,

@@ -784,3 +784,106 @@ async fn rows_below_the_held_batches_are_still_claimed() {
     assert_eq!(store.held_batches(), 0);
     assert_eq!(h.scalar("count(*)", "").await, 0);
 }
+
+/// Several relays on one keyless backlog: a backlog claim past its own
+/// batches reserves the rows it is about to lock by moving the table's
+/// claim hint (migration 8), and starts past the rows others reserved, so
+/// that relays do not try and skip each other's locked rows one by one.
+/// Rows below the hint that nobody holds are still claimed, by the scan from
+/// the front; and a table without the hint sequence (not migrated yet) is
+/// claimed past the store's own batches alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let msgs: Vec<NewMessage> = (0..40)
+        .map(|i| NewMessage::new("t", format!("m{i:02}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &msgs)
+        .await
+        .expect("enqueue");
+    let seq_of = |body: &str| {
+        let sql = format!(
+            "SELECT seq FROM {} WHERE payload = convert_to('{body}', 'UTF8')",
+            h.outbox.qualified_name()
+        );
+        let app = h.app.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&app)
+                .await
+                .expect("seq")
+        }
+    };
+    let hint = format!(
+        "\"{}\".\"{}_claim_hint\"",
+        h.outbox.schema().as_str(),
+        h.outbox.table().as_str()
+    );
+    let hint_value = || {
+        let sql = format!("SELECT coalesce(pg_sequence_last_value('{hint}'), 0)");
+        let app = h.app.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&sql)
+                .fetch_one(&app)
+                .await
+                .expect("hint")
+        }
+    };
+    let req = ClaimRequest::new(4, LEASE);
+    let claim = || async { store.claim(&req).await.expect("claim") };
+    let bodies = |c: &postbox_core::Claim| c.messages.iter().map(body).collect::<Vec<_>>();
+
+    // a leasing claim, then two held ones scanning from the front (the
+    // first held batch, and the first claim past a held batch): none of
+    // them moves the hint
+    let first = claim().await;
+    assert_eq!(bodies(&first), ["m00", "m01", "m02", "m03"]);
+    common::complete_all(&store, &first, Disposition::Sent).await;
+    let mut claims = vec![claim().await, claim().await];
+    assert_eq!(bodies(&claims[0]), ["m04", "m05", "m06", "m07"]);
+    assert_eq!(bodies(&claims[1]), ["m08", "m09", "m10", "m11"]);
+    assert_eq!(store.held_batches(), 2);
+    assert_eq!(hint_value().await, 0, "front scans leave the hint alone");
+
+    // past its own batches: it reserves the 4 rows past where it starts
+    claims.push(claim().await);
+    assert_eq!(bodies(&claims[2]), ["m12", "m13", "m14", "m15"]);
+    assert_eq!(hint_value().await, seq_of("m11").await + 4);
+
+    // another relay reserves m16..m23: the next claim starts past them
+    sqlx::query(&format!("SELECT setval('{hint}', $1)"))
+        .bind(seq_of("m23").await)
+        .execute(&h.app)
+        .await
+        .expect("setval");
+    claims.push(claim().await);
+    assert_eq!(bodies(&claims[3]), ["m24", "m25", "m26", "m27"]);
+    assert_eq!(hint_value().await, seq_of("m23").await + 4);
+
+    // that relay never claims them: once this store holds nothing, its
+    // next claim scans from the front and finds them
+    for c in &claims {
+        common::complete_all(&store, c, Disposition::Sent).await;
+    }
+    assert_eq!(store.held_batches(), 0);
+    let mut claims = vec![claim().await];
+    assert_eq!(bodies(&claims[0]), ["m16", "m17", "m18", "m19"]);
+
+    // without the sequence (a table not migrated yet) claims start past
+    // the store's own batches alone: the first past a held batch scans
+    // from the front, the next one past m23
+    sqlx::query(&format!("DROP SEQUENCE {hint}"))
+        .execute(&h.app)
+        .await
+        .expect("drop the hint");
+    claims.push(claim().await);
+    assert_eq!(bodies(&claims[1]), ["m20", "m21", "m22", "m23"]);
+    claims.push(claim().await);
+    assert_eq!(bodies(&claims[2]), ["m28", "m29", "m30", "m31"]);
+    for c in &claims {
+        common::complete_all(&store, c, Disposition::Sent).await;
+    }
+    assert_eq!(h.scalar("count(*)", "").await, 8);
+}
