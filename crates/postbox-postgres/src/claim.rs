@@ -371,7 +371,7 @@ fn keyless_bulk_sql(t: &str, past: &str, tenant: Option<&str>) -> String {
 /// `keyless_bulk`.
 fn keyless_held_sql(t: &str, past: &str, tenant: Option<&str>) -> String {
     let columns = format!(
-        "{returned}, {until} AS lease_until_us, {hints}",
+        "{returned}, {until} AS lease_until_us, {hints}, r.ctid AS row_tid",
         returned = columns_of("r", "r.attempts + 1"),
         until = lease_until_us(),
         hints = keyless_hints(t),

@@ -27,6 +27,7 @@ mod migrate;
 mod outbox;
 mod sql;
 mod store;
+mod tid;
 
 pub use error::redact_url;
 pub use outbox::{DEFAULT_SCHEMA, DEFAULT_TABLE, MAX_TABLE_LEN, PgOutbox};

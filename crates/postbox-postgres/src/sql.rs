@@ -256,13 +256,17 @@ impl Sql {
         // passes only those), whose locks it holds: no token to check,
         // nobody else can have changed them. All sent: delete them (or mark
         // them sent, with the attempt counted as a leasing claim would have,
-        // with a retention), then the store commits.
+        // with a retention), then the store commits. By address ($1, the
+        // `ctid`s the claim returned, see `tid.rs`): a TID scan fetches each
+        // row directly where a lookup by `seq` descended the primary key
+        // once per row (deleting 1,000 locked rows by `ctid` took 0.49–0.67
+        // ms against 1.14–1.40 ms by `seq`, in a server-side loop).
         let held_sent =
-            format!("DELETE FROM {t} WHERE seq = ANY($1::int8[]) AND status = 'pending'");
+            format!("DELETE FROM {t} WHERE ctid = ANY($1::tid[]) AND status = 'pending'");
         let held_sent_keep = format!(
             "UPDATE {t} SET status = 'sent', sent_at = statement_timestamp(), attempts = attempts + 1,
                             lease_token = NULL, lease_until = NULL
-              WHERE seq = ANY($1::int8[]) AND status = 'pending'"
+              WHERE ctid = ANY($1::tid[]) AND status = 'pending'"
         );
         // Anything else: first write what a leasing claim would have (the
         // attempt counted, the token), then `complete` applies the outcomes

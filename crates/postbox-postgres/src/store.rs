@@ -1,7 +1,7 @@
 //! [`PgStore`]: the relay's side of the outbox, implementing
 //! [`postbox_core::Store`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -15,13 +15,14 @@ use postbox_core::{
 };
 use postbox_core::{GroupBy, GroupStats, RelayHeartbeat, RelayRecord};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{Column as _, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use uuid::Uuid;
 
 use crate::error::{map, map_connect};
 use crate::listen::{Wakeup, listen_loop};
 use crate::outbox::PgOutbox;
+use crate::tid::Tid;
 
 /// Connections in the admin pool [`PgStore::connect`] builds (stats,
 /// listings, heartbeats, migrations); claims and completions have their own
@@ -250,8 +251,9 @@ struct HeldBatch {
     /// `None` only while a completion runs on it, and once dropped.
     txn: Option<Transaction<'static, Postgres>>,
     until: Instant,
-    /// The batch's rows that have no outcome yet.
-    open: HashSet<i64>,
+    /// The batch's rows that have no outcome yet, by `seq`, with the
+    /// address of the version the claim locked (see `tid.rs`).
+    open: HashMap<i64, Tid>,
     /// The claim's scope (any tenant, or one) and its highest `seq`: where
     /// that scope's next held claim starts.
     scope: Option<String>,
@@ -745,16 +747,17 @@ impl PgStore {
 
     /// Writes `out` under lease `token` on `conn` and returns how many rows
     /// it applied: all sent, the plain statement counted by its command tag
-    /// (see `sql.rs`); otherwise the mixed statement. `held`: the rows are a held
-    /// batch's, locked by the transaction on `conn` and never stamped with
-    /// the token, so the sent rows need no guard and the mixed statement
-    /// needs the stamp (`held_stamp`) first.
+    /// (see `sql.rs`); otherwise the mixed statement. `held`: the rows are a
+    /// held batch's, locked by the transaction on `conn` and never stamped
+    /// with the token, at these addresses (one per row of `out`, in its
+    /// order): sent rows are reached by address and need no guard, and the
+    /// mixed statement needs the stamp (`held_stamp`) first.
     async fn write_outcomes(
         &self,
         conn: &mut PgConnection,
         token: Uuid,
         out: &Outcomes,
-        held: bool,
+        held: Option<&[Tid]>,
     ) -> Result<u64, sqlx::Error> {
         let sql = &self.outbox.inner.sql;
         let keep = self.outbox.sent_retention().is_some();
@@ -763,15 +766,19 @@ impl PgStore {
         }
         if out.all("sent") {
             let query = match (held, keep) {
-                (true, false) => sqlx::query(&sql.held_sent),
-                (true, true) => sqlx::query(&sql.held_sent_keep),
-                (false, false) => sqlx::query(&sql.complete_sent).bind(token),
-                (false, true) => sqlx::query(&sql.complete_sent_keep).bind(token),
+                (Some(tids), false) => sqlx::query(&sql.held_sent).bind(tids),
+                (Some(tids), true) => sqlx::query(&sql.held_sent_keep).bind(tids),
+                (None, false) => sqlx::query(&sql.complete_sent)
+                    .bind(token)
+                    .bind(&out.seqs[..]),
+                (None, true) => sqlx::query(&sql.complete_sent_keep)
+                    .bind(token)
+                    .bind(&out.seqs[..]),
             };
-            let done = query.bind(&out.seqs[..]).execute(&mut *conn).await?;
+            let done = query.execute(&mut *conn).await?;
             return Ok(done.rows_affected());
         }
-        if held {
+        if held.is_some() {
             sqlx::query(&sql.held_stamp)
                 .bind(token)
                 .bind(&out.seqs[..])
@@ -813,13 +820,17 @@ impl PgStore {
     ) -> Result<CompleteReport, StoreError> {
         let n = u64::try_from(completions.len()).unwrap_or(u64::MAX);
         let (mut mine, mut released) = (0u64, 0u64);
+        let mut tids = Vec::with_capacity(completions.len());
         let writes = Outcomes::new(completions.iter().filter(|c| {
-            if !batch.open.remove(&c.seq) {
+            let Some(tid) = batch.open.remove(&c.seq) else {
                 return false;
-            }
+            };
             mine += 1;
             let release = c.disposition == Disposition::Release;
             released += u64::from(release);
+            if !release {
+                tids.push(tid);
+            }
             !release
         }))?;
         let finished = batch.open.is_empty();
@@ -830,7 +841,9 @@ impl PgStore {
             });
         };
         let recorded = async {
-            let applied = self.write_outcomes(&mut txn, token, &writes, true).await?;
+            let applied = self
+                .write_outcomes(&mut txn, token, &writes, Some(&tids))
+                .await?;
             if finished {
                 txn.commit().await?;
             } else {
@@ -934,6 +947,8 @@ const CLAIMED_COLUMNS: [&str; 10] = [
     "max_attempts",
     "created_us",
 ];
+/// The column of a held claim's rows that holds each one's address.
+const HELD_TID: &str = "row_tid";
 const SEQ: usize = 0;
 const ID: usize = 1;
 const TOPIC: usize = 2;
@@ -948,7 +963,6 @@ const CREATED_US: usize = 9;
 /// Whether `r`'s first columns are [`CLAIMED_COLUMNS`] (checked once per
 /// claim in debug builds, so every test of every claim statement checks it).
 fn claimed_columns_in_order(r: &PgRow) -> bool {
-    use sqlx::Column as _;
     let columns = r.columns();
     columns.len() >= CLAIMED_COLUMNS.len()
         && CLAIMED_COLUMNS
@@ -1284,9 +1298,21 @@ impl Store for PgStore {
         };
         let mut messages = Vec::with_capacity(rows.len());
         let mut malformed = Vec::new();
+        // a held claim's rows: where each one is (see `tid.rs`)
+        let tid_at = match (&held, rows.first()) {
+            (Some(_), Some(first)) => Some(first.try_column(HELD_TID).map_err(map)?.ordinal()),
+            _ => None,
+        };
+        let mut tids = HashMap::with_capacity(if tid_at.is_some() { rows.len() } else { 0 });
         for r in &rows {
             if r.try_get::<Option<i64>, _>(SEQ).map_err(map)?.is_none() {
                 continue; // the "nothing claimed" row
+            }
+            if let Some(at) = tid_at {
+                tids.insert(
+                    r.try_get::<i64, _>(SEQ).map_err(map)?,
+                    r.try_get::<Tid, _>(at).map_err(map)?,
+                );
             }
             match decode(r).map_err(map)? {
                 Ok(m) => messages.push(m),
@@ -1303,12 +1329,8 @@ impl Store for PgStore {
         let until = claimed_at.checked_add(req.lease).unwrap_or(claimed_at);
         self.shared.held().leased(token, leased, until);
         if let Some((txn, permit, front, floor)) = held {
-            let open: HashSet<i64> = messages
-                .iter()
-                .map(|m| m.seq)
-                .chain(malformed.iter().map(|m| m.seq))
-                .collect();
-            let last_seq = open.iter().copied().max().unwrap_or(0);
+            let open = tids;
+            let last_seq = open.keys().copied().max().unwrap_or(0);
             if front && rows.len() >= limit && last_seq < floor {
                 // a full batch from below the floor: more may be there
                 self.shared.front_again(&req.tenant);
@@ -1345,7 +1367,7 @@ impl Store for PgStore {
         let n = out.rows();
         let mut conn = self.claims.acquire().await.map_err(map)?;
         let applied = self
-            .write_outcomes(&mut conn, token, &out, false)
+            .write_outcomes(&mut conn, token, &out, None)
             .await
             .map_err(map)?;
         // Committed: these rows no longer fill the front of the window of
