@@ -806,25 +806,21 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
         .await
         .expect("enqueue");
     let seq_of = |body: &str| {
-        let sql = format!(
-            "SELECT seq FROM {} WHERE payload = convert_to('{body}', 'UTF8')",
-            h.outbox.qualified_name()
-        );
-        let app = h.app.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(&sql)
-                .fetch_one(&app)
-                .await
-                .expect("seq")
-        }
+        let rest = format!("WHERE payload = convert_to('{body}', 'UTF8')");
+        let h = &h;
+        async move { h.scalar("seq", &rest).await }
     };
     let hint = format!(
         "\"{}\".\"{}_claim_hint\"",
         h.outbox.schema().as_str(),
         h.outbox.table().as_str()
     );
-    let hint_value = || {
-        let sql = format!("SELECT coalesce(pg_sequence_last_value('{hint}'), 0)");
+    // reads the hint, or sets it first (as another relay's claim would)
+    let hint_value = |set: Option<i64>| {
+        let sql = match set {
+            Some(v) => format!("SELECT setval('{hint}', {v})"),
+            None => format!("SELECT coalesce(pg_sequence_last_value('{hint}'), 0)"),
+        };
         let app = h.app.clone();
         async move {
             sqlx::query_scalar::<_, i64>(&sql)
@@ -847,22 +843,22 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     assert_eq!(bodies(&claims[0]), ["m04", "m05", "m06", "m07"]);
     assert_eq!(bodies(&claims[1]), ["m08", "m09", "m10", "m11"]);
     assert_eq!(store.held_batches(), 2);
-    assert_eq!(hint_value().await, 0, "front scans leave the hint alone");
+    assert_eq!(
+        hint_value(None).await,
+        0,
+        "front scans leave the hint alone"
+    );
 
     // past its own batches: it reserves the 4 rows past where it starts
     claims.push(claim().await);
     assert_eq!(bodies(&claims[2]), ["m12", "m13", "m14", "m15"]);
-    assert_eq!(hint_value().await, seq_of("m11").await + 4);
+    assert_eq!(hint_value(None).await, seq_of("m11").await + 4);
 
     // another relay reserves m16..m23: the next claim starts past them
-    sqlx::query(&format!("SELECT setval('{hint}', $1)"))
-        .bind(seq_of("m23").await)
-        .execute(&h.app)
-        .await
-        .expect("setval");
+    hint_value(Some(seq_of("m23").await)).await;
     claims.push(claim().await);
     assert_eq!(bodies(&claims[3]), ["m24", "m25", "m26", "m27"]);
-    assert_eq!(hint_value().await, seq_of("m23").await + 4);
+    assert_eq!(hint_value(None).await, seq_of("m23").await + 4);
 
     // that relay never claims them: once this store holds nothing, its
     // next claim scans from the front and finds them
@@ -875,13 +871,10 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
 
     // a hint past every `seq` issued (here: as if the table had been
     // recreated) is ignored and set again from the claim's own floor
-    sqlx::query(&format!("SELECT setval('{hint}', 1000000)"))
-        .execute(&h.app)
-        .await
-        .expect("setval");
+    hint_value(Some(1_000_000)).await;
     claims.push(claim().await);
     assert_eq!(bodies(&claims[1]), ["m20", "m21", "m22", "m23"]);
-    assert_eq!(hint_value().await, seq_of("m19").await + 4);
+    assert_eq!(hint_value(None).await, seq_of("m19").await + 4);
 
     // without the sequence (a table not migrated yet) claims start past
     // the store's own batches alone. (Dropping it waits for the held
