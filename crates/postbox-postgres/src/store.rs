@@ -776,6 +776,12 @@ impl PgStore {
                     .bind(&out.seqs[..]),
             };
             let done = query.execute(&mut *conn).await?;
+            // A held row's address cannot change before this statement
+            // (see `tid.rs`): every one must have been found.
+            debug_assert!(
+                held.is_none_or(|tids| done.rows_affected() == tids.len() as u64),
+                "a held batch's sent rows were not all at the addresses its claim returned"
+            );
             return Ok(done.rows_affected());
         }
         if held.is_some() {

@@ -6,7 +6,7 @@
 //! The address of a row version cannot change while the transaction that
 //! locked it (`FOR UPDATE`) is open and has not updated it: nobody else can
 //! update or delete it, `VACUUM` does not move live rows, and `VACUUM FULL`
-//! or `CLUSTER` wait for the lock. The store uses these addresses only
+//! or `CLUSTER` wait for the table lock the transaction holds. The store uses these addresses only
 //! within that transaction and only before it writes those rows.
 
 use sqlx::encode::IsNull;

@@ -767,6 +767,53 @@ async fn a_held_batch_completed_in_parts_commits_with_its_last_row() {
     assert_eq!(left, [(seqs[2], 0), (other_seq, 0)]);
 }
 
+/// A held batch whose first part records a failure (the rows of that part
+/// stamped and updated by `seq`) and whose second part is all sent (deleted
+/// by the addresses the claim returned): the second part's rows are all
+/// deleted, the failed one is pending with its attempt counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_batch_with_a_failure_then_all_sent_deletes_every_sent_row() {
+    let h = PgHarness::new().await;
+    let held = held_claim(&h, &h.store, Duration::from_secs(30)).await;
+    let seqs: Vec<i64> = held.messages.iter().map(|m| m.seq).collect();
+    let failed = Disposition::Retry {
+        delay: Duration::from_secs(60),
+        error: "broker down".into(),
+    };
+    let first = h
+        .store
+        .complete(
+            held.lease.token,
+            &[
+                Completion::new(seqs[0], Disposition::Sent),
+                Completion::new(seqs[1], failed),
+            ],
+        )
+        .await
+        .expect("complete");
+    assert_eq!((first.applied, first.lost), (2, 0));
+    let last = h
+        .store
+        .complete(
+            held.lease.token,
+            &[
+                Completion::new(seqs[2], Disposition::Sent),
+                Completion::new(seqs[3], Disposition::Sent),
+            ],
+        )
+        .await
+        .expect("complete");
+    assert_eq!((last.applied, last.lost), (2, 0));
+    assert_eq!(h.store.held_batches(), 0);
+    let held_left: Vec<(i64, u32)> = records(&h.store)
+        .await
+        .iter()
+        .filter(|r| seqs.contains(&r.seq))
+        .map(|r| (r.seq, r.attempts))
+        .collect();
+    assert_eq!(held_left, [(seqs[1], 1)]);
+}
+
 /// A store holds at most `MAX_HELD` backlog batches open; the backlog
 /// claims beyond that lease their rows as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
