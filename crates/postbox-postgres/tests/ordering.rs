@@ -895,3 +895,55 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     }
     assert_eq!(h.scalar("count(*)", "").await, 4);
 }
+
+/// Claims restricted to one tenant scan that tenant's index past their own
+/// batches only: they neither read nor move the claim hint, which orders
+/// the claims of every tenant together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_backlog_claims_leave_the_claim_hint_alone() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let msgs: Vec<NewMessage> = (0..16)
+        .map(|i| NewMessage::new("t", format!("m{i:02}")).tenant("t1"))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &msgs)
+        .await
+        .expect("enqueue");
+    let hint: i64 = sqlx::query_scalar(&format!(
+        "SELECT setval('\"{}\".\"{}_claim_hint\"', 5)",
+        h.outbox.schema().as_str(),
+        h.outbox.table().as_str()
+    ))
+    .fetch_one(&h.app)
+    .await
+    .expect("setval");
+    assert_eq!(hint, 5);
+    let req = ClaimRequest::new(4, LEASE).tenant("t1");
+    let claim = || async { store.claim(&req).await.expect("claim") };
+    let bodies = |c: &postbox_core::Claim| c.messages.iter().map(body).collect::<Vec<_>>();
+    let first = claim().await;
+    assert_eq!(bodies(&first), ["m00", "m01", "m02", "m03"]);
+    common::complete_all(&store, &first, Disposition::Sent).await;
+    // held: from the front, the first past a held batch, then past its own
+    // batches (the hint, 5, lies below all of them and would not matter;
+    // it must not move)
+    let claims = [claim().await, claim().await, claim().await];
+    assert_eq!(bodies(&claims[0]), ["m04", "m05", "m06", "m07"]);
+    assert_eq!(bodies(&claims[1]), ["m08", "m09", "m10", "m11"]);
+    assert_eq!(bodies(&claims[2]), ["m12", "m13", "m14", "m15"]);
+    assert_eq!(store.held_batches(), 3);
+    let hint: i64 = sqlx::query_scalar(&format!(
+        "SELECT pg_sequence_last_value('\"{}\".\"{}_claim_hint\"')",
+        h.outbox.schema().as_str(),
+        h.outbox.table().as_str()
+    ))
+    .fetch_one(&h.app)
+    .await
+    .expect("hint");
+    assert_eq!(hint, 5, "tenant claims leave the hint alone");
+    for c in &claims {
+        common::complete_all(&store, c, Disposition::Sent).await;
+    }
+    assert_eq!(h.scalar("count(*)", "").await, 0);
+}
