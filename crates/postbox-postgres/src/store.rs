@@ -986,13 +986,13 @@ fn decode(r: &PgRow) -> Result<Result<Message, Malformed>, sqlx::Error> {
         key: key.clone(),
         reason,
     };
-    let headers_text: String = r.try_get(HEADERS)?;
-    let headers: BTreeMap<String, String> = match serde_json::from_str(&headers_text) {
+    let headers_text: &str = r.try_get(HEADERS)?;
+    let headers: BTreeMap<String, String> = match serde_json::from_str(headers_text) {
         Ok(h) => h,
         Err(e) => {
             return Ok(Err(bad(format!(
                 "headers are not a JSON object of strings ({e}): {}",
-                truncate(&headers_text, 200)
+                truncate(headers_text, 200)
             ))));
         }
     };
