@@ -200,6 +200,15 @@ const MAX_SCOPES: usize = 2_048;
 /// [`PgStore::horizon`] while it is open; and schema changes to the table
 /// wait for the open batches to end. [`PgStore::listen`] builds a store
 /// with its own claim state: call it before claiming.
+///
+/// **Several relays on one backlog.** Backlog claims not restricted to one
+/// tenant reserve the row numbers they are about to lock in the table's
+/// claim hint (a sequence, migration 8) and start past the others'
+/// reservations, so relays do not pay a lock attempt for each row another
+/// relay holds. The relay's role needs `SELECT, UPDATE` on
+/// `<table>_claim_hint` and `SELECT` on `<table>_seq` for that (the owner
+/// has them); without them, or on a table not migrated yet, claims work as
+/// before, past the store's own batches only.
 #[derive(Clone)]
 pub struct PgStore {
     outbox: PgOutbox,
