@@ -32,6 +32,47 @@ fn body(m: &postbox_core::Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
 
+/// Enqueues `n` keyless messages with bodies `m00`, `m01`, ..., of `tenant`
+/// if one is given.
+async fn enqueue_numbered(h: &PgHarness, n: usize, tenant: Option<&str>) {
+    let msgs: Vec<NewMessage> = (0..n)
+        .map(|i| {
+            let m = NewMessage::new("t", format!("m{i:02}"));
+            match tenant {
+                Some(t) => m.tenant(t),
+                None => m,
+            }
+        })
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &msgs)
+        .await
+        .expect("enqueue");
+}
+
+/// The table's claim hint sequence (migration 8), quoted.
+fn claim_hint_name(h: &PgHarness) -> String {
+    format!(
+        "\"{}\".\"{}_claim_hint\"",
+        h.outbox.schema().as_str(),
+        h.outbox.table().as_str()
+    )
+}
+
+/// The claim hint's value, after setting it to `set` first if given (as
+/// another relay's claim would).
+async fn claim_hint(h: &PgHarness, set: Option<i64>) -> i64 {
+    let hint = claim_hint_name(h);
+    let sql = match set {
+        Some(v) => format!("SELECT setval('{hint}', {v})"),
+        None => format!("SELECT coalesce(pg_sequence_last_value('{hint}'), 0)"),
+    };
+    sqlx::query_scalar(&sql)
+        .fetch_one(&h.app)
+        .await
+        .expect("claim hint")
+}
+
 /// Holds the outbox rows matching `condition` `FOR UPDATE` in a transaction
 /// of its own, as a concurrent claim would, until it is rolled back;
 /// checks that `count` rows matched.
@@ -798,36 +839,11 @@ async fn rows_below_the_held_batches_are_still_claimed() {
 async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     let h = PgHarness::new().await;
     let store = h.store.clone();
-    let msgs: Vec<NewMessage> = (0..40)
-        .map(|i| NewMessage::new("t", format!("m{i:02}")))
-        .collect();
-    h.outbox
-        .enqueue_batch(&h.app, &msgs)
-        .await
-        .expect("enqueue");
+    enqueue_numbered(&h, 40, None).await;
     let seq_of = |body: &str| {
         let rest = format!("WHERE payload = convert_to('{body}', 'UTF8')");
         let h = &h;
         async move { h.scalar("seq", &rest).await }
-    };
-    let hint = format!(
-        "\"{}\".\"{}_claim_hint\"",
-        h.outbox.schema().as_str(),
-        h.outbox.table().as_str()
-    );
-    // reads the hint, or sets it first (as another relay's claim would)
-    let hint_value = |set: Option<i64>| {
-        let sql = match set {
-            Some(v) => format!("SELECT setval('{hint}', {v})"),
-            None => format!("SELECT coalesce(pg_sequence_last_value('{hint}'), 0)"),
-        };
-        let app = h.app.clone();
-        async move {
-            sqlx::query_scalar::<_, i64>(&sql)
-                .fetch_one(&app)
-                .await
-                .expect("hint")
-        }
     };
     let req = ClaimRequest::new(4, LEASE);
     let claim = || async { store.claim(&req).await.expect("claim") };
@@ -844,7 +860,7 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     assert_eq!(bodies(&claims[1]), ["m08", "m09", "m10", "m11"]);
     assert_eq!(store.held_batches(), 2);
     assert_eq!(
-        hint_value(None).await,
+        claim_hint(&h, None).await,
         0,
         "front scans leave the hint alone"
     );
@@ -852,13 +868,13 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     // past its own batches: it reserves the 4 rows past where it starts
     claims.push(claim().await);
     assert_eq!(bodies(&claims[2]), ["m12", "m13", "m14", "m15"]);
-    assert_eq!(hint_value(None).await, seq_of("m11").await + 4);
+    assert_eq!(claim_hint(&h, None).await, seq_of("m11").await + 4);
 
     // another relay reserves m16..m23: the next claim starts past them
-    hint_value(Some(seq_of("m23").await)).await;
+    claim_hint(&h, Some(seq_of("m23").await)).await;
     claims.push(claim().await);
     assert_eq!(bodies(&claims[3]), ["m24", "m25", "m26", "m27"]);
-    assert_eq!(hint_value(None).await, seq_of("m23").await + 4);
+    assert_eq!(claim_hint(&h, None).await, seq_of("m23").await + 4);
 
     // that relay never claims them: once this store holds nothing, its
     // next claim scans from the front and finds them
@@ -871,10 +887,10 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
 
     // a hint past every `seq` issued (here: as if the table had been
     // recreated) is ignored and set again from the claim's own floor
-    hint_value(Some(1_000_000)).await;
+    claim_hint(&h, Some(1_000_000)).await;
     claims.push(claim().await);
     assert_eq!(bodies(&claims[1]), ["m20", "m21", "m22", "m23"]);
-    assert_eq!(hint_value(None).await, seq_of("m19").await + 4);
+    assert_eq!(claim_hint(&h, None).await, seq_of("m19").await + 4);
 
     // without the sequence (a table not migrated yet) claims start past
     // the store's own batches alone. (Dropping it waits for the held
@@ -882,7 +898,7 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     for c in &claims {
         common::complete_all(&store, c, Disposition::Sent).await;
     }
-    sqlx::query(&format!("DROP SEQUENCE {hint}"))
+    sqlx::query(&format!("DROP SEQUENCE {}", claim_hint_name(&h)))
         .execute(&h.app)
         .await
         .expect("drop the hint");
@@ -903,22 +919,8 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
 async fn tenant_backlog_claims_leave_the_claim_hint_alone() {
     let h = PgHarness::new().await;
     let store = h.store.clone();
-    let msgs: Vec<NewMessage> = (0..16)
-        .map(|i| NewMessage::new("t", format!("m{i:02}")).tenant("t1"))
-        .collect();
-    h.outbox
-        .enqueue_batch(&h.app, &msgs)
-        .await
-        .expect("enqueue");
-    let hint: i64 = sqlx::query_scalar(&format!(
-        "SELECT setval('\"{}\".\"{}_claim_hint\"', 5)",
-        h.outbox.schema().as_str(),
-        h.outbox.table().as_str()
-    ))
-    .fetch_one(&h.app)
-    .await
-    .expect("setval");
-    assert_eq!(hint, 5);
+    enqueue_numbered(&h, 16, Some("t1")).await;
+    assert_eq!(claim_hint(&h, Some(5)).await, 5);
     let req = ClaimRequest::new(4, LEASE).tenant("t1");
     let claim = || async { store.claim(&req).await.expect("claim") };
     let bodies = |c: &postbox_core::Claim| c.messages.iter().map(body).collect::<Vec<_>>();
@@ -933,15 +935,11 @@ async fn tenant_backlog_claims_leave_the_claim_hint_alone() {
     assert_eq!(bodies(&claims[1]), ["m08", "m09", "m10", "m11"]);
     assert_eq!(bodies(&claims[2]), ["m12", "m13", "m14", "m15"]);
     assert_eq!(store.held_batches(), 3);
-    let hint: i64 = sqlx::query_scalar(&format!(
-        "SELECT pg_sequence_last_value('\"{}\".\"{}_claim_hint\"')",
-        h.outbox.schema().as_str(),
-        h.outbox.table().as_str()
-    ))
-    .fetch_one(&h.app)
-    .await
-    .expect("hint");
-    assert_eq!(hint, 5, "tenant claims leave the hint alone");
+    assert_eq!(
+        claim_hint(&h, None).await,
+        5,
+        "tenant claims leave the hint alone"
+    );
     for c in &claims {
         common::complete_all(&store, c, Disposition::Sent).await;
     }
