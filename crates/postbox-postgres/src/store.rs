@@ -288,8 +288,8 @@ impl Drop for HeldBatch {
     }
 }
 
-/// A `complete` call's outcomes as the statements bind them: arrays in
-/// `seq`'s order.
+/// A `complete` call's outcomes as the statements bind them: one array per
+/// field, in the completions' order.
 struct Outcomes {
     seqs: Vec<i64>,
     kinds: Vec<&'static str>,
@@ -947,9 +947,9 @@ fn clamp_i64(n: usize) -> i64 {
 }
 
 /// The columns every claim statement returns first, in this order (see
-/// `claim::columns_of`); [`decode`] reads them by position, which cost a
-/// tenth of the relay's CPU less than by name (a hash lookup and string
-/// comparisons per column and row) at batch 1,000.
+/// `claim::columns_of`); [`decode`] reads them by position. By name, each
+/// column of each row cost a hash lookup and string comparisons, among the
+/// relay's top symbols in `perf` at batch 1,000 (BENCHMARKS.md, session 8).
 const CLAIMED_COLUMNS: [&str; 10] = [
     "seq",
     "id",
@@ -1320,14 +1320,11 @@ impl Store for PgStore {
         };
         let mut tids = HashMap::with_capacity(if tid_at.is_some() { rows.len() } else { 0 });
         for r in &rows {
-            if r.try_get::<Option<i64>, _>(SEQ).map_err(map)?.is_none() {
+            let Some(seq) = r.try_get::<Option<i64>, _>(SEQ).map_err(map)? else {
                 continue; // the "nothing claimed" row
-            }
+            };
             if let Some(at) = tid_at {
-                tids.insert(
-                    r.try_get::<i64, _>(SEQ).map_err(map)?,
-                    r.try_get::<Tid, _>(at).map_err(map)?,
-                );
+                tids.insert(seq, r.try_get::<Tid, _>(at).map_err(map)?);
             }
             match decode(r).map_err(map)? {
                 Ok(m) => messages.push(m),
@@ -1344,8 +1341,7 @@ impl Store for PgStore {
         let until = claimed_at.checked_add(req.lease).unwrap_or(claimed_at);
         self.shared.held().leased(token, leased, until);
         if let Some((txn, permit, front, floor)) = held {
-            let open = tids;
-            let last_seq = open.keys().copied().max().unwrap_or(0);
+            let last_seq = tids.keys().copied().max().unwrap_or(0);
             if front && rows.len() >= limit && last_seq < floor {
                 // a full batch from below the floor: more may be there
                 self.shared.front_again(&req.tenant);
@@ -1355,7 +1351,7 @@ impl Store for PgStore {
                 HeldBatch {
                     txn: Some(txn),
                     until,
-                    open,
+                    open: tids,
                     scope: req.tenant.clone(),
                     last_seq,
                     _permit: permit,

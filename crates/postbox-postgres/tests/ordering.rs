@@ -50,6 +50,16 @@ async fn enqueue_numbered(h: &PgHarness, n: usize, tenant: Option<&str>) {
         .expect("enqueue");
 }
 
+/// The first claim of a backlog of `enqueue_numbered` messages (a leasing
+/// claim of `m00`..`m03`), completed as sent: the next claim of `req`'s
+/// scope is a backlog claim.
+async fn first_batch_sent(store: &PgStore, req: &ClaimRequest) {
+    let first = store.claim(req).await.expect("claim");
+    let bodies: Vec<String> = first.messages.iter().map(body).collect();
+    assert_eq!(bodies, ["m00", "m01", "m02", "m03"]);
+    common::complete_all(store, &first, Disposition::Sent).await;
+}
+
 /// The table's claim hint sequence (migration 8), quoted.
 fn claim_hint_name(h: &PgHarness) -> String {
     format!(
@@ -782,9 +792,7 @@ async fn rows_below_the_held_batches_are_still_claimed() {
     let req = ClaimRequest::new(4, LEASE);
     let claim = || async { store.claim(&req).await.expect("claim") };
     let bodies = |c: &postbox_core::Claim| c.messages.iter().map(body).collect::<Vec<_>>();
-    let first = claim().await;
-    assert_eq!(bodies(&first), ["m00", "m01", "m02", "m03"]);
-    common::complete_all(&store, &first, Disposition::Sent).await;
+    first_batch_sent(&store, &req).await;
     let mut claims = vec![claim().await];
     assert_eq!(bodies(&claims[0]), ["m04", "m05", "m06", "m07"]);
     assert_eq!(store.held_batches(), 1);
@@ -852,9 +860,7 @@ async fn backlog_claims_start_past_the_rows_other_relays_reserved() {
     // a leasing claim, then two held ones scanning from the front (the
     // first held batch, and the first claim past a held batch): none of
     // them moves the hint
-    let first = claim().await;
-    assert_eq!(bodies(&first), ["m00", "m01", "m02", "m03"]);
-    common::complete_all(&store, &first, Disposition::Sent).await;
+    first_batch_sent(&store, &req).await;
     let mut claims = vec![claim().await, claim().await];
     assert_eq!(bodies(&claims[0]), ["m04", "m05", "m06", "m07"]);
     assert_eq!(bodies(&claims[1]), ["m08", "m09", "m10", "m11"]);
@@ -924,9 +930,7 @@ async fn tenant_backlog_claims_leave_the_claim_hint_alone() {
     let req = ClaimRequest::new(4, LEASE).tenant("t1");
     let claim = || async { store.claim(&req).await.expect("claim") };
     let bodies = |c: &postbox_core::Claim| c.messages.iter().map(body).collect::<Vec<_>>();
-    let first = claim().await;
-    assert_eq!(bodies(&first), ["m00", "m01", "m02", "m03"]);
-    common::complete_all(&store, &first, Disposition::Sent).await;
+    first_batch_sent(&store, &req).await;
     // held: from the front, the first past a held batch, then past its own
     // batches (the hint, 5, lies below all of them and would not matter;
     // it must not move)
