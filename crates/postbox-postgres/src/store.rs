@@ -166,6 +166,70 @@ const MODE_WALK: u8 = 2;
 /// rows, and when it leases nothing it moves to `MODE_KEYLESS` before any
 /// comparison.
 const MODE_BULK: u8 = 3;
+/// `keyed_bulk`: the keyed window claim after a full claim from the window.
+/// Like `MODE_BULK` outside the order: when it leases nothing it moves to
+/// `MODE_WINDOW` before any comparison.
+const MODE_KEYED_BULK: u8 = 4;
+/// `keyed` again after a window claim that got nothing because the heads
+/// it saw were locked while another claim of this store was running: that
+/// claim, most likely, which leases them a moment later. The next claim
+/// then sees them leased (keys busy, no walk); only if it too is raced and
+/// gets nothing does it walk. Ranks with `MODE_WINDOW` (see [`wider`]).
+const MODE_RACED: u8 = 5;
+
+/// What a claim saw, for [`next_mode`].
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// keyed rows are pending (the `keyed_pending` hint)
+    keyed: bool,
+    /// the window fell short of heads (the `short` hint)
+    short: bool,
+    /// the window's heads were there but locked (the `raced` hint)
+    raced: bool,
+    /// the claim leased nothing
+    nothing: bool,
+    /// the claim came back with as many rows as asked for
+    full: bool,
+    /// another claim of this store was running when it began
+    concurrent: bool,
+}
+
+/// The claim mode of a scope's next claim, from what a claim in `mode` saw.
+fn next_mode(seen: Seen, mode: u8) -> u8 {
+    match (seen.keyed, seen.short, seen.raced) {
+        // a backlog: the cheaper statement until one leases nothing
+        (false, ..) if !seen.nothing && seen.full => MODE_BULK,
+        (false, ..) => MODE_KEYLESS,
+        (true, true, _) => MODE_WALK,
+        // The window's heads were there but locked by other claims (or by
+        // anyone holding them `FOR UPDATE`): stay with the window, unless
+        // that left this claim nothing; then walk past them at once. Locks
+        // held for long therefore cost a walk only once the window has
+        // nothing else to give, and never hide the keys behind it. If
+        // another claim of this store was running, its locks are the likely
+        // ones: look at the window once more next time before walking (a
+        // walk over 1,000 keys that found them all locked or leased cost
+        // 12 ms, and two workers at batch 1,000 ran one after nearly every
+        // claim).
+        (true, false, true) if seen.nothing && seen.concurrent && mode != MODE_RACED => MODE_RACED,
+        (true, false, true) if seen.nothing => MODE_WALK,
+        // a keyed backlog: the cheaper statement until one leases nothing
+        (true, false, _) if !seen.nothing && seen.full => MODE_KEYED_BULK,
+        (true, false, _) => MODE_WINDOW,
+    }
+}
+
+/// Whether claim mode `next` looks at more than `mode`: keyless < window
+/// (raced or not) < walk. The backlog modes are outside the order: a claim
+/// only moves to one after leasing rows, and leaves it before comparing.
+fn wider(next: u8, mode: u8) -> bool {
+    let rank = |m: u8| match m {
+        MODE_KEYLESS => 0,
+        MODE_WINDOW | MODE_RACED => 1,
+        _ => 2,
+    };
+    rank(next) > rank(mode)
+}
 /// How often a held claim scans from the front of the keyless rows rather
 /// than past the batches its store holds (see `claim::keyless_held_sql`).
 const FRONT_SCAN_EVERY: Duration = Duration::from_secs(1);
@@ -617,10 +681,10 @@ impl PgStore {
 
     /// The claim statements, for `EXPLAIN` by operators and tests: `(name,
     /// parameter types, SQL)` for the keyless claim (and its backlog forms,
-    /// leasing and held),
-    /// the keyed and the key-walk claims, for any tenant and restricted to
-    /// one. Parameters: limit, lease µs, token; keyed and walk: window size;
-    /// walk: cursor (`''` for the first key), walk length; the backlog
+    /// leasing and held), the keyed claim (and its backlog form) and the
+    /// key-walk claim, for any tenant and restricted to one. Parameters:
+    /// limit, lease µs, token; keyed claims and walk: window size; walk:
+    /// cursor (`''` for the first key), walk length; the keyless backlog
     /// forms: the `seq` their scan starts after (0: from the front); the
     /// tenant last.
     pub fn claim_statements(outbox: &PgOutbox) -> Vec<(&'static str, &'static str, &str)> {
@@ -639,6 +703,11 @@ impl PgStore {
                 any.keyless_held.as_str(),
             ),
             ("keyed", "int8, int8, uuid, int8", any.keyed.as_str()),
+            (
+                "keyed_bulk",
+                "int8, int8, uuid, int8",
+                any.keyed_bulk.as_str(),
+            ),
             (
                 "walk",
                 "int8, int8, uuid, int8, text, int4",
@@ -663,6 +732,11 @@ impl PgStore {
                 "keyed_tenant",
                 "int8, int8, uuid, int8, text",
                 one.keyed.as_str(),
+            ),
+            (
+                "keyed_bulk_tenant",
+                "int8, int8, uuid, int8, text",
+                one.keyed_bulk.as_str(),
             ),
             (
                 "walk_tenant",
@@ -734,14 +808,16 @@ impl PgStore {
     }
 
     /// Which claim statement this store's next claim for `tenant` (`None`:
-    /// any tenant) runs first: `keyless`, `keyless_bulk`, `keyed` or `walk`.
+    /// any tenant) runs first: `keyless`, `keyless_bulk`, `keyed`,
+    /// `keyed_bulk` or `walk`.
     /// For tests and diagnostics.
     #[doc(hidden)]
     pub fn next_claim_statement(&self, tenant: Option<&str>) -> &'static str {
         match self.mode(&tenant.map(str::to_owned)) {
             MODE_KEYLESS => "keyless",
             MODE_BULK => "keyless_bulk",
-            MODE_WINDOW => "keyed",
+            MODE_WINDOW | MODE_RACED => "keyed",
+            MODE_KEYED_BULK => "keyed_bulk",
             _ => "walk",
         }
     }
@@ -1155,6 +1231,8 @@ impl Store for PgStore {
         // the oldest keyed rows, usually, which this claim cannot have.
         let ours = u64::try_from(limit).unwrap_or(u64::MAX);
         let claiming = self.shared.claiming.fetch_add(ours, Ordering::Relaxed);
+        // another claim of this store was running when this one began
+        let concurrent = claiming > 0;
         let _claiming = Untally {
             count: &self.shared.claiming,
             rows: ours,
@@ -1198,7 +1276,8 @@ impl Store for PgStore {
                 MODE_KEYLESS => sqlx::query(&statements.keyless),
                 MODE_BULK if hold.is_some() => sqlx::query(&statements.keyless_held),
                 MODE_BULK => sqlx::query(&statements.keyless_bulk),
-                MODE_WINDOW => sqlx::query(&statements.keyed),
+                MODE_WINDOW | MODE_RACED => sqlx::query(&statements.keyed),
+                MODE_KEYED_BULK => sqlx::query(&statements.keyed_bulk),
                 _ => sqlx::query(&statements.walk),
             }
             .bind(clamp_i64(limit))
@@ -1207,7 +1286,7 @@ impl Store for PgStore {
             let query = match mode {
                 MODE_BULK => query.bind(start),
                 MODE_KEYLESS => query,
-                MODE_WINDOW => query.bind(window),
+                MODE_WINDOW | MODE_RACED | MODE_KEYED_BULK => query.bind(window),
                 _ => query
                     .bind(window)
                     .bind(walk_start.as_deref().unwrap_or_default())
@@ -1235,10 +1314,15 @@ impl Store for PgStore {
                 None => query.fetch_all(&self.claims).await.map_err(map)?,
             };
             let Some(first) = rows.first() else {
+                // It leased nothing, and says nothing more: ask the
+                // statement that does (keyed rows may have arrived; the
+                // heads may be past the window).
                 if mode == MODE_BULK {
-                    // It leased nothing, and says nothing more: ask the
-                    // statement that does (keyed rows may have arrived).
                     mode = MODE_KEYLESS;
+                    continue;
+                }
+                if mode == MODE_KEYED_BULK {
+                    mode = MODE_WINDOW;
                     continue;
                 }
                 return Err(StoreError::Database(
@@ -1254,20 +1338,17 @@ impl Store for PgStore {
             let keyed: bool = first.try_get("keyed_pending").map_err(map)?;
             let short: bool = first.try_get("short").map_err(map)?;
             let raced: bool = first.try_get("raced").map_err(map)?;
-            let next = match (keyed, short, raced) {
-                // a backlog: the cheaper statement until one leases nothing
-                (false, ..) if !claimed_nothing && rows.len() >= limit => MODE_BULK,
-                (false, ..) => MODE_KEYLESS,
-                (true, true, _) => MODE_WALK,
-                // The window's heads were there but locked by other claims
-                // (or by anyone holding them `FOR UPDATE`): stay with the
-                // window, unless that left this claim nothing; then walk
-                // past them at once. Locks held for long therefore cost a
-                // walk only once the window has nothing else to give, and
-                // never hide the keys behind it.
-                (true, false, true) if claimed_nothing => MODE_WALK,
-                (true, false, _) => MODE_WINDOW,
-            };
+            let next = next_mode(
+                Seen {
+                    keyed,
+                    short,
+                    raced,
+                    nothing: claimed_nothing,
+                    full: rows.len() >= limit,
+                    concurrent,
+                },
+                mode,
+            );
             self.set_mode(&req.tenant, next);
             if let Some(leased) = first
                 .try_get::<Option<i64>, _>("window_leased")
@@ -1302,9 +1383,9 @@ impl Store for PgStore {
             // it now. An empty claim must mean "nothing claimable", or a
             // relay woken for exactly these rows would go back to sleep for a
             // poll interval. A claim that did lease rows returns them; the
-            // relay claims again at once after a batch anyway. `next > mode`
+            // relay claims again at once after a batch anyway. `wider`
             // bounds this to two more statements; the walk to `MAX_WALKS`.
-            if claimed_nothing && (next > mode || (next == MODE_WALK && walk_on)) {
+            if claimed_nothing && (wider(next, mode) || (next == MODE_WALK && walk_on)) {
                 mode = next;
                 continue;
             }
@@ -1574,7 +1655,10 @@ impl Store for PgStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{Holdings, claim_connect_options, keyed_window, relay_connect_options};
+    use super::{
+        Holdings, MODE_BULK, MODE_KEYED_BULK, MODE_KEYLESS, MODE_RACED, MODE_WALK, MODE_WINDOW,
+        Seen, claim_connect_options, keyed_window, next_mode, relay_connect_options, wider,
+    };
     use sqlx::postgres::PgConnectOptions;
     use std::time::{Duration, Instant};
     use uuid::Uuid;
@@ -1619,6 +1703,66 @@ mod tests {
         assert_eq!(h.total(now + Duration::from_secs(11)), 0);
         h.completed(b, 40);
         assert_eq!(h.total(now), 0);
+    }
+
+    #[test]
+    fn a_claim_raced_by_its_own_store_looks_at_the_window_again_before_walking() {
+        let seen = Seen {
+            keyed: true,
+            short: false,
+            raced: true,
+            nothing: true,
+            full: false,
+            concurrent: true,
+        };
+        // raced to nothing while another claim of this store ran: the
+        // window once more, and no second statement in this claim
+        assert_eq!(next_mode(seen, MODE_WINDOW), MODE_RACED);
+        assert!(!wider(MODE_RACED, MODE_WINDOW));
+        // raced to nothing again: walk, at once
+        assert_eq!(next_mode(seen, MODE_RACED), MODE_WALK);
+        assert!(wider(MODE_WALK, MODE_RACED));
+        // raced to nothing with no claim of this store running: walk
+        let alone = Seen {
+            concurrent: false,
+            ..seen
+        };
+        assert_eq!(next_mode(alone, MODE_WINDOW), MODE_WALK);
+        // busy keys (neither short nor raced): the window, no walk
+        let busy = Seen {
+            raced: false,
+            ..seen
+        };
+        assert_eq!(next_mode(busy, MODE_WINDOW), MODE_WINDOW);
+        assert_eq!(next_mode(busy, MODE_WALK), MODE_WINDOW);
+        // full claims move to the backlog forms, keyed or keyless
+        let full = Seen {
+            raced: false,
+            nothing: false,
+            full: true,
+            ..seen
+        };
+        assert_eq!(next_mode(full, MODE_WINDOW), MODE_KEYED_BULK);
+        assert_eq!(
+            next_mode(
+                Seen {
+                    keyed: false,
+                    ..full
+                },
+                MODE_KEYLESS
+            ),
+            MODE_BULK
+        );
+        assert_eq!(
+            next_mode(
+                Seen {
+                    short: true,
+                    ..full
+                },
+                MODE_WINDOW
+            ),
+            MODE_WALK
+        );
     }
 
     #[test]

@@ -772,6 +772,162 @@ async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
     common::complete_all(&store, &fourth, Disposition::Sent).await;
 }
 
+/// After a keyed claim that came back full the store claims with the keyed
+/// backlog statement (`keyed_bulk`), which returns no row (and no hints)
+/// when it leases nothing. It keeps the ordering rule (heads only, one per
+/// key), and once it leases nothing the claim goes on with the window and
+/// later claims see the keys' next messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    // keys k0..k7, two messages each: k0-a .. k7-a, then k0-b .. k7-b
+    let rows: Vec<NewMessage> = ["a", "b"]
+        .iter()
+        .flat_map(|round| {
+            (0..8).map(move |k| NewMessage::new("t", format!("k{k}-{round}")).key(format!("k{k}")))
+        })
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(4, LEASE);
+    let first = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        first.messages.iter().map(body).collect::<Vec<_>>(),
+        ["k0-a", "k1-a", "k2-a", "k3-a"]
+    );
+    assert_eq!(
+        store.next_claim_statement(None),
+        "keyed_bulk",
+        "came back full"
+    );
+    // the backlog statement: the other keys' heads, none of the leased
+    // keys' next messages, in seq order
+    let second = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        second.messages.iter().map(body).collect::<Vec<_>>(),
+        ["k4-a", "k5-a", "k6-a", "k7-a"]
+    );
+    assert_eq!(store.next_claim_statement(None), "keyed_bulk");
+    // every head is leased: the backlog statement leases nothing, the claim
+    // goes on with the window, which finds nothing either
+    let third = store.claim(&req).await.expect("claim");
+    assert!(third.messages.is_empty(), "every key's head is leased");
+    assert_ne!(store.next_claim_statement(None), "keyed_bulk");
+    // a keyless row arriving is taken along with the heads by either form
+    h.outbox
+        .enqueue_batch(&h.app, &[NewMessage::new("t", "free")])
+        .await
+        .expect("enqueue");
+    for claim in [&first, &second] {
+        common::complete_all(&store, claim, Disposition::Sent).await;
+    }
+    let fourth = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        fourth.messages.iter().map(body).collect::<Vec<_>>(),
+        ["k0-b", "k1-b", "k2-b", "k3-b"]
+    );
+    assert_eq!(store.next_claim_statement(None), "keyed_bulk");
+    let fifth = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        fifth.messages.iter().map(body).collect::<Vec<_>>(),
+        ["k4-b", "k5-b", "k6-b", "k7-b"]
+    );
+    let sixth = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        sixth.messages.iter().map(body).collect::<Vec<_>>(),
+        ["free"],
+        "the keyless row behind the keyed backlog"
+    );
+    for claim in [&fourth, &fifth, &sixth] {
+        common::complete_all(&store, claim, Disposition::Sent).await;
+    }
+    let last = store.claim(&req).await.expect("claim");
+    assert!(last.messages.is_empty(), "nothing is left to claim");
+    assert_eq!(
+        store.next_claim_statement(None),
+        "keyless",
+        "the backlog ended"
+    );
+}
+
+/// A window full of keys whose heads are leased (in flight in another
+/// relay) is not short: the keys are busy, not missing, so the claim does
+/// not walk every key to find only those leased heads, and the keys' next
+/// messages are claimed once the leases complete. A window full of one
+/// busy key's backlog still is short, and the walk finds the keys behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_busy_keys_is_not_walked_but_a_hot_keys_backlog_is() {
+    let h = PgHarness::new().await;
+    let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
+        .await
+        .expect("second store");
+    // keys k0..k7, three messages each, round after round
+    let rows: Vec<NewMessage> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|round| {
+            (0..8).map(move |k| NewMessage::new("t", format!("k{k}-{round}")).key(format!("k{k}")))
+        })
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(8, LEASE);
+    let busy = h.store.claim(&req).await.expect("claim");
+    assert_eq!(busy.messages.len(), 8, "every key's head");
+    let idle = other.claim(&req).await.expect("claim");
+    assert!(idle.messages.is_empty(), "every head is leased");
+    assert_eq!(
+        other.next_claim_statement(None),
+        "keyed",
+        "busy keys are not a short window: no walk"
+    );
+    common::complete_all(&h.store, &busy, Disposition::Sent).await;
+    let next = other.claim(&req).await.expect("claim");
+    assert_eq!(
+        next.messages.iter().map(body).collect::<Vec<_>>(),
+        (0..8).map(|k| format!("k{k}-b")).collect::<Vec<_>>(),
+        "the keys' next messages"
+    );
+    common::complete_all(&other, &next, Disposition::Sent).await;
+    let last = other.claim(&req).await.expect("claim");
+    assert_eq!(last.messages.len(), 8);
+    common::complete_all(&other, &last, Disposition::Sent).await;
+
+    // one hot key's backlog in front, its head leased; four keys behind
+    let mut rows: Vec<NewMessage> = (0..40)
+        .map(|i| NewMessage::new("t", format!("hot-{i}")).key("hot"))
+        .collect();
+    rows.extend((0..4).map(|k| NewMessage::new("t", format!("c{k}")).key(format!("c{k}"))));
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+    let hot = h
+        .store
+        .claim(&ClaimRequest::new(1, LEASE))
+        .await
+        .expect("claim");
+    assert_eq!(hot.messages.iter().map(body).collect::<Vec<_>>(), ["hot-0"]);
+    let req = ClaimRequest::new(4, LEASE);
+    let mut behind = Vec::new();
+    for _ in 0..3 {
+        let c = other.claim(&req).await.expect("claim");
+        behind.extend(c.messages.iter().map(body));
+        if behind.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(
+        behind,
+        ["c0", "c1", "c2", "c3"],
+        "the keys behind a busy hot key's backlog, found by the walk"
+    );
+}
+
 /// A held backlog claim scans past the batches its store holds. Rows below
 /// them that nobody holds (here: delayed rows that came due) are taken by a
 /// scan from the front: the first claim with batches held scans from there,

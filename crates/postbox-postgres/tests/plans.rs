@@ -28,6 +28,11 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
             &["_keyless_idx", "_keyed_idx", "_parked_idx"],
         ),
         (
+            "keyed_bulk",
+            ", 200",
+            &["_keyless_idx", "_keyed_idx", "_parked_idx"],
+        ),
+        (
             "walk",
             ", 200, '', 100",
             &["_keyless_idx", "_keyed_idx", "_parked_idx", "_head_idx"],
@@ -36,6 +41,11 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
         ("keyless_bulk_tenant", ", 0, 't3'", &["_tenant_idx"]),
         ("keyless_held_tenant", ", 0, 't3'", &["_tenant_idx"]),
         ("keyed_tenant", ", 200, 't3'", &["_tenant_idx", "_head_idx"]),
+        (
+            "keyed_bulk_tenant",
+            ", 200, 't3'",
+            &["_tenant_idx", "_head_idx"],
+        ),
         (
             "walk_tenant",
             ", 200, '', 100, 't3'",
@@ -133,6 +143,13 @@ async fn claim_prepared_on_empty_table_uses_indexes_after_a_million_rows() {
             assert!(
                 plan.contains(&format!("{table}{index}")),
                 "{name} plan does not use {index}:\n{plan}"
+            );
+        }
+        // the lease `UPDATE` finds the rows it locked by their address
+        if !name.contains("held") && *name != "purge_sent" {
+            assert!(
+                plan.contains(&format!("Tid Scan on {table}")),
+                "{name} plan does not lease by address:\n{plan}"
             );
         }
     }
