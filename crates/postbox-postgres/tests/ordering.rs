@@ -571,6 +571,59 @@ async fn a_claimable_head_behind_many_parked_keys_is_found_by_one_claim() {
     );
 }
 
+/// A window of keys held back by parked heads, with one claimable head
+/// among them, is short, not raced: the claim takes that head and the next
+/// claim walks to the keys behind the window. (Counting the parked keys'
+/// first rows as claimable heads would call the window raced and keep
+/// claiming from it, leaving the keys behind to a later walk.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_parked_keys_sends_the_next_claim_to_the_walk() {
+    let h = PgHarness::new().await;
+    let store = h.store.clone();
+    let parked: Vec<NewMessage> = (0..3)
+        .map(|k| NewMessage::new("t", format!("p{k}-a")).key(format!("p{k}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &parked)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(4, LEASE);
+    let heads = store.claim(&req).await.expect("claim");
+    assert_eq!(heads.messages.len(), 3);
+    common::complete_all(&store, &heads, common::parked()).await;
+    // the window (twice the batch: 8 rows): 3 parked keys' next rows, one
+    // free head, 4 more parked rows; then 4 keys behind the window
+    let mut rows: Vec<NewMessage> = (0..3)
+        .map(|k| NewMessage::new("t", format!("p{k}-b")).key(format!("p{k}")))
+        .collect();
+    rows.push(NewMessage::new("t", "x").key("x"));
+    rows.extend(
+        (0..4).map(|i| NewMessage::new("t", format!("p{}-c{i}", i % 3)).key(format!("p{}", i % 3))),
+    );
+    rows.extend((0..4).map(|k| NewMessage::new("t", format!("c{k}")).key(format!("c{k}"))));
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+    let first = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        first.messages.iter().map(body).collect::<Vec<_>>(),
+        ["x"],
+        "the one claimable head in the window"
+    );
+    assert_eq!(
+        store.next_claim_statement(None),
+        "walk",
+        "parked keys' rows are not claimable heads: the window is short"
+    );
+    let second = store.claim(&req).await.expect("claim");
+    assert_eq!(
+        second.messages.iter().map(body).collect::<Vec<_>>(),
+        ["c0", "c1", "c2", "c3"],
+        "the keys behind the window"
+    );
+}
+
 /// The keyed window reaches past the batches the same relay already holds:
 /// with two batches of heads leased at the front of the table, the third
 /// claim still takes the oldest claimable heads, from the window. (A window
