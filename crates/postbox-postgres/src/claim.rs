@@ -51,13 +51,16 @@ use crate::sql::micros;
 /// whose `RETURNING` cannot read its own rows, when it locked keyed heads
 /// ([`LOCKED_KEYED`]), which may say so of a claim that leased only keyless
 /// rows, never the reverse.
+///
+/// A scalar subquery, so that it runs once per claim (an InitPlan) rather
+/// than once per row returned: 0.3 ms of a keyed claim of 1,000 rows.
 fn claim_commit(keyed_rows: &str) -> String {
     format!(
-        "set_config('synchronous_commit',
+        "(SELECT set_config('synchronous_commit',
             CASE WHEN current_setting('synchronous_standby_names') <> ''
                       AND EXISTS ({keyed_rows})
                  THEN 'on' ELSE 'off' END,
-            true) AS commit_mode"
+            true)) AS commit_mode"
     )
 }
 
