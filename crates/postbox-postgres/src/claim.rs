@@ -81,6 +81,21 @@ const LOCKED_KEYED: &str = "SELECT 1 FROM keyed";
 const SETTLED: &str = "now() >= coalesce(pg_stat_get_bgwriter_stat_reset_time(), '-infinity')
                               + $2::int8 * interval '1 microsecond'";
 
+/// How long after a lease was taken its key counts as busy rather than
+/// stuck in a window's count of heads (see `heads_seen` in [`keyed_sql`]).
+const BUSY_FOR_US: i64 = 1_000_000;
+
+/// Whether `alias`'s row is under a lease taken within the last
+/// [`BUSY_FOR_US`], judged by its deadline and this claim's lease length
+/// `$2`: a relay with a longer lease has its heads look busy for longer,
+/// one with a shorter lease for less.
+fn busy(alias: &str) -> String {
+    format!(
+        "{alias}.lease_until > now()
+         AND {alias}.lease_until > now() + ($2::int8 - {BUSY_FOR_US}) * interval '1 microsecond'"
+    )
+}
+
 /// A claimable row is due and not under a live lease.
 const DUE: &str = "r.available_at <= now() AND (r.lease_until IS NULL OR r.lease_until <= now())";
 
@@ -442,13 +457,15 @@ enum Keyed {
 ///   (many keys).
 /// * `short`: the window was full of rows but gave fewer heads than asked
 ///   for (for any tenant: and its snapshot held fewer heads that were
-///   claimable or leased too, so the shortfall was neither lost lock races
-///   nor keys busy with a lease): a hot key's backlog fills the front of
-///   the table. The store then claims with the walk from the
+///   claimable or freshly leased ([`busy`]) too, so the shortfall was
+///   neither lost lock races nor keys busy with a lease): a hot key's
+///   backlog, or keys whose heads are stuck, fill the front of the table. The store then claims with the walk from the
 ///   next claim of this scope on, until a claim is no longer short.
 /// * `window_leased` (any tenant): the window's rows under a live lease.
-/// * `walk` (only in the walk form, and only executed when `short`: a CTE
-///   runs only when read): a loose index scan over the distinct keys of the
+/// * `walk` (only in the walk form, and only executed when the window
+///   came back short of heads, `window_short`: a CTE runs only when read;
+///   the store uses the walk form after a `short` claim or a raced one
+///   that got nothing): a loose index scan over the distinct keys of the
 ///   blocking rows (partial index `(key, seq)`), `$6` keys starting at the
 ///   cursor `$5` that the store rotates. Each step yields its key's head
 ///   directly (the key's lowest blocking row), so every key is reached
@@ -556,11 +573,12 @@ fn keyed_sql(t: &str, form: Keyed, tenant: Option<&str>) -> String {
                 "firsts AS (
                     SELECT min(w.seq) AS seq,
                            min(w.seq) FILTER (WHERE {due}) AS due_seq,
-                           min(w.seq) FILTER (WHERE w.lease_until > now()) AS leased_seq
+                           min(w.seq) FILTER (WHERE {BUSY}) AS leased_seq
                       FROM recent AS w
                      GROUP BY hashtextextended(w.key, 0)
                  ),",
-                due = DUE.replace("r.", "w.")
+                due = DUE.replace("r.", "w."),
+                BUSY = busy("w"),
             ),
             format!(
                 "r.seq = ANY(ARRAY(SELECT seq FROM firsts))
@@ -579,13 +597,16 @@ fn keyed_sql(t: &str, form: Keyed, tenant: Option<&str>) -> String {
     // not what fell short: the claim reports `raced` instead, and the store
     // walks only when a raced claim got nothing (so that a long transaction
     // holding heads `FOR UPDATE` cannot hide the keys behind the window).
-    // When it held enough keys but their heads are leased (in flight, here
-    // or in another relay), it is neither: the keys are busy, not missing,
-    // and their next messages become heads as the leases complete. A walk
-    // then found nothing but the same leased heads: with 1,000 keys and
-    // batch 1,000 one batch leases every head, and the other workers'
-    // claims walked all 1,000 keys for nothing, 12 ms a claim, more than
-    // half the server's time in `drain-keyed`. Counted only when the window
+    // When it held enough keys but their heads were leased within the last
+    // second ([`busy`]: in flight, here or in another relay), it is
+    // neither: the keys are busy, not missing, and their next messages
+    // become heads as the leases complete. A walk then found nothing but
+    // the same leased heads: with 1,000 keys and batch 1,000 one batch
+    // leases every head, and the other workers' claims walked all 1,000
+    // keys for nothing, 12 ms a claim, more than half the server's time in
+    // `drain-keyed`. Heads leased longer ago count as missing again (a
+    // destination that hangs holds its keys' heads until the send timeout):
+    // the window is short and the walk reaches the keys behind it. Counted only when the window
     // came back short (`AND` stops at false), and then only over the keys'
     // first rows. A tenant's window has no `firsts`: short is window_short.
     let (heads_seen, snapshot_short, raced) = if tenant.is_some() {

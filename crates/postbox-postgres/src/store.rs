@@ -190,7 +190,8 @@ struct Seen {
     nothing: bool,
     /// the claim came back with as many rows as asked for
     full: bool,
-    /// another claim of this store was running when it began
+    /// another claim of this store (of any scope, or a claim ahead) was
+    /// running when it began
     concurrent: bool,
 }
 
@@ -211,7 +212,7 @@ fn next_mode(seen: Seen, mode: u8) -> u8 {
         // walk over 1,000 keys that found them all locked or leased cost
         // 12 ms, and two workers at batch 1,000 ran one after nearly every
         // claim).
-        (true, false, true) if seen.nothing && seen.concurrent && mode != MODE_RACED => MODE_RACED,
+        (true, false, true) if seen.nothing && seen.concurrent && mode == MODE_WINDOW => MODE_RACED,
         (true, false, true) if seen.nothing => MODE_WALK,
         // a keyed backlog: the cheaper statement until one leases nothing
         (true, false, _) if !seen.nothing && seen.full => MODE_KEYED_BULK,
@@ -226,7 +227,11 @@ fn wider(next: u8, mode: u8) -> bool {
     let rank = |m: u8| match m {
         MODE_KEYLESS => 0,
         MODE_WINDOW | MODE_RACED => 1,
-        _ => 2,
+        MODE_WALK => 2,
+        _ => {
+            debug_assert!(false, "claim mode {m} is outside the order");
+            0
+        }
     };
     rank(next) > rank(mode)
 }
@@ -1179,7 +1184,7 @@ fn holdable(lease: Duration, now: Instant) -> bool {
 /// store holds or is claiming now and the leased rows the previous window
 /// held, which counts other relays' too.
 ///
-/// The window costs one read of its rows and a sort by key hash, whatever
+/// The window costs one read of its rows and a hash aggregate by key hash, whatever
 /// the batch needs: a few hundred µs for a window of 1,000 rows, a few ms
 /// for 10,000 (batch 1,000 with many rows held). `held` counts keyless and
 /// tenant-claimed rows too, which are not in this window; the cap bounds
@@ -1382,7 +1387,11 @@ impl Store for PgStore {
             // ran; the window was full of a hot key's rows): look again with
             // it now. An empty claim must mean "nothing claimable", or a
             // relay woken for exactly these rows would go back to sleep for a
-            // poll interval. A claim that did lease rows returns them; the
+            // poll interval. (One exception: a claim raced to nothing by
+            // another claim of this store, `MODE_RACED`, returns empty and
+            // looks again next time, when those rows are most likely
+            // leased; claimable heads past the window may then wait one poll
+            // interval.) A claim that did lease rows returns them; the
             // relay claims again at once after a batch anyway. `wider`
             // bounds this to two more statements; the walk to `MAX_WALKS`.
             if claimed_nothing && (wider(next, mode) || (next == MODE_WALK && walk_on)) {
@@ -1722,6 +1731,8 @@ mod tests {
         // raced to nothing again: walk, at once
         assert_eq!(next_mode(seen, MODE_RACED), MODE_WALK);
         assert!(wider(MODE_WALK, MODE_RACED));
+        // a walk raced to nothing walks on (the walk's own bound applies)
+        assert_eq!(next_mode(seen, MODE_WALK), MODE_WALK);
         // raced to nothing with no claim of this store running: walk
         let alone = Seen {
             concurrent: false,

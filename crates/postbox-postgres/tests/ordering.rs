@@ -868,8 +868,12 @@ async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
     // goes on with the window, which finds nothing either
     let third = store.claim(&req).await.expect("claim");
     assert!(third.messages.is_empty(), "every key's head is leased");
-    assert_ne!(store.next_claim_statement(None), "keyed_bulk");
-    // a keyless row arriving is taken along with the heads by either form
+    assert_eq!(
+        store.next_claim_statement(None),
+        "keyed",
+        "the keys are busy: the window again, no walk"
+    );
+    // a keyless row arriving behind the keyed ones is taken after them
     h.outbox
         .enqueue_batch(&h.app, &[NewMessage::new("t", "free")])
         .await
@@ -906,13 +910,14 @@ async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
     );
 }
 
-/// A window full of keys whose heads are leased (in flight in another
-/// relay) is not short: the keys are busy, not missing, so the claim does
-/// not walk every key to find only those leased heads, and the keys' next
-/// messages are claimed once the leases complete. A window full of one
-/// busy key's backlog still is short, and the walk finds the keys behind.
+/// A window full of keys whose heads were just leased (in flight in
+/// another relay) is not short: the keys are busy, not missing, so the
+/// claim does not walk every key to find only those leased heads, and the
+/// keys' next messages are claimed once the leases complete. Heads leased
+/// longer ago count as stuck, and a window full of one busy key's backlog
+/// still is short: the walk finds the keys behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_window_of_busy_keys_is_not_walked_but_a_hot_keys_backlog_is() {
+async fn a_window_of_busy_keys_is_not_walked_but_stuck_keys_and_a_hot_backlog_are() {
     let h = PgHarness::new().await;
     let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
         .await
@@ -938,6 +943,24 @@ async fn a_window_of_busy_keys_is_not_walked_but_a_hot_keys_backlog_is() {
         "keyed",
         "busy keys are not a short window: no walk"
     );
+    // Heads leased more than a second ago count as stuck, not busy: the
+    // window is short and the walk reaches a key behind it. A relay whose
+    // lease is a minute longer sees these 30-second leases as taken a
+    // minute ago, without waiting for it.
+    h.outbox
+        .enqueue(&h.app, &NewMessage::new("t", "behind").key("z"))
+        .await
+        .expect("enqueue");
+    let stuck = other
+        .claim(&ClaimRequest::new(8, LEASE + Duration::from_secs(60)))
+        .await
+        .expect("claim");
+    assert_eq!(
+        stuck.messages.iter().map(body).collect::<Vec<_>>(),
+        ["behind"],
+        "the key behind a window of stuck heads"
+    );
+    common::complete_all(&other, &stuck, Disposition::Sent).await;
     common::complete_all(&h.store, &busy, Disposition::Sent).await;
     let next = other.claim(&req).await.expect("claim");
     assert_eq!(
