@@ -268,6 +268,16 @@ fn claim_ahead_pays(claim_took: Duration, publish_took: Duration) -> bool {
     publish_took > Duration::ZERO && publish_took * 4 >= claim_took
 }
 
+/// How many batches a worker records before it claims the next, once a
+/// claim it made while recording came back empty: the batch being recorded
+/// held every claimable message (a keyed batch with one message of each
+/// key that has any waiting: the keys' next messages become claimable only
+/// once it is recorded). Claiming alongside then costs an empty claim per
+/// batch; after this many batches the worker tries alongside again. With
+/// 1,000 keys at batch 1,000 on PostgreSQL, a worker ran 2–3 claims per
+/// batch, two of them empty.
+const SETTLE_FIRST: u32 = 16;
+
 /// Completions that give rows back unpublished, their attempt not counted.
 fn releases(seqs: impl IntoIterator<Item = i64>) -> Vec<Completion> {
     seqs.into_iter()
@@ -1233,7 +1243,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     /// One worker. While it publishes a batch it records the previous one's
     /// outcomes (or, when that is still to do and the store's writes run in
-    /// parallel, while it claims the next one) and, when the batch is full and publishing takes long
+    /// parallel, while it claims the next one, unless such a claim came back
+    /// empty lately: see [`SETTLE_FIRST`]) and, when the batch is full and publishing takes long
     /// enough to hide a claim behind ([`claim_ahead_pays`]), already claims
     /// the next one, so the database's work overlaps the broker's. A worker
     /// holds at most three batches' leases (one being recorded, one being
@@ -1250,15 +1261,19 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // how long this worker's latest publish took
         let mut publish_took = Duration::ZERO;
         let parallel_writes = self.inner.store.parallel_writes();
+        // Batches left that record before they claim, although the store's
+        // writes run in parallel (see `SETTLE_FIRST`).
+        let mut settle_first = 0u32;
         while !shutdown.is_cancelled() {
             let had_unsettled = unsettled.is_some();
+            let parallel = parallel_writes && settle_first == 0;
             // Subscribed before the claim: a notification for rows the claim
             // is too early to see ends the wait below instead of being lost
             // while the claim runs.
             let mut store_woken = std::pin::pin!(self.inner.store.notified());
             let claimed = match ahead.take() {
                 Some(claimed) => Ok(claimed),
-                None if parallel_writes => {
+                None if parallel => {
                     let (claimed, lost) = tokio::join!(
                         self.claim_batch(),
                         self.settle_quietly(unsettled.take(), &mut dues)
@@ -1267,6 +1282,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     claimed
                 }
                 None => {
+                    settle_first = settle_first.saturating_sub(1);
                     total.lost += self.settle_quietly(unsettled.take(), &mut dues).await;
                     self.claim_batch().await
                 }
@@ -1279,7 +1295,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         // now; the rotation's "any tenant" claim decides
                         // whether to sleep. A batch was being recorded: the
                         // next message of each of its keys is claimable only
-                        // now, so look again before sleeping.
+                        // now, so look again before sleeping, and record
+                        // first for a while if the claim ran alongside.
+                        if had_unsettled && parallel {
+                            settle_first = SETTLE_FIRST;
+                        }
                         continue;
                     }
                     dues.pause(o.poll_interval)
