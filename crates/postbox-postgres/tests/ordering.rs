@@ -32,6 +32,28 @@ fn body(m: &postbox_core::Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
 
+/// One message for each of the keys `k0`..`k7` per round, round after
+/// round, with bodies `k<key>-<round>`.
+async fn enqueue_rounds(h: &PgHarness, rounds: &[&str]) {
+    let rows: Vec<NewMessage> = rounds
+        .iter()
+        .flat_map(|round| {
+            (0..8).map(move |k| NewMessage::new("t", format!("k{k}-{round}")).key(format!("k{k}")))
+        })
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+}
+
+/// Claims with `req`: the claim, and its messages' bodies in `seq` order.
+async fn claimed(store: &PgStore, req: &ClaimRequest) -> (postbox_core::Claim, Vec<String>) {
+    let claim = store.claim(req).await.expect("claim");
+    let bodies = claim.messages.iter().map(body).collect();
+    (claim, bodies)
+}
+
 /// Enqueues `n` keyless messages with bodies `m00`, `m01`, ..., of `tenant`
 /// if one is given.
 async fn enqueue_numbered(h: &PgHarness, n: usize, tenant: Option<&str>) {
@@ -605,20 +627,16 @@ async fn a_window_of_parked_keys_sends_the_next_claim_to_the_walk() {
         .enqueue_batch(&h.app, &rows)
         .await
         .expect("enqueue");
-    let first = store.claim(&req).await.expect("claim");
-    assert_eq!(
-        first.messages.iter().map(body).collect::<Vec<_>>(),
-        ["x"],
-        "the one claimable head in the window"
-    );
+    let (_, bodies) = claimed(&store, &req).await;
+    assert_eq!(bodies, ["x"], "the one claimable head in the window");
     assert_eq!(
         store.next_claim_statement(None),
         "walk",
         "parked keys' rows are not claimable heads: the window is short"
     );
-    let second = store.claim(&req).await.expect("claim");
+    let (_, bodies) = claimed(&store, &req).await;
     assert_eq!(
-        second.messages.iter().map(body).collect::<Vec<_>>(),
+        bodies,
         ["c0", "c1", "c2", "c3"],
         "the keys behind the window"
     );
@@ -835,22 +853,10 @@ async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
     let h = PgHarness::new().await;
     let store = h.store.clone();
     // keys k0..k7, two messages each: k0-a .. k7-a, then k0-b .. k7-b
-    let rows: Vec<NewMessage> = ["a", "b"]
-        .iter()
-        .flat_map(|round| {
-            (0..8).map(move |k| NewMessage::new("t", format!("k{k}-{round}")).key(format!("k{k}")))
-        })
-        .collect();
-    h.outbox
-        .enqueue_batch(&h.app, &rows)
-        .await
-        .expect("enqueue");
+    enqueue_rounds(&h, &["a", "b"]).await;
     let req = ClaimRequest::new(4, LEASE);
-    let first = store.claim(&req).await.expect("claim");
-    assert_eq!(
-        first.messages.iter().map(body).collect::<Vec<_>>(),
-        ["k0-a", "k1-a", "k2-a", "k3-a"]
-    );
+    let (first, bodies) = claimed(&store, &req).await;
+    assert_eq!(bodies, ["k0-a", "k1-a", "k2-a", "k3-a"]);
     assert_eq!(
         store.next_claim_statement(None),
         "keyed_bulk",
@@ -858,11 +864,8 @@ async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
     );
     // the backlog statement: the other keys' heads, none of the leased
     // keys' next messages, in seq order
-    let second = store.claim(&req).await.expect("claim");
-    assert_eq!(
-        second.messages.iter().map(body).collect::<Vec<_>>(),
-        ["k4-a", "k5-a", "k6-a", "k7-a"]
-    );
+    let (second, bodies) = claimed(&store, &req).await;
+    assert_eq!(bodies, ["k4-a", "k5-a", "k6-a", "k7-a"]);
     assert_eq!(store.next_claim_statement(None), "keyed_bulk");
     // every head is leased: the backlog statement leases nothing, the claim
     // goes on with the window, which finds nothing either
@@ -881,23 +884,13 @@ async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
     for claim in [&first, &second] {
         common::complete_all(&store, claim, Disposition::Sent).await;
     }
-    let fourth = store.claim(&req).await.expect("claim");
-    assert_eq!(
-        fourth.messages.iter().map(body).collect::<Vec<_>>(),
-        ["k0-b", "k1-b", "k2-b", "k3-b"]
-    );
+    let (fourth, bodies) = claimed(&store, &req).await;
+    assert_eq!(bodies, ["k0-b", "k1-b", "k2-b", "k3-b"]);
     assert_eq!(store.next_claim_statement(None), "keyed_bulk");
-    let fifth = store.claim(&req).await.expect("claim");
-    assert_eq!(
-        fifth.messages.iter().map(body).collect::<Vec<_>>(),
-        ["k4-b", "k5-b", "k6-b", "k7-b"]
-    );
-    let sixth = store.claim(&req).await.expect("claim");
-    assert_eq!(
-        sixth.messages.iter().map(body).collect::<Vec<_>>(),
-        ["free"],
-        "the keyless row behind the keyed backlog"
-    );
+    let (fifth, bodies) = claimed(&store, &req).await;
+    assert_eq!(bodies, ["k4-b", "k5-b", "k6-b", "k7-b"]);
+    let (sixth, bodies) = claimed(&store, &req).await;
+    assert_eq!(bodies, ["free"], "the keyless row behind the keyed backlog");
     for claim in [&fourth, &fifth, &sixth] {
         common::complete_all(&store, claim, Disposition::Sent).await;
     }
@@ -923,16 +916,7 @@ async fn a_window_of_busy_keys_is_not_walked_but_stuck_keys_and_a_hot_backlog_ar
         .await
         .expect("second store");
     // keys k0..k7, three messages each, round after round
-    let rows: Vec<NewMessage> = ["a", "b", "c"]
-        .iter()
-        .flat_map(|round| {
-            (0..8).map(move |k| NewMessage::new("t", format!("k{k}-{round}")).key(format!("k{k}")))
-        })
-        .collect();
-    h.outbox
-        .enqueue_batch(&h.app, &rows)
-        .await
-        .expect("enqueue");
+    enqueue_rounds(&h, &["a", "b", "c"]).await;
     let req = ClaimRequest::new(8, LEASE);
     let busy = h.store.claim(&req).await.expect("claim");
     assert_eq!(busy.messages.len(), 8, "every key's head");
@@ -962,9 +946,9 @@ async fn a_window_of_busy_keys_is_not_walked_but_stuck_keys_and_a_hot_backlog_ar
     );
     common::complete_all(&other, &stuck, Disposition::Sent).await;
     common::complete_all(&h.store, &busy, Disposition::Sent).await;
-    let next = other.claim(&req).await.expect("claim");
+    let (next, bodies) = claimed(&other, &req).await;
     assert_eq!(
-        next.messages.iter().map(body).collect::<Vec<_>>(),
+        bodies,
         (0..8).map(|k| format!("k{k}-b")).collect::<Vec<_>>(),
         "the keys' next messages"
     );

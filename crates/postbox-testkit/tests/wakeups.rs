@@ -111,6 +111,31 @@ impl Store for Notifying {
     }
 }
 
+/// Runs a relay of one worker with batches of `batch` and an hour-long
+/// poll (so only a notification or a claim right after a batch delivers
+/// within a test) until the returned token is cancelled.
+fn run_one_worker(
+    store: &Notifying,
+    publisher: &TestPublisher,
+    batch: usize,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<postbox_core::TickReport>,
+) {
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .batch_size(batch)
+        .concurrency(1)
+        .poll_interval(Duration::from_secs(3600))
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    (shutdown, running)
+}
+
 /// Real time, 1 h poll: only the notification can deliver the message in
 /// the 30 s the test waits. Fails if the relay subscribes to notifications
 /// only when it starts to wait (after the claim).
@@ -120,16 +145,7 @@ async fn a_notification_during_an_empty_claim_ends_the_wait_after_it() {
     let store = Notifying::new(memory.clone());
     let release = store.hold_next_claim();
     let publisher = TestPublisher::recording();
-    let relay = Relay::builder(store.clone(), publisher.clone())
-        .poll_interval(Duration::from_secs(3600))
-        .concurrency(1)
-        .build()
-        .expect("relay");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move { relay.run(shutdown).await }
-    });
+    let (shutdown, running) = run_one_worker(&store, &publisher, 100);
 
     // the relay's first claim has looked (nothing there) and is held
     store.held.notified().await;
@@ -165,17 +181,7 @@ async fn a_worker_records_first_after_claiming_alongside_came_back_empty() {
         ..Notifying::new(memory.clone())
     };
     let publisher = TestPublisher::recording();
-    let relay = Relay::builder(store.clone(), publisher.clone())
-        .batch_size(1)
-        .concurrency(1)
-        .poll_interval(Duration::from_secs(3600))
-        .build()
-        .expect("relay");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let (relay, shutdown) = (relay.clone(), shutdown.clone());
-        async move { relay.run(shutdown).await }
-    });
+    let (shutdown, running) = run_one_worker(&store, &publisher, 1);
     let delivered = publisher
         .delivered_within(30, Duration::from_secs(30))
         .await;
