@@ -268,14 +268,16 @@ fn claim_ahead_pays(claim_took: Duration, publish_took: Duration) -> bool {
     publish_took > Duration::ZERO && publish_took * 4 >= claim_took
 }
 
-/// How many batches a worker records before it claims the next, once a
-/// claim it made while recording came back empty: the batch being recorded
-/// held every claimable message (a keyed batch with one message of each
-/// key that has any waiting: the keys' next messages become claimable only
-/// once it is recorded). Claiming alongside then costs an empty claim per
-/// batch; after this many batches the worker tries alongside again. With
-/// 1,000 keys at batch 1,000 on PostgreSQL, a worker ran 2–3 claims per
-/// batch, two of them empty.
+/// For how many claims a worker records its previous batch first and then
+/// claims, rather than both at once, after a claim it made while recording
+/// came back empty (a rotated tenant claim excepted). Often the batch being
+/// recorded held every claimable message: a keyed batch with one message
+/// of each key that has any waiting, whose next messages become claimable
+/// only once it is recorded, so claiming alongside cost an empty claim per
+/// batch (with 1,000 keys at batch 1,000 on PostgreSQL, 2–3 claims per
+/// batch, most of them empty). It is also how a backlog ends; then the
+/// next claims after an idle spell record first, which costs them only the
+/// overlap. After this many claims the worker tries alongside again.
 const SETTLE_FIRST: u32 = 16;
 
 /// Completions that give rows back unpublished, their attempt not counted.
@@ -1243,8 +1245,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     /// One worker. While it publishes a batch it records the previous one's
     /// outcomes (or, when that is still to do and the store's writes run in
-    /// parallel, while it claims the next one, unless such a claim came back
-    /// empty lately: see [`SETTLE_FIRST`]) and, when the batch is full and publishing takes long
+    /// parallel, while it claims the next one, unless such a claim came
+    /// back empty lately: see [`SETTLE_FIRST`]) and, when the batch is full and publishing takes long
     /// enough to hide a claim behind ([`claim_ahead_pays`]), already claims
     /// the next one, so the database's work overlaps the broker's. A worker
     /// holds at most three batches' leases (one being recorded, one being
@@ -1290,16 +1292,19 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             let pause = match claimed {
                 Ok(claimed) if claimed.claim.is_empty() => {
                     failures = 0;
-                    if claimed.rotated || had_unsettled {
+                    let alongside = had_unsettled && parallel;
+                    if alongside && !claimed.rotated {
+                        settle_first = SETTLE_FIRST;
+                    }
+                    if claimed.rotated || alongside {
                         // A rotated claim: this tenant has nothing claimable
                         // now; the rotation's "any tenant" claim decides
-                        // whether to sleep. A batch was being recorded: the
-                        // next message of each of its keys is claimable only
-                        // now, so look again before sleeping, and record
-                        // first for a while if the claim ran alongside.
-                        if had_unsettled && parallel {
-                            settle_first = SETTLE_FIRST;
-                        }
+                        // whether to sleep. A claim made while a batch was
+                        // being recorded: the next message of each of its
+                        // keys is claimable only now, so look again before
+                        // sleeping (and record first for a while, see
+                        // `SETTLE_FIRST`). A claim made after the recording
+                        // already saw them.
                         continue;
                     }
                     dues.pause(o.poll_interval)
