@@ -1246,9 +1246,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// One worker. While it publishes a batch it records the previous one's
     /// outcomes (or, when that is still to do and the store's writes run in
     /// parallel, while it claims the next one, unless such a claim came
-    /// back empty lately: see [`SETTLE_FIRST`]) and, when the batch is full and publishing takes long
-    /// enough to hide a claim behind ([`claim_ahead_pays`]), already claims
-    /// the next one, so the database's work overlaps the broker's. A worker
+    /// back empty lately: see [`SETTLE_FIRST`]) and, when the batch is full
+    /// and publishing takes long enough to hide a claim behind
+    /// ([`claim_ahead_pays`]), already claims the next one, so the database's work overlaps the broker's. A worker
     /// holds at most three batches' leases (one being recorded, one being
     /// published, one claimed ahead).
     async fn work(&self, worker: usize, shutdown: CancellationToken) -> TickReport {
@@ -1263,7 +1263,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // how long this worker's latest publish took
         let mut publish_took = Duration::ZERO;
         let parallel_writes = self.inner.store.parallel_writes();
-        // Batches left that record before they claim, although the store's
+        // Claims left that record before they claim, although the store's
         // writes run in parallel (see `SETTLE_FIRST`).
         let mut settle_first = 0u32;
         while !shutdown.is_cancelled() {

@@ -944,6 +944,11 @@ async fn a_window_of_busy_keys_is_not_walked_but_stuck_keys_and_a_hot_backlog_ar
         ["behind"],
         "the key behind a window of stuck heads"
     );
+    assert_eq!(
+        other.next_claim_statement(None),
+        "walk",
+        "stuck heads make the window short"
+    );
     common::complete_all(&other, &stuck, Disposition::Sent).await;
     common::complete_all(&h.store, &busy, Disposition::Sent).await;
     let (next, bodies) = claimed(&other, &req).await;

@@ -177,7 +177,7 @@ async fn a_worker_records_first_after_claiming_alongside_came_back_empty() {
     // claims take longer than publishing, as on a database with a fast
     // broker, so the worker does not claim ahead while it publishes
     let store = Notifying {
-        claim_takes: Duration::from_millis(2),
+        claim_takes: Duration::from_millis(10),
         ..Notifying::new(memory.clone())
     };
     let publisher = TestPublisher::recording();
