@@ -1248,9 +1248,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// parallel, while it claims the next one, unless such a claim came
     /// back empty lately: see [`SETTLE_FIRST`]) and, when the batch is full
     /// and publishing takes long enough to hide a claim behind
-    /// ([`claim_ahead_pays`]), already claims the next one, so the database's work overlaps the broker's. A worker
-    /// holds at most three batches' leases (one being recorded, one being
-    /// published, one claimed ahead).
+    /// ([`claim_ahead_pays`]), already claims the next one, so the
+    /// database's work overlaps the broker's. A worker holds at most three
+    /// batches' leases (one being recorded, one being published, one
+    /// claimed ahead).
     async fn work(&self, worker: usize, shutdown: CancellationToken) -> TickReport {
         let o = &self.inner.options;
         let wake = &self.inner.waker.workers[worker];

@@ -369,15 +369,25 @@ fn keyless_sql(t: &str, tenant: Option<&str>) -> String {
 /// when all its held permits are taken, that is behind as many held
 /// batches of its own. The tenant is `$5`.
 fn keyless_bulk_sql(t: &str, past: &str, tenant: Option<&str>) -> String {
+    lease_returning(
+        t,
+        &keyless_rows(t, tenant, past, "r.ctid"),
+        &keyless_hints(t),
+    )
+}
+
+/// The backlog forms' lease `UPDATE` as the whole statement: it leases
+/// the rows at the addresses `tids` (a query of `ctid`s, locked by it) and
+/// returns them, in no set order, with the lease deadline and `hints` in
+/// every row; nothing at all when it leases nothing.
+fn lease_returning(t: &str, tids: &str, hints: &str) -> String {
     format!(
         "UPDATE {t} AS t
             {LEASE_SET}
-          WHERE t.ctid = ANY(ARRAY({keyless}))
+          WHERE t.ctid = ANY(ARRAY({tids}))
          RETURNING {returned}, {until} AS lease_until_us, {hints}",
-        keyless = keyless_rows(t, tenant, past, "r.ctid"),
         returned = returned_columns(),
         until = lease_until_us(),
-        hints = keyless_hints(t),
     )
 }
 
@@ -467,8 +477,8 @@ enum Keyed {
 ///   came back short of heads, `window_short`: a CTE runs only when read;
 ///   the store uses the walk form after a `short` claim or a raced one
 ///   that got nothing, unless another claim of the store was running:
-///   `MODE_RACED` in the store): a loose index scan over the distinct keys of the
-///   blocking rows (partial index `(key, seq)`), `$6` keys starting at the
+///   `MODE_RACED` in the store): a loose index scan over the distinct keys
+///   of the blocking rows (partial index `(key, seq)`), `$6` keys starting at the
 ///   cursor `$5` that the store rotates. Each step yields its key's head
 ///   directly (the key's lowest blocking row), so every key is reached
 ///   within a bounded number of claims however deep one key's backlog is;
@@ -606,11 +616,11 @@ fn keyed_sql(t: &str, form: Keyed, tenant: Option<&str>) -> String {
     // the same leased heads: with 1,000 keys and batch 1,000 one batch
     // leases every head, and the other workers' claims walked all 1,000
     // keys for nothing, 12 ms a claim, 60 % of the keyed claims' server
-    // time in `drain-keyed` at batch 1,000. Heads leased longer ago count as missing again (a
-    // destination that hangs holds its keys' heads until the send timeout):
-    // the window is short and the walk reaches the keys behind it. Counted only when the window
-    // came back short (`AND` stops at false), and then only over the keys'
-    // first rows. A tenant's window has no `firsts`: short is window_short.
+    // time in `drain-keyed` at batch 1,000. Heads leased longer ago count
+    // as missing again (a destination that hangs holds its keys' heads
+    // until the send timeout): the window is short and the walk reaches
+    // the keys behind it. Counted only when the window came back short
+    // (`AND` stops at false), and then only over the keys' first rows.
     // A tenant's claims keep neither rule: their window is that tenant's
     // rows only, with no `firsts` to count busy or claimable heads by, so
     // a short window is always short (walked) and never raced.
@@ -690,14 +700,10 @@ fn keyed_sql(t: &str, form: Keyed, tenant: Option<&str>) -> String {
          {rest}",
         keyless = keyless_cte(t, tenant),
         rest = match form {
-            Keyed::Bulk => format!(
-                "UPDATE {t} AS t
-                    {LEASE_SET}
-                  WHERE t.ctid = ANY(ARRAY(SELECT tid FROM picked))
-                 RETURNING {returned}, {until} AS lease_until_us, {hints}",
-                returned = returned_columns(),
-                until = lease_until_us(),
-                hints = hints(&claim_commit(LOCKED_KEYED)),
+            Keyed::Bulk => lease_returning(
+                t,
+                "SELECT tid FROM picked",
+                &hints(&claim_commit(LOCKED_KEYED)),
             ),
             Keyed::Window | Keyed::Walk =>
                 lease_and_return(t, &hints(&claim_commit(CLAIMED_KEYED))),

@@ -1320,20 +1320,19 @@ impl Store for PgStore {
                 None => query.fetch_all(&self.claims).await.map_err(map)?,
             };
             let Some(first) = rows.first() else {
-                // It leased nothing, and says nothing more: ask the
-                // statement that does (keyed rows may have arrived; the
-                // heads may be past the window).
-                if mode == MODE_BULK {
-                    mode = MODE_KEYLESS;
-                    continue;
+                // A backlog form leased nothing, and says nothing more: ask
+                // the wrapped statement that does (keyed rows may have
+                // arrived; the heads may be past the window).
+                match mode {
+                    MODE_BULK => mode = MODE_KEYLESS,
+                    MODE_KEYED_BULK => mode = MODE_WINDOW,
+                    _ => {
+                        return Err(StoreError::Database(
+                            "the claim statement returned no row".into(),
+                        ));
+                    }
                 }
-                if mode == MODE_KEYED_BULK {
-                    mode = MODE_WINDOW;
-                    continue;
-                }
-                return Err(StoreError::Database(
-                    "the claim statement returned no row".into(),
-                ));
+                continue;
             };
             debug_assert!(
                 claimed_columns_in_order(first),
