@@ -269,15 +269,17 @@ fn claim_ahead_pays(claim_took: Duration, publish_took: Duration) -> bool {
 }
 
 /// For how many claims a worker records its previous batch first and then
-/// claims, rather than both at once, after a claim it made while recording
-/// came back empty (a rotated tenant claim excepted). Often the batch being
-/// recorded held every claimable message: a keyed batch with one message
-/// of each key that has any waiting, whose next messages become claimable
-/// only once it is recorded, so claiming alongside cost an empty claim per
+/// claims, rather than both at once, and claims no batch ahead while it
+/// publishes, after a claim it made while recording or publishing came back
+/// empty (a rotated tenant claim excepted). Often the batches in flight
+/// held every claimable message: keyed batches with one message of each
+/// key that has any waiting, whose next messages become claimable only
+/// once they are recorded, so claiming alongside cost an empty claim per
 /// batch (with 1,000 keys at batch 1,000 on PostgreSQL, 2–3 claims per
-/// batch, most of them empty). It is also how a backlog ends; then the
-/// next claims after an idle spell record first, which costs them only the
-/// overlap. After this many claims the worker tries alongside again.
+/// batch, most of them empty), and so did claiming ahead with a slow
+/// broker. It is also how a backlog ends; then the next claims after an
+/// idle spell record first, which costs them only the overlap. After this
+/// many claims the worker overlaps again.
 const SETTLE_FIRST: u32 = 16;
 
 /// Completions that give rows back unpublished, their attempt not counted.
@@ -1248,7 +1250,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// parallel, while it claims the next one, unless such a claim came
     /// back empty lately: see [`SETTLE_FIRST`]) and, when the batch is full
     /// and publishing takes long enough to hide a claim behind
-    /// ([`claim_ahead_pays`]), already claims the next one, so the
+    /// ([`claim_ahead_pays`]), already claims the next one (again unless an
+    /// overlapping claim came back empty lately), so the
     /// database's work overlaps the broker's. A worker holds at most three
     /// batches' leases (one being recorded, one being published, one
     /// claimed ahead).
@@ -1320,6 +1323,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     let full = claimed.claim.len() >= o.batch_size;
                     let claim_ahead = async {
                         if full
+                            && settle_first == 0
                             && claim_ahead_pays(claim_took, publish_took)
                             && !shutdown.is_cancelled()
                         {
@@ -1342,9 +1346,17 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     total += report;
                     total.lost += lost;
                     unsettled = settle;
-                    // an empty claim ahead says nothing: the keys of the
-                    // batch just published open up once it is recorded
-                    ahead = next.filter(|c| !c.claim.is_empty());
+                    match next {
+                        // The batches in flight held every claimable
+                        // message (their keys open up once they are
+                        // recorded): overlap no claim for a while.
+                        Some(c) if c.claim.is_empty() => {
+                            if !c.rotated {
+                                settle_first = SETTLE_FIRST;
+                            }
+                        }
+                        next => ahead = next,
+                    }
                     if full {
                         // More may be waiting, including the next message of
                         // each key just published. Idle siblings help: a

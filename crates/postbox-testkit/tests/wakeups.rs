@@ -12,7 +12,7 @@ use postbox_core::{
     CancellationToken, Claim, ClaimRequest, CompleteReport, Completion, Filter, ListQuery,
     MessageRecord, NewMessage, PurgeQuery, Relay, Stats, Store, StoreError,
 };
-use postbox_testkit::{MemoryStore, TestPublisher};
+use postbox_testkit::{Behaviour, MemoryStore, TestPublisher};
 use tokio::sync::{Notify, oneshot, watch};
 
 /// The in-memory store with a notification channel (like PostgreSQL's
@@ -134,6 +134,40 @@ fn run_one_worker(
         async move { relay.run(shutdown).await }
     });
     (shutdown, running)
+}
+
+/// With a slow broker a worker claims its next batch while it publishes;
+/// when the batches in flight hold every claimable message (here one key,
+/// batches of one) that claim ahead comes back empty every time. After one
+/// such claim the worker stops claiming ahead for a while. Fails if every
+/// batch is accompanied by an empty claim (about 30 here).
+#[tokio::test]
+async fn a_worker_stops_claiming_ahead_after_a_claim_ahead_came_back_empty() {
+    let memory = MemoryStore::new();
+    memory.enqueue((0..30).map(|i| NewMessage::new("t", i.to_string()).key("k")));
+    // publishing takes longer than a claim: a claim ahead pays
+    let store = Notifying {
+        claim_takes: Duration::from_millis(5),
+        ..Notifying::new(memory.clone())
+    };
+    let publisher = TestPublisher::new(|_| Behaviour::Slow(Duration::from_millis(20)));
+    let (shutdown, running) = run_one_worker(&store, &publisher, 1);
+    let delivered = publisher
+        .delivered_within(30, Duration::from_secs(30))
+        .await;
+    assert_eq!(delivered.len(), 30, "the key drained without a poll");
+    let order: Vec<String> = delivered
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(order, (0..30).map(|i| i.to_string()).collect::<Vec<_>>());
+    shutdown.cancel();
+    running.await.expect("relay task");
+    let empty = store.empty.load(Ordering::Relaxed);
+    assert!(
+        empty <= 6,
+        "{empty} empty claims for 30 batches: the worker kept claiming ahead"
+    );
 }
 
 /// Real time, 1 h poll: only the notification can deliver the message in
