@@ -142,7 +142,8 @@ async fn claim_cost_completes() {
 
 #[tokio::test]
 async fn dead_tuples_completes() {
-    assert_eq!(pg_scenario("dead-tuples").await.len(), 2);
+    // postbox keyless, postbox keyed, C2
+    assert_eq!(pg_scenario("dead-tuples").await.len(), 3);
 }
 
 #[tokio::test]
