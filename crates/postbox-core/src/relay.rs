@@ -278,8 +278,9 @@ fn claim_ahead_pays(claim_took: Duration, publish_took: Duration) -> bool {
 /// batch (with 1,000 keys at batch 1,000 on PostgreSQL, 2–3 claims per
 /// batch, most of them empty), and so did claiming ahead with a slow
 /// broker. It is also how a backlog ends; then the next claims after an
-/// idle spell record first, which costs them only the overlap. After this
-/// many claims the worker overlaps again.
+/// idle spell record first, which costs them only the overlap. The count
+/// drops as each of these claims is made, so the batch the last of them
+/// takes may already have the next one claimed ahead of it.
 const SETTLE_FIRST: u32 = 16;
 
 /// Completions that give rows back unpublished, their attempt not counted.
@@ -1321,8 +1322,13 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     // hide it behind. A partial one says the backlog is
                     // drained: claiming ahead would mostly come back empty.
                     let full = claimed.claim.len() >= o.batch_size;
+                    // A store whose writes do not run in parallel records
+                    // the previous batch (still to do when this one was
+                    // claimed ahead) before it claims.
+                    let may_claim = parallel_writes || unsettled.is_none();
                     let claim_ahead = async {
                         if full
+                            && may_claim
                             && settle_first == 0
                             && claim_ahead_pays(claim_took, publish_took)
                             && !shutdown.is_cancelled()

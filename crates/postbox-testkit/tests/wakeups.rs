@@ -27,6 +27,16 @@ struct Notifying {
     empty: Arc<AtomicU64>,
     /// How long each claim takes.
     claim_takes: Duration,
+    /// How long each completion takes.
+    complete_takes: Duration,
+    /// What `parallel_writes` says.
+    parallel: bool,
+    /// Completions running now.
+    completing: Arc<AtomicU64>,
+    /// Claims running now.
+    claiming: Arc<AtomicU64>,
+    /// Claims and completions that began while the other kind was running.
+    overlapping: Arc<AtomicU64>,
 }
 
 impl Notifying {
@@ -38,6 +48,11 @@ impl Notifying {
             held: Arc::new(Notify::new()),
             empty: Arc::new(AtomicU64::new(0)),
             claim_takes: Duration::ZERO,
+            complete_takes: Duration::ZERO,
+            parallel: true,
+            completing: Arc::new(AtomicU64::new(0)),
+            claiming: Arc::new(AtomicU64::new(0)),
+            overlapping: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -55,12 +70,17 @@ impl Notifying {
 
 impl Store for Notifying {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        self.claiming.fetch_add(1, Ordering::SeqCst);
+        if self.completing.load(Ordering::SeqCst) > 0 {
+            self.overlapping.fetch_add(1, Ordering::SeqCst);
+        }
         // reads the store at once, answers after `claim_takes` (a database
         // claim sees the rows as of its start)
         let claim = self.inner.claim(req).await;
         if !self.claim_takes.is_zero() {
             tokio::time::sleep(self.claim_takes).await;
         }
+        self.claiming.fetch_sub(1, Ordering::SeqCst);
         if claim.as_ref().is_ok_and(Claim::is_empty) {
             self.empty.fetch_add(1, Ordering::Relaxed);
         }
@@ -77,7 +97,20 @@ impl Store for Notifying {
         token: uuid::Uuid,
         completions: &[Completion],
     ) -> Result<CompleteReport, StoreError> {
-        self.inner.complete(token, completions).await
+        self.completing.fetch_add(1, Ordering::SeqCst);
+        if self.claiming.load(Ordering::SeqCst) > 0 {
+            self.overlapping.fetch_add(1, Ordering::SeqCst);
+        }
+        let done = self.inner.complete(token, completions).await;
+        if !self.complete_takes.is_zero() {
+            tokio::time::sleep(self.complete_takes).await;
+        }
+        self.completing.fetch_sub(1, Ordering::SeqCst);
+        done
+    }
+
+    fn parallel_writes(&self) -> bool {
+        self.parallel
     }
 
     fn notified(&self) -> impl Future<Output = ()> + Send {
@@ -139,8 +172,11 @@ fn run_one_worker(
 /// With a slow broker a worker claims its next batch while it publishes;
 /// when the batches in flight hold every claimable message (here one key,
 /// batches of one) that claim ahead comes back empty every time. After one
-/// such claim the worker stops claiming ahead for a while. Fails if every
-/// batch is accompanied by an empty claim (about 30 here).
+/// such claim the worker stops claiming ahead for a while. The store's
+/// writes do not run in parallel, so the worker never claims alongside a
+/// recording and the claims ahead are the only ones that can come back
+/// empty. Fails if every batch is accompanied by an empty claim (about 30
+/// here).
 #[tokio::test]
 async fn a_worker_stops_claiming_ahead_after_a_claim_ahead_came_back_empty() {
     let memory = MemoryStore::new();
@@ -148,6 +184,7 @@ async fn a_worker_stops_claiming_ahead_after_a_claim_ahead_came_back_empty() {
     // publishing takes longer than a claim: a claim ahead pays
     let store = Notifying {
         claim_takes: Duration::from_millis(5),
+        parallel: false,
         ..Notifying::new(memory.clone())
     };
     let publisher = TestPublisher::new(|_| Behaviour::Slow(Duration::from_millis(20)));
@@ -167,6 +204,38 @@ async fn a_worker_stops_claiming_ahead_after_a_claim_ahead_came_back_empty() {
     assert!(
         empty <= 6,
         "{empty} empty claims for 30 batches: the worker kept claiming ahead"
+    );
+}
+
+/// A store whose writes do not run in parallel (SQLite's single writer)
+/// never has a claim made while a completion runs, claims ahead included:
+/// a batch claimed ahead is published while the previous one is recorded,
+/// and the next claim ahead waits for that recording. Fails if a claim
+/// ahead overlaps the recording (18 overlaps for 20 batches here without
+/// the check).
+#[tokio::test]
+async fn a_store_without_parallel_writes_never_claims_while_recording() {
+    let memory = MemoryStore::new();
+    memory.enqueue((0..20).map(|i| NewMessage::new("t", i.to_string())));
+    let store = Notifying {
+        claim_takes: Duration::from_millis(2),
+        complete_takes: Duration::from_millis(10),
+        parallel: false,
+        ..Notifying::new(memory.clone())
+    };
+    // a slow broker, so the worker claims ahead
+    let publisher = TestPublisher::new(|_| Behaviour::Slow(Duration::from_millis(20)));
+    let (shutdown, running) = run_one_worker(&store, &publisher, 1);
+    let delivered = publisher
+        .delivered_within(20, Duration::from_secs(30))
+        .await;
+    assert_eq!(delivered.len(), 20);
+    shutdown.cancel();
+    running.await.expect("relay task");
+    let overlapping = store.overlapping.load(Ordering::SeqCst);
+    assert_eq!(
+        overlapping, 0,
+        "{overlapping} claims and completions overlapped"
     );
 }
 
