@@ -179,8 +179,7 @@ fn run_one_worker(
 /// here).
 #[tokio::test]
 async fn a_worker_stops_claiming_ahead_after_a_claim_ahead_came_back_empty() {
-    let memory = MemoryStore::new();
-    memory.enqueue((0..30).map(|i| NewMessage::new("t", i.to_string()).key("k")));
+    let memory = one_key_of_30();
     // publishing takes longer than a claim: a claim ahead pays
     let store = Notifying {
         claim_takes: Duration::from_millis(5),
@@ -188,19 +187,7 @@ async fn a_worker_stops_claiming_ahead_after_a_claim_ahead_came_back_empty() {
         ..Notifying::new(memory.clone())
     };
     let publisher = TestPublisher::new(|_| Behaviour::Slow(Duration::from_millis(20)));
-    let (shutdown, running) = run_one_worker(&store, &publisher, 1);
-    let delivered = publisher
-        .delivered_within(30, Duration::from_secs(30))
-        .await;
-    assert_eq!(delivered.len(), 30, "the key drained without a poll");
-    let order: Vec<String> = delivered
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-        .collect();
-    assert_eq!(order, (0..30).map(|i| i.to_string()).collect::<Vec<_>>());
-    shutdown.cancel();
-    running.await.expect("relay task");
-    let empty = store.empty.load(Ordering::Relaxed);
+    let empty = drain_one_key(&store, &publisher).await;
     assert!(
         empty <= 6,
         "{empty} empty claims for 30 batches: the worker kept claiming ahead"
@@ -239,6 +226,32 @@ async fn a_store_without_parallel_writes_never_claims_while_recording() {
     );
 }
 
+/// A store holding 30 messages of one key, "0" to "29".
+fn one_key_of_30() -> MemoryStore {
+    let memory = MemoryStore::new();
+    memory.enqueue((0..30).map(|i| NewMessage::new("t", i.to_string()).key("k")));
+    memory
+}
+
+/// Runs one worker with batches of one over [`one_key_of_30`]'s store
+/// until the 30 messages are delivered (in order, without a poll), and
+/// returns how many of its claims came back empty.
+async fn drain_one_key(store: &Notifying, publisher: &TestPublisher) -> u64 {
+    let (shutdown, running) = run_one_worker(store, publisher, 1);
+    let delivered = publisher
+        .delivered_within(30, Duration::from_secs(30))
+        .await;
+    assert_eq!(delivered.len(), 30, "the key drained without a poll");
+    let order: Vec<String> = delivered
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+        .collect();
+    assert_eq!(order, (0..30).map(|i| i.to_string()).collect::<Vec<_>>());
+    shutdown.cancel();
+    running.await.expect("relay task");
+    store.empty.load(Ordering::Relaxed)
+}
+
 /// Real time, 1 h poll: only the notification can deliver the message in
 /// the 30 s the test waits. Fails if the relay subscribes to notifications
 /// only when it starts to wait (after the claim).
@@ -275,8 +288,7 @@ async fn a_notification_during_an_empty_claim_ends_the_wait_after_it() {
 /// Fails if every batch is followed by an empty claim (about 30 here).
 #[tokio::test]
 async fn a_worker_records_first_after_claiming_alongside_came_back_empty() {
-    let memory = MemoryStore::new();
-    memory.enqueue((0..30).map(|i| NewMessage::new("t", i.to_string()).key("k")));
+    let memory = one_key_of_30();
     // claims take longer than publishing, as on a database with a fast
     // broker, so the worker does not claim ahead while it publishes
     let store = Notifying {
@@ -284,19 +296,7 @@ async fn a_worker_records_first_after_claiming_alongside_came_back_empty() {
         ..Notifying::new(memory.clone())
     };
     let publisher = TestPublisher::recording();
-    let (shutdown, running) = run_one_worker(&store, &publisher, 1);
-    let delivered = publisher
-        .delivered_within(30, Duration::from_secs(30))
-        .await;
-    assert_eq!(delivered.len(), 30, "the key drained without a poll");
-    let order: Vec<String> = delivered
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
-        .collect();
-    assert_eq!(order, (0..30).map(|i| i.to_string()).collect::<Vec<_>>());
-    shutdown.cancel();
-    running.await.expect("relay task");
-    let empty = store.empty.load(Ordering::Relaxed);
+    let empty = drain_one_key(&store, &publisher).await;
     assert!(
         empty <= 6,
         "{empty} empty claims for 30 batches: the worker kept claiming alongside the recording"
