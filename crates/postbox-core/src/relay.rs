@@ -1252,7 +1252,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// back empty lately: see [`SETTLE_FIRST`]) and, when the batch is full
     /// and publishing takes long enough to hide a claim behind
     /// ([`claim_ahead_pays`]), already claims the next one (again unless an
-    /// overlapping claim came back empty lately), so the
+    /// overlapping claim came back empty lately; on a store whose writes do
+    /// not run in parallel, only once the previous batch is recorded), so the
     /// database's work overlaps the broker's. A worker holds at most three
     /// batches' leases (one being recorded, one being published, one
     /// claimed ahead).
@@ -1322,32 +1323,37 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     // hide it behind. A partial one says the backlog is
                     // drained: claiming ahead would mostly come back empty.
                     let full = claimed.claim.len() >= o.batch_size;
-                    // A store whose writes do not run in parallel records
-                    // the previous batch (still to do when this one was
-                    // claimed ahead) before it claims.
-                    let may_claim = parallel_writes || unsettled.is_none();
+                    let ahead_pays =
+                        full && settle_first == 0 && claim_ahead_pays(claim_took, publish_took);
+                    // A store whose writes do not run in parallel (see
+                    // `Store::parallel_writes`) first records the previous
+                    // batch (still to do when this one was claimed ahead),
+                    // then claims ahead, both while this one is published.
+                    let overlap = parallel_writes || unsettled.is_none();
                     let claim_ahead = async {
-                        if full
-                            && may_claim
-                            && settle_first == 0
-                            && claim_ahead_pays(claim_took, publish_took)
-                            && !shutdown.is_cancelled()
-                        {
+                        if ahead_pays && overlap && !shutdown.is_cancelled() {
                             self.claim_batch().await.ok()
                         } else {
                             None
                         }
+                    };
+                    let record = async {
+                        let lost = self.settle_quietly(unsettled.take(), &mut dues).await;
+                        let next = if ahead_pays && !overlap && !shutdown.is_cancelled() {
+                            self.claim_batch().await.ok()
+                        } else {
+                            None
+                        };
+                        (lost, next)
                     };
                     let publish = async {
                         let started = Instant::now();
                         let done = self.publish_claimed(claimed, &shutdown).await;
                         (done, started.elapsed())
                     };
-                    let (((report, settle), took), next, lost) = tokio::join!(
-                        publish,
-                        claim_ahead,
-                        self.settle_quietly(unsettled.take(), &mut dues)
-                    );
+                    let (((report, settle), took), alongside, (lost, after)) =
+                        tokio::join!(publish, claim_ahead, record);
+                    let next = alongside.or(after);
                     publish_took = took;
                     total += report;
                     total.lost += lost;

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use postbox_core::{
-    CancellationToken, Claim, ClaimRequest, CompleteReport, Completion, Filter, ListQuery,
-    MessageRecord, NewMessage, PurgeQuery, Relay, Stats, Store, StoreError,
+    CancellationToken, Claim, ClaimRequest, CompleteReport, Completion, Filter, ListQuery, Message,
+    MessageRecord, NewMessage, PublishOutcome, Publisher, PurgeQuery, Relay, Stats, Store,
+    StoreError,
 };
 use postbox_testkit::{Behaviour, MemoryStore, TestPublisher};
 use tokio::sync::{Notify, oneshot, watch};
@@ -37,6 +38,26 @@ struct Notifying {
     claiming: Arc<AtomicU64>,
     /// Claims and completions that began while the other kind was running.
     overlapping: Arc<AtomicU64>,
+    /// Publishes running now (kept by [`Watched`]).
+    publishing: Arc<AtomicU64>,
+    /// Claims made while a publish was running: claims ahead.
+    ahead: Arc<AtomicU64>,
+}
+
+/// A publisher that keeps its store's count of publishes in flight.
+#[derive(Clone)]
+struct Watched {
+    inner: TestPublisher,
+    publishing: Arc<AtomicU64>,
+}
+
+impl Publisher for Watched {
+    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        let out = self.inner.publish(batch).await;
+        self.publishing.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
 }
 
 impl Notifying {
@@ -53,6 +74,8 @@ impl Notifying {
             completing: Arc::new(AtomicU64::new(0)),
             claiming: Arc::new(AtomicU64::new(0)),
             overlapping: Arc::new(AtomicU64::new(0)),
+            publishing: Arc::new(AtomicU64::new(0)),
+            ahead: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -73,6 +96,9 @@ impl Store for Notifying {
         self.claiming.fetch_add(1, Ordering::SeqCst);
         if self.completing.load(Ordering::SeqCst) > 0 {
             self.overlapping.fetch_add(1, Ordering::SeqCst);
+        }
+        if self.publishing.load(Ordering::SeqCst) > 0 {
+            self.ahead.fetch_add(1, Ordering::SeqCst);
         }
         // reads the store at once, answers after `claim_takes` (a database
         // claim sees the rows as of its start)
@@ -147,9 +173,9 @@ impl Store for Notifying {
 /// Runs a relay of one worker with batches of `batch` and an hour-long
 /// poll (so only a notification or a claim right after a batch delivers
 /// within a test) until the returned token is cancelled.
-fn run_one_worker(
+fn run_one_worker<P: Publisher + Clone>(
     store: &Notifying,
-    publisher: &TestPublisher,
+    publisher: &P,
     batch: usize,
 ) -> (
     CancellationToken,
@@ -184,7 +210,7 @@ async fn a_worker_stops_claiming_ahead_after_a_claim_ahead_came_back_empty() {
     let store = Notifying {
         claim_takes: Duration::from_millis(5),
         parallel: false,
-        ..Notifying::new(memory.clone())
+        ..Notifying::new(memory)
     };
     let publisher = TestPublisher::new(|_| Behaviour::Slow(Duration::from_millis(20)));
     let empty = drain_one_key(&store, &publisher).await;
@@ -196,10 +222,11 @@ async fn a_worker_stops_claiming_ahead_after_a_claim_ahead_came_back_empty() {
 
 /// A store whose writes do not run in parallel (SQLite's single writer)
 /// never has a claim made while a completion runs, claims ahead included:
-/// a batch claimed ahead is published while the previous one is recorded,
-/// and the next claim ahead waits for that recording. Fails if a claim
-/// ahead overlaps the recording (18 overlaps for 20 batches here without
-/// the check).
+/// while a batch is published the worker records the previous one and only
+/// then claims the next. Fails if a claim ahead overlaps the recording (18
+/// overlaps for 20 batches here without the check), or if claims ahead stop
+/// (10 of 20 batches claimed ahead when the worker skipped the claim
+/// ahead while recording, instead of making it after).
 #[tokio::test]
 async fn a_store_without_parallel_writes_never_claims_while_recording() {
     let memory = MemoryStore::new();
@@ -208,12 +235,16 @@ async fn a_store_without_parallel_writes_never_claims_while_recording() {
         claim_takes: Duration::from_millis(2),
         complete_takes: Duration::from_millis(10),
         parallel: false,
-        ..Notifying::new(memory.clone())
+        ..Notifying::new(memory)
     };
     // a slow broker, so the worker claims ahead
-    let publisher = TestPublisher::new(|_| Behaviour::Slow(Duration::from_millis(20)));
+    let publisher = Watched {
+        inner: TestPublisher::new(|_| Behaviour::Slow(Duration::from_millis(20))),
+        publishing: Arc::clone(&store.publishing),
+    };
     let (shutdown, running) = run_one_worker(&store, &publisher, 1);
     let delivered = publisher
+        .inner
         .delivered_within(20, Duration::from_secs(30))
         .await;
     assert_eq!(delivered.len(), 20);
@@ -224,6 +255,8 @@ async fn a_store_without_parallel_writes_never_claims_while_recording() {
         overlapping, 0,
         "{overlapping} claims and completions overlapped"
     );
+    let ahead = store.ahead.load(Ordering::SeqCst);
+    assert!(ahead >= 15, "only {ahead} of 20 batches were claimed ahead");
 }
 
 /// A store holding 30 messages of one key, "0" to "29".
@@ -293,7 +326,7 @@ async fn a_worker_records_first_after_claiming_alongside_came_back_empty() {
     // broker, so the worker does not claim ahead while it publishes
     let store = Notifying {
         claim_takes: Duration::from_millis(10),
-        ..Notifying::new(memory.clone())
+        ..Notifying::new(memory)
     };
     let publisher = TestPublisher::recording();
     let empty = drain_one_key(&store, &publisher).await;
