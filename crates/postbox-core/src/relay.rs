@@ -1330,30 +1330,29 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     // batch (still to do when this one was claimed ahead),
                     // then claims ahead, both while this one is published.
                     let overlap = parallel_writes || unsettled.is_none();
-                    let claim_ahead = async {
-                        if ahead_pays && overlap && !shutdown.is_cancelled() {
-                            self.claim_batch().await.ok()
-                        } else {
-                            None
+                    let claim_next = |now: bool| {
+                        let shutdown = &shutdown;
+                        async move {
+                            if now && ahead_pays && !shutdown.is_cancelled() {
+                                self.claim_batch().await.ok()
+                            } else {
+                                None
+                            }
                         }
                     };
+                    let claim_ahead = claim_next(overlap);
                     let record = async {
                         let lost = self.settle_quietly(unsettled.take(), &mut dues).await;
-                        let next = if ahead_pays && !overlap && !shutdown.is_cancelled() {
-                            self.claim_batch().await.ok()
-                        } else {
-                            None
-                        };
-                        (lost, next)
+                        (lost, claim_next(!overlap).await)
                     };
                     let publish = async {
                         let started = Instant::now();
                         let done = self.publish_claimed(claimed, &shutdown).await;
                         (done, started.elapsed())
                     };
-                    let (((report, settle), took), alongside, (lost, after)) =
+                    let (((report, settle), took), ahead_now, (lost, ahead_after)) =
                         tokio::join!(publish, claim_ahead, record);
-                    let next = alongside.or(after);
+                    let next = ahead_now.or(ahead_after);
                     publish_took = took;
                     total += report;
                     total.lost += lost;
