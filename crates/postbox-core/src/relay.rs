@@ -107,8 +107,10 @@ pub struct RelayOptions {
     /// still take before its rows are released to other relays \[5 s\].
     pub shutdown_grace: Duration,
     /// How often [`Relay::run`] samples the store's counts into the
-    /// `postbox_pending`… gauges (one `stats` query each time); `None`
-    /// turns the sampling off \[30 s\].
+    /// `postbox_pending`… gauges (one `stats` query each time; on
+    /// PostgreSQL a scan of the whole table); `None` turns the sampling off
+    /// \[30 s\]. The first sample comes at a random point of the first
+    /// interval, so that relays started together spread their samples.
     pub stats_interval: Option<Duration>,
     /// Distinct `topic` label values in metrics before further topics are
     /// counted as `_other` \[100\].
@@ -1222,9 +1224,25 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Keeps the store gauges current. A failing `stats` query is logged and
-    /// tried again at the next interval; it never affects delivery.
+    /// Keeps the store gauges current, every `every` from a random point of
+    /// the first interval. A failing `stats` query is logged and tried again
+    /// at the next interval; it never affects delivery.
+    ///
+    /// Why not at once: a sample counts the whole outbox, which on
+    /// PostgreSQL is a scan of the whole table (0.75–2.3 s for 1M rows on
+    /// our 2-core machines). Relays started together, as a deploy starts
+    /// them, all scanned at the same moment, right when they started on a
+    /// backlog: four relays draining 1M rows together ran four such scans at
+    /// once, and measured 0.86× of one relay's speed against 1.05× with no
+    /// sampling (one run each of `postbox-bench relays --rows 1000000`,
+    /// BENCHMARKS.md).
     async fn sample_stats(&self, every: Duration, shutdown: CancellationToken) {
+        let first =
+            Duration::try_from_secs_f64(every.as_secs_f64() * fastrand::f64()).unwrap_or(every);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(first) => {}
+        }
         loop {
             match self.inner.store.stats(&crate::store::Filter::all()).await {
                 Ok(stats) => {

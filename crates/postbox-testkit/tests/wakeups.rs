@@ -1,7 +1,9 @@
 //! A relay's wait after an empty claim ends on a store notification that
 //! landed while that claim was running: the claim was too early to see the
 //! new rows, and the notification for them must not be lost with it (or the
-//! relay sleeps a whole poll interval with work waiting).
+//! relay sleeps a whole poll interval with work waiting). Also: when a
+//! worker claims ahead, and when relays started together first sample the
+//! store's counts.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +44,8 @@ struct Notifying {
     publishing: Arc<AtomicU64>,
     /// Claims made while a publish was running: claims ahead.
     ahead: Arc<AtomicU64>,
+    /// `stats` calls so far.
+    stats_calls: Arc<AtomicU64>,
 }
 
 /// A publisher that keeps its store's count of publishes in flight.
@@ -76,6 +80,7 @@ impl Notifying {
             overlapping: Arc::new(AtomicU64::new(0)),
             publishing: Arc::new(AtomicU64::new(0)),
             ahead: Arc::new(AtomicU64::new(0)),
+            stats_calls: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -150,6 +155,7 @@ impl Store for Notifying {
     }
 
     async fn stats(&self, filter: &Filter) -> Result<Stats, StoreError> {
+        self.stats_calls.fetch_add(1, Ordering::SeqCst);
         self.inner.stats(filter).await
     }
 
@@ -334,4 +340,42 @@ async fn a_worker_records_first_after_claiming_alongside_came_back_empty() {
         empty <= 6,
         "{empty} empty claims for 30 batches: the worker kept claiming alongside the recording"
     );
+}
+
+/// Relays started together (a deploy) spread their first samples of the
+/// store's counts over the sampling interval instead of all counting the
+/// whole outbox at once while they start on a backlog. Twenty relays, a
+/// 100 s interval: in the first second at most a few sample (one would be
+/// expected; without the spread all twenty did), and by the end of the
+/// first interval every one has.
+#[tokio::test(start_paused = true)]
+async fn relays_started_together_spread_their_first_stats_samples() {
+    let store = Notifying::new(MemoryStore::new());
+    let stop = CancellationToken::new();
+    let mut running = Vec::new();
+    for _ in 0..20 {
+        let relay = Relay::builder(store.clone(), TestPublisher::recording())
+            .stats_interval(Some(Duration::from_secs(100)))
+            .heartbeat_interval(None)
+            .build()
+            .expect("relay");
+        let stop = stop.clone();
+        running.push(tokio::spawn(async move { relay.run(stop).await }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let early = store.stats_calls.load(Ordering::SeqCst);
+    assert!(
+        early <= 5,
+        "{early} of 20 relays sampled in the first second"
+    );
+    tokio::time::sleep(Duration::from_secs(100)).await;
+    let by_then = store.stats_calls.load(Ordering::SeqCst);
+    assert!(
+        by_then >= 20,
+        "{by_then} samples by the end of the first interval"
+    );
+    stop.cancel();
+    for r in running {
+        r.await.expect("relay");
+    }
 }
