@@ -631,12 +631,12 @@ pub(crate) async fn dead_tuples(pg: &Pg, o: &Opts, lines: &mut Vec<Line>) -> Res
         pg.fresh(n, Keys::None).await?;
         pf.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
         pg.load(n, Keys::None).await?;
-        pg.checkpoint().await;
+        pg.checkpoint().await?;
         pd.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
         pg.fresh(n, Keys::All(1000)).await?;
         kf.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
         pg.load(n, Keys::All(1000)).await?;
-        pg.checkpoint().await;
+        pg.checkpoint().await?;
         kd.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
         pg.fresh(n, Keys::None).await?;
         cf.push(rate(
@@ -644,7 +644,7 @@ pub(crate) async fn dead_tuples(pg: &Pg, o: &Opts, lines: &mut Vec<Line>) -> Res
             ceiling_drain(pg, Ceiling::C2, n, batch, o.concurrency).await?,
         ));
         pg.load(n, Keys::None).await?;
-        pg.checkpoint().await;
+        pg.checkpoint().await?;
         cd.push(rate(
             n,
             ceiling_drain(pg, Ceiling::C2, n, batch, o.concurrency).await?,

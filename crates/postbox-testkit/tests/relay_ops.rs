@@ -213,8 +213,9 @@ fn run_samples_store_counts_into_gauges() {
             .expect("relay");
         let shutdown = CancellationToken::new();
         let running = spawn_run(&relay, &shutdown);
-        // (paused time) the first sample is taken at start, before the
-        // claim; the next one `stats_interval` later sees the dead head
+        // (paused time) the claim at start dead-letters the head at once;
+        // the first sample, at a random point of the first second, and
+        // any later one see it
         tokio::time::sleep(Duration::from_millis(1500)).await;
         shutdown.cancel();
         running.await.expect("run");
