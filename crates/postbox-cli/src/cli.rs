@@ -175,6 +175,12 @@ pub(crate) struct RelayArgs {
     /// lists [default: 5s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) heartbeat_interval: Option<Duration>,
+    /// How often to sample the outbox's counts into the `postbox_pending`…
+    /// gauges; each sample counts the whole outbox table, so with many
+    /// relays on a large outbox sample less often on most of them
+    /// [default: 30s, the first at a random point of the first interval].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub(crate) stats_interval: Option<Duration>,
     /// Keep sent messages this long for audit instead of deleting them at
     /// once, e.g. 7d (also env POSTBOX_STORE_RETAIN_SENT, or [store]
     /// retain_sent) [default: delete on success].

@@ -114,6 +114,9 @@ pub(crate) struct RelaySection {
     pub(crate) heartbeat_interval: Option<Duration>,
     #[serde(default, with = "opt_duration")]
     pub(crate) cleanup_interval: Option<Duration>,
+    /// How often the relay samples the outbox's counts into its gauges.
+    #[serde(default, with = "opt_duration")]
+    pub(crate) stats_interval: Option<Duration>,
 }
 
 impl RelaySection {
@@ -134,6 +137,7 @@ impl RelaySection {
             shutdown_grace: self.shutdown_grace.or(other.shutdown_grace),
             heartbeat_interval: self.heartbeat_interval.or(other.heartbeat_interval),
             cleanup_interval: self.cleanup_interval.or(other.cleanup_interval),
+            stats_interval: self.stats_interval.or(other.stats_interval),
         }
     }
 
@@ -186,6 +190,7 @@ impl RelaySection {
             shutdown_grace: dur("shutdown_grace")?,
             heartbeat_interval: dur("heartbeat_interval")?,
             cleanup_interval: dur("cleanup_interval")?,
+            stats_interval: dur("stats_interval")?,
         })
     }
 
@@ -212,6 +217,9 @@ impl RelaySection {
         }
         if self.cleanup_interval.is_some() {
             o.cleanup_interval = self.cleanup_interval;
+        }
+        if self.stats_interval.is_some() {
+            o.stats_interval = self.stats_interval;
         }
         o.validate()?;
         Ok(o)
@@ -455,6 +463,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_stats_interval_reaches_the_relay() {
+        let config = FileConfig::parse("[relay]\nstats_interval = \"10m\"\n").expect("parses");
+        let o = config.relay.options().expect("relay options");
+        assert_eq!(o.stats_interval, Some(std::time::Duration::from_secs(600)));
+    }
+
+    #[test]
     fn the_example_config_is_valid() {
         let text = include_str!("../../../postbox.example.toml");
         let env = |name: &str| {
@@ -472,6 +487,7 @@ mod tests {
             Some(std::time::Duration::from_secs(5))
         );
         assert_eq!(o.cleanup_interval, Some(std::time::Duration::from_secs(60)));
+        assert_eq!(o.stats_interval, Some(std::time::Duration::from_secs(30)));
         assert_eq!(
             config.store.retain_sent,
             Some(std::time::Duration::from_secs(7 * 24 * 3600))
@@ -544,6 +560,8 @@ mod tests {
             ("[store]\nretain_sent = \"a week\"\n", "retain_sent"),
             ("[store]\nretain_sent = 7\n", "retain_sent"),
             ("[relay]\ncleanup_interval = \"0s\"\n", "cleanup_interval"),
+            ("[relay]\nstats_interval = \"0s\"\n", "stats_interval"),
+            ("[relay]\nstats_interval = \"often\"\n", "stats_interval"),
             (
                 "[relay]\ncleanup_interval = \"often\"\n",
                 "cleanup_interval",

@@ -57,6 +57,7 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         shutdown_grace: args.shutdown_grace,
         heartbeat_interval: args.heartbeat_interval,
         cleanup_interval: args.cleanup_interval,
+        stats_interval: args.stats_interval,
     };
     let relay = flags.or(RelaySection::from_env()?).or(file.relay.clone());
     // flags > env > file, like every relay setting; an empty variable is unset
@@ -176,6 +177,7 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
         tenant: None,
         shutdown_grace: None,
         heartbeat_interval: None,
+        stats_interval: None,
         retain_sent: None,
         cleanup_interval: None,
         metrics_addr: None,
