@@ -618,84 +618,76 @@ pub(crate) async fn claim_cost(pg: &Pg, o: &Opts, big: u64, lines: &mut Vec<Line
 }
 
 /// dead-tuples: a drain right after draining the same number of rows (no
-/// vacuum in between) against a drain of a freshly vacuumed table; C2 the
-/// same way for reference.
+/// vacuum in between) against a drain of a freshly vacuumed table: postbox
+/// keyless and keyed, and C2 the same way for reference.
 pub(crate) async fn dead_tuples(pg: &Pg, o: &Opts, lines: &mut Vec<Line>) -> Result<()> {
     pg.reset().await?;
     let n = o.rows;
     let batch = o.batches.first().copied().unwrap_or(100);
-    let (mut pf, mut pd, mut cf, mut cd) = (vec![], vec![], vec![], vec![]);
-    let (mut kf, mut kd) = (vec![], vec![]);
-    for rep in 1..=o.repeat {
-        progress!("dead-tuples: repeat {rep}/{}", o.repeat);
-        pg.fresh(n, Keys::None).await?;
-        pf.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
-        pg.load(n, Keys::None).await?;
-        pg.checkpoint().await?;
-        pd.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
-        pg.fresh(n, Keys::All(1000)).await?;
-        kf.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
-        pg.load(n, Keys::All(1000)).await?;
-        pg.checkpoint().await?;
-        kd.push(rate(n, postbox_drain(pg, drain_of(o, n, batch, 1)).await?));
-        pg.fresh(n, Keys::None).await?;
-        cf.push(rate(
-            n,
-            ceiling_drain(pg, Ceiling::C2, n, batch, o.concurrency).await?,
-        ));
-        pg.load(n, Keys::None).await?;
-        pg.checkpoint().await?;
-        cd.push(rate(
-            n,
-            ceiling_drain(pg, Ceiling::C2, n, batch, o.concurrency).await?,
-        ));
-    }
-    ensure!(pg.count().await? == 0, "rows left after dead-tuples");
-    let extra = json!({"rows": n, "batch": batch, "autovacuum": "off on the outbox table"});
-    emit(
-        lines,
-        Line::new(
-            "dead-tuples",
-            format!("postbox after draining {n}, no vacuum"),
-            "postbox, fresh table",
-            "msg/s",
-            Better::Higher,
-            pf,
-            pd,
-            Goal::RatioAtLeast(0.8),
-        )
-        .extra(extra.clone()),
-    );
     // Keyed claims read their window from the front of the keyed index,
     // past every entry deleted since the last vacuum (see the postgres
     // README, "Dead index entries and keyed claims").
-    emit(
-        lines,
-        Line::new(
-            "dead-tuples",
+    // (keys, drained by postbox or else by C2, variant, reference, goal)
+    let cases = [
+        (
+            Keys::None,
+            true,
+            format!("postbox after draining {n}, no vacuum"),
+            "postbox, fresh table",
+            Goal::RatioAtLeast(0.8),
+        ),
+        (
+            Keys::All(1000),
+            true,
             format!("keyed over 1000 keys after draining {n} keyed, no vacuum"),
             "the same, fresh table",
-            "msg/s",
-            Better::Higher,
-            kf,
-            kd,
             Goal::RatioAtLeast(0.8),
-        )
-        .extra(extra.clone()),
-    );
-    emit(
-        lines,
-        Line::new(
-            "dead-tuples",
+        ),
+        (
+            Keys::None,
+            false,
             format!("C2 after draining {n}, no vacuum"),
             "C2, fresh table",
-            "msg/s",
-            Better::Higher,
-            cf,
-            cd,
             Goal::None,
-        )
-        .extra(extra),
-    );
+        ),
+    ];
+    let drain = |postbox: bool| async move {
+        if postbox {
+            postbox_drain(pg, drain_of(o, n, batch, 1)).await
+        } else {
+            ceiling_drain(pg, Ceiling::C2, n, batch, o.concurrency).await
+        }
+    };
+    // per case: (fresh table, after a drain)
+    let mut samples = vec![(Vec::new(), Vec::new()); cases.len()];
+    for rep in 1..=o.repeat {
+        progress!("dead-tuples: repeat {rep}/{}", o.repeat);
+        for ((keys, postbox, ..), (fresh, dead)) in cases.iter().zip(&mut samples) {
+            pg.fresh(n, *keys).await?;
+            fresh.push(rate(n, drain(*postbox).await?));
+            // the same rows again, the dead ones left in place
+            pg.load(n, *keys).await?;
+            pg.checkpoint().await?;
+            dead.push(rate(n, drain(*postbox).await?));
+        }
+    }
+    ensure!(pg.count().await? == 0, "rows left after dead-tuples");
+    let extra = json!({"rows": n, "batch": batch, "autovacuum": "off on the outbox table"});
+    for ((_, _, variant, reference, goal), (fresh, dead)) in cases.into_iter().zip(samples) {
+        emit(
+            lines,
+            Line::new(
+                "dead-tuples",
+                variant,
+                reference,
+                "msg/s",
+                Better::Higher,
+                fresh,
+                dead,
+                goal,
+            )
+            .extra(extra.clone()),
+        );
+    }
     Ok(())
 }

@@ -1233,12 +1233,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// Why not at once: a sample counts the whole outbox, which on
     /// PostgreSQL is a scan of the whole table (1M rows: 0.76 s alone,
     /// 2.2–2.3 s each when four ran at once, on our 2-core machines).
-    /// Relays started together, as a deploy starts
-    /// them, all scanned at the same moment, right when they started on a
-    /// backlog: four relays draining 1M rows together ran four such scans at
-    /// once, and measured 0.86× of one relay's speed against 1.05× with no
-    /// sampling (one run each of `postbox-bench relays --rows 1000000`,
-    /// BENCHMARKS.md).
+    /// Relays started together, as a deploy starts them, all scanned at the
+    /// same moment, right when they started on a backlog: four relays
+    /// draining 1M rows together ran four such scans at once, and measured
+    /// 0.86× of one relay's speed against 1.05× with no sampling (one run
+    /// each of `postbox-bench relays --rows 1000000`, BENCHMARKS.md).
     async fn sample_stats(&self, every: Duration, shutdown: CancellationToken) {
         let first =
             Duration::try_from_secs_f64(every.as_secs_f64() * fastrand::f64()).unwrap_or(every);
