@@ -177,8 +177,9 @@ pub(crate) struct RelayArgs {
     pub(crate) heartbeat_interval: Option<Duration>,
     /// How often to sample the outbox's counts into the `postbox_pending`…
     /// gauges; each sample counts the whole outbox table, so with many
-    /// relays on a large outbox sample less often on most of them
-    /// [default: 30s, the first at a random point of the first interval].
+    /// relays on a large outbox sample less often on most of them; a count
+    /// that took d is not repeated for 50 × d [default: 30s, the first at a
+    /// random point of the first interval].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) stats_interval: Option<Duration>,
     /// Keep sent messages this long for audit instead of deleting them at

@@ -32,7 +32,10 @@ pub use message::{Headers, Message, NewMessage, from_unix_micros, to_unix_micros
 pub use observe::Health;
 pub use publish::{PublishOutcome, Publisher};
 pub use redact::{redact_url, redact_userinfo};
-pub use relay::{CLEANUP_BATCH, OnDead, Relay, RelayBuilder, RelayOptions, RelayWaker, TickReport};
+pub use relay::{
+    CLEANUP_BATCH, OnDead, Relay, RelayBuilder, RelayOptions, RelayWaker, STATS_PAUSE_CAP,
+    STATS_STRETCH, TickReport,
+};
 pub use retry::RetryPolicy;
 pub use route::{Router, TopicPattern};
 pub use store::{

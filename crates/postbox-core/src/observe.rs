@@ -19,10 +19,10 @@
 //! | `postbox_claim_duration_seconds` | histogram | — | one claim round trip |
 //! | `postbox_complete_duration_seconds` | histogram | — | recording one batch's outcomes |
 //! | `postbox_batch_size` | histogram | — | rows per non-empty claim |
-//! | `postbox_pending`, `postbox_leased`, `postbox_retrying`, `postbox_dead`, `postbox_parked_keys` | gauge | — | the store's counts, sampled every `stats_interval` (the first at a random point of the first interval) |
+//! | `postbox_pending`, `postbox_leased`, `postbox_retrying`, `postbox_dead`, `postbox_parked_keys` | gauge | — | the store's counts, sampled every `stats_interval` (the first at a random point of the first interval; less often when a count is slow, see [`crate::STATS_STRETCH`]) |
 //! | `postbox_oldest_pending_age_seconds` | gauge | — | age of the oldest pending row (0 when none), same sampling |
-//! | `postbox_key_holder_age_seconds` | gauge | — | age of the oldest open transaction holding an outbox key (0 when none), same sampling; warned about past 30 s |
-//! | `postbox_horizon_age_seconds` | gauge | — | age of the oldest transaction holding back the database's cleanup horizon (0 when none), same sampling; warned about past 10 min |
+//! | `postbox_key_holder_age_seconds` | gauge | — | age of the oldest open transaction holding an outbox key (0 when none), sampled every `stats_interval`; warned about past 30 s |
+//! | `postbox_horizon_age_seconds` | gauge | — | age of the oldest transaction holding back the database's cleanup horizon (0 when none), sampled every `stats_interval`; warned about past 10 min |
 //! | `postbox_leases_held` | gauge | — | rows the relays of this process hold under lease right now (claimed, not yet completed or released) |
 //! | `postbox_sent_purged_total` | counter | — | kept sent messages the relay's cleanup deleted once past the store's retention |
 //!

@@ -110,7 +110,11 @@ pub struct RelayOptions {
     /// `postbox_pending`… gauges (one `stats` query each time; on
     /// PostgreSQL a scan of the whole table); `None` turns the sampling off
     /// \[30 s\]. The first sample comes at a random point of the first
-    /// interval, so that relays started together spread their samples.
+    /// interval, so that relays started together spread their samples. A
+    /// count that takes longer than 1/[`STATS_STRETCH`] of the interval (a
+    /// large backlog) is not repeated before [`STATS_STRETCH`] times its
+    /// duration has passed; the cheap `holdups` gauges are still sampled
+    /// every interval.
     pub stats_interval: Option<Duration>,
     /// Distinct `topic` label values in metrics before further topics are
     /// counted as `_other` \[100\].
@@ -130,6 +134,18 @@ pub struct RelayOptions {
 /// small enough that each transaction, and the locks it takes, stay short
 /// next to producers and claims.
 pub const CLEANUP_BATCH: usize = 500;
+
+/// After counting the outbox for its gauges took `d`, a relay counts again
+/// no sooner than `STATS_STRETCH × d` later (at the first
+/// [`RelayOptions::stats_interval`] after that; at most
+/// [`STATS_PAUSE_CAP`] later), so a relay spends about 1/51 of its time or
+/// less counting while a count takes under half an hour. A count reads the
+/// whole outbox; on PostgreSQL a 10M-row backlog is a 7 GB table that took
+/// 5–7 s to count, which every relay would otherwise repeat every 30 s.
+pub const STATS_STRETCH: u32 = 50;
+
+/// The longest pause [`STATS_STRETCH`] makes between two counts.
+pub const STATS_PAUSE_CAP: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Default for RelayOptions {
     fn default() -> Self {
@@ -1033,7 +1049,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     ///
     /// Database errors are retried with backoff forever; they never end the
     /// loop. While it runs it also samples the store's counts into gauges
-    /// every [`RelayOptions::stats_interval`], writes its heartbeat every
+    /// every [`RelayOptions::stats_interval`] (less often when counting is
+    /// slow, see [`STATS_STRETCH`]), writes its heartbeat every
     /// [`RelayOptions::heartbeat_interval`] and, for a store that keeps sent
     /// messages, deletes those past the retention every
     /// [`RelayOptions::cleanup_interval`].
@@ -1226,18 +1243,23 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Keeps the store gauges current, every `every` from a random point of
-    /// the first interval. A failing `stats` query is logged and tried again
-    /// at the next interval; it never affects delivery.
+    /// Keeps the store gauges current: every `every`, from a random point of
+    /// the first interval, what holds the outbox back (`holdups`, cheap)
+    /// and the outbox's counts (`stats`); a count that took `d` is not made
+    /// again before `STATS_STRETCH × d` has passed, but at the first
+    /// interval after that. A failing query is logged and tried again at
+    /// the next interval (a count that failed slowly, after a stretched
+    /// pause); it never affects delivery.
     ///
-    /// Why not at once: a sample counts the whole outbox, which on
-    /// PostgreSQL is a scan of the whole table (1M rows: 0.76 s alone,
-    /// 2.2–2.3 s each when four ran at once, on our 2-core machines).
-    /// Relays started together, as a deploy starts them, all scanned at the
-    /// same moment, right when they started on a backlog: four relays
-    /// draining 1M rows together ran four such scans at once, and measured
-    /// 0.86× of one relay's speed against 1.05× with no sampling (one run
-    /// each of `postbox-bench relays --rows 1000000`, BENCHMARKS.md).
+    /// Why not at once: a count reads the whole outbox, which on PostgreSQL
+    /// is a scan of the whole table (1M rows: 0.76 s alone, 2.2–2.3 s each
+    /// when four ran at once, on our 2-core machines). Relays started
+    /// together, as a deploy starts them, all scanned at the same moment,
+    /// right when they started on a backlog: four relays draining 1M rows
+    /// together ran four such scans at once, and measured 0.86× of one
+    /// relay's speed against 1.05× with no sampling (one run each of
+    /// `postbox-bench relays --rows 1000000`, BENCHMARKS.md). Why the
+    /// stretch: see [`STATS_STRETCH`].
     async fn sample_stats(&self, every: Duration, shutdown: CancellationToken) {
         let first =
             Duration::try_from_secs_f64(every.as_secs_f64() * fastrand::f64()).unwrap_or(every);
@@ -1245,19 +1267,34 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(first) => {}
         }
+        let mut count_due = Instant::now();
         loop {
-            match self.inner.store.stats(&crate::store::Filter::all()).await {
-                Ok(stats) => {
-                    let age = stats
-                        .oldest_pending_at
-                        .map(|t| since(self.inner.clock.now(), t));
-                    observe::record_stats(&stats, age);
-                }
-                Err(e) => tracing::debug!(error = %e, "sampling outbox stats failed"),
-            }
+            // first, so that a slow count never delays these warnings
             match self.inner.store.holdups().await {
                 Ok(h) => observe::record_holdups(&h),
                 Err(e) => tracing::debug!(error = %e, "sampling what holds the outbox back failed"),
+            }
+            let started = Instant::now();
+            if started >= count_due {
+                match self.inner.store.stats(&crate::store::Filter::all()).await {
+                    Ok(stats) => {
+                        let age = stats
+                            .oldest_pending_at
+                            .map(|t| since(self.inner.clock.now(), t));
+                        observe::record_stats(&stats, age);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "sampling outbox stats failed"),
+                }
+                let took = started.elapsed();
+                let pause = took.saturating_mul(STATS_STRETCH).min(STATS_PAUSE_CAP);
+                if pause > every {
+                    tracing::debug!(
+                        ?took,
+                        ?pause,
+                        "counting the outbox was slow; the next count waits longer than the interval"
+                    );
+                }
+                count_due = Instant::now() + pause;
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use postbox_core::{
-    CancellationToken, Claim, ClaimRequest, CompleteReport, Completion, Filter, ListQuery, Message,
-    MessageRecord, NewMessage, PublishOutcome, Publisher, PurgeQuery, Relay, Stats, Store,
-    StoreError,
+    CancellationToken, Claim, ClaimRequest, CompleteReport, Completion, Filter, Holdups, ListQuery,
+    Message, MessageRecord, NewMessage, PublishOutcome, Publisher, PurgeQuery, Relay,
+    STATS_STRETCH, Stats, Store, StoreError,
 };
 use postbox_testkit::{Behaviour, MemoryStore, TestPublisher};
 use tokio::sync::{Notify, oneshot, watch};
@@ -46,6 +46,10 @@ struct Notifying {
     ahead: Arc<AtomicU64>,
     /// `stats` calls so far.
     stats_calls: Arc<AtomicU64>,
+    /// How long each `stats` call takes.
+    stats_takes: Duration,
+    /// `holdups` calls so far.
+    holdups_calls: Arc<AtomicU64>,
 }
 
 /// A publisher that keeps its store's count of publishes in flight.
@@ -81,6 +85,8 @@ impl Notifying {
             publishing: Arc::new(AtomicU64::new(0)),
             ahead: Arc::new(AtomicU64::new(0)),
             stats_calls: Arc::new(AtomicU64::new(0)),
+            stats_takes: Duration::ZERO,
+            holdups_calls: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -156,7 +162,15 @@ impl Store for Notifying {
 
     async fn stats(&self, filter: &Filter) -> Result<Stats, StoreError> {
         self.stats_calls.fetch_add(1, Ordering::SeqCst);
+        if !self.stats_takes.is_zero() {
+            tokio::time::sleep(self.stats_takes).await;
+        }
         self.inner.stats(filter).await
+    }
+
+    async fn holdups(&self) -> Result<Holdups, StoreError> {
+        self.holdups_calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.holdups().await
     }
 
     async fn list(&self, query: &ListQuery) -> Result<Vec<MessageRecord>, StoreError> {
@@ -387,4 +401,59 @@ async fn relays_started_together_spread_their_first_stats_samples() {
     for r in running {
         r.await.expect("relay");
     }
+}
+
+/// Runs a relay whose store's `stats` takes `count_takes` for 1,000 s with a
+/// 30 s interval; returns how many counts and `holdups` samples it made.
+async fn samples_in_1000s(count_takes: Duration) -> (u64, u64) {
+    let store = Notifying {
+        stats_takes: count_takes,
+        ..Notifying::new(MemoryStore::new())
+    };
+    let relay = Relay::builder(store.clone(), TestPublisher::recording())
+        .stats_interval(Some(Duration::from_secs(30)))
+        .heartbeat_interval(None)
+        .build()
+        .expect("relay");
+    let stop = CancellationToken::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { relay.run(stop).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1_000)).await;
+    stop.cancel();
+    running.await.expect("relay");
+    (
+        store.stats_calls.load(Ordering::SeqCst),
+        store.holdups_calls.load(Ordering::SeqCst),
+    )
+}
+
+/// A count of the outbox that takes long (a scan of a huge outbox) is not
+/// repeated before [`STATS_STRETCH`] times its duration has passed, while
+/// the cheap `holdups` sample keeps its interval. With counts of 10 s and a
+/// 30 s interval, 1,000 s see two counts (the first at `f` in [0, 30 s),
+/// the next due 500 s after it ended and made at the following interval,
+/// at `f` + 520 s), not the 25 of counting every interval, and 32 or 33
+/// `holdups` samples. A quick count (1 ms) is made every interval.
+#[tokio::test(start_paused = true)]
+async fn a_slow_count_spaces_out_the_next_ones_but_not_the_holdups() {
+    let (counts, holdups) = samples_in_1000s(Duration::from_secs(10)).await;
+    assert_eq!(
+        counts, 2,
+        "counts of 10 s each in 1,000 s (stretch {STATS_STRETCH})"
+    );
+    assert!(
+        holdups >= 30,
+        "{holdups} holdups samples in 1,000 s at a 30 s interval"
+    );
+    let (counts, holdups) = samples_in_1000s(Duration::from_millis(1)).await;
+    assert!(
+        counts >= 32,
+        "{counts} counts of 1 ms each in 1,000 s at a 30 s interval"
+    );
+    assert_eq!(
+        counts, holdups,
+        "a quick count goes with every holdups sample"
+    );
 }
