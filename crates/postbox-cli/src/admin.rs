@@ -80,6 +80,10 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
                     serde_json::to_value(pg.blockers().await?)?,
                 );
                 obj.insert("horizon".into(), serde_json::to_value(pg.horizon().await?)?);
+                obj.insert(
+                    "vacuum".into(),
+                    serde_json::to_value(pg.vacuum_state().await?)?,
+                );
             }
         }
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -301,6 +305,25 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
             "  cleanup horizon held for {} by {}: the outbox's deleted rows cannot be vacuumed until it ends",
             humantime::format_duration(round_secs(h.age.unwrap_or_default())),
             h.description
+        );
+    }
+    let v = pg.vacuum_state().await?;
+    let when = match v.since_vacuum {
+        Some(d) => format!("{} ago", ago(d)),
+        None => "never, as far as the server's statistics go".into(),
+    };
+    let auto = if v.autovacuum {
+        ""
+    } else {
+        "; autovacuum is off for it"
+    };
+    println!(
+        "  vacuum: {} dead rows since the table was last vacuumed ({when}{auto})",
+        v.dead_rows
+    );
+    if v.dead_rows >= postbox_postgres::VacuumState::SLOW_KEYED_CLAIMS {
+        println!(
+            "  SLOW KEYED CLAIMS: each keyed claim steps over those rows' index entries; run `VACUUM` on the table (docs/operations.md)"
         );
     }
     Ok(())

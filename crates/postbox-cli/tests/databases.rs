@@ -86,9 +86,15 @@ async fn postgres_migrate_enqueue_relay_status() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains(&format!("pid {pid}")), "{text}");
+    assert!(
+        text.contains("dead rows since the table was last vacuumed"),
+        "{text}"
+    );
     let o = run(&["status", "--store", &url, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v["blockers"][0]["pid"], pid);
+    assert!(v["vacuum"]["dead_rows"].is_u64(), "{v}");
+    assert!(v["vacuum"]["autovacuum"].is_boolean(), "{v}");
     assert_eq!(v["pending"], 0, "an uncommitted row is not pending");
     sqlx::query("ROLLBACK")
         .execute(&mut holder)

@@ -32,7 +32,7 @@ mod tid;
 pub use error::redact_url;
 pub use outbox::{DEFAULT_SCHEMA, DEFAULT_TABLE, MAX_TABLE_LEN, PgOutbox};
 pub use store::{
-    ACQUIRE_TIMEOUT, Blocker, CLAIM_POOL_SIZE, DEFAULT_POOL_SIZE, MAX_HELD, PgStore,
+    ACQUIRE_TIMEOUT, Blocker, CLAIM_POOL_SIZE, DEFAULT_POOL_SIZE, MAX_HELD, PgStore, VacuumState,
     relay_connect_options,
 };
 

@@ -138,6 +138,36 @@ pub struct Blocker {
     pub waiters: i64,
 }
 
+/// The outbox table's vacuum state, from `pg_stat_user_tables` (the
+/// server's statistics, updated within about a second of each change).
+///
+/// Every keyed row deleted since the last vacuum leaves an index entry that
+/// each keyed claim steps over; millions of them slow keyed claims down to
+/// tens of milliseconds (the crate README, "Dead index entries and keyed
+/// claims"). `postbox status` prints this and warns from
+/// [`VacuumState::SLOW_KEYED_CLAIMS`] dead rows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct VacuumState {
+    /// Rows deleted or updated away since the table was last vacuumed
+    /// (`n_dead_tup`, an estimate).
+    pub dead_rows: u64,
+    /// Live rows (`n_live_tup`, an estimate).
+    pub live_rows: u64,
+    /// How long ago the last vacuum, manual or automatic, ended; `None` if
+    /// the server has no record of one.
+    pub since_vacuum: Option<Duration>,
+    /// Whether autovacuum may vacuum this table: the server's `autovacuum`
+    /// setting and the table's `autovacuum_enabled` option both on.
+    pub autovacuum: bool,
+}
+
+impl VacuumState {
+    /// Dead rows from which keyed claims measurably slow down: with 200k of
+    /// them a keyed claim took about 1 ms more (the crate README).
+    pub const SLOW_KEYED_CLAIMS: u64 = 200_000;
+}
+
 /// How many keys the claim's key walk visits per claim, as a multiple of
 /// the batch size.
 const WALK_FACTOR: usize = 1;
@@ -662,6 +692,37 @@ impl PgStore {
     /// database's horizon, and so does a session for the shared catalogs.
     pub async fn horizon(&self) -> Result<Option<Holder>, StoreError> {
         Ok(self.horizon_holders(1).await?.into_iter().next())
+    }
+
+    /// The outbox table's vacuum state: dead rows since the last vacuum and
+    /// when that was (see [`VacuumState`]).
+    pub async fn vacuum_state(&self) -> Result<VacuumState, StoreError> {
+        let r = sqlx::query(
+            "SELECT s.n_dead_tup, s.n_live_tup,
+                    (extract(epoch from now() - greatest(s.last_vacuum, s.last_autovacuum))
+                     * 1000000)::int8,
+                    current_setting('autovacuum')::bool
+                    AND coalesce((SELECT option_value::bool
+                                    FROM pg_options_to_table(c.reloptions)
+                                   WHERE option_name = 'autovacuum_enabled'), true)
+               FROM pg_stat_user_tables AS s
+               JOIN pg_class AS c ON c.oid = s.relid
+              WHERE s.relid = $1::regclass",
+        )
+        .bind(self.outbox.qualified_name())
+        .fetch_one(&self.pool)
+        .await
+        .map_err(map)?;
+        let count = |i: usize| -> Result<u64, StoreError> {
+            Ok(r.try_get::<i64, _>(i).map_err(map)?.max(0).unsigned_abs())
+        };
+        let since: Option<i64> = r.try_get(2).map_err(map)?;
+        Ok(VacuumState {
+            dead_rows: count(0)?,
+            live_rows: count(1)?,
+            since_vacuum: since.map(|us| micros_to_duration(Some(us))),
+            autovacuum: r.try_get(3).map_err(map)?,
+        })
     }
 
     /// The `n` oldest holders of the cleanup horizon, oldest first (see

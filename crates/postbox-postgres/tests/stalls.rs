@@ -93,3 +93,67 @@ fn a_long_transaction_in_another_database_is_named_and_measured() {
             .expect("end it");
     });
 }
+
+/// `vacuum_state` counts the rows deleted since the last vacuum (from the
+/// server's statistics, which arrive within about a second), and a vacuum
+/// resets the count and is dated.
+#[tokio::test]
+async fn the_vacuum_state_counts_deleted_rows_until_a_vacuum() {
+    let h = PgHarness::new().await;
+    let t = h.outbox.qualified_name();
+    // autovacuum must not clean up under the test on a server where it is on
+    sqlx::raw_sql(&format!("ALTER TABLE {t} SET (autovacuum_enabled = false)"))
+        .execute(&h.app)
+        .await
+        .expect("autovacuum off");
+    // one session, told to report its statistics at once rather than when
+    // next idle for a while (up to 10 s)
+    let mut conn = h.app.acquire().await.expect("connection");
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {t} (topic, payload) SELECT 't', 'x' FROM generate_series(1, 500);
+         DELETE FROM {t};"
+    ))
+    .execute(&mut *conn)
+    .await
+    .expect("insert and delete 500 rows");
+    sqlx::raw_sql("SELECT pg_stat_force_next_flush()")
+        .execute(&mut *conn)
+        .await
+        .expect("flush statistics");
+    drop(conn);
+    let state = wait_for_vacuum_state(&h, |v| v.dead_rows >= 500).await;
+    assert!(!state.autovacuum, "the table's option is read: {state:?}");
+
+    sqlx::raw_sql(&format!("VACUUM {t}"))
+        .execute(&h.app)
+        .await
+        .expect("vacuum");
+    let state = wait_for_vacuum_state(&h, |v| v.since_vacuum.is_some()).await;
+    assert_eq!(state.dead_rows, 0, "{state:?}");
+    assert!(
+        state
+            .since_vacuum
+            .is_some_and(|d| d < Duration::from_secs(60)),
+        "{state:?}"
+    );
+}
+
+/// Polls `vacuum_state` until `ok` holds (statistics reach the server's
+/// views asynchronously); fails after 20 s with the last state seen.
+async fn wait_for_vacuum_state(
+    h: &PgHarness,
+    ok: impl Fn(&postbox_postgres::VacuumState) -> bool,
+) -> postbox_postgres::VacuumState {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = h.store.vacuum_state().await.expect("vacuum state");
+        if ok(&state) {
+            return state;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "statistics never showed the expected state: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
