@@ -114,7 +114,7 @@ pub struct RelayOptions {
     /// count that takes longer than 1/[`STATS_STRETCH`] of the interval (a
     /// large backlog) is not repeated before [`STATS_STRETCH`] times its
     /// duration has passed; the cheap `holdups` gauges are still sampled
-    /// every interval.
+    /// every interval (plus the count's duration when one runs).
     pub stats_interval: Option<Duration>,
     /// Distinct `topic` label values in metrics before further topics are
     /// counted as `_other` \[100\].

@@ -138,8 +138,10 @@ pub struct Blocker {
     pub waiters: i64,
 }
 
-/// The outbox table's vacuum state, from `pg_stat_user_tables` (the
-/// server's statistics, updated within about a second of each change).
+/// The outbox table's vacuum state, from `pg_stat_user_tables`: the
+/// server's statistics, which a session reports within seconds of its
+/// changes (up to a minute when busy), and which a crash, a failover or
+/// `pg_stat_reset()` set back to nothing.
 ///
 /// Every keyed row deleted since the last vacuum leaves an index entry that
 /// each keyed claim steps over; millions of them slow keyed claims down to
@@ -163,8 +165,11 @@ pub struct VacuumState {
 }
 
 impl VacuumState {
-    /// Dead rows from which keyed claims measurably slow down: with 200k of
-    /// them a keyed claim took about 1 ms more (the crate README).
+    /// Dead rows from which `postbox status` warns that keyed claims slow
+    /// down: with 200k keyed rows deleted since the last vacuum a keyed
+    /// claim took about 1 ms more (the crate README). Dead rows also count
+    /// keyless rows and old row versions, so this is a hint, not a
+    /// measure.
     pub const SLOW_KEYED_CLAIMS: u64 = 200_000;
 }
 
