@@ -23,6 +23,7 @@
 //! | `postbox_oldest_pending_age_seconds` | gauge | — | age of the oldest pending row (0 when none), same sampling |
 //! | `postbox_key_holder_age_seconds` | gauge | — | age of the oldest open transaction holding an outbox key (0 when none), sampled every `stats_interval`; warned about past 30 s |
 //! | `postbox_horizon_age_seconds` | gauge | — | age of the oldest transaction holding back the database's cleanup horizon (0 when none), sampled every `stats_interval`; warned about past 10 min |
+//! | `postbox_unvacuumed_rows` | gauge | — | rows deleted since the outbox table was last vacuumed (PostgreSQL only), same sampling; keyed claims step over their index entries |
 //! | `postbox_leases_held` | gauge | — | rows the relays of this process hold under lease right now (claimed, not yet completed or released) |
 //! | `postbox_sent_purged_total` | counter | — | kept sent messages the relay's cleanup deleted once past the store's retention |
 //!
@@ -81,6 +82,10 @@ pub const KEY_HOLDER_AGE_SECONDS: &str = "postbox_key_holder_age_seconds";
 /// Gauge (seconds): age of the oldest transaction holding back the
 /// database's cleanup horizon; 0 when none or unknown.
 pub const HORIZON_AGE_SECONDS: &str = "postbox_horizon_age_seconds";
+/// Gauge: rows deleted since the outbox table was last vacuumed, on stores
+/// that know (PostgreSQL); keyed claims step over their index entries.
+/// Sampled with the holdups; not set on other stores.
+pub const UNVACUUMED_ROWS: &str = "postbox_unvacuumed_rows";
 /// A key held this long by an open transaction is logged as a warning.
 pub const KEY_HOLDER_WARN_AFTER: Duration = Duration::from_secs(30);
 /// A cleanup horizon held this long is logged as a warning.
@@ -208,6 +213,11 @@ pub fn describe() {
         "Age of the oldest transaction holding back the database's cleanup horizon; 0 when none or unknown."
     );
     describe_gauge!(
+        UNVACUUMED_ROWS,
+        Unit::Count,
+        "Rows deleted since the outbox table was last vacuumed (PostgreSQL; sampled)."
+    );
+    describe_gauge!(
         LEASES_HELD,
         Unit::Count,
         "Rows the relays of this process hold under lease right now."
@@ -229,6 +239,9 @@ pub(crate) fn record_holdups(h: &crate::store::Holdups) {
     let horizon_age = age(&h.horizon);
     metrics::gauge!(KEY_HOLDER_AGE_SECONDS).set(key_age.as_secs_f64());
     metrics::gauge!(HORIZON_AGE_SECONDS).set(horizon_age.as_secs_f64());
+    if let Some(rows) = h.unvacuumed_rows {
+        metrics::gauge!(UNVACUUMED_ROWS).set(rows as f64);
+    }
     if let Some(k) = h
         .key_holder
         .as_ref()

@@ -660,6 +660,10 @@ pub struct Holdups {
     /// horizon below which the database may clean up dead rows: the
     /// outbox's deleted rows pile up until it ends.
     pub horizon: Option<Holder>,
+    /// Rows deleted (or updated away) since the outbox table was last
+    /// vacuumed, where the store knows (PostgreSQL: `n_dead_tup`). Claims
+    /// step over their index entries until a vacuum removes them.
+    pub unvacuumed_rows: Option<u64>,
 }
 
 impl Holdups {
@@ -668,7 +672,15 @@ impl Holdups {
         Self {
             key_holder,
             horizon,
+            unvacuumed_rows: None,
         }
+    }
+
+    /// With [`Holdups::unvacuumed_rows`] set; used by stores.
+    #[must_use]
+    pub fn with_unvacuumed_rows(mut self, rows: Option<u64>) -> Self {
+        self.unvacuumed_rows = rows;
+        self
     }
 }
 

@@ -1724,7 +1724,15 @@ impl Store for PgStore {
                 ),
             )
         });
-        Ok(Holdups::new(key_holder, self.horizon().await?))
+        // the vacuum state is a hint: its failure does not hide the holders
+        let unvacuumed = match self.vacuum_state().await {
+            Ok(v) => Some(v.dead_rows),
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the outbox table's vacuum state failed");
+                None
+            }
+        };
+        Ok(Holdups::new(key_holder, self.horizon().await?).with_unvacuumed_rows(unvacuumed))
     }
 }
 

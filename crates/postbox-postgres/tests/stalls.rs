@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{PgHarness, TestDb};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
-use postbox_core::observe::HORIZON_AGE_SECONDS;
+use postbox_core::observe::{HORIZON_AGE_SECONDS, UNVACUUMED_ROWS};
 use postbox_core::{CancellationToken, Relay, Store};
 use postbox_testkit::TestPublisher;
 use sqlx::Connection;
@@ -87,6 +87,15 @@ fn a_long_transaction_in_another_database_is_named_and_measured() {
             age.is_some_and(|a| a > 0.0),
             "{HORIZON_AGE_SECONDS} never showed the open transaction: {age:?}"
         );
+        // the same sample sets the table's unvacuumed rows
+        let unvacuumed = snapshotter
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .any(|(key, _, _, value)| {
+                matches!(value, DebugValue::Gauge(_)) && key.key().name() == UNVACUUMED_ROWS
+            });
+        assert!(unvacuumed, "{UNVACUUMED_ROWS} was never set");
         sqlx::query("ROLLBACK")
             .execute(&mut long)
             .await
@@ -123,6 +132,12 @@ async fn the_vacuum_state_counts_deleted_rows_until_a_vacuum() {
     drop(conn);
     let state = wait_for_vacuum_state(&h, |v| v.dead_rows >= 500).await;
     assert!(!state.autovacuum, "the table's option is read: {state:?}");
+    // the relay's holdups sample carries it into `postbox_unvacuumed_rows`
+    let holdups = h.store.holdups().await.expect("holdups");
+    assert!(
+        holdups.unvacuumed_rows.is_some_and(|n| n >= 500),
+        "{holdups:?}"
+    );
 
     sqlx::raw_sql(&format!("VACUUM {t}"))
         .execute(&h.app)
