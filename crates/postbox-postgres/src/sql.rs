@@ -33,6 +33,7 @@ pub(crate) struct Sql {
     pub(crate) purge: String,
     pub(crate) blockers: String,
     pub(crate) horizon: String,
+    pub(crate) vacuum_state: String,
     pub(crate) pending_tenants: String,
 }
 
@@ -375,6 +376,20 @@ impl Sql {
             purge,
             blockers,
             horizon: HORIZON.to_owned(),
+            // dead and live rows, µs since the last vacuum (NULL: none on
+            // record), whether autovacuum may run on the table
+            vacuum_state: format!(
+                "SELECT s.n_dead_tup, s.n_live_tup,
+                        (extract(epoch from now() - greatest(s.last_vacuum, s.last_autovacuum))
+                         * 1000000)::int8,
+                        current_setting('autovacuum')::bool
+                        AND coalesce((SELECT option_value::bool
+                                        FROM pg_options_to_table(c.reloptions)
+                                       WHERE option_name = 'autovacuum_enabled'), true)
+                   FROM pg_stat_user_tables AS s
+                   JOIN pg_class AS c ON c.oid = s.relid
+                  WHERE s.relid = '{t}'::regclass"
+            ),
             pending_tenants: format!(
                 // A loose index scan over `<t>_tenant_idx`: one probe per
                 // tenant, however many rows each has.

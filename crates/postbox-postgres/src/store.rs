@@ -702,22 +702,10 @@ impl PgStore {
     /// The outbox table's vacuum state: dead rows since the last vacuum and
     /// when that was (see [`VacuumState`]).
     pub async fn vacuum_state(&self) -> Result<VacuumState, StoreError> {
-        let r = sqlx::query(
-            "SELECT s.n_dead_tup, s.n_live_tup,
-                    (extract(epoch from now() - greatest(s.last_vacuum, s.last_autovacuum))
-                     * 1000000)::int8,
-                    current_setting('autovacuum')::bool
-                    AND coalesce((SELECT option_value::bool
-                                    FROM pg_options_to_table(c.reloptions)
-                                   WHERE option_name = 'autovacuum_enabled'), true)
-               FROM pg_stat_user_tables AS s
-               JOIN pg_class AS c ON c.oid = s.relid
-              WHERE s.relid = $1::regclass",
-        )
-        .bind(self.outbox.qualified_name())
-        .fetch_one(&self.pool)
-        .await
-        .map_err(map)?;
+        let r = sqlx::query(&self.outbox.inner.sql.vacuum_state)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(map)?;
         let count = |i: usize| -> Result<u64, StoreError> {
             Ok(r.try_get::<i64, _>(i).map_err(map)?.max(0).unsigned_abs())
         };

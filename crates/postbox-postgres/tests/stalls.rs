@@ -104,8 +104,8 @@ fn a_long_transaction_in_another_database_is_named_and_measured() {
 }
 
 /// `vacuum_state` counts the rows deleted since the last vacuum (from the
-/// server's statistics, which arrive within about a second), and a vacuum
-/// resets the count and is dated.
+/// server's statistics, which the deleting session is told to report at
+/// once), and a vacuum resets the count and is dated.
 #[tokio::test]
 async fn the_vacuum_state_counts_deleted_rows_until_a_vacuum() {
     let h = PgHarness::new().await;
