@@ -28,6 +28,7 @@ mod outbox;
 mod sql;
 mod store;
 mod tid;
+mod vacuum;
 
 pub use error::redact_url;
 pub use outbox::{DEFAULT_SCHEMA, DEFAULT_TABLE, MAX_TABLE_LEN, PgOutbox};
@@ -35,6 +36,7 @@ pub use store::{
     ACQUIRE_TIMEOUT, Blocker, CLAIM_POOL_SIZE, DEFAULT_POOL_SIZE, MAX_HELD, PgStore, VacuumState,
     relay_connect_options,
 };
+pub use vacuum::{VACUUM_CHECK_EVERY, VacuumOutcome};
 
 use std::sync::OnceLock;
 

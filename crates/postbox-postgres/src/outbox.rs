@@ -1,6 +1,7 @@
 //! [`PgOutbox`]: the validated names of one outbox table, the SQL built once
 //! from them, migrations and the producer side (`enqueue`, `enqueue_batch`).
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,7 +45,18 @@ pub(crate) struct Inner {
     pub(crate) notify_on_enqueue: bool,
     /// Keep sent rows this long instead of deleting them.
     pub(crate) retain_sent: Option<Duration>,
+    /// Dead rows from which a relay claiming keyed messages vacuums the
+    /// table itself (`None`: never).
+    pub(crate) vacuum_after: Option<NonZeroU64>,
     pub(crate) sql: Sql,
+}
+
+/// The settings of a [`PgOutbox`] besides its names.
+#[derive(Clone, Copy, Debug, Default)]
+struct Options {
+    notify_on_enqueue: bool,
+    retain_sent: Option<Duration>,
+    vacuum_after: Option<NonZeroU64>,
 }
 
 impl Default for PgOutbox {
@@ -53,8 +65,7 @@ impl Default for PgOutbox {
         Self::build(
             Ident::new(DEFAULT_SCHEMA).unwrap_or_else(|_| unreachable!("valid constant")),
             Ident::new(DEFAULT_TABLE).unwrap_or_else(|_| unreachable!("valid constant")),
-            false,
-            None,
+            Options::default(),
         )
     }
 }
@@ -83,15 +94,15 @@ impl PgOutbox {
                 table.as_str()
             )));
         }
-        Ok(Self::build(schema, table, false, None))
+        Ok(Self::build(schema, table, Options::default()))
     }
 
-    fn build(
-        schema: Ident,
-        table: Ident,
-        notify_on_enqueue: bool,
-        retain_sent: Option<Duration>,
-    ) -> Self {
+    fn build(schema: Ident, table: Ident, options: Options) -> Self {
+        let Options {
+            notify_on_enqueue,
+            retain_sent,
+            vacuum_after,
+        } = options;
         let qualified = format!("{}.{}", schema.quoted(), table.quoted());
         let sql = Sql::new(&qualified, &schema, &table);
         Self {
@@ -101,6 +112,7 @@ impl PgOutbox {
                 qualified,
                 notify_on_enqueue,
                 retain_sent,
+                vacuum_after,
                 sql,
             }),
         }
@@ -115,12 +127,18 @@ impl PgOutbox {
     /// process is woken by its `RelayWaker`, and others by their poll.
     #[must_use]
     pub fn notify_on_enqueue(self, on: bool) -> Self {
-        Self::build(
-            self.inner.schema.clone(),
-            self.inner.table.clone(),
-            on,
-            self.inner.retain_sent,
-        )
+        self.rebuild(|o| o.notify_on_enqueue = on)
+    }
+
+    /// The same names with changed settings (the SQL is built anew).
+    fn rebuild(&self, change: impl FnOnce(&mut Options)) -> Self {
+        let mut options = Options {
+            notify_on_enqueue: self.inner.notify_on_enqueue,
+            retain_sent: self.inner.retain_sent,
+            vacuum_after: self.inner.vacuum_after,
+        };
+        change(&mut options);
+        Self::build(self.inner.schema.clone(), self.inner.table.clone(), options)
     }
 
     /// Makes stores over this table keep sent messages for `keep` instead
@@ -136,12 +154,44 @@ impl PgOutbox {
     /// in the table for `keep`.
     #[must_use]
     pub fn retain_sent(self, keep: Option<Duration>) -> Self {
-        Self::build(
-            self.inner.schema.clone(),
-            self.inner.table.clone(),
-            self.inner.notify_on_enqueue,
-            keep,
-        )
+        self.rebuild(|o| o.retain_sent = keep)
+    }
+
+    /// Makes relays over this table `VACUUM` it themselves while they claim
+    /// keyed messages and it holds at least `dead_rows` dead rows (`None`,
+    /// the default: never; autovacuum or an operator does it).
+    ///
+    /// Why: keyed claims read the oldest pending keyed rows from the front
+    /// of an index, over the entry of every keyed row deleted since the
+    /// last vacuum, so a large keyed backlog drains slower with every row
+    /// drained until the table is vacuumed (see the crate README, "Dead
+    /// index entries and keyed claims").
+    ///
+    /// How: a store whose latest claim saw keyed rows pending looks at the
+    /// table's dead rows (`pg_stat_user_tables`) at most every
+    /// [`VACUUM_CHECK_EVERY`](crate::VACUUM_CHECK_EVERY), in a task off the
+    /// claim path; from `dead_rows` on it runs `VACUUM (SKIP_LOCKED,
+    /// INDEX_CLEANUP ON, TRUNCATE false)` on a connection of its own.
+    /// `SKIP_LOCKED` makes a vacuum already running (another relay's,
+    /// autovacuum's) a reason to skip, never to wait; `TRUNCATE false`
+    /// takes no exclusive lock. The threshold counts past the dead rows
+    /// the store's last vacuum left (rows it could not remove yet); a
+    /// store does not vacuum within [`VACUUM_CHECK_EVERY`] or its last
+    /// vacuum's duration (the longer) of the end of anyone's vacuum of the
+    /// table, and checks no sooner than that after its own, so relays take
+    /// turns with pauses between vacuums. The relay's role must own the
+    /// table (or the database, or be a superuser): a store whose role may
+    /// not vacuum it logs that once and stops checking.
+    /// [`PgStore::vacuum_if_due`] does one round of it by hand.
+    #[must_use]
+    pub fn vacuum_after(self, dead_rows: Option<NonZeroU64>) -> Self {
+        self.rebuild(|o| o.vacuum_after = dead_rows)
+    }
+
+    /// The dead rows from which relays over this table vacuum it (see
+    /// [`PgOutbox::vacuum_after`]; `None`: they never do).
+    pub fn vacuum_threshold(&self) -> Option<NonZeroU64> {
+        self.inner.vacuum_after
     }
 
     /// How long stores over this table keep sent messages (`None`: they

@@ -34,6 +34,8 @@ pub(crate) struct Sql {
     pub(crate) blockers: String,
     pub(crate) horizon: String,
     pub(crate) vacuum_state: String,
+    pub(crate) vacuum_check: String,
+    pub(crate) vacuum: String,
     pub(crate) pending_tenants: String,
 }
 
@@ -390,6 +392,35 @@ impl Sql {
                    JOIN pg_class AS c ON c.oid = s.relid
                   WHERE s.relid = '{t}'::regclass"
             ),
+            // The relay's own vacuum (`vacuum.rs`): the table's dead rows,
+            // whether this role may vacuum it (PostgreSQL 15: superuser,
+            // the table's or the database's owner, or a member of either),
+            // how many manual vacuums it has had (a `VACUUM` skipped for a
+            // lock leaves the count as it was), and µs since its last
+            // vacuum, manual or automatic, ended.
+            vacuum_check: format!(
+                "SELECT coalesce(pg_catalog.pg_stat_get_dead_tuples(c.oid), 0),
+                        coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles AS r
+                                   WHERE r.rolname = current_user), false)
+                        OR pg_catalog.pg_has_role(c.relowner, 'USAGE')
+                        OR pg_catalog.pg_has_role(d.datdba, 'USAGE'),
+                        coalesce(pg_catalog.pg_stat_get_vacuum_count(c.oid), 0),
+                        {since_last}
+                   FROM pg_catalog.pg_class AS c
+                   JOIN pg_catalog.pg_database AS d ON d.datname = current_database()
+                  WHERE c.oid = '{t}'::regclass",
+                since_last = micros(
+                    "now() - greatest(pg_catalog.pg_stat_get_last_vacuum_time(c.oid),
+                                      pg_catalog.pg_stat_get_last_autovacuum_time(c.oid))"
+                )
+            ),
+            // `SKIP_LOCKED`: a vacuum already running (another relay's,
+            // autovacuum's) is a reason to skip, never to wait. `INDEX_CLEANUP
+            // ON`: the point is the dead index entries, and the default
+            // (`AUTO`) skips index cleanup when few pages hold dead rows,
+            // which a drain of the oldest rows of a large table is.
+            // `TRUNCATE false`: no exclusive lock at the end.
+            vacuum: format!("VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON, TRUNCATE false) {t}"),
             pending_tenants: format!(
                 // A loose index scan over `<t>_tenant_idx`: one probe per
                 // tenant, however many rows each has.

@@ -23,6 +23,7 @@ use crate::error::{map, map_connect};
 use crate::listen::{Wakeup, listen_loop};
 use crate::outbox::PgOutbox;
 use crate::tid::Tid;
+use crate::vacuum::VacuumRun;
 
 /// Connections in the admin pool [`PgStore::connect`] builds (stats,
 /// listings, heartbeats, migrations); claims and completions have their own
@@ -352,6 +353,8 @@ struct Shared {
     /// When each scope's held claims last scanned from the front (see
     /// [`Shared::held_floor`]).
     front_scanned: Mutex<HashMap<Option<String>, Instant>>,
+    /// The relay's own vacuums of the table (see `vacuum.rs`).
+    vacuum: Mutex<VacuumRun>,
 }
 
 /// A held claim's open transaction (see `claim::keyless_held_sql`): its row
@@ -458,6 +461,7 @@ impl Shared {
             held_batches: Mutex::default(),
             hold_permits: Arc::new(Semaphore::new(MAX_HELD)),
             front_scanned: Mutex::default(),
+            vacuum: Mutex::default(),
         }
     }
 
@@ -499,6 +503,12 @@ impl Shared {
 
     fn front_scanned(&self) -> std::sync::MutexGuard<'_, HashMap<Option<String>, Instant>> {
         self.front_scanned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn vacuum(&self) -> std::sync::MutexGuard<'_, VacuumRun> {
+        self.vacuum
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -645,6 +655,22 @@ impl PgStore {
         }
     }
 
+    /// This store vacuuming the table itself from `dead_rows` dead rows
+    /// while it claims keyed messages (see [`PgOutbox::vacuum_after`]);
+    /// clones share the pool and listener.
+    #[must_use]
+    pub fn vacuum_after(self, dead_rows: Option<std::num::NonZeroU64>) -> Self {
+        Self {
+            outbox: self.outbox.vacuum_after(dead_rows),
+            ..self
+        }
+    }
+
+    /// The store's record of its own vacuums.
+    pub(crate) fn vacuum_run(&self) -> std::sync::MutexGuard<'_, VacuumRun> {
+        self.shared.vacuum()
+    }
+
     /// The outbox table this store serves.
     pub fn outbox(&self) -> &PgOutbox {
         &self.outbox
@@ -706,13 +732,10 @@ impl PgStore {
             .fetch_one(&self.pool)
             .await
             .map_err(map)?;
-        let count = |i: usize| -> Result<u64, StoreError> {
-            Ok(r.try_get::<i64, _>(i).map_err(map)?.max(0).unsigned_abs())
-        };
         let since: Option<i64> = r.try_get(2).map_err(map)?;
         Ok(VacuumState {
-            dead_rows: count(0)?,
-            live_rows: count(1)?,
+            dead_rows: count_at(&r, 0)?,
+            live_rows: count_at(&r, 1)?,
             since_vacuum: since.map(|us| micros_to_duration(Some(us))),
             autovacuum: r.try_get(3).map_err(map)?,
         })
@@ -1063,7 +1086,12 @@ impl PgStore {
     }
 }
 
-fn micros_to_duration(us: Option<i64>) -> Duration {
+/// Column `i` of `r`, a count (`int8`), as `u64` (a negative one as 0).
+pub(crate) fn count_at(r: &PgRow, i: usize) -> Result<u64, StoreError> {
+    Ok(r.try_get::<i64, _>(i).map_err(map)?.max(0).unsigned_abs())
+}
+
+pub(crate) fn micros_to_duration(us: Option<i64>) -> Duration {
     Duration::from_micros(us.unwrap_or(0).max(0).unsigned_abs())
 }
 
@@ -1409,6 +1437,11 @@ impl Store for PgStore {
                 mode,
             );
             self.set_mode(&req.tenant, next);
+            if keyed {
+                // keyed claims pay for the keyed rows deleted since the
+                // table's last vacuum
+                self.vacuum_soon();
+            }
             if let Some(leased) = first
                 .try_get::<Option<i64>, _>("window_leased")
                 .map_err(map)?

@@ -1,0 +1,300 @@
+//! The relay's own vacuum (`PgOutbox::vacuum_after`): due from the
+//! threshold, counted past the dead rows a vacuum could not remove, skipped
+//! while another vacuum holds the table, refused for a role that may not
+//! vacuum, and started by a claim that sees keyed rows pending.
+
+mod common;
+
+use std::num::NonZeroU64;
+use std::time::Duration;
+
+use common::{PgHarness, admin_url};
+use postbox_core::{ClaimRequest, NewMessage, Store};
+use postbox_postgres::{PgOutbox, PgStore, VacuumOutcome};
+use sqlx::Connection;
+
+/// Inserts and deletes `n` keyed rows on one session and makes it report
+/// its statistics now (a busy session reports them about once a second, an
+/// idle one within 10 s); then waits until the server's view counts at
+/// least `at_least` dead rows.
+async fn dead_rows(h: &PgHarness, n: u32, at_least: u64) {
+    let t = h.outbox.qualified_name();
+    let mut conn = h.app.acquire().await.expect("connection");
+    sqlx::raw_sql(&format!(
+        "INSERT INTO {t} (topic, key, payload)
+              SELECT 't', 'k' || (i % 50), 'x' FROM generate_series(1, {n}) AS i;
+         DELETE FROM {t};
+         SELECT pg_stat_force_next_flush();"
+    ))
+    .execute(&mut *conn)
+    .await
+    .expect("insert, delete, flush");
+    drop(conn);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state = h.store.vacuum_state().await.expect("vacuum state");
+        if state.dead_rows >= at_least {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "statistics never counted {at_least} dead rows: {state:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Manual vacuums of the outbox table so far (autovacuum's not counted).
+async fn vacuums(h: &PgHarness) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT pg_stat_get_vacuum_count('{}'::regclass)",
+        h.outbox.qualified_name()
+    ))
+    .fetch_one(&h.app)
+    .await
+    .expect("vacuum count")
+}
+
+/// A harness whose outbox vacuums itself from `threshold` dead rows, with
+/// autovacuum off for the table (on a server where it is on, it must not
+/// clean up under the test).
+async fn harness(threshold: Option<u64>) -> PgHarness {
+    let h = PgHarness::with_outbox(
+        PgOutbox::default().vacuum_after(threshold.and_then(NonZeroU64::new)),
+    )
+    .await;
+    sqlx::raw_sql(&format!(
+        "ALTER TABLE {} SET (autovacuum_enabled = false)",
+        h.outbox.qualified_name()
+    ))
+    .execute(&h.app)
+    .await
+    .expect("autovacuum off");
+    h
+}
+
+#[tokio::test]
+async fn a_vacuum_is_due_from_the_threshold_and_skipped_while_another_runs() {
+    let h = harness(Some(300)).await;
+    dead_rows(&h, 200, 200).await;
+    let outcome = h.store.vacuum_if_due().await.expect("round");
+    assert!(
+        matches!(outcome, VacuumOutcome::NotDue { dead_rows } if dead_rows >= 200),
+        "{outcome:?}"
+    );
+    assert_eq!(vacuums(&h).await, 0);
+
+    // a vacuum already running (here: its lock held) is skipped, not waited for
+    let mut locker = sqlx::PgConnection::connect(&h.db.url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql(&format!(
+        "BEGIN; LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE",
+        h.outbox.qualified_name()
+    ))
+    .execute(&mut locker)
+    .await
+    .expect("lock");
+    dead_rows(&h, 200, 400).await;
+    let outcome = tokio::time::timeout(Duration::from_secs(30), h.store.vacuum_if_due())
+        .await
+        .expect("a locked table is skipped, not waited for")
+        .expect("round");
+    assert!(
+        matches!(outcome, VacuumOutcome::Skipped { dead_rows } if dead_rows >= 400),
+        "{outcome:?}"
+    );
+    assert_eq!(vacuums(&h).await, 0);
+    // released before the next round (a closed connection's backend may
+    // still hold it for a moment)
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .expect("unlock");
+    locker.close().await.expect("close");
+
+    let outcome = h.store.vacuum_if_due().await.expect("round");
+    assert!(
+        matches!(outcome, VacuumOutcome::Vacuumed { dead_rows, left: 0, .. } if dead_rows >= 400),
+        "{outcome:?}"
+    );
+    assert_eq!(vacuums(&h).await, 1);
+
+    // due again by the count, but right after a vacuum of the table: a
+    // pause first (relays take turns)
+    dead_rows(&h, 400, 400).await;
+    let outcome = h.store.vacuum_if_due().await.expect("round");
+    assert!(
+        matches!(outcome, VacuumOutcome::TooSoon { dead_rows, since_last }
+            if dead_rows >= 400 && since_last < postbox_postgres::VACUUM_CHECK_EVERY),
+        "{outcome:?}"
+    );
+    assert_eq!(vacuums(&h).await, 1);
+}
+
+/// Rows deleted while a snapshot that still sees them is open cannot be
+/// removed: the vacuum leaves them, and the next is due only once the
+/// threshold more have come.
+#[tokio::test]
+async fn the_threshold_counts_past_the_rows_a_vacuum_left() {
+    let h = harness(Some(300)).await;
+    let mut reader = sqlx::PgConnection::connect(&h.db.url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .execute(&mut reader)
+        .await
+        .expect("open a snapshot");
+    dead_rows(&h, 400, 400).await;
+    let outcome = h.store.vacuum_if_due().await.expect("round");
+    let VacuumOutcome::Vacuumed { left, .. } = outcome else {
+        panic!("400 dead rows are due: {outcome:?}");
+    };
+    assert!(left >= 400, "the snapshot keeps them: {outcome:?}");
+    dead_rows(&h, 100, left + 100).await;
+    let outcome = h.store.vacuum_if_due().await.expect("round");
+    assert!(
+        matches!(outcome, VacuumOutcome::NotDue { .. }),
+        "only 100 past what the last vacuum left: {outcome:?}"
+    );
+    assert_eq!(vacuums(&h).await, 1);
+    reader.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn an_outbox_without_a_threshold_is_never_vacuumed() {
+    let h = harness(None).await;
+    dead_rows(&h, 200, 200).await;
+    assert_eq!(
+        h.store.vacuum_if_due().await.expect("round"),
+        VacuumOutcome::Off
+    );
+    assert_eq!(vacuums(&h).await, 0);
+}
+
+/// A claim that sees keyed rows pending (here one not due for an hour, so
+/// every claim sees it and none takes it) starts a round in the background.
+#[tokio::test]
+async fn a_claim_that_sees_keyed_rows_starts_the_vacuum() {
+    let h = harness(Some(100)).await;
+    dead_rows(&h, 500, 500).await;
+    later_keyed_row(&h).await;
+
+    let claim = h
+        .store
+        .claim(&ClaimRequest::new(10, Duration::from_secs(30)))
+        .await
+        .expect("claim");
+    assert!(claim.is_empty(), "nothing is due");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while vacuums(&h).await == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the claim started no vacuum"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = h.store.vacuum_state().await.expect("vacuum state");
+    assert!(state.dead_rows < 500, "{state:?}");
+}
+
+/// A role that may not vacuum the table gets `NotAllowed`, and its claims,
+/// which see a keyed row pending and so start a round too, go on.
+#[tokio::test]
+async fn a_role_that_may_not_vacuum_is_told_so() {
+    let h = harness(Some(1)).await;
+    let role = Role::create(&h).await;
+    dead_rows(&h, 10, 10).await;
+    later_keyed_row(&h).await;
+
+    let mut options: sqlx::postgres::PgConnectOptions = h.db.url.parse().expect("url");
+    options = options.username(&role.name);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .expect("connect as the role");
+    let store: PgStore = h.outbox.store(pool.clone());
+    for _ in 0..3 {
+        let claim = store
+            .claim(&ClaimRequest::new(10, Duration::from_secs(30)))
+            .await
+            .expect("claims work without the vacuum");
+        assert!(claim.is_empty());
+    }
+    let outcome = store.vacuum_if_due().await.expect("round");
+    assert_eq!(outcome, VacuumOutcome::NotAllowed);
+    assert_eq!(vacuums(&h).await, 0);
+    drop(store);
+    pool.close().await;
+}
+
+/// A login role with the privileges a relay needs on the test database's
+/// tables, dropped (with its privileges) when the test ends, however.
+struct Role {
+    name: String,
+    db_url: String,
+}
+
+impl Role {
+    async fn create(h: &PgHarness) -> Self {
+        let name = format!("postbox_novacuum_{:08x}", fastrand::u32(..));
+        sqlx::raw_sql(&format!(
+            "CREATE ROLE {name} LOGIN;
+             GRANT USAGE ON SCHEMA public TO {name};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name};
+             GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {name};"
+        ))
+        .execute(&h.app)
+        .await
+        .expect("create role");
+        Self {
+            name,
+            db_url: h.db.url.clone(),
+        }
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let (name, db_url) = (self.name.clone(), self.db_url.clone());
+        // on its own thread: Drop cannot await
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(mut c) = sqlx::PgConnection::connect(&db_url).await {
+                    let _ = sqlx::raw_sql(&format!("DROP OWNED BY {name}"))
+                        .execute(&mut c)
+                        .await;
+                }
+                if let Ok(mut c) = sqlx::PgConnection::connect(&admin_url().await).await {
+                    let _ = sqlx::raw_sql(&format!("DROP ROLE IF EXISTS {name}"))
+                        .execute(&mut c)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A keyed message not due for an hour: every claim sees keyed rows
+/// pending, none takes it.
+async fn later_keyed_row(h: &PgHarness) {
+    let mut tx = h.app.begin().await.expect("begin");
+    h.outbox
+        .enqueue(
+            &mut *tx,
+            &NewMessage::new("t", "later")
+                .key("k1")
+                .delay(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("enqueue");
+    tx.commit().await.expect("commit");
+}
