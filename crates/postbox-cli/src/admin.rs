@@ -334,9 +334,9 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
     );
     if v.dead_rows >= postbox_postgres::VacuumState::SLOW_KEYED_CLAIMS {
         let then = if horizon_held {
-            "end the transaction holding the horizon (above), then run `VACUUM` on the table"
+            "end the transaction holding the horizon (above), then run `VACUUM` on the table or let the relays do it ([store] vacuum_after)"
         } else {
-            "run `VACUUM` on the table"
+            "run `VACUUM` on the table, or let the relays do it ([store] vacuum_after)"
         };
         println!(
             "  SLOW KEYED CLAIMS: keyed claims step over the index entries of the keyed rows deleted since; {then} (docs/operations.md)"

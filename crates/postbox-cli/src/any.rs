@@ -1,5 +1,6 @@
 //! Runtime choice of store and publisher, made once from URLs.
 
+use std::num::NonZeroU64;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -59,7 +60,7 @@ impl AnyStore {
             let opened = match scheme {
                 "sqlite" => Self::open_sqlite(url, &args.table, args.retain_sent).await,
                 "postgres" | "postgresql" => {
-                    Self::open_postgres(url, &args.table, args.retain_sent).await
+                    Self::open_postgres(url, &args.table, args.retain_sent, args.vacuum_after).await
                 }
                 "mysql" | "mariadb" => Self::open_mysql(url, &args.table, args.retain_sent).await,
                 _ => {
@@ -102,12 +103,14 @@ impl AnyStore {
         url: &str,
         table: &str,
         retain_sent: Option<Duration>,
+        vacuum_after: Option<NonZeroU64>,
     ) -> Result<Self, StoreError> {
         let outbox = match table.split_once('.') {
             Some((schema, table)) => PgOutbox::with_schema(schema, table)?,
             None => PgOutbox::new(table)?,
         }
-        .retain_sent(retain_sent);
+        .retain_sent(retain_sent)
+        .vacuum_after(vacuum_after);
         Ok(Self::Postgres(PgStore::connect_with(url, outbox).await?))
     }
 

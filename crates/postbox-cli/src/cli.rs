@@ -62,6 +62,10 @@ pub(crate) struct StoreArgs {
     /// not a flag of the admin commands, which never complete messages.
     #[arg(skip)]
     pub(crate) retain_sent: Option<Duration>,
+    /// Dead rows from which the relay vacuums a PostgreSQL outbox itself
+    /// while it claims keyed messages (the relay's `[store] vacuum_after`).
+    #[arg(skip)]
+    pub(crate) vacuum_after: Option<std::num::NonZeroU64>,
 }
 
 #[derive(Debug, Args)]
@@ -187,6 +191,13 @@ pub(crate) struct RelayArgs {
     /// retain_sent) [default: delete on success].
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub(crate) retain_sent: Option<Duration>,
+    /// PostgreSQL: VACUUM the outbox table from this many dead rows while
+    /// keyed messages are claimed, e.g. 200000 (also env
+    /// POSTBOX_STORE_VACUUM_AFTER, or [store] vacuum_after);
+    /// keyed claims slow down behind the rows deleted since the last vacuum.
+    /// Needs the table's owner. [default: never; autovacuum's business]
+    #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) vacuum_after: Option<u64>,
     /// How often to delete the kept sent messages older than --retain-sent,
     /// 500 rows per statement [default: 1m].
     #[arg(long, value_parser = humantime::parse_duration)]

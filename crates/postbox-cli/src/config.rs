@@ -47,6 +47,30 @@ pub(crate) struct StoreSection {
     /// Unset: delete on success.
     #[serde(default, with = "opt_duration")]
     pub(crate) retain_sent: Option<Duration>,
+    /// PostgreSQL only: dead rows from which the relay vacuums the outbox
+    /// table itself while it claims keyed messages (env
+    /// `POSTBOX_STORE_VACUUM_AFTER` and `--vacuum-after` override). Unset:
+    /// never.
+    pub(crate) vacuum_after: Option<u64>,
+}
+
+/// The environment variable for `[store] vacuum_after`.
+pub(crate) const VACUUM_AFTER_ENV: &str = "POSTBOX_STORE_VACUUM_AFTER";
+
+/// `POSTBOX_STORE_VACUUM_AFTER`, parsed and checked; an empty value is unset.
+pub(crate) fn vacuum_after_from_env() -> anyhow::Result<Option<u64>> {
+    let Some(v) = std::env::var(VACUUM_AFTER_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(None);
+    };
+    match v.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(usage(format!(
+            "{VACUUM_AFTER_ENV}={v:?} must be a number of dead rows, at least 1"
+        ))),
+    }
 }
 
 /// The environment variable for `[store] retain_sent`.
@@ -402,6 +426,11 @@ impl FileConfig {
                 ))
             })?;
         }
+        if config.store.vacuum_after == Some(0) {
+            return Err(usage(
+                "store.vacuum_after = 0 must be at least 1 (leave it unset to never vacuum)",
+            ));
+        }
         config
             .relay
             .options()
@@ -553,6 +582,8 @@ mod tests {
             ("[store]\ntable = \"x; drop table y\"\n", "store.table"),
             ("[store]\ntable = \"public.x.y\"\n", "store.table"),
             ("[store]\nretain_sent = \"0s\"\n", "store.retain_sent"),
+            ("[store]\nvacuum_after = 0\n", "store.vacuum_after"),
+            ("[store]\nvacuum_after = -5\n", "vacuum_after"),
             (
                 "[store]\nretain_sent = \"1000years\"\n",
                 "store.retain_sent",

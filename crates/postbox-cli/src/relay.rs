@@ -96,6 +96,18 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         Some(keep) => Some(keep),
         None => crate::config::retain_sent_from_env()?.or(file.store.retain_sent),
     };
+    let vacuum_after = match args.vacuum_after {
+        Some(n) => Some(n),
+        None => crate::config::vacuum_after_from_env()?.or(file.store.vacuum_after),
+    }
+    .and_then(std::num::NonZeroU64::new);
+    let scheme = url.split_once(':').map_or("", |(s, _)| s);
+    if vacuum_after.is_some() && !matches!(scheme, "postgres" | "postgresql") {
+        return Err(usage(format!(
+            "[store] vacuum_after (--vacuum-after, {}) applies to PostgreSQL outboxes only, not {scheme}",
+            crate::config::VACUUM_AFTER_ENV
+        )));
+    }
     let (routes, publishers) = match args.publish {
         // --publish replaces the file's publishers: everything goes there
         Some(url) => (
@@ -123,6 +135,7 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
             url,
             table,
             retain_sent,
+            vacuum_after,
         },
         relay,
         routes,
@@ -162,7 +175,14 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
             .store
             .url
             .clone()
-            .or_else(|| Some("sqlite://unused.db".into())),
+            // a placeholder that `resolve` accepts with every setting
+            .or_else(|| {
+                Some(if config.store.vacuum_after.is_some() {
+                    "postgres://unused/unused".into()
+                } else {
+                    "sqlite://unused.db".into()
+                })
+            }),
         table: None,
         publish: None,
         batch_size: None,
@@ -179,6 +199,7 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
         heartbeat_interval: None,
         stats_interval: None,
         retain_sent: None,
+        vacuum_after: None,
         cleanup_interval: None,
         metrics_addr: None,
         otlp_endpoint: None,
@@ -239,6 +260,7 @@ pub(crate) async fn run(args: RelayArgs) -> anyhow::Result<()> {
         routes = resolved.routes.len(),
         batch_size = relay.options().batch_size,
         retain_sent = ?resolved.store.retain_sent,
+        vacuum_after = ?resolved.store.vacuum_after,
         postbox.relay_id = %relay.id(),
         "relay started"
     );

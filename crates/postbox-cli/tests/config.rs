@@ -122,6 +122,28 @@ fn a_bad_retention_exits_2_naming_the_variable_or_flag() {
         .output()
         .expect("run");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // the same for the relay's own vacuum (the example's store is PostgreSQL)
+    for bad in ["0", "many"] {
+        let o = postbox()
+            .args(["config", "check", example])
+            .env(secret.0, secret.1)
+            .env("POSTBOX_STORE_VACUUM_AFTER", bad)
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(2), "{bad}: {}", stderr(&o));
+        assert!(
+            stderr(&o).contains("POSTBOX_STORE_VACUUM_AFTER"),
+            "{bad}: {}",
+            stderr(&o)
+        );
+    }
+    let o = postbox()
+        .args(["config", "check", example])
+        .env(secret.0, secret.1)
+        .env("POSTBOX_STORE_VACUUM_AFTER", "200000")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("o.db").display());
@@ -129,6 +151,9 @@ fn a_bad_retention_exits_2_naming_the_variable_or_flag() {
         ("--retain-sent", "0s"),
         ("--retain-sent", "soon"),
         ("--cleanup-interval", "0s"),
+        ("--vacuum-after", "0"),
+        // a PostgreSQL setting, refused for this SQLite store
+        ("--vacuum-after", "200000"),
     ] {
         let o = postbox()
             .args(["relay", "--store", &url, "--publish", "stdout", flag, value])
