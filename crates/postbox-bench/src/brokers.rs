@@ -692,6 +692,7 @@ fn drain(o: &Opts, n: u64, batch: usize) -> Drain {
         batch,
         concurrency: o.concurrency,
         relays: 1,
+        vacuum_after: o.pg_vacuum_after,
     }
 }
 

@@ -155,6 +155,13 @@ pub(crate) struct Opts {
     /// server default applies.
     #[arg(long)]
     pub(crate) pg_jit_off: bool,
+    /// `drain-keyed` only: the drains' relays vacuum the outbox themselves
+    /// from this many dead rows while they claim keyed messages
+    /// (`PgOutbox::vacuum_after`; recorded in the result line). Without it
+    /// they never do, and nothing else does: the bench turns autovacuum off
+    /// on its table.
+    #[arg(long, value_name = "ROWS")]
+    pub(crate) pg_vacuum_after: Option<std::num::NonZeroU64>,
     /// Internal (relay-child): messages to wait for; 0 = stay idle.
     #[arg(long, default_value_t = 0, hide = true)]
     pub(crate) expect: u64,
@@ -184,6 +191,10 @@ async fn run(o: &Opts, lines: &mut Vec<Line>) -> anyhow::Result<()> {
     anyhow::ensure!(
         o.repeat >= 1 && !o.batches.is_empty() && o.rows >= 1,
         "--repeat, --batch and --rows must be positive"
+    );
+    anyhow::ensure!(
+        o.pg_vacuum_after.is_none() || o.scenario == Scenario::DrainKeyed,
+        "--pg-vacuum-after applies to drain-keyed only (the other scenarios' lines would not say it was on)"
     );
     let needs_pg = !matches!(o.scenario, Scenario::Sqlite | Scenario::Mysql);
     let pg = if needs_pg {

@@ -366,6 +366,8 @@ pub(crate) struct Drain {
     pub(crate) batch: usize,
     pub(crate) concurrency: usize,
     pub(crate) relays: usize,
+    /// `PgOutbox::vacuum_after` of the relays' stores.
+    pub(crate) vacuum_after: Option<std::num::NonZeroU64>,
 }
 
 /// Drains `n` rows with `relays` postbox relays (each its own `PgStore`,
@@ -387,7 +389,9 @@ pub(crate) async fn postbox_drain_to<P: Publisher>(
     let publisher = Arc::new(Counted::wrap(publisher, d.n, done.clone()));
     let mut relays = Vec::with_capacity(d.relays);
     for _ in 0..d.relays {
-        let store = PgStore::connect(&pg.url).await?;
+        let store = PgStore::connect(&pg.url)
+            .await?
+            .vacuum_after(d.vacuum_after);
         relays.push(
             Relay::builder(store, Arc::clone(&publisher))
                 .batch_size(d.batch)

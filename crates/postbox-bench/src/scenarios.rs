@@ -89,6 +89,7 @@ fn drain_of(o: &Opts, n: u64, batch: usize, relays: usize) -> Drain {
         batch,
         concurrency: o.concurrency,
         relays,
+        vacuum_after: o.pg_vacuum_after,
     }
 }
 
@@ -117,7 +118,13 @@ pub(crate) async fn drain_keyed(pg: &Pg, o: &Opts, lines: &mut Vec<Line>) -> Res
                 keyed,
                 Goal::RatioAtLeast(0.7),
             )
-            .extra(json!({"rows": n, "batch": batch, "keys": 1000, "concurrency": o.concurrency})),
+            .extra(json!({
+                "rows": n,
+                "batch": batch,
+                "keys": 1000,
+                "concurrency": o.concurrency,
+                "pg_vacuum_after": o.pg_vacuum_after,
+            })),
         );
     }
     Ok(())
