@@ -176,16 +176,18 @@ pub(crate) struct RelayArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) shutdown_grace: Option<Duration>,
     /// How often to write this relay's heartbeat row, which `postbox status`
-    /// lists [default: 5s].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub(crate) heartbeat_interval: Option<Duration>,
+    /// lists; `off`: none, and `status` does not list this relay
+    /// [default: 5s].
+    #[arg(long, value_name = "DURATION|off", value_parser = crate::config::Every::parse)]
+    pub(crate) heartbeat_interval: Option<crate::config::Every>,
     /// How often to sample the outbox's counts into the `postbox_pending`…
     /// gauges; each sample counts the whole outbox table, so with many
     /// relays on a large outbox sample less often on most of them; a count
-    /// that took d is not repeated for 50 × d [default: 30s, the first at a
-    /// random point of the first interval].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub(crate) stats_interval: Option<Duration>,
+    /// that took d is not repeated for 50 × d; `off`: no sampling, the
+    /// gauges stay unset [default: 30s, the first at a random point of the
+    /// first interval].
+    #[arg(long, value_name = "DURATION|off", value_parser = crate::config::Every::parse)]
+    pub(crate) stats_interval: Option<crate::config::Every>,
     /// Keep sent messages this long for audit instead of deleting them at
     /// once, e.g. 7d (also env POSTBOX_STORE_RETAIN_SENT, or [store]
     /// retain_sent) [default: delete on success].
@@ -199,9 +201,10 @@ pub(crate) struct RelayArgs {
     #[arg(long, value_name = "ROWS", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) vacuum_after: Option<u64>,
     /// How often to delete the kept sent messages older than --retain-sent,
-    /// 500 rows per statement [default: 1m].
-    #[arg(long, value_parser = humantime::parse_duration)]
-    pub(crate) cleanup_interval: Option<Duration>,
+    /// 500 rows per statement; `off`: this relay deletes none (another
+    /// relay or `postbox purge` must) [default: 1m].
+    #[arg(long, value_name = "DURATION|off", value_parser = crate::config::Every::parse)]
+    pub(crate) cleanup_interval: Option<crate::config::Every>,
     /// Serve Prometheus /metrics, /healthz and /readyz on HOST:PORT, e.g.
     /// 0.0.0.0:9090 (also env POSTBOX_METRICS_ADDR, or [metrics] addr in the
     /// config file).

@@ -134,13 +134,16 @@ pub(crate) struct RelaySection {
     pub(crate) tenant_fairness: Option<bool>,
     #[serde(default, with = "opt_duration")]
     pub(crate) shutdown_grace: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    pub(crate) heartbeat_interval: Option<Duration>,
-    #[serde(default, with = "opt_duration")]
-    pub(crate) cleanup_interval: Option<Duration>,
-    /// How often the relay samples the outbox's counts into its gauges.
-    #[serde(default, with = "opt_duration")]
-    pub(crate) stats_interval: Option<Duration>,
+    /// A duration, or `off`.
+    #[serde(default, with = "opt_every")]
+    pub(crate) heartbeat_interval: Option<Every>,
+    /// A duration, or `off`.
+    #[serde(default, with = "opt_every")]
+    pub(crate) cleanup_interval: Option<Every>,
+    /// How often the relay samples the outbox's counts into its gauges; a
+    /// duration, or `off`.
+    #[serde(default, with = "opt_every")]
+    pub(crate) stats_interval: Option<Every>,
 }
 
 impl RelaySection {
@@ -187,6 +190,11 @@ impl RelaySection {
                 })
                 .transpose()
         }
+        fn every(key: &str) -> anyhow::Result<Option<Every>> {
+            var(key)
+                .map(|(name, v)| Every::parse(&v).map_err(|e| usage(format!("{name}={e}"))))
+                .transpose()
+        }
         Ok(RelaySection {
             batch_size: num("batch_size")?,
             lease: dur("lease")?,
@@ -212,9 +220,9 @@ impl RelaySection {
                 })
                 .transpose()?,
             shutdown_grace: dur("shutdown_grace")?,
-            heartbeat_interval: dur("heartbeat_interval")?,
-            cleanup_interval: dur("cleanup_interval")?,
-            stats_interval: dur("stats_interval")?,
+            heartbeat_interval: every("heartbeat_interval")?,
+            cleanup_interval: every("cleanup_interval")?,
+            stats_interval: every("stats_interval")?,
         })
     }
 
@@ -236,14 +244,14 @@ impl RelaySection {
         o.tenant.clone_from(&self.tenant);
         o.tenant_fairness = self.tenant_fairness.unwrap_or(d.tenant_fairness);
         o.shutdown_grace = self.shutdown_grace.unwrap_or(d.shutdown_grace);
-        if self.heartbeat_interval.is_some() {
-            o.heartbeat_interval = self.heartbeat_interval;
+        if let Some(every) = self.heartbeat_interval {
+            o.heartbeat_interval = every.interval();
         }
-        if self.cleanup_interval.is_some() {
-            o.cleanup_interval = self.cleanup_interval;
+        if let Some(every) = self.cleanup_interval {
+            o.cleanup_interval = every.interval();
         }
-        if self.stats_interval.is_some() {
-            o.stats_interval = self.stats_interval;
+        if let Some(every) = self.stats_interval {
+            o.stats_interval = every.interval();
         }
         o.validate()?;
         Ok(o)
@@ -326,6 +334,46 @@ pub(crate) struct RouteSection {
     pub(crate) topics: String,
     /// Name of a `[publishers.NAME]` table.
     pub(crate) publisher: String,
+}
+
+/// How often a relay's periodic task runs: every so long, or not at all
+/// (`off`; the library's `None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Every {
+    Off,
+    Interval(Duration),
+}
+
+impl Every {
+    /// `off`, or a duration such as `30s`; the error quotes the text.
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
+        if text.trim().eq_ignore_ascii_case("off") {
+            return Ok(Every::Off);
+        }
+        humantime::parse_duration(text)
+            .map(Every::Interval)
+            .map_err(|e| format!("{text:?} is not a duration like \"30s\", or \"off\": {e}"))
+    }
+
+    /// The relay option: `None` for `off`.
+    pub(crate) fn interval(self) -> Option<Duration> {
+        match self {
+            Every::Off => None,
+            Every::Interval(d) => Some(d),
+        }
+    }
+}
+
+mod opt_every {
+    use serde::{Deserialize, Deserializer};
+
+    use super::Every;
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Every>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| Every::parse(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 mod opt_duration {
@@ -490,6 +538,26 @@ mod props;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn off_turns_a_periodic_task_off() {
+        let config = FileConfig::parse(
+            "[relay]\nstats_interval = \"off\"\nheartbeat_interval = \"Off\"\ncleanup_interval = \"off\"\n",
+        )
+        .expect("parses");
+        let o = config.relay.options().expect("options");
+        assert_eq!(o.stats_interval, None);
+        assert_eq!(o.heartbeat_interval, None);
+        assert_eq!(o.cleanup_interval, None);
+        // unset keeps the library's defaults, which are on
+        let d = FileConfig::parse("[relay]\n")
+            .expect("parses")
+            .relay
+            .options()
+            .expect("options");
+        assert!(d.stats_interval.is_some() && d.heartbeat_interval.is_some());
+        assert!(d.cleanup_interval.is_some());
+    }
 
     #[test]
     fn the_stats_interval_reaches_the_relay() {

@@ -95,7 +95,7 @@ fn bad_configs_exit_2_naming_the_key() {
 /// The retention's environment variable and flag are checked like the
 /// file's key, each error naming where the bad value came from.
 #[test]
-fn a_bad_retention_exits_2_naming_the_variable_or_flag() {
+fn bad_store_and_interval_settings_exit_2_naming_the_variable_or_flag() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../../postbox.example.toml");
     let secret = (
         "POSTBOX_WEBHOOK_SECRET",
@@ -122,6 +122,23 @@ fn a_bad_retention_exits_2_naming_the_variable_or_flag() {
         .output()
         .expect("run");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // `off` turns the gauge sampling off; anything else but a duration is refused
+    for (value, code) in [("off", 0), ("sometimes", 2)] {
+        let o = postbox()
+            .args(["config", "check", example])
+            .env(secret.0, secret.1)
+            .env("POSTBOX_RELAY_STATS_INTERVAL", value)
+            .output()
+            .expect("run");
+        assert_eq!(o.status.code(), Some(code), "{value}: {}", stderr(&o));
+        if code == 2 {
+            assert!(
+                stderr(&o).contains("POSTBOX_RELAY_STATS_INTERVAL"),
+                "{}",
+                stderr(&o)
+            );
+        }
+    }
     // the same for the relay's own vacuum (the example's store is PostgreSQL)
     for bad in ["0", "many"] {
         let o = postbox()
@@ -152,6 +169,8 @@ fn a_bad_retention_exits_2_naming_the_variable_or_flag() {
         ("--retain-sent", "soon"),
         ("--cleanup-interval", "0s"),
         ("--vacuum-after", "0"),
+        ("--stats-interval", "often"),
+        ("--stats-interval", "0s"),
         // a PostgreSQL setting, refused for this SQLite store
         ("--vacuum-after", "200000"),
     ] {
