@@ -95,6 +95,12 @@ pub const LEASES_HELD: &str = "postbox_leases_held";
 /// Counter: kept sent messages deleted by the relay's cleanup once past the
 /// store's retention.
 pub const SENT_PURGED_TOTAL: &str = "postbox_sent_purged_total";
+/// Counter: `VACUUM`s of the outbox table this process's relays ran
+/// themselves (PostgreSQL with `vacuum_after`), by `outcome`: `done`, or
+/// `skipped` when another vacuum held the table.
+pub const VACUUMS_TOTAL: &str = "postbox_vacuums_total";
+/// Histogram: how long each of those vacuums took (those done).
+pub const VACUUM_DURATION_SECONDS: &str = "postbox_vacuum_duration_seconds";
 
 /// The label value for topics past the limit.
 pub const OTHER_TOPIC: &str = "_other";
@@ -226,6 +232,16 @@ pub fn describe() {
         SENT_PURGED_TOTAL,
         Unit::Count,
         "Kept sent messages deleted by the relay's cleanup once past the store's retention."
+    );
+    describe_counter!(
+        VACUUMS_TOTAL,
+        Unit::Count,
+        "VACUUMs of the outbox table run by the relays themselves (PostgreSQL, vacuum_after), by outcome (done, skipped)."
+    );
+    describe_histogram!(
+        VACUUM_DURATION_SECONDS,
+        Unit::Seconds,
+        "How long each VACUUM the relays ran took."
     );
 }
 

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use postbox_core::StoreError;
+use postbox_core::{StoreError, observe};
 use sqlx::{ConnectOptions, Connection, Executor as _, PgConnection, Row};
 
 use crate::error::map;
@@ -163,6 +163,8 @@ impl PgStore {
             }) => {
                 run.left = *left;
                 run.took = *took;
+                metrics::counter!(observe::VACUUMS_TOTAL, "outcome" => "done").increment(1);
+                metrics::histogram!(observe::VACUUM_DURATION_SECONDS).record(took.as_secs_f64());
                 tracing::info!(
                     table = self.outbox().qualified_name(),
                     dead_rows,
@@ -172,6 +174,7 @@ impl PgStore {
                 );
             }
             Ok(VacuumOutcome::Skipped { dead_rows }) => {
+                metrics::counter!(observe::VACUUMS_TOTAL, "outcome" => "skipped").increment(1);
                 tracing::debug!(
                     table = self.outbox().qualified_name(),
                     dead_rows,

@@ -9,6 +9,8 @@ use std::num::NonZeroU64;
 use std::time::Duration;
 
 use common::{PgHarness, admin_url};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use postbox_core::observe::{VACUUM_DURATION_SECONDS, VACUUMS_TOTAL};
 use postbox_core::{ClaimRequest, NewMessage, Store};
 use postbox_postgres::{PgOutbox, PgStore, VacuumOutcome};
 use sqlx::Connection;
@@ -44,6 +46,32 @@ async fn dead_rows(h: &PgHarness, n: u32, at_least: u64) {
     }
 }
 
+/// `postbox_vacuums_total` done and skipped, and the durations recorded,
+/// since the previous snapshot.
+fn vacuum_counts(metrics: &Snapshotter) -> (u64, u64, usize) {
+    let (mut done, mut skipped, mut durations) = (0, 0, 0);
+    for (key, _, _, value) in metrics.snapshot().into_vec() {
+        let name = key.key().name();
+        match value {
+            DebugValue::Counter(n) if name == VACUUMS_TOTAL => {
+                let outcome = key
+                    .key()
+                    .labels()
+                    .find(|l| l.key() == "outcome")
+                    .map(|l| l.value().to_owned());
+                match outcome.as_deref() {
+                    Some("done") => done += n,
+                    Some("skipped") => skipped += n,
+                    other => panic!("unexpected outcome label {other:?}"),
+                }
+            }
+            DebugValue::Histogram(v) if name == VACUUM_DURATION_SECONDS => durations += v.len(),
+            _ => {}
+        }
+    }
+    (done, skipped, durations)
+}
+
 /// Manual vacuums of the outbox table so far (autovacuum's not counted).
 async fn vacuums(h: &PgHarness) -> i64 {
     sqlx::query_scalar(&format!(
@@ -75,6 +103,11 @@ async fn harness(threshold: Option<u64>) -> PgHarness {
 
 #[tokio::test]
 async fn a_vacuum_is_due_from_the_threshold_and_skipped_while_another_runs() {
+    // the test's runtime runs on this thread: a local recorder sees the
+    // store's metrics
+    let recorder = DebuggingRecorder::new();
+    let metrics = recorder.snapshotter();
+    let _recording = metrics::set_default_local_recorder(&recorder);
     let h = harness(Some(300)).await;
     dead_rows(&h, 200, 200).await;
     let outcome = h.store.vacuum_if_due().await.expect("round");
@@ -105,6 +138,7 @@ async fn a_vacuum_is_due_from_the_threshold_and_skipped_while_another_runs() {
         "{outcome:?}"
     );
     assert_eq!(vacuums(&h).await, 0);
+    assert_eq!(vacuum_counts(&metrics), (0, 1, 0));
     // released before the next round (a closed connection's backend may
     // still hold it for a moment)
     sqlx::raw_sql("ROLLBACK")
@@ -119,6 +153,8 @@ async fn a_vacuum_is_due_from_the_threshold_and_skipped_while_another_runs() {
         "{outcome:?}"
     );
     assert_eq!(vacuums(&h).await, 1);
+    // (a snapshot counts since the previous one)
+    assert_eq!(vacuum_counts(&metrics), (1, 0, 1));
 
     // due again by the count, but right after a vacuum of the table: a
     // pause first (relays take turns)
