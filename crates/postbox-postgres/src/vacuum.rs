@@ -118,7 +118,7 @@ impl PgStore {
             let store = &running.0;
             if let Err(e) = store.vacuum_if_due().await {
                 tracing::warn!(
-                    table = store.outbox().qualified_name(),
+                    postbox.table = %store.outbox().qualified_name(),
                     error = %e,
                     "postbox could not check or vacuum the outbox table; it tries again at a later claim"
                 );
@@ -152,7 +152,7 @@ impl PgStore {
             // said once per store
             Ok(VacuumOutcome::NotAllowed) if !std::mem::replace(&mut run.refused, true) => {
                 tracing::warn!(
-                    table = self.outbox().qualified_name(),
+                    postbox.table = %self.outbox().qualified_name(),
                     "postbox may not VACUUM the outbox table (the relay's role owns neither it nor the database, and is no superuser); relays will not vacuum it themselves, leave it to autovacuum or an operator"
                 );
             }
@@ -166,7 +166,7 @@ impl PgStore {
                 metrics::counter!(observe::VACUUMS_TOTAL, "outcome" => "done").increment(1);
                 metrics::histogram!(observe::VACUUM_DURATION_SECONDS).record(took.as_secs_f64());
                 tracing::info!(
-                    table = self.outbox().qualified_name(),
+                    postbox.table = %self.outbox().qualified_name(),
                     dead_rows,
                     left,
                     took_ms = took.as_millis(),
@@ -176,7 +176,7 @@ impl PgStore {
             Ok(VacuumOutcome::Skipped { dead_rows }) => {
                 metrics::counter!(observe::VACUUMS_TOTAL, "outcome" => "skipped").increment(1);
                 tracing::debug!(
-                    table = self.outbox().qualified_name(),
+                    postbox.table = %self.outbox().qualified_name(),
                     dead_rows,
                     "postbox skipped vacuuming the outbox table: another vacuum holds it"
                 );
