@@ -96,10 +96,11 @@ pub const LEASES_HELD: &str = "postbox_leases_held";
 /// store's retention.
 pub const SENT_PURGED_TOTAL: &str = "postbox_sent_purged_total";
 /// Counter: `VACUUM`s of the outbox table this process's relays ran
-/// themselves (PostgreSQL with `vacuum_after`), by `outcome`: `done`, or
-/// `skipped` when another vacuum held the table.
+/// themselves (PostgreSQL with `vacuum_after`), by `outcome`: `done`,
+/// `skipped` when another vacuum held the table, `yielded` when it stopped
+/// to let a waiting schema change through.
 pub const VACUUMS_TOTAL: &str = "postbox_vacuums_total";
-/// Histogram: how long each of those vacuums took (those done).
+/// Histogram: how long each of those vacuums that was done took.
 pub const VACUUM_DURATION_SECONDS: &str = "postbox_vacuum_duration_seconds";
 
 /// The label value for topics past the limit.
@@ -236,12 +237,12 @@ pub fn describe() {
     describe_counter!(
         VACUUMS_TOTAL,
         Unit::Count,
-        "VACUUMs of the outbox table run by the relays themselves (PostgreSQL, vacuum_after), by outcome (done, skipped)."
+        "VACUUMs of the outbox table run by the relays themselves (PostgreSQL, vacuum_after), by outcome (done, skipped, yielded)."
     );
     describe_histogram!(
         VACUUM_DURATION_SECONDS,
         Unit::Seconds,
-        "How long each VACUUM the relays ran took."
+        "How long each VACUUM the relays completed took."
     );
 }
 

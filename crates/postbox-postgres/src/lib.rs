@@ -36,7 +36,7 @@ pub use store::{
     ACQUIRE_TIMEOUT, Blocker, CLAIM_POOL_SIZE, DEFAULT_POOL_SIZE, MAX_HELD, PgStore, VacuumState,
     relay_connect_options,
 };
-pub use vacuum::{VACUUM_CHECK_EVERY, VacuumOutcome};
+pub use vacuum::{VACUUM_CHECK_EVERY, VACUUM_YIELD_CHECK_EVERY, VacuumOutcome};
 
 use std::sync::OnceLock;
 

@@ -167,14 +167,18 @@ impl PgOutbox {
     /// drained until the table is vacuumed (see the crate README, "Dead
     /// index entries and keyed claims").
     ///
-    /// How: a store whose latest claim saw keyed rows pending looks at the
+    /// How: a store whose claims return keyed messages looks at the
     /// table's dead rows (`pg_stat_user_tables`) at most every
     /// [`VACUUM_CHECK_EVERY`](crate::VACUUM_CHECK_EVERY), in a task off the
     /// claim path; from `dead_rows` on it runs `VACUUM (SKIP_LOCKED,
     /// INDEX_CLEANUP ON, TRUNCATE false)` on a connection of its own.
     /// `SKIP_LOCKED` makes a vacuum already running (another relay's,
     /// autovacuum's) a reason to skip, never to wait; `TRUNCATE false`
-    /// takes no exclusive lock. The threshold counts past the dead rows
+    /// takes no exclusive lock. Its lock conflicts with schema changes
+    /// only: like autovacuum, it gives way (cancels itself) when a session
+    /// has waited for a lock on the table, checked every
+    /// [`VACUUM_YIELD_CHECK_EVERY`](crate::VACUUM_YIELD_CHECK_EVERY). The
+    /// threshold counts past the dead rows
     /// the store's last vacuum left (rows it could not remove yet); a
     /// store does not vacuum within [`VACUUM_CHECK_EVERY`] or its last
     /// vacuum's duration (the longer) of the end of anyone's vacuum of the

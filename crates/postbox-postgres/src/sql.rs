@@ -35,6 +35,7 @@ pub(crate) struct Sql {
     pub(crate) horizon: String,
     pub(crate) vacuum_state: String,
     pub(crate) vacuum_check: String,
+    pub(crate) vacuum_waiters: String,
     pub(crate) vacuum: String,
     pub(crate) pending_tenants: String,
 }
@@ -396,8 +397,10 @@ impl Sql {
             // whether this role may vacuum it (PostgreSQL 15: superuser,
             // the table's or the database's owner, or a member of either),
             // how many manual vacuums it has had (a `VACUUM` skipped for a
-            // lock leaves the count as it was), and µs since its last
-            // vacuum, manual or automatic, ended.
+            // lock leaves the count as it was), µs since its last vacuum,
+            // manual or automatic, ended, and whether a vacuum (or anything
+            // else that takes its lock: ANALYZE, CREATE INDEX CONCURRENTLY)
+            // holds the table now.
             vacuum_check: format!(
                 "SELECT coalesce(pg_catalog.pg_stat_get_dead_tuples(c.oid), 0),
                         coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles AS r
@@ -405,7 +408,11 @@ impl Sql {
                         OR pg_catalog.pg_has_role(c.relowner, 'USAGE')
                         OR pg_catalog.pg_has_role(d.datdba, 'USAGE'),
                         coalesce(pg_catalog.pg_stat_get_vacuum_count(c.oid), 0),
-                        {since_last}
+                        {since_last},
+                        EXISTS (SELECT 1 FROM pg_catalog.pg_locks AS l
+                                 WHERE l.locktype = 'relation' AND l.database = d.oid
+                                   AND l.relation = c.oid AND l.granted
+                                   AND l.mode = 'ShareUpdateExclusiveLock')
                    FROM pg_catalog.pg_class AS c
                    JOIN pg_catalog.pg_database AS d ON d.datname = current_database()
                   WHERE c.oid = '{t}'::regclass",
@@ -421,6 +428,16 @@ impl Sql {
             // which a drain of the oldest rows of a large table is.
             // `TRUNCATE false`: no exclusive lock at the end.
             vacuum: format!("VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON, TRUNCATE false) {t}"),
+            // Whether a session waits for a lock on the table (DDL: a
+            // relay's vacuum gives way to it, as autovacuum does; inserts,
+            // claims and deletes never conflict with a vacuum's lock).
+            vacuum_waiters: format!(
+                "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks AS l
+                                 WHERE l.locktype = 'relation' AND NOT l.granted
+                                   AND l.relation = '{t}'::regclass
+                                   AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                                                      WHERE datname = current_database()))"
+            ),
             pending_tenants: format!(
                 // A loose index scan over `<t>_tenant_idx`: one probe per
                 // tenant, however many rows each has.

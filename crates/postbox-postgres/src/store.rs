@@ -1437,11 +1437,6 @@ impl Store for PgStore {
                 mode,
             );
             self.set_mode(&req.tenant, next);
-            if keyed {
-                // keyed claims pay for the keyed rows deleted since the
-                // table's last vacuum
-                self.vacuum_soon();
-            }
             if let Some(leased) = first
                 .try_get::<Option<i64>, _>("window_leased")
                 .map_err(map)?
@@ -1507,6 +1502,11 @@ impl Store for PgStore {
                 Ok(m) => messages.push(m),
                 Err(bad) => malformed.push(bad),
             }
+        }
+        if messages.iter().any(|m| m.key.is_some()) {
+            // keyed messages are draining: keyed claims pay for the keyed
+            // rows deleted since the table's last vacuum
+            self.vacuum_soon();
         }
         // `keyless_bulk` returns its rows in no set order (in practice
         // already sorted, which this sort checks in one pass)

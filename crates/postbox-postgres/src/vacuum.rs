@@ -7,7 +7,7 @@
 //! table about once a minute at best and, by default, only once a fifth of
 //! its rows are dead, so a large keyed backlog drains slower with every row
 //! drained (BENCHMARKS.md, session 12). A store configured for it checks the
-//! table's dead rows while its claims see keyed rows pending, and vacuums it
+//! table's dead rows while its claims return keyed messages, and vacuums it
 //! itself, on a connection of its own, off the claim path.
 
 use std::time::{Duration, Instant};
@@ -19,9 +19,13 @@ use crate::error::map;
 use crate::store::{PgStore, count_at, micros_to_duration};
 
 /// How often at most a store looks at the outbox's dead rows while its
-/// claims see keyed rows pending (see
+/// claims return keyed messages (see
 /// [`PgOutbox::vacuum_after`](crate::PgOutbox::vacuum_after)).
 pub const VACUUM_CHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// While a relay's `VACUUM` runs, how often it looks for sessions waiting
+/// for a lock on the table (DDL), to give way to them.
+pub const VACUUM_YIELD_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// What one round of [`PgStore::vacuum_if_due`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +67,16 @@ pub enum VacuumOutcome {
         /// Dead rows before.
         dead_rows: u64,
     },
+    /// Stopped part-way (`pg_cancel_backend`) because another session
+    /// waited for a lock on the table, a schema change most likely: like
+    /// autovacuum, the relay's vacuum gives way rather than make that
+    /// session, and every insert queued behind it, wait.
+    Yielded {
+        /// Dead rows before.
+        dead_rows: u64,
+        /// How long it ran.
+        took: Duration,
+    },
     /// The store's role may not vacuum the table (it must own the table or
     /// the database, or be a superuser). The store's relays stop checking.
     NotAllowed,
@@ -97,7 +111,7 @@ impl Drop for Running {
 impl PgStore {
     /// Starts a round of the relay's own vacuum in the background when the
     /// outbox has a threshold, none runs, and the last round was long
-    /// enough ago; called after claims that saw keyed rows pending.
+    /// enough ago; called after claims that returned keyed messages.
     pub(crate) fn vacuum_soon(&self) {
         if self.outbox().vacuum_threshold().is_none() {
             return;
@@ -173,6 +187,15 @@ impl PgStore {
                     "postbox vacuumed the outbox table"
                 );
             }
+            Ok(VacuumOutcome::Yielded { dead_rows, took }) => {
+                metrics::counter!(observe::VACUUMS_TOTAL, "outcome" => "yielded").increment(1);
+                tracing::info!(
+                    postbox.table = %self.outbox().qualified_name(),
+                    dead_rows,
+                    took_ms = took.as_millis(),
+                    "postbox stopped its vacuum of the outbox table: another session waits for a lock on it"
+                );
+            }
             Ok(VacuumOutcome::Skipped { dead_rows }) => {
                 metrics::counter!(observe::VACUUMS_TOTAL, "outcome" => "skipped").increment(1);
                 tracing::debug!(
@@ -191,7 +214,6 @@ impl PgStore {
     }
 
     async fn vacuum_round(&self, threshold: u64) -> Result<VacuumOutcome, StoreError> {
-        let sql = &self.outbox().inner.sql;
         let before = self.vacuum_check().await?;
         let (left, took) = {
             let run = self.vacuum_run();
@@ -202,6 +224,12 @@ impl PgStore {
         }
         if before.dead_rows < left.saturating_add(threshold) {
             return Ok(VacuumOutcome::NotDue {
+                dead_rows: before.dead_rows,
+            });
+        }
+        if before.vacuum_running {
+            // not worth a connection: its `VACUUM` would be skipped
+            return Ok(VacuumOutcome::Skipped {
                 dead_rows: before.dead_rows,
             });
         }
@@ -220,11 +248,16 @@ impl PgStore {
             .application_name("postbox vacuum");
         let mut conn = options.connect().await.map_err(map)?;
         let started = Instant::now();
-        let vacuumed = vacuum(&mut conn, &sql.vacuum).await;
+        let vacuumed = self.vacuum_giving_way(&mut conn).await;
         let took = started.elapsed();
         // the round's answer stands even if the goodbye fails
         let _ = conn.close().await;
-        vacuumed?;
+        if vacuumed? {
+            return Ok(VacuumOutcome::Yielded {
+                dead_rows: before.dead_rows,
+                took,
+            });
+        }
         let after = self.vacuum_check().await?;
         Ok(if after.vacuums > before.vacuums {
             VacuumOutcome::Vacuumed {
@@ -251,8 +284,53 @@ impl PgStore {
             dead_rows: count_at(&r, 0)?,
             allowed: r.try_get(1).map_err(map)?,
             vacuums: count_at(&r, 2)?,
-            since_last: since_last.map(|us| micros_to_duration(Some(us))),
+            // a last vacuum in the future (the clock stepped back) is no
+            // reason to wait
+            since_last: since_last
+                .filter(|us| *us >= 0)
+                .map(|us| micros_to_duration(Some(us))),
+            vacuum_running: r.try_get(4).map_err(map)?,
         })
+    }
+
+    /// Runs the `VACUUM` on `conn` and, every
+    /// [`VACUUM_YIELD_CHECK_EVERY`] while it runs, looks (on the admin
+    /// pool) for sessions waiting for a lock on the table; if one does, it
+    /// cancels its own statement and waits for it to end. `Ok(true)`: it
+    /// gave way. A failed look counts as no one waiting.
+    async fn vacuum_giving_way(&self, conn: &mut PgConnection) -> Result<bool, StoreError> {
+        let sql = &self.outbox().inner.sql;
+        let pid: i32 = conn
+            .fetch_one("SELECT pg_catalog.pg_backend_pid()")
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(map)?;
+        let mut running = std::pin::pin!(vacuum(conn, &sql.vacuum));
+        let mut cancelled = false;
+        loop {
+            match tokio::time::timeout(VACUUM_YIELD_CHECK_EVERY, running.as_mut()).await {
+                // finished before the cancel reached it: not given way
+                Ok(Ok(())) => return Ok(false),
+                Ok(Err(_)) if cancelled => return Ok(true),
+                Ok(Err(e)) => return Err(e),
+                Err(_) if cancelled => {}
+                Err(_) => {
+                    let waiters = sqlx::query_scalar::<_, bool>(&sql.vacuum_waiters)
+                        .fetch_one(self.pool())
+                        .await
+                        .unwrap_or(false);
+                    if waiters {
+                        cancelled = sqlx::query_scalar::<_, bool>(
+                            "SELECT pg_catalog.pg_cancel_backend($1)",
+                        )
+                        .bind(pid)
+                        .fetch_one(self.pool())
+                        .await
+                        .unwrap_or(false);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -266,6 +344,8 @@ struct Check {
     /// Since the table's last vacuum, manual or automatic, ended (`None`:
     /// none on record).
     since_last: Option<Duration>,
+    /// A vacuum (or another holder of its lock) holds the table now.
+    vacuum_running: bool,
 }
 
 /// Runs `VACUUM` as one statement in the simple query protocol (`&str`

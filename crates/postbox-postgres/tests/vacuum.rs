@@ -8,10 +8,10 @@ mod common;
 use std::num::NonZeroU64;
 use std::time::Duration;
 
-use common::{PgHarness, admin_url};
+use common::{PgHarness, admin_url, complete_all};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use postbox_core::observe::{VACUUM_DURATION_SECONDS, VACUUMS_TOTAL};
-use postbox_core::{ClaimRequest, NewMessage, Store};
+use postbox_core::{ClaimRequest, Disposition, NewMessage, Store};
 use postbox_postgres::{PgOutbox, PgStore, VacuumOutcome};
 use sqlx::Connection;
 
@@ -148,8 +148,11 @@ async fn a_vacuum_is_due_from_the_threshold_and_skipped_while_another_runs() {
     locker.close().await.expect("close");
 
     let outcome = h.store.vacuum_if_due().await.expect("round");
+    // (a snapshot of another session of this database, an automatic
+    // ANALYZE say, may keep a few)
     assert!(
-        matches!(outcome, VacuumOutcome::Vacuumed { dead_rows, left: 0, .. } if dead_rows >= 400),
+        matches!(outcome, VacuumOutcome::Vacuumed { dead_rows, left, .. }
+            if dead_rows >= 400 && left < dead_rows / 2),
         "{outcome:?}"
     );
     assert_eq!(vacuums(&h).await, 1);
@@ -208,20 +211,19 @@ async fn an_outbox_without_a_threshold_is_never_vacuumed() {
     assert_eq!(vacuums(&h).await, 0);
 }
 
-/// A claim that sees keyed rows pending (here one not due for an hour, so
-/// every claim sees it and none takes it) starts a round in the background.
+/// A claim that returns keyed messages starts a round in the background.
 #[tokio::test]
-async fn a_claim_that_sees_keyed_rows_starts_the_vacuum() {
+async fn a_claim_of_keyed_messages_starts_the_vacuum() {
     let h = harness(Some(100)).await;
     dead_rows(&h, 500, 500).await;
-    later_keyed_row(&h).await;
+    keyed_row(&h, None).await;
 
     let claim = h
         .store
         .claim(&ClaimRequest::new(10, Duration::from_secs(30)))
         .await
         .expect("claim");
-    assert!(claim.is_empty(), "nothing is due");
+    assert_eq!(claim.len(), 1, "the keyed message is due");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while vacuums(&h).await == 0 {
         assert!(
@@ -234,14 +236,16 @@ async fn a_claim_that_sees_keyed_rows_starts_the_vacuum() {
     assert!(state.dead_rows < 500, "{state:?}");
 }
 
-/// A role that may not vacuum the table gets `NotAllowed`, and its claims,
-/// which see a keyed row pending and so start a round too, go on.
+/// A role that may not vacuum the table gets `NotAllowed`, and its claims
+/// of keyed messages, which start a round too, go on.
 #[tokio::test]
 async fn a_role_that_may_not_vacuum_is_told_so() {
     let h = harness(Some(1)).await;
     let role = Role::create(&h).await;
     dead_rows(&h, 10, 10).await;
-    later_keyed_row(&h).await;
+    for _ in 0..3 {
+        keyed_row(&h, None).await;
+    }
 
     let mut options: sqlx::postgres::PgConnectOptions = h.db.url.parse().expect("url");
     options = options.username(&role.name);
@@ -252,11 +256,13 @@ async fn a_role_that_may_not_vacuum_is_told_so() {
         .expect("connect as the role");
     let store: PgStore = h.outbox.store(pool.clone());
     for _ in 0..3 {
+        // one head per claim: the key's next message waits for this one
         let claim = store
             .claim(&ClaimRequest::new(10, Duration::from_secs(30)))
             .await
             .expect("claims work without the vacuum");
-        assert!(claim.is_empty());
+        assert_eq!(claim.len(), 1);
+        complete_all(&store, &claim, Disposition::Sent).await;
     }
     let outcome = store.vacuum_if_due().await.expect("round");
     assert_eq!(outcome, VacuumOutcome::NotAllowed);
@@ -319,18 +325,75 @@ impl Drop for Role {
     }
 }
 
-/// A keyed message not due for an hour: every claim sees keyed rows
-/// pending, none takes it.
-async fn later_keyed_row(h: &PgHarness) {
+/// Enqueues a message of key `k1`, due after `delay` (`None`: now).
+async fn keyed_row(h: &PgHarness, delay: Option<Duration>) {
+    let mut msg = NewMessage::new("t", "x").key("k1");
+    if let Some(d) = delay {
+        msg = msg.delay(d);
+    }
     let mut tx = h.app.begin().await.expect("begin");
-    h.outbox
-        .enqueue(
-            &mut *tx,
-            &NewMessage::new("t", "later")
-                .key("k1")
-                .delay(Duration::from_secs(3600)),
-        )
-        .await
-        .expect("enqueue");
+    h.outbox.enqueue(&mut *tx, &msg).await.expect("enqueue");
     tx.commit().await.expect("commit");
+}
+
+/// The relay's vacuum gives way to a schema change that waits for its
+/// lock (inserts would queue behind that): it cancels itself.
+#[tokio::test]
+async fn a_vacuum_gives_way_to_a_waiting_schema_change() {
+    let h = harness(Some(100)).await;
+    dead_rows(&h, 5_000, 5_000).await;
+    // New sessions of this database vacuum at a crawl (100 ms after every
+    // page), so the vacuum is still running when the schema change comes.
+    sqlx::raw_sql(&format!(
+        "ALTER DATABASE {db} SET vacuum_cost_delay = '100ms';
+         ALTER DATABASE {db} SET vacuum_cost_limit = 1;",
+        db = h.db.name
+    ))
+    .execute(&h.app)
+    .await
+    .expect("slow vacuums");
+    let store = h.store.clone();
+    let round = tokio::spawn(async move { store.vacuum_if_due().await });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let running: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity
+                             WHERE datname = current_database() AND state = 'active'
+                               AND application_name = 'postbox vacuum'
+                               AND query LIKE 'VACUUM%')",
+        )
+        .fetch_one(&h.app)
+        .await
+        .expect("activity");
+        if running {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the vacuum never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let app = h.app.clone();
+    let t = h.outbox.qualified_name().to_owned();
+    let alter = tokio::spawn(async move {
+        sqlx::raw_sql(&format!("ALTER TABLE {t} ADD COLUMN extra int"))
+            .execute(&app)
+            .await
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(30), round)
+        .await
+        .expect("the vacuum ends")
+        .expect("task")
+        .expect("round");
+    assert!(
+        matches!(outcome, VacuumOutcome::Yielded { dead_rows, .. } if dead_rows >= 5_000),
+        "{outcome:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), alter)
+        .await
+        .expect("the schema change goes through")
+        .expect("task")
+        .expect("alter");
+    assert_eq!(vacuums(&h).await, 0, "not counted as a vacuum");
 }
