@@ -350,9 +350,15 @@ impl Every {
         if text.trim().eq_ignore_ascii_case("off") {
             return Ok(Every::Off);
         }
-        humantime::parse_duration(text)
-            .map(Every::Interval)
-            .map_err(|e| format!("{text:?} is not a duration like \"30s\", or \"off\": {e}"))
+        match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => Err(format!(
+                "{text:?} must be greater than zero (\"off\" turns it off)"
+            )),
+            Ok(d) => Ok(Every::Interval(d)),
+            Err(e) => Err(format!(
+                "{text:?} is not a duration like \"30s\", or \"off\": {e}"
+            )),
+        }
     }
 
     /// The relay option: `None` for `off`.
@@ -538,6 +544,26 @@ mod props;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn off_from_a_higher_source_overrides_a_duration_from_a_lower_one() {
+        let flags = RelaySection {
+            stats_interval: Some(Every::parse("off").expect("off")),
+            ..RelaySection::default()
+        };
+        let file =
+            FileConfig::parse("[relay]\nstats_interval = \"10m\"\nheartbeat_interval = \"2s\"\n")
+                .expect("parses")
+                .relay;
+        let o = flags.or(file).options().expect("options");
+        assert_eq!(o.stats_interval, None);
+        assert_eq!(
+            o.heartbeat_interval,
+            Some(std::time::Duration::from_secs(2))
+        );
+        let zero = Every::parse("0s").expect_err("zero is refused");
+        assert!(zero.contains("off"), "{zero}");
+    }
 
     #[test]
     fn off_turns_a_periodic_task_off() {

@@ -177,7 +177,10 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
             .clone()
             // a placeholder that `resolve` accepts with every setting
             .or_else(|| {
-                Some(if config.store.vacuum_after.is_some() {
+                let vacuum = config.store.vacuum_after.is_some()
+                    || std::env::var_os(crate::config::VACUUM_AFTER_ENV)
+                        .is_some_and(|v| !v.is_empty());
+                Some(if vacuum {
                     "postgres://unused/unused".into()
                 } else {
                     "sqlite://unused.db".into()
