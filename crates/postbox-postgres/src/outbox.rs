@@ -42,21 +42,20 @@ pub(crate) struct Inner {
     pub(crate) schema: Ident,
     pub(crate) table: Ident,
     pub(crate) qualified: String,
+    pub(crate) options: Options,
+    pub(crate) sql: Sql,
+}
+
+/// The settings of a [`PgOutbox`] besides its names.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Options {
+    /// `NOTIFY` the relays' channel from `enqueue`.
     pub(crate) notify_on_enqueue: bool,
     /// Keep sent rows this long instead of deleting them.
     pub(crate) retain_sent: Option<Duration>,
     /// Dead rows from which a relay claiming keyed messages vacuums the
     /// table itself (`None`: never).
     pub(crate) vacuum_after: Option<NonZeroU64>,
-    pub(crate) sql: Sql,
-}
-
-/// The settings of a [`PgOutbox`] besides its names.
-#[derive(Clone, Copy, Debug, Default)]
-struct Options {
-    notify_on_enqueue: bool,
-    retain_sent: Option<Duration>,
-    vacuum_after: Option<NonZeroU64>,
 }
 
 impl Default for PgOutbox {
@@ -98,11 +97,6 @@ impl PgOutbox {
     }
 
     fn build(schema: Ident, table: Ident, options: Options) -> Self {
-        let Options {
-            notify_on_enqueue,
-            retain_sent,
-            vacuum_after,
-        } = options;
         let qualified = format!("{}.{}", schema.quoted(), table.quoted());
         let sql = Sql::new(&qualified, &schema, &table);
         Self {
@@ -110,9 +104,7 @@ impl PgOutbox {
                 schema,
                 table,
                 qualified,
-                notify_on_enqueue,
-                retain_sent,
-                vacuum_after,
+                options,
                 sql,
             }),
         }
@@ -132,11 +124,7 @@ impl PgOutbox {
 
     /// The same names with changed settings (the SQL is built anew).
     fn rebuild(&self, change: impl FnOnce(&mut Options)) -> Self {
-        let mut options = Options {
-            notify_on_enqueue: self.inner.notify_on_enqueue,
-            retain_sent: self.inner.retain_sent,
-            vacuum_after: self.inner.vacuum_after,
-        };
+        let mut options = self.inner.options;
         change(&mut options);
         Self::build(self.inner.schema.clone(), self.inner.table.clone(), options)
     }
@@ -195,13 +183,13 @@ impl PgOutbox {
     /// The dead rows from which relays over this table vacuum it (see
     /// [`PgOutbox::vacuum_after`]; `None`: they never do).
     pub fn vacuum_threshold(&self) -> Option<NonZeroU64> {
-        self.inner.vacuum_after
+        self.inner.options.vacuum_after
     }
 
     /// How long stores over this table keep sent messages (`None`: they
     /// delete them on success).
     pub fn sent_retention(&self) -> Option<Duration> {
-        self.inner.retain_sent
+        self.inner.options.retain_sent
     }
 
     /// The schema name.
@@ -245,7 +233,7 @@ impl PgOutbox {
         E: sqlx::Executor<'e, Database = Postgres>,
     {
         let headers = msg.headers_json();
-        let sql = if self.inner.notify_on_enqueue {
+        let sql = if self.inner.options.notify_on_enqueue {
             &self.inner.sql.insert_notify
         } else {
             &self.inner.sql.insert
@@ -259,7 +247,7 @@ impl PgOutbox {
             .bind(msg.tenant.as_deref())
             .bind(msg.available_at.map(to_unix_micros))
             .bind(max_attempts(msg)?);
-        if self.inner.notify_on_enqueue {
+        if self.inner.options.notify_on_enqueue {
             q = q.bind(self.channel());
         }
         q.execute(executor).await.map_err(map)?;
@@ -302,7 +290,7 @@ impl PgOutbox {
             available.push(m.available_at.map(to_unix_micros));
             attempts.push(max_attempts(m)?);
         }
-        let sql = if self.inner.notify_on_enqueue {
+        let sql = if self.inner.options.notify_on_enqueue {
             &self.inner.sql.insert_batch_notify
         } else {
             &self.inner.sql.insert_batch
@@ -316,7 +304,7 @@ impl PgOutbox {
             .bind(tenants)
             .bind(available)
             .bind(attempts);
-        if self.inner.notify_on_enqueue {
+        if self.inner.options.notify_on_enqueue {
             q = q.bind(self.channel());
         }
         q.execute(executor).await.map_err(map)?;

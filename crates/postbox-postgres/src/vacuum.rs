@@ -109,13 +109,11 @@ impl Drop for Running {
 }
 
 impl PgStore {
-    /// Starts a round of the relay's own vacuum in the background when the
-    /// outbox has a threshold, none runs, and the last round was long
-    /// enough ago; called after claims that returned keyed messages.
+    /// Starts a round of the relay's own vacuum in the background when none
+    /// runs and the last round was long enough ago; called after claims
+    /// that returned keyed messages, when the outbox has a threshold (a
+    /// round without one returns `Off`).
     pub(crate) fn vacuum_soon(&self) {
-        if self.outbox().vacuum_threshold().is_none() {
-            return;
-        }
         // outside a Tokio runtime there is nothing to run it on
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -258,6 +256,9 @@ impl PgStore {
                 took,
             });
         }
+        // `before` saw no vacuum holding the table; one that started since
+        // (a race of milliseconds) made `SKIP_LOCKED` skip ours, which
+        // leaves the table's manual-vacuum count as it was
         let after = self.vacuum_check().await?;
         Ok(if after.vacuums > before.vacuums {
             VacuumOutcome::Vacuumed {
