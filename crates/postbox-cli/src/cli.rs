@@ -172,7 +172,8 @@ pub(crate) struct RelayArgs {
     #[arg(long)]
     pub(crate) tenant: Option<String>,
     /// After SIGTERM/SIGINT, how long a batch being published may still take
-    /// before its rows are released to other relays [default: 5s].
+    /// before its keyless rows are released to other relays (its keyed rows
+    /// keep their lease until it ends) [default: 5s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) shutdown_grace: Option<Duration>,
     /// How often to write this relay's heartbeat row, which `postbox status`

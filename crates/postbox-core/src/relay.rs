@@ -16,9 +16,11 @@
 //!
 //! Shutdown: once the token fires, no new claim starts; a batch being
 //! published gets [`RelayOptions::shutdown_grace`] to finish, after which its
-//! rows are released (claimable at once by another relay, attempt not
-//! counted); a claim that returns after the token fired is released without
-//! being published.
+//! keyless rows are released (claimable at once by another relay, attempt
+//! not counted) and its keyed rows keep their lease until it ends (attempt
+//! counted): the abandoned send may still reach the broker until the send
+//! timeout, and a key's next message must not overtake it. A claim that
+//! returns after the token fired is released without being published.
 //!
 //! Heartbeats: while [`Relay::run`] runs, a task of its own writes the
 //! relay's [`RelayHeartbeat`] (id, host, pid, version, last claim, rows held)
@@ -104,7 +106,9 @@ pub struct RelayOptions {
     /// (one cheap store query) \[5 s\].
     pub tenant_refresh: Duration,
     /// After shutdown is requested, how long a batch being published may
-    /// still take before its rows are released to other relays \[5 s\].
+    /// still take before the relay stops waiting for it: its keyless rows
+    /// are then released to other relays, its keyed rows keep their lease
+    /// until it ends \[5 s\].
     pub shutdown_grace: Duration,
     /// How often [`Relay::run`] samples the store's counts into the
     /// `postbox_pending`… gauges (one `stats` query each time; on
@@ -302,6 +306,25 @@ fn claim_ahead_pays(claim_took: Duration, publish_took: Duration) -> bool {
 const SETTLE_FIRST: u32 = 16;
 
 /// Completions that give rows back unpublished, their attempt not counted.
+/// The longest wait a publisher's hint (HTTP `Retry-After`) can set before
+/// a retry; longer hints count as this. An endpoint's hint is not checked
+/// by anyone else, and an absurd one (`Retry-After: 99999999999999`) must
+/// not make the completion's timestamp overflow in the database, which
+/// would fail the whole batch's completion.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How [`Relay::publish`] ended.
+enum Published {
+    /// One outcome per message (a send that timed out: transient).
+    Outcomes(Vec<PublishOutcome>),
+    /// Shutdown was requested before the batch reached the publisher.
+    NotStarted,
+    /// Shutdown's grace period ran out while the publisher had the batch:
+    /// what reached the broker is unknown, and more may still reach it
+    /// until the send timeout.
+    Abandoned,
+}
+
 fn releases(seqs: impl IntoIterator<Item = i64>) -> Vec<Completion> {
     seqs.into_iter()
         .map(|seq| Completion::new(seq, Disposition::Release))
@@ -652,7 +675,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// One pass that gives way to `shutdown`: a claim that comes back after
     /// the token fired is released unpublished, and a publish still running
     /// [`RelayOptions::shutdown_grace`] after it fired is abandoned and its
-    /// rows released.
+    /// keyless rows released (its keyed rows keep their lease).
     ///
     /// The batch's outcomes are decided but not yet recorded: the caller
     /// hands the returned [`Settle`] to [`Relay::settle`].
@@ -853,7 +876,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             #[cfg(feature = "opentelemetry")]
             let message_spans = crate::trace_context::message_spans(&to_publish);
             match self.publish(&to_publish, shutdown).await {
-                Some(outcomes) => {
+                Published::Outcomes(outcomes) => {
                     #[cfg(feature = "opentelemetry")]
                     crate::trace_context::record_outcomes(&message_spans, &outcomes);
                     self.observe_outcomes(&to_publish, &outcomes);
@@ -861,12 +884,29 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         completions.push(Completion::new(m.seq, self.dispose(m, outcome)));
                     }
                 }
-                None => {
+                Published::NotStarted => {
                     tracing::info!(
                         postbox.batch_size = to_publish.len(),
                         "shutting down: releasing the batch's leases to other relays"
                     );
                     completions.extend(releases(to_publish.iter().map(|m| m.seq)));
+                }
+                Published::Abandoned => {
+                    // What the publisher sent may still reach the broker
+                    // until the send timeout. Another relay may publish a
+                    // keyless message again at once (a duplicate), but not
+                    // a key's head: it would then publish the key's next
+                    // message, which the stale copy could follow. Keyed
+                    // rows keep their lease, which outlasts the send
+                    // timeout (see `publish_claimed`).
+                    let keyless =
+                        releases(to_publish.iter().filter(|m| m.key.is_none()).map(|m| m.seq));
+                    tracing::info!(
+                        postbox.released = keyless.len(),
+                        postbox.kept = to_publish.len() - keyless.len(),
+                        "shutting down with a publish unfinished: its keyless rows are released to other relays, its keyed rows keep their lease until it ends"
+                    );
+                    completions.extend(keyless);
                 }
             }
         }
@@ -955,7 +995,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     dead(format!("gave up after {max} attempts: {reason}"))
                 } else {
                     let backoff = self.inner.options.retry.delay(m.attempt);
-                    let delay = retry_after.map_or(backoff, |hint| hint.max(backoff));
+                    let delay =
+                        retry_after.map_or(backoff, |hint| hint.min(MAX_RETRY_AFTER).max(backoff));
                     tracing::debug!(postbox.id = %m.id, postbox.attempt = m.attempt, ?delay, %reason, "publish failed, will retry");
                     Disposition::Retry {
                         delay,
@@ -970,17 +1011,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// Publishes `batch` within the send timeout. `None`: shutdown was
-    /// requested and the grace period ran out first, so the outcome is
-    /// unknown and the rows should be released.
-    async fn publish(
-        &self,
-        batch: &[Message],
-        shutdown: &CancellationToken,
-    ) -> Option<Vec<PublishOutcome>> {
+    /// Publishes `batch` within the send timeout, unless shutdown was
+    /// requested before it started or its grace period runs out first.
+    async fn publish(&self, batch: &[Message], shutdown: &CancellationToken) -> Published {
         if shutdown.is_cancelled() {
             // claimed while shutting down: hand it straight back
-            return None;
+            return Published::NotStarted;
         }
         let timeout = self.inner.options.send_timeout;
         let grace = self.inner.options.shutdown_grace;
@@ -992,10 +1028,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         );
         let result = tokio::select! {
             r = sent => r,
-            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => return None,
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => return Published::Abandoned,
         };
         metrics::histogram!(observe::PUBLISH_DURATION_SECONDS).record(started.elapsed());
-        Some(match result {
+        Published::Outcomes(match result {
             Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
             Ok(outcomes) => {
                 let reason = format!(
@@ -1045,7 +1081,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     /// Runs until `shutdown` fires, then stops claiming, gives each batch
     /// being published [`RelayOptions::shutdown_grace`] to finish, releases
-    /// the rows of those that did not, and returns the totals.
+    /// the keyless rows of those that did not (their keyed rows keep their
+    /// lease until it ends), and returns the totals.
     ///
     /// Database errors are retried with backoff forever; they never end the
     /// loop. While it runs it also samples the store's counts into gauges
@@ -1480,7 +1517,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 // before the store's own `now() + delay`
                 let recorded = Instant::now();
                 for delay in delays {
-                    dues.add(recorded + delay);
+                    // past what `Instant` can hold: the poll finds it anyway
+                    if let Some(due) = recorded.checked_add(delay) {
+                        dues.add(due);
+                    }
                 }
                 lost
             }

@@ -17,6 +17,9 @@ pub enum Behaviour {
     Transient(String),
     /// Report `Rejected` with this reason; nothing is recorded.
     Reject(String),
+    /// Report `Transient` with the reason `"throttled"` and this wait hint
+    /// (as an HTTP `429` with `Retry-After`); nothing is recorded.
+    Throttled(Duration),
     /// Never answer for the whole batch (the relay's send timeout fires).
     Hang,
     /// Deliver it, answering for the whole batch only after this long (a
@@ -186,6 +189,10 @@ impl Publisher for TestPublisher {
                 }
                 Behaviour::Transient(r) => PublishOutcome::transient(r),
                 Behaviour::Reject(r) => PublishOutcome::rejected(r),
+                Behaviour::Throttled(wait) => PublishOutcome::Transient {
+                    reason: "throttled".to_owned(),
+                    retry_after: Some(wait),
+                },
                 Behaviour::Hang => PublishOutcome::transient("hang"),
             })
             .collect()

@@ -257,17 +257,31 @@ async fn shutdown_releases_a_batch_whose_publish_outlives_the_grace() {
     );
     assert_eq!((report.claimed, report.sent, report.retried), (2, 0, 0));
 
-    // both rows are claimable at once, their attempt not counted
+    // the keyless row is claimable at once, its attempt not counted; the
+    // keyed one keeps its lease (the abandoned send may still land, and
+    // the key's next message must not overtake it), its attempt counted
     let rows = store.list(&ListQuery::new(None, 10)).await.expect("list");
-    assert_eq!(rows.len(), 2);
-    for r in &rows {
-        assert_eq!(r.status, Status::Pending, "{r:?}");
-        assert_eq!(r.attempts, 0, "{r:?}");
-    }
-    let next = Relay::builder(store, TestPublisher::recording())
+    let states: Vec<_> = rows
+        .iter()
+        .map(|r| (r.key.as_deref(), r.status, r.attempts))
+        .collect();
+    assert_eq!(
+        states,
+        [(Some("k"), Status::Leased, 1), (None, Status::Pending, 0)],
+        "{rows:?}"
+    );
+    let next_publisher = TestPublisher::recording();
+    let next = Relay::builder(store.clone(), next_publisher.clone())
         .build()
         .expect("relay");
-    assert_eq!(next.tick().await.expect("tick").sent, 2);
+    assert_eq!(next.tick().await.expect("tick").sent, 1);
+    assert_eq!(next_publisher.delivered()[0].key, None);
+    // once the lease is over, the keyed one goes out too
+    store.advance(Duration::from_secs(31));
+    assert_eq!(next.tick().await.expect("tick").sent, 1);
+    let delivered = next_publisher.delivered();
+    assert_eq!(delivered[1].key.as_deref(), Some("k"));
+    assert_eq!(delivered[1].attempt, 2);
 }
 
 #[tokio::test(start_paused = true)]
