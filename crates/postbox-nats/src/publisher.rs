@@ -21,6 +21,10 @@ use crate::{NatsConfig, NatsError, tls};
 /// its own). Keyless messages have no such header.
 pub const KEY_HEADER: &str = "postbox-key";
 
+/// A batch is sent in chunks of this many messages, each chunk's acks
+/// awaited before the next is sent (see `publish`).
+const ACK_CHUNK: usize = 1_000;
+
 /// Publishes to NATS JetStream.
 ///
 /// Each message goes to [`NatsConfig::subject`] of its topic with headers
@@ -127,7 +131,11 @@ impl NatsPublisher {
             .connect(config.url.as_str())
             .await
             .map_err(|e| NatsError::invalid("url", format!("{} ({e})", config.server())))?;
-        let mut js = jetstream::new(client.clone());
+        // Room for a chunk of every batch a relay can have in flight (at
+        // most 64 workers), so chunks never wait for each other's permits.
+        let mut js = jetstream::ContextBuilder::new()
+            .max_ack_inflight(ACK_CHUNK * 64)
+            .build(client.clone());
         js.set_timeout(Duration::from_millis(config.ack_timeout_ms));
         Ok(Self {
             inner: Arc::new(Inner {
@@ -226,59 +234,70 @@ impl Inner {
                 .map(|_| PublishOutcome::transient(reason.clone()))
                 .collect();
         }
-        // Send everything first: the acks travel back while later messages
-        // are still being written.
-        let mut sent: Vec<Result<(PublishAckFuture, String), PublishOutcome>> =
-            Vec::with_capacity(batch.len());
+        // Send a chunk first, then await its acks: the acks travel back while
+        // later messages of the chunk are still being written. In chunks,
+        // because every ack not yet awaited holds one of the context's
+        // in-flight permits and a publish waits for a free one: a batch
+        // larger than the permits (async-nats's default, 5,000) sent whole
+        // before awaiting any ack waited for itself until the relay's send
+        // timeout.
+        let mut outcomes = Vec::with_capacity(batch.len());
         let mut broken: Option<String> = None;
-        for m in batch {
-            if let Some(reason) = &broken {
-                // the connection is not taking messages: do not wait
-                // `ack_timeout` once more per message
-                sent.push(Err(PublishOutcome::transient(reason.clone())));
-                continue;
-            }
-            let subject = self.config.subject(&m.topic);
-            let headers = match check_subject(&subject).and_then(|()| headers_for(m)) {
-                Ok(h) => h,
-                Err(reason) => {
-                    sent.push(Err(PublishOutcome::rejected(reason)));
+        for chunk in batch.chunks(ACK_CHUNK) {
+            let mut sent: Vec<Result<(PublishAckFuture, String), PublishOutcome>> =
+                Vec::with_capacity(chunk.len());
+            for m in chunk {
+                if let Some(reason) = &broken {
+                    // the connection is not taking messages: do not wait
+                    // `ack_timeout` once more per message
+                    sent.push(Err(PublishOutcome::transient(reason.clone())));
                     continue;
                 }
-            };
-            match self
-                .js
-                .publish_with_headers(subject.clone(), headers, m.payload.clone())
-                .await
-            {
-                Ok(ack) => sent.push(Ok((ack, subject))),
-                Err(e) => {
-                    if matches!(
-                        e.kind(),
-                        PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
-                    ) {
-                        broken = Some(format!(
-                            "NATS at {}: {e}{}",
-                            self.config.server(),
-                            self.link_note()
-                        ));
+                let subject = self.config.subject(&m.topic);
+                let headers = match check_subject(&subject).and_then(|()| headers_for(m)) {
+                    Ok(h) => h,
+                    Err(reason) => {
+                        sent.push(Err(PublishOutcome::rejected(reason)));
+                        continue;
                     }
-                    sent.push(Err(self.map_error(&e, &subject, m).await));
+                };
+                match self
+                    .js
+                    .publish_with_headers(subject.clone(), headers, m.payload.clone())
+                    .await
+                {
+                    Ok(ack) => sent.push(Ok((ack, subject))),
+                    Err(e) => {
+                        if matches!(
+                            e.kind(),
+                            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+                        ) {
+                            broken = Some(format!(
+                                "NATS at {}: {e}{}",
+                                self.config.server(),
+                                self.link_note()
+                            ));
+                        }
+                        sent.push(Err(self.map_error(&e, &subject, m).await));
+                    }
                 }
             }
+            // Ack timers start when awaited: await them together so a dead
+            // server costs one `ack_timeout`, not one per message.
+            outcomes.extend(
+                join_all(sent.into_iter().zip(chunk).map(|(s, m)| async move {
+                    match s {
+                        Ok((ack, subject)) => match ack.await {
+                            Ok(_) => PublishOutcome::Ok,
+                            Err(e) => self.map_error(&e, &subject, m).await,
+                        },
+                        Err(outcome) => outcome,
+                    }
+                }))
+                .await,
+            );
         }
-        // Ack timers start when awaited: await them together so a dead
-        // server costs one `ack_timeout`, not one per message.
-        join_all(sent.into_iter().zip(batch).map(|(s, m)| async move {
-            match s {
-                Ok((ack, subject)) => match ack.await {
-                    Ok(_) => PublishOutcome::Ok,
-                    Err(e) => self.map_error(&e, &subject, m).await,
-                },
-                Err(outcome) => outcome,
-            }
-        }))
-        .await
+        outcomes
     }
 
     async fn map_error(

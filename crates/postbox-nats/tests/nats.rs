@@ -64,6 +64,29 @@ async fn a_redelivery_with_the_same_id_is_stored_once() {
     assert_eq!(got.len(), 1, "Nats-Msg-Id dedup failed: {got:?}");
 }
 
+/// A batch larger than async-nats's default room for unanswered acks
+/// (5,000): sent whole before any ack was awaited, its 5,001st message
+/// waited for a permit its own batch held, until the relay's send timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_ten_thousand_is_acknowledged() {
+    let h = harness().await;
+    let topic = h.topic_name();
+    let batch: Vec<_> = (1..=10_000)
+        .map(|i| message(i, &topic, None, format!("m{i}").into_bytes()))
+        .collect();
+    let outcomes = tokio::time::timeout(Duration::from_secs(60), h.publisher.publish(&batch))
+        .await
+        .expect("the batch's publish did not finish within 60 s");
+    assert!(
+        outcomes.iter().all(PublishOutcome::is_ok),
+        "{:?}",
+        &outcomes[..3]
+    );
+    assert_eq!(outcomes.len(), 10_000);
+    let mut stream = h.js.get_stream(h.stream()).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 10_000);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_large_and_bad_headers_are_rejected_alone() {
     let h = harness().await;
