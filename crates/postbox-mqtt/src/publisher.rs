@@ -447,6 +447,11 @@ async fn drive(
                     eventloop.clean();
                     eventloop.pending.clear();
                     eventloop.state.events.clear();
+                    // `clean` keeps a publish parked on a packet-id
+                    // collision (PUBACKs out of order); left set, the new
+                    // connection would read no request until its
+                    // collision timeout, reconnect, and stall again
+                    eventloop.state.collision = None;
                     t.fail_all(&reason);
                 }
                 tracing::warn!(broker = %addr, %error, retry_in = ?backoff, "MQTT connection problem");
