@@ -11,7 +11,7 @@ use crate::HttpError;
 /// that every message routed to this publisher is POSTed to.
 ///
 /// Plain data; deserialises from a config file with the defaults below.
-/// `Debug` never shows the secret nor the URL's password.
+/// `Debug` never shows the secret, nor the URL's user info, query or fragment.
 ///
 /// ```
 /// use postbox_http::HttpConfig;
@@ -76,7 +76,19 @@ fn default_connect_timeout_ms() -> u64 {
 impl std::fmt::Debug for HttpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpConfig")
-            .field("url", &postbox_core::redact_userinfo(&self.url))
+            .field(
+                "url",
+                &url::Url::parse(&self.url).map_or_else(
+                    // not a URL (`HttpPublisher::new` refuses it): still
+                    // nothing after `?` or `#`, and no user info
+                    |_| {
+                        postbox_core::redact_userinfo(
+                            self.url.split(['?', '#']).next().unwrap_or(""),
+                        )
+                    },
+                    |u| crate::publisher::shown_url(&u),
+                ),
+            )
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("unsigned", &self.unsigned)
             .field("concurrency", &self.concurrency)
@@ -203,6 +215,14 @@ mod tests {
         let dbg = format!("{cfg:?}");
         assert!(
             !dbg.contains("hunter2") && !dbg.contains("c2VjcmV0"),
+            "{dbg}"
+        );
+        // a token in the query or as the user name is not shown either
+        let cfg = HttpConfig::from_url("https://tok3n@example.com/hook?token=abc123#frag").unwrap();
+        let dbg = format!("{cfg:?}");
+        assert!(dbg.contains("example.com/hook"), "{dbg}");
+        assert!(
+            !dbg.contains("abc123") && !dbg.contains("tok3n") && !dbg.contains("frag"),
             "{dbg}"
         );
     }

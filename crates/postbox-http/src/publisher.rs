@@ -145,18 +145,10 @@ impl HttpPublisher {
             .user_agent(concat!("postbox/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| HttpError::Client(e.without_url()))?;
-        // No user info at all: a webhook's user name may be a token
-        // (`https://TOKEN@host/hook`), like a NATS one; and nothing up to a
-        // last `@` (a token with an unescaped `/` ends up in the path).
-        let mut shown = url.clone();
-        let _ = shown.set_password(None);
-        let _ = shown.set_username("");
-        shown.set_query(None);
-        shown.set_fragment(None);
         Ok(Self {
             inner: Arc::new(Inner {
                 client,
-                display_url: redact_userinfo(shown.as_str()),
+                display_url: shown_url(&url),
                 url,
                 secret,
                 concurrency: config.concurrency,
@@ -388,6 +380,19 @@ pub(crate) fn outcome_for_status(
     } else {
         PublishOutcome::rejected(with_body)
     }
+}
+
+/// `url` as logs, reasons and `Debug` show it: no user info at all (a
+/// webhook's user name may be a token, `https://TOKEN@host/hook`, like a
+/// NATS one), nothing up to a last `@` (a token with an unescaped `/` ends
+/// up in the path), and no query or fragment (`?token=…`).
+pub(crate) fn shown_url(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("");
+    shown.set_query(None);
+    shown.set_fragment(None);
+    redact_userinfo(shown.as_str())
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date.
