@@ -25,7 +25,8 @@
 //! Heartbeats: while [`Relay::run`] runs, a task of its own writes the
 //! relay's [`RelayHeartbeat`] (id, host, pid, version, last claim, rows held)
 //! every [`RelayOptions::heartbeat_interval`], off the claim path; a clean
-//! shutdown deletes the row once every lease is completed or released.
+//! shutdown deletes the row once every batch is completed, released or
+//! (keyed rows of a publish abandoned at shutdown) left to its lease.
 //!
 //! Retention: when the store keeps sent messages
 //! ([`Store::sent_retention`]), another task deletes those past the
