@@ -1,6 +1,6 @@
 //! The AMQP publisher: confirm mode, mandatory, persistent.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -56,6 +56,10 @@ struct Inner {
     link: Mutex<Link>,
     /// Exchanges seen to exist (passive declare), so each is checked once.
     exchanges: std::sync::Mutex<HashSet<String>>,
+    /// Held by a batch from its first publish to its last confirm: the
+    /// channel is then the batch's alone, so the returns its confirms carry
+    /// are its own (see `publish`).
+    publishing: Mutex<()>,
 }
 
 /// The current connection and confirm-mode channel, or when to try again.
@@ -77,6 +81,7 @@ impl RabbitMqPublisher {
                 config,
                 link: Mutex::new(Link::default()),
                 exchanges: std::sync::Mutex::new(HashSet::new()),
+                publishing: Mutex::new(()),
             }),
         })
     }
@@ -248,6 +253,13 @@ impl Inner {
         if batch.is_empty() {
             return Vec::new();
         }
+        // lapin hands each `basic.return` to whichever confirm completes
+        // next on the channel, whatever its delivery tag (and a multiple ack
+        // completes its tags in no set order). A return always comes before
+        // its own message's ack, so on a channel that only this batch uses,
+        // its confirms together carry exactly its returns; which message
+        // each belongs to is read from its `message_id` below.
+        let _exclusive = self.publishing.lock().await;
         let channel = match self.channel().await {
             Ok(c) => c,
             Err(reason) => {
@@ -312,48 +324,66 @@ impl Inner {
             }
         }
         let deadline = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
-        let outcomes: Vec<(PublishOutcome, bool)> =
-            join_all(pending.into_iter().map(|p| async move {
-                let (confirm, exchange, routing_key) = match p {
-                    Ok(p) => p,
-                    Err(outcome) => return (outcome, false),
-                };
-                match tokio::time::timeout_at(deadline, confirm).await {
-                    Ok(Ok(Confirmation::Ack(None))) => (PublishOutcome::Ok, false),
-                    Ok(Ok(Confirmation::Ack(Some(returned)))) => (
-                        PublishOutcome::rejected(format!(
-                            "unroutable: exchange {:?} routing key {:?} ({} {})",
-                            exchange.as_str(),
-                            routing_key.as_str(),
-                            returned.reply_code,
-                            returned.reply_text
-                        )),
-                        false,
-                    ),
-                    Ok(Ok(Confirmation::Nack(_))) => (
-                        PublishOutcome::transient(
-                            "RabbitMQ nacked the message (it could not store it)",
+        // per message: its confirm, or its outcome and whether the channel
+        // is to be dropped
+        type Confirmed = Result<(Confirmation, ShortString, ShortString), (PublishOutcome, bool)>;
+        let confirms: Vec<Confirmed> = join_all(pending.into_iter().map(|p| async move {
+            let (confirm, exchange, routing_key) = p.map_err(|outcome| (outcome, false))?;
+            match tokio::time::timeout_at(deadline, confirm).await {
+                Ok(Ok(c)) => Ok((c, exchange, routing_key)),
+                Ok(Err(e)) => Err((
+                    PublishOutcome::transient(format!("RabbitMQ confirm failed: {e}")),
+                    true,
+                )),
+                Err(_) => Err((
+                    PublishOutcome::transient(format!(
+                        "no confirm from RabbitMQ within {} ms",
+                        self.config.confirm_timeout_ms
+                    )),
+                    true,
+                )),
+            }
+        }))
+        .await;
+        // the returns this batch's confirms carried, by message id
+        let mut returned: HashMap<String, (u16, String)> = HashMap::new();
+        for (c, _, _) in confirms.iter().flatten() {
+            if let Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) = c
+                && let Some(id) = r.delivery.properties.message_id()
+            {
+                returned.insert(id.to_string(), (r.reply_code, r.reply_text.to_string()));
+            }
+        }
+        let outcomes: Vec<(PublishOutcome, bool)> = confirms
+            .into_iter()
+            .zip(batch)
+            .map(|(c, m)| match c {
+                Err(outcome_lost) => outcome_lost,
+                Ok((Confirmation::Ack(_), exchange, routing_key)) => {
+                    match returned.get(&m.id.to_string()) {
+                        Some((code, text)) => (
+                            PublishOutcome::rejected(format!(
+                                "unroutable: exchange {:?} routing key {:?} ({code} {text})",
+                                exchange.as_str(),
+                                routing_key.as_str(),
+                            )),
+                            false,
                         ),
-                        false,
-                    ),
-                    Ok(Ok(Confirmation::NotRequested)) => (
-                        PublishOutcome::transient("channel is not in confirm mode"),
-                        true,
-                    ),
-                    Ok(Err(e)) => (
-                        PublishOutcome::transient(format!("RabbitMQ confirm failed: {e}")),
-                        true,
-                    ),
-                    Err(_) => (
-                        PublishOutcome::transient(format!(
-                            "no confirm from RabbitMQ within {} ms",
-                            self.config.confirm_timeout_ms
-                        )),
-                        true,
-                    ),
+                        None => (PublishOutcome::Ok, false),
+                    }
                 }
-            }))
-            .await;
+                Ok((Confirmation::Nack(_), _, _)) => (
+                    PublishOutcome::transient(
+                        "RabbitMQ nacked the message (it could not store it)",
+                    ),
+                    false,
+                ),
+                Ok((Confirmation::NotRequested, _, _)) => (
+                    PublishOutcome::transient("channel is not in confirm mode"),
+                    true,
+                ),
+            })
+            .collect();
         if broken.is_some() || outcomes.iter().any(|(_, lost)| *lost) {
             self.drop_channel(&channel).await;
         }

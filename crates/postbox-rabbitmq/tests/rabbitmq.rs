@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{RabbitHarness, config, harness, suffix};
-use lapin::options::QueueBindOptions;
+use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
-use postbox_core::{PublishOutcome, Publisher};
+use postbox_core::{Message, PublishOutcome, Publisher};
 use postbox_rabbitmq::{RabbitMqConfig, RabbitMqPublisher};
 use postbox_testkit::FaultProxy;
 use postbox_testkit::publisher_suite::message;
@@ -35,6 +35,60 @@ async fn an_unroutable_message_is_rejected_naming_exchange_and_routing_key() {
     }
     let got = h.read_queue(&h.queue(), 1, Duration::from_secs(20)).await;
     assert_eq!(got[0].id, Some(routed.id));
+}
+
+/// Unroutable messages among routable ones bound for a durable queue (whose
+/// acks wait for the disk while a return's ack does not), in two batches
+/// at once on one publisher: each unroutable message is rejected, each
+/// routable one is `Ok` and in the queue. lapin hands a return to whichever
+/// confirm completes next, so without reading the return's `message_id`
+/// a return could be pinned on another message, and its own reported `Ok`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn returns_are_pinned_on_their_own_messages() {
+    let h = harness().await;
+    let durable = format!("postbox.test.{}.durable", h.suffix);
+    h.channel
+        .queue_declare(
+            durable.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let nowhere = format!("postbox.test.nowhere.{}", suffix());
+    let batch = |base: i64| -> Vec<Message> {
+        (base..base + 200)
+            .map(|i| {
+                if i % 2 == 0 {
+                    message(i, &durable, None, format!("r{i}").into_bytes())
+                } else {
+                    message(i, &nowhere, None, &b"x"[..])
+                }
+            })
+            .collect()
+    };
+    let (a, b) = (batch(0), batch(1_000));
+    let (oa, ob) = tokio::join!(h.publisher.publish(&a), h.publisher.publish(&b));
+    for (m, o) in a.iter().zip(&oa).chain(b.iter().zip(&ob)) {
+        if m.topic == durable {
+            assert_eq!(*o, PublishOutcome::Ok, "seq {}", m.seq);
+        } else {
+            assert!(
+                matches!(o, PublishOutcome::Rejected { reason } if reason.contains("unroutable")),
+                "seq {}: {o:?}",
+                m.seq
+            );
+        }
+    }
+    let got = h.read_queue(&durable, 200, Duration::from_secs(20)).await;
+    h.channel
+        .queue_delete(durable.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
