@@ -233,6 +233,16 @@ fn scheme_of(url: &str) -> &str {
 }
 
 impl AnyPublisher {
+    /// How long after a publish is abandoned the broker client may still
+    /// deliver it on its own, where the client keeps retrying in the
+    /// background (librdkafka); `None` where dropping the publish stops it.
+    pub(crate) fn lands_until(&self) -> Option<(&'static str, Duration)> {
+        match self {
+            Self::Kafka(p) => Some(("message_timeout_ms", p.message_timeout())),
+            _ => None,
+        }
+    }
+
     /// Builds the publisher a URL names. A broker that is down is not an
     /// error here: its messages fail transiently until it is back.
     pub(crate) async fn from_url(url: &str) -> anyhow::Result<Self> {

@@ -145,12 +145,25 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
 }
 
 async fn build_router(r: &Resolved) -> anyhow::Result<Router<AnyPublisher>> {
+    let send_timeout = r.relay.options()?.send_timeout;
     let mut built = std::collections::BTreeMap::new();
     for (name, source) in &r.publishers {
         let p = match source {
             Source::Url(url) => AnyPublisher::from_url(url).await?,
             Source::Table(table) => AnyPublisher::from_table(name, table).await?,
         };
+        // A publish the relay gave up on must not land later: another
+        // relay may by then have published the message again and its
+        // key's next one.
+        if let Some((setting, lands_until)) = p.lands_until()
+            && lands_until >= send_timeout
+        {
+            return Err(usage(format!(
+                "publishers.{name}: {setting} ({}) must be shorter than the relay's send_timeout ({}): the broker client keeps delivering a message until then, after the relay has counted it as failed, and a key's next message could overtake it",
+                humantime::format_duration(lands_until),
+                humantime::format_duration(send_timeout),
+            )));
+        }
         built.insert(name.clone(), p);
     }
     let mut router = Router::new();

@@ -72,6 +72,10 @@ fn bad_configs_exit_2_naming_the_key() {
             "[relay]\ncleanup_interval = \"never\"\n",
             "cleanup_interval",
         ),
+        (
+            "[publishers.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\nmessage_timeout_ms = 10000\n",
+            "publishers.k: message_timeout_ms (10s) must be shorter than the relay's send_timeout (10s)",
+        ),
     ];
     for (i, (text, named)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));

@@ -397,7 +397,7 @@ fn relay_logs_and_stored_errors_never_show_secrets() {
             vec![
                 "--publish".into(),
                 format!(
-                    "kafka://127.0.0.1:1?security.protocol=sasl_plaintext&sasl.mechanism=PLAIN&sasl.username=app&sasl.password={SECRET}"
+                    "kafka://127.0.0.1:1?message_timeout_ms=1000&security.protocol=sasl_plaintext&sasl.mechanism=PLAIN&sasl.username=app&sasl.password={SECRET}"
                 ),
             ],
             vec![],

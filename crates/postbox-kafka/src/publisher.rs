@@ -72,6 +72,14 @@ fn client_error(e: &RdError) -> String {
 }
 
 impl KafkaPublisher {
+    /// How long librdkafka may go on trying to deliver a message
+    /// (`message_timeout_ms`): until then a message whose publish the
+    /// relay gave up on may still land. A relay's send timeout must be
+    /// longer, or a key's next message could overtake it.
+    pub fn message_timeout(&self) -> Duration {
+        Duration::from_millis(self.inner.config.message_timeout_ms)
+    }
+
     /// Builds the producer. Never contacts a broker: messages published
     /// while Kafka is down are `Transient` after `message_timeout_ms`.
     pub fn new(config: KafkaConfig) -> Result<Self, KafkaError> {
