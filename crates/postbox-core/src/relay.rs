@@ -306,7 +306,6 @@ fn claim_ahead_pays(claim_took: Duration, publish_took: Duration) -> bool {
 /// takes may already have the next one claimed ahead of it.
 const SETTLE_FIRST: u32 = 16;
 
-/// Completions that give rows back unpublished, their attempt not counted.
 /// The longest wait a publisher's hint (HTTP `Retry-After`) can set before
 /// a retry; longer hints count as this. An endpoint's hint is not checked
 /// by anyone else, and an absurd one (`Retry-After: 99999999999999`) must
@@ -326,6 +325,7 @@ enum Published {
     Abandoned,
 }
 
+/// Completions that give rows back unpublished, their attempt not counted.
 fn releases(seqs: impl IntoIterator<Item = i64>) -> Vec<Completion> {
     seqs.into_iter()
         .map(|seq| Completion::new(seq, Disposition::Release))
