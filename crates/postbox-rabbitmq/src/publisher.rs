@@ -1,6 +1,7 @@
 //! The AMQP publisher: confirm mode, mandatory, persistent.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
@@ -60,6 +61,28 @@ struct Inner {
     /// channel is then the batch's alone, so the returns its confirms carry
     /// are its own (see `publish`).
     publishing: Mutex<()>,
+    /// A batch's publish was dropped (the relay's send timeout, shutdown)
+    /// before its last confirm: the next batch opens a new channel, since
+    /// the dropped batch's unanswered confirms could still take its returns.
+    abandoned: AtomicBool,
+}
+
+/// Sets [`Inner::abandoned`] when dropped before [`Abandoned::finished`]:
+/// the batch's publish was dropped while it waited for confirms.
+struct Abandoned<'a>(Option<&'a AtomicBool>);
+
+impl Abandoned<'_> {
+    fn finished(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(flag) = self.0 {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The current connection and confirm-mode channel, or when to try again.
@@ -82,6 +105,7 @@ impl RabbitMqPublisher {
                 link: Mutex::new(Link::default()),
                 exchanges: std::sync::Mutex::new(HashSet::new()),
                 publishing: Mutex::new(()),
+                abandoned: AtomicBool::new(false),
             }),
         })
     }
@@ -260,6 +284,12 @@ impl Inner {
         // its confirms together carry exactly its returns; which message
         // each belongs to is read from its `message_id` below.
         let _exclusive = self.publishing.lock().await;
+        if self.abandoned.swap(false, Ordering::Relaxed) {
+            let open = self.link.lock().await.open.as_ref().map(|(_, c)| c.clone());
+            if let Some(channel) = open {
+                self.drop_channel(&channel).await;
+            }
+        }
         let channel = match self.channel().await {
             Ok(c) => c,
             Err(reason) => {
@@ -269,6 +299,7 @@ impl Inner {
                     .collect();
             }
         };
+        let abandoned = Abandoned(Some(&self.abandoned));
         let missing = self.missing_exchanges(batch).await;
         // Publish everything first; confirms come back while later messages
         // are still being written.
@@ -384,6 +415,7 @@ impl Inner {
                 ),
             })
             .collect();
+        abandoned.finished();
         if broken.is_some() || outcomes.iter().any(|(_, lost)| *lost) {
             self.drop_channel(&channel).await;
         }
