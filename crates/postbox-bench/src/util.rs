@@ -63,6 +63,21 @@ impl<P> Counted<P> {
 impl<P: Publisher> Publisher for Counted<P> {
     async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
         let outcomes = self.inner.publish(batch).await;
+        self.counted(outcomes)
+    }
+
+    async fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: tokio::time::Instant,
+    ) -> Vec<PublishOutcome> {
+        let outcomes = self.inner.publish_until(batch, deadline).await;
+        self.counted(outcomes)
+    }
+}
+
+impl<P> Counted<P> {
+    fn counted(&self, outcomes: Vec<PublishOutcome>) -> Vec<PublishOutcome> {
         let n = outcomes.iter().filter(|o| o.is_ok()).count() as u64;
         let total = self.count.fetch_add(n, Ordering::Relaxed) + n;
         if total >= self.target {

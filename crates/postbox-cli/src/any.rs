@@ -374,4 +374,21 @@ impl Publisher for AnyPublisher {
             AnyPublisher::Http(p) => p.publish(batch).await,
         }
     }
+
+    async fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: tokio::time::Instant,
+    ) -> Vec<PublishOutcome> {
+        match self {
+            AnyPublisher::Stdout(p) => p.publish_until(batch, deadline).await,
+            AnyPublisher::File(p) => p.publish_until(batch, deadline).await,
+            AnyPublisher::Nats(p) => p.publish_until(batch, deadline).await,
+            AnyPublisher::Kafka(p) => p.publish_until(batch, deadline).await,
+            AnyPublisher::RabbitMq(p) => p.publish_until(batch, deadline).await,
+            AnyPublisher::Redis(p) => p.publish_until(batch, deadline).await,
+            AnyPublisher::Mqtt(p) => p.publish_until(batch, deadline).await,
+            AnyPublisher::Http(p) => p.publish_until(batch, deadline).await,
+        }
+    }
 }

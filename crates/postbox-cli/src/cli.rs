@@ -147,7 +147,8 @@ pub(crate) struct RelayArgs {
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) lease: Option<Duration>,
     /// A publish slower than this counts as a transient failure; must be
-    /// shorter than the lease [default: 10s].
+    /// shorter than the lease [default: 10s]. The webhook and NATS
+    /// publishers return by nine tenths of it with what they finished.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) send_timeout: Option<Duration>,
     /// How often to look for work when idle [default: 250ms].

@@ -4,6 +4,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use crate::message::Message;
 
 /// The result of publishing one message.
@@ -24,6 +26,12 @@ pub enum PublishOutcome {
         /// Why.
         reason: String,
     },
+    /// Never handed to the broker: the deadline of
+    /// [`Publisher::publish_until`] came before this message's turn. The
+    /// relay gives the row back without counting an attempt, claimable again
+    /// at once. A message that may have left (its send started) is
+    /// `Transient`, never `NotSent`.
+    NotSent,
 }
 
 impl PublishOutcome {
@@ -56,13 +64,42 @@ impl PublishOutcome {
 /// PubAck, Kafka `acks=all`, AMQP confirm, MQTT PUBACK, HTTP 2xx). Batches
 /// should be pipelined, not sent one round trip per message. Connection
 /// problems are `Transient` outcomes, never panics.
+///
+/// The relay calls [`Publisher::publish_until`] with a deadline inside its
+/// send timeout. A publisher that sends a batch in parts (one request per
+/// message, or chunks) should implement it, so that a slow broker costs the
+/// messages it did not get to, not the ones it already acknowledged; the
+/// provided implementation ignores the deadline and the relay's send timeout
+/// then turns every outcome of a late batch into `Transient`.
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes `batch`, one outcome per message.
     fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send;
+
+    /// Publishes `batch` and returns by `deadline`: outcomes of messages
+    /// finished by then as usual, [`PublishOutcome::NotSent`] for messages
+    /// whose send had not started, `Transient` for sends cut short (they may
+    /// still reach the broker). Provided: [`Publisher::publish`], deadline
+    /// ignored.
+    fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        let _ = deadline;
+        self.publish(batch)
+    }
 }
 
 impl<P: Publisher> Publisher for Arc<P> {
     fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
         (**self).publish(batch)
+    }
+
+    fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        (**self).publish_until(batch, deadline)
     }
 }

@@ -11,8 +11,14 @@
 //!
 //! Every decision about a message's fate after a publish lives in
 //! [`Relay::dispose`]: `Ok` → sent; `Transient` → retry with backoff until the
-//! attempts run out, then dead; `Rejected` → dead now. Dead keyed messages
-//! park their key unless `on_dead = skip`.
+//! attempts run out, then dead; `Rejected` → dead now; `NotSent` → given
+//! back untouched. Dead keyed messages park their key unless `on_dead = skip`.
+//!
+//! A publish gets [`RelayOptions::send_timeout`]. The publisher is asked to
+//! return by nine tenths of it ([`Publisher::publish_until`]), reporting what
+//! it finished and `NotSent` for what it did not start; whatever is still
+//! running at the send timeout itself is dropped, and every message of that
+//! batch counts as a `Transient` failure.
 //!
 //! Shutdown: once the token fires, no new claim starts; a batch being
 //! published gets [`RelayOptions::shutdown_grace`] to finish, after which its
@@ -87,7 +93,9 @@ pub struct RelayOptions {
     /// recorded) \[2\].
     pub concurrency: usize,
     /// A publish taking longer counts as `Transient` for the whole batch \[10 s\];
-    /// must be shorter than the lease.
+    /// must be shorter than the lease. Publishers that implement
+    /// [`Publisher::publish_until`] are asked to return by nine tenths of it
+    /// with what they finished.
     pub send_timeout: Duration,
     /// Backoff between attempts of one message \[1 s doubling to 5 min, full jitter\].
     pub retry: RetryPolicy,
@@ -312,6 +320,13 @@ const SETTLE_FIRST: u32 = 16;
 /// not make the completion's timestamp overflow in the database, which
 /// would fail the whole batch's completion.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How long after a publish starts the publisher is asked to return
+/// ([`Publisher::publish_until`]): nine tenths of the send timeout, so that
+/// its outcomes arrive before the timeout discards them.
+fn publish_deadline(send_timeout: Duration) -> Duration {
+    send_timeout - send_timeout / 10
+}
 
 /// How [`Relay::publish`] ended.
 enum Published {
@@ -955,6 +970,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     metrics::counter!(observe::PUBLISH_FAILURES_TOTAL, "topic" => topic, "kind" => "rejected")
                         .increment(1);
                 }
+                PublishOutcome::NotSent => {
+                    metrics::counter!(observe::PUBLISH_FAILURES_TOTAL, "topic" => topic, "kind" => "not_sent")
+                        .increment(1);
+                }
             }
         }
         // Rejections say nothing about reachability: only a batch with an
@@ -1009,11 +1028,15 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 tracing::warn!(postbox.id = %m.id, postbox.topic = %m.topic, %reason, "message rejected by the broker, dead-lettered");
                 dead(reason)
             }
+            PublishOutcome::NotSent => Disposition::Release,
         }
     }
 
     /// Publishes `batch` within the send timeout, unless shutdown was
-    /// requested before it started or its grace period runs out first.
+    /// requested before it started or its grace period runs out first. The
+    /// publisher is asked to return by [`publish_deadline`] so that what it
+    /// finished counts; past the send timeout itself every outcome is
+    /// `Transient`.
     async fn publish(&self, batch: &[Message], shutdown: &CancellationToken) -> Published {
         if shutdown.is_cancelled() {
             // claimed while shutting down: hand it straight back
@@ -1025,7 +1048,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let span = tracing::debug_span!("postbox.publish", postbox.batch_size = batch.len());
         let sent = tokio::time::timeout(
             timeout,
-            self.inner.publisher.publish(batch).instrument(span),
+            self.inner
+                .publisher
+                .publish_until(batch, started + publish_deadline(timeout))
+                .instrument(span),
         );
         let result = tokio::select! {
             r = sent => r,

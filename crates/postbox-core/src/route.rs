@@ -1,6 +1,7 @@
 //! Routing messages to publishers by topic pattern.
 
 use futures_util::future::join_all;
+use tokio::time::Instant;
 
 use crate::error::ConfigError;
 use crate::message::Message;
@@ -113,6 +114,21 @@ impl<P: Publisher> Router<P> {
 
 impl<P: Publisher> Publisher for Router<P> {
     async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        self.publish_routed(batch, None).await
+    }
+
+    async fn publish_until(&self, batch: &[Message], deadline: Instant) -> Vec<PublishOutcome> {
+        self.publish_routed(batch, Some(deadline)).await
+    }
+}
+
+impl<P: Publisher> Router<P> {
+    /// Each route's part of `batch` through its publisher, concurrently.
+    async fn publish_routed(
+        &self,
+        batch: &[Message],
+        deadline: Option<Instant>,
+    ) -> Vec<PublishOutcome> {
         let mut outcomes: Vec<Option<PublishOutcome>> = vec![None; batch.len()];
         // per route: the batch positions and messages it takes, in order
         let mut groups: Vec<(Vec<usize>, Vec<Message>)> =
@@ -135,7 +151,14 @@ impl<P: Publisher> Publisher for Router<P> {
             .iter()
             .enumerate()
             .filter(|(_, (idx, _))| !idx.is_empty())
-            .map(|(r, (idx, msgs))| async move { (idx, self.routes[r].1.publish(msgs).await) });
+            .map(|(r, (idx, msgs))| async move {
+                let route = &self.routes[r].1;
+                let results = match deadline {
+                    Some(d) => route.publish_until(msgs, d).await,
+                    None => route.publish(msgs).await,
+                };
+                (idx, results)
+            });
         for (idx, results) in join_all(sends).await {
             for (n, &i) in idx.iter().enumerate() {
                 outcomes[i] = Some(results.get(n).cloned().unwrap_or_else(|| {
@@ -167,5 +190,49 @@ mod tests {
         for bad in ["", "a..b", "a.**.b", "ord*rs", "a."] {
             assert!(TopicPattern::new(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// Reports `NotSent` for everything when given a deadline, `Ok` without.
+    struct DeadlineAware;
+
+    impl Publisher for DeadlineAware {
+        async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+            vec![PublishOutcome::Ok; batch.len()]
+        }
+
+        async fn publish_until(&self, batch: &[Message], _: Instant) -> Vec<PublishOutcome> {
+            vec![PublishOutcome::NotSent; batch.len()]
+        }
+    }
+
+    #[tokio::test]
+    async fn the_deadline_reaches_every_route() {
+        let router = Router::new()
+            .route("a.*", DeadlineAware)
+            .and_then(|r| r.route("b.*", DeadlineAware))
+            .expect("routes");
+        let m = |topic: &str| {
+            Message::new(
+                uuid::Uuid::now_v7(),
+                1,
+                topic.to_owned(),
+                None,
+                bytes::Bytes::new(),
+                crate::Headers::new(),
+                None,
+                1,
+                None,
+                std::time::SystemTime::now(),
+            )
+        };
+        let batch = [m("a.x"), m("b.y"), m("c.z")];
+        let until = router.publish_until(&batch, Instant::now()).await;
+        assert_eq!(
+            until[..2],
+            [PublishOutcome::NotSent, PublishOutcome::NotSent]
+        );
+        assert!(matches!(until[2], PublishOutcome::Rejected { .. }));
+        let plain = router.publish(&batch).await;
+        assert_eq!(plain[..2], [PublishOutcome::Ok, PublishOutcome::Ok]);
     }
 }

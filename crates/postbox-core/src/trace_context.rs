@@ -97,6 +97,7 @@ pub(crate) fn record_outcomes(spans: &[Option<tracing::Span>], outcomes: &[Publi
                 PublishOutcome::Ok => "ok",
                 PublishOutcome::Transient { .. } => "transient",
                 PublishOutcome::Rejected { .. } => "rejected",
+                PublishOutcome::NotSent => "not_sent",
             };
             span.record("postbox.outcome", what);
         }

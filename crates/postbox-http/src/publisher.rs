@@ -9,6 +9,7 @@ use futures_util::StreamExt as _;
 use postbox_core::{Message, PublishOutcome, Publisher};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
+use tokio::time::Instant;
 use tracing::Instrument as _;
 
 use crate::HttpError;
@@ -54,7 +55,10 @@ const RESERVED: &[&str] = &[
 /// Outcomes: 2xx → `Ok`; 408, 429, 5xx, timeouts and connection errors →
 /// `Transient` (with `Retry-After` honoured); 3xx (redirects are not
 /// followed), other 4xx, a destination refused by the SSRF guard, or a
-/// header that cannot be sent → `Rejected`.
+/// header that cannot be sent → `Rejected`. A message after a failed one of
+/// its key in the same batch, or whose turn comes after the deadline of
+/// [`Publisher::publish_until`], is not sent (`NotSent`); a request still
+/// running at that deadline is abandoned (`Transient`).
 #[derive(Clone)]
 pub struct HttpPublisher {
     inner: Arc<Inner>,
@@ -163,7 +167,15 @@ impl HttpPublisher {
         Self::new(config)
     }
 
-    async fn publish_batch(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+    /// Sends `batch`: each key's messages one after the other, lanes
+    /// concurrently. With a deadline, a message whose turn comes after it is
+    /// `NotSent` and a request still running at it is cut short (`Transient`:
+    /// the endpoint may have got it).
+    async fn publish_batch(
+        &self,
+        batch: &[Message],
+        deadline: Option<Instant>,
+    ) -> Vec<PublishOutcome> {
         // Lanes: all messages of one key in batch order (sent one after the
         // other), each keyless message alone. Lanes run concurrently.
         let mut lanes: Vec<Vec<usize>> = Vec::new();
@@ -186,17 +198,24 @@ impl HttpPublisher {
                 let mut done = Vec::with_capacity(lane.len());
                 let mut failed = false;
                 for i in lane {
-                    if failed {
-                        // keep key order: nothing after a failed message of its key
-                        done.push((
-                            i,
-                            PublishOutcome::transient(
-                                "not sent: an earlier message of the same key in this batch failed",
-                            ),
-                        ));
+                    // keep key order: nothing after a failed message of its key
+                    let late = deadline.is_some_and(|d| Instant::now() >= d);
+                    if failed || late {
+                        done.push((i, PublishOutcome::NotSent));
+                        failed = true;
                         continue;
                     }
-                    let outcome = self.send_one(&batch[i]).await;
+                    let outcome = match deadline {
+                        Some(d) => tokio::time::timeout_at(d, self.send_one(&batch[i]))
+                            .await
+                            .unwrap_or_else(|_| {
+                                PublishOutcome::transient(format!(
+                                    "POST {} cut short by the batch's deadline (the endpoint may have received it)",
+                                    self.inner.display_url
+                                ))
+                            }),
+                        None => self.send_one(&batch[i]).await,
+                    };
                     failed = !outcome.is_ok();
                     done.push((i, outcome));
                 }
@@ -225,6 +244,18 @@ impl HttpPublisher {
                 of = outcomes.len(),
                 reason = %first,
                 "webhook requests failed; they will be retried"
+            );
+        }
+        let not_sent = outcomes
+            .iter()
+            .filter(|o| matches!(o, PublishOutcome::NotSent))
+            .count();
+        if not_sent > 0 {
+            tracing::debug!(
+                url = %self.inner.display_url,
+                not_sent,
+                of = outcomes.len(),
+                "webhook messages not sent (the batch's deadline, or an earlier message of their key failed); given back untouched"
             );
         }
         outcomes
@@ -348,7 +379,20 @@ impl Publisher for HttpPublisher {
             postbox.publisher = "http",
             postbox.batch_size = batch.len()
         );
-        self.publish_batch(batch).instrument(span)
+        self.publish_batch(batch, None).instrument(span)
+    }
+
+    fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        let span = tracing::debug_span!(
+            "postbox.publish",
+            postbox.publisher = "http",
+            postbox.batch_size = batch.len()
+        );
+        self.publish_batch(batch, Some(deadline)).instrument(span)
     }
 }
 

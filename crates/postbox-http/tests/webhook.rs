@@ -524,16 +524,48 @@ async fn a_failed_message_holds_back_the_rest_of_its_key() {
     let out = p.publish(&batch).await;
     assert!(out[0].is_ok());
     assert!(matches!(out[1], PublishOutcome::Transient { .. }));
-    match &out[2] {
-        PublishOutcome::Transient { reason, .. } => assert!(reason.contains("earlier"), "{reason}"),
-        o => panic!("{o:?}"),
-    }
+    assert_eq!(out[2], PublishOutcome::NotSent);
     assert!(out[3].is_ok());
     let bodies: Vec<_> = server.seen().iter().map(|s| s.body.clone()).collect();
     assert!(
         !bodies.contains(&Bytes::from_static(b"three")),
         "sent after its key failed"
     );
+}
+
+#[tokio::test]
+async fn the_deadline_keeps_what_was_sent_and_gives_back_what_was_not() {
+    // One request at a time; the endpoint never answers "slow". The deadline
+    // cuts that request short, and the two messages behind it never start.
+    let server = Server::start(Arc::new(|s: Seen| {
+        Box::pin(async move {
+            if &s.body[..] == b"slow" {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            reply(200)
+        })
+    }))
+    .await;
+    let p = HttpPublisher::new(config(&server.url()).concurrency(1)).unwrap();
+    let batch = vec![
+        message(1, "t", None, &b"one"[..]),
+        message(2, "t", None, &b"two"[..]),
+        message(3, "t", None, &b"slow"[..]),
+        message(4, "t", None, &b"four"[..]),
+        message(5, "t", Some("k"), &b"five"[..]),
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let out = p.publish_until(&batch, deadline).await;
+    assert!(out[0].is_ok() && out[1].is_ok(), "{out:?}");
+    match &out[2] {
+        PublishOutcome::Transient { reason, .. } => {
+            assert!(reason.contains("deadline"), "{reason}")
+        }
+        o => panic!("{o:?}"),
+    }
+    assert_eq!(out[3..], [PublishOutcome::NotSent, PublishOutcome::NotSent]);
+    let bodies: Vec<_> = server.seen().iter().map(|s| s.body.clone()).collect();
+    assert_eq!(bodies, [&b"one"[..], &b"two"[..], &b"slow"[..]]);
 }
 
 #[tokio::test]

@@ -13,6 +13,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Event, HeaderMap, HeaderName, HeaderValue};
 use futures_util::future::join_all;
 use postbox_core::{Message, PublishOutcome, Publisher};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{NatsConfig, NatsError, tls};
@@ -223,7 +224,9 @@ impl Inner {
         Ok(())
     }
 
-    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+    /// Publishes `batch` in chunks. With a deadline, chunks not started by
+    /// then are `NotSent`, and acks not in by then are `Transient`.
+    async fn publish(&self, batch: &[Message], deadline: Option<Instant>) -> Vec<PublishOutcome> {
         if batch.is_empty() {
             return Vec::new();
         }
@@ -244,6 +247,10 @@ impl Inner {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut broken: Option<String> = None;
         for chunk in batch.chunks(ACK_CHUNK) {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                outcomes.extend(chunk.iter().map(|_| PublishOutcome::NotSent));
+                continue;
+            }
             let mut sent: Vec<Result<(PublishAckFuture, String), PublishOutcome>> =
                 Vec::with_capacity(chunk.len());
             for m in chunk {
@@ -287,10 +294,20 @@ impl Inner {
             outcomes.extend(
                 join_all(sent.into_iter().zip(chunk).map(|(s, m)| async move {
                     match s {
-                        Ok((ack, subject)) => match ack.await {
-                            Ok(_) => PublishOutcome::Ok,
-                            Err(e) => self.map_error(&e, &subject, m).await,
-                        },
+                        Ok((ack, subject)) => {
+                            let acked = match deadline {
+                                Some(d) => tokio::time::timeout_at(d, ack).await.ok(),
+                                None => Some(ack.await),
+                            };
+                            match acked {
+                                Some(Ok(_)) => PublishOutcome::Ok,
+                                Some(Err(e)) => self.map_error(&e, &subject, m).await,
+                                None => PublishOutcome::transient(format!(
+                                    "NATS at {}: no ack by the batch's deadline",
+                                    self.config.server()
+                                )),
+                            }
+                        }
                         Err(outcome) => outcome,
                     }
                 }))
@@ -420,6 +437,19 @@ impl Publisher for NatsPublisher {
             postbox.publisher = "nats",
             postbox.batch_size = batch.len()
         );
-        self.inner.publish(batch).instrument(span)
+        self.inner.publish(batch, None).instrument(span)
+    }
+
+    fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        let span = tracing::debug_span!(
+            "postbox.publish",
+            postbox.publisher = "nats",
+            postbox.batch_size = batch.len()
+        );
+        self.inner.publish(batch, Some(deadline)).instrument(span)
     }
 }

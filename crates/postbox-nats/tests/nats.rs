@@ -88,6 +88,27 @@ async fn a_batch_of_ten_thousand_is_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_not_started_by_the_deadline_are_not_sent() {
+    let h = harness().await;
+    let topic = h.topic_name();
+    let batch: Vec<_> = (1..=2_500)
+        .map(|i| message(i, &topic, None, format!("m{i}").into_bytes()))
+        .collect();
+    let outcomes = h
+        .publisher
+        .publish_until(&batch, tokio::time::Instant::now())
+        .await;
+    assert_eq!(outcomes.len(), 2_500);
+    assert!(
+        outcomes.iter().all(|o| *o == PublishOutcome::NotSent),
+        "{:?}",
+        &outcomes[..3]
+    );
+    let mut stream = h.js.get_stream(h.stream()).await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_large_and_bad_headers_are_rejected_alone() {
     let h = harness().await;
     let topic = h.topic_name();

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use postbox_core::{Message, PublishOutcome, Publisher};
+use tokio::time::Instant;
 
 /// What the [`TestPublisher`] does with one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,12 @@ pub enum Behaviour {
     /// Deliver it, answering for the whole batch only after this long (a
     /// slow broker; the batch waits for its slowest message).
     Slow(Duration),
+    /// Deliver it after this long, one such message after the other in
+    /// batch order (a webhook at concurrency 1), honouring the deadline of
+    /// [`Publisher::publish_until`]: a message whose turn comes at or after
+    /// the deadline is `NotSent`, one the deadline cuts short is
+    /// `Transient` and not recorded.
+    Paced(Duration),
 }
 
 type Rule = dyn Fn(&Message) -> Behaviour + Send + Sync;
@@ -159,6 +166,20 @@ impl TestPublisher {
 
 impl Publisher for TestPublisher {
     async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+        self.publish_scripted(batch, None).await
+    }
+
+    async fn publish_until(&self, batch: &[Message], deadline: Instant) -> Vec<PublishOutcome> {
+        self.publish_scripted(batch, Some(deadline)).await
+    }
+}
+
+impl TestPublisher {
+    async fn publish_scripted(
+        &self,
+        batch: &[Message],
+        deadline: Option<Instant>,
+    ) -> Vec<PublishOutcome> {
         let decisions: Vec<Behaviour> = batch.iter().map(|m| (self.rule)(m)).collect();
         {
             let mut log = self.log();
@@ -178,11 +199,34 @@ impl Publisher for TestPublisher {
         if let Some(t) = slowest {
             tokio::time::sleep(t).await;
         }
+        // paced messages, one after the other until the deadline
+        let mut paced: HashMap<usize, PublishOutcome> = HashMap::new();
+        for (i, d) in decisions.iter().enumerate() {
+            let Behaviour::Paced(t) = d else { continue };
+            let now = Instant::now();
+            let outcome = match deadline {
+                Some(end) if now >= end => PublishOutcome::NotSent,
+                Some(end) if now + *t > end => {
+                    tokio::time::sleep_until(end).await;
+                    PublishOutcome::transient("cut short by the deadline")
+                }
+                _ => {
+                    tokio::time::sleep(*t).await;
+                    self.log().delivered.push(batch[i].clone());
+                    PublishOutcome::Ok
+                }
+            };
+            paced.insert(i, outcome);
+        }
         let mut log = self.log();
         batch
             .iter()
             .zip(decisions)
-            .map(|(m, d)| match d {
+            .enumerate()
+            .map(|(i, (m, d))| match d {
+                Behaviour::Paced(_) => paced
+                    .remove(&i)
+                    .unwrap_or_else(|| PublishOutcome::transient("internal: no paced outcome")),
                 Behaviour::Deliver | Behaviour::Slow(_) => {
                     log.delivered.push(m.clone());
                     PublishOutcome::Ok

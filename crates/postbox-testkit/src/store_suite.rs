@@ -1257,6 +1257,47 @@ pub async fn relay_caps_a_huge_retry_after<H: StoreHarness>(h: H) {
     assert_eq!(bodies(&publisher.delivered()), ["a"]);
 }
 
+/// A publish that reaches the deadline of `publish_until` keeps what it
+/// finished: the messages sent before it are sent (not retried, so not sent
+/// again), the one cut short is retried with its attempt counted, and those
+/// never started come back at once without one.
+pub async fn relay_keeps_what_a_late_batch_sent<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![
+        msg("t", Some("k1"), "a"),
+        msg("t", Some("k2"), "b"),
+        msg("t", Some("k3"), "slow"),
+        msg("t", Some("k4"), "d"),
+        msg("t", Some("k5"), "e"),
+    ])
+    .await;
+    // one message after the other; "slow" never finishes its first attempt
+    let publisher = TestPublisher::new(|m| {
+        if m.payload == "slow".as_bytes() && m.attempt == 1 {
+            Behaviour::Paced(Duration::from_secs(3600))
+        } else {
+            Behaviour::Paced(Duration::from_millis(10))
+        }
+    });
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .send_timeout(Duration::from_secs(3))
+        .build()
+        .expect("relay");
+    let report = relay.tick().await.expect("tick");
+    assert_eq!((report.sent, report.retried), (2, 1), "{report:?}");
+    assert_eq!(bodies(&publisher.delivered()), ["a", "b"]);
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.ready, s.retrying, s.leased), (2, 1, 0), "{s:?}");
+
+    relay.tick().await.expect("tick");
+    let delivered = publisher.delivered();
+    assert_eq!(bodies(&delivered), ["a", "b", "d", "e"]);
+    assert!(
+        delivered[2..].iter().all(|m| m.attempt == 1),
+        "a message never sent had its attempt counted: {delivered:?}"
+    );
+}
+
 fn bodies_of(rows: &[postbox_core::MessageRecord]) -> Vec<String> {
     rows.iter()
         .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
@@ -1402,6 +1443,7 @@ macro_rules! store_conformance_tests {
             relay_cleans_up_sent_past_retention,
             relay_retries_then_dead_letters,
             relay_caps_a_huge_retry_after,
+            relay_keeps_what_a_late_batch_sent,
             relay_rejection_with_skip_policy,
             concurrent_relays_keep_key_order,
         );
