@@ -286,6 +286,7 @@ pub(crate) async fn run(args: RelayArgs) -> anyhow::Result<()> {
         sent = report.sent,
         retried = report.retried,
         dead = report.dead,
+        released = report.released,
         "relay stopped"
     );
     Ok(())

@@ -47,6 +47,9 @@ use crate::store::Stats;
 pub const PUBLISHED_TOTAL: &str = "postbox_messages_published_total";
 /// Counter: failed publish attempts, by `kind` (`transient` or `rejected`).
 pub const PUBLISH_FAILURES_TOTAL: &str = "postbox_publish_failures_total";
+/// Counter: messages a publisher did not get to before the publish's
+/// deadline ([`crate::PublishOutcome::NotSent`]); given back, no attempt.
+pub const NOT_SENT_TOTAL: &str = "postbox_messages_not_sent_total";
 /// Counter: messages that went dead.
 pub const DEAD_TOTAL: &str = "postbox_messages_dead_total";
 /// Counter: outcomes fenced off because the lease had been taken over.

@@ -27,10 +27,11 @@ pub enum PublishOutcome {
         reason: String,
     },
     /// Never handed to the broker: the deadline of
-    /// [`Publisher::publish_until`] came before this message's turn. The
-    /// relay gives the row back without counting an attempt, claimable again
-    /// at once. A message that may have left (its send started) is
-    /// `Transient`, never `NotSent`.
+    /// [`Publisher::publish_until`] came before this message's turn, or (in
+    /// a batch with several messages of one key) an earlier message of its
+    /// key failed. The relay gives the row back without counting an
+    /// attempt, claimable again at once. A message that may have left (its
+    /// send started) is `Transient`, never `NotSent`.
     NotSent,
 }
 
@@ -70,7 +71,9 @@ impl PublishOutcome {
 /// message, or chunks) should implement it, so that a slow broker costs the
 /// messages it did not get to, not the ones it already acknowledged; the
 /// provided implementation ignores the deadline and the relay's send timeout
-/// then turns every outcome of a late batch into `Transient`.
+/// then turns every outcome of a late batch into `Transient`. A wrapper
+/// around another publisher (metrics, routing) should forward
+/// `publish_until` as well as `publish`, or the deadline is lost.
 pub trait Publisher: Send + Sync + 'static {
     /// Publishes `batch`, one outcome per message.
     fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send;
@@ -101,5 +104,15 @@ impl<P: Publisher> Publisher for Arc<P> {
         deadline: Instant,
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
         (**self).publish_until(batch, deadline)
+    }
+}
+
+/// `fut`'s output, or `None` if `deadline` comes first; without a deadline,
+/// simply `fut`. For publishers implementing [`Publisher::publish_until`]
+/// over [`Publisher::publish`]'s code path.
+pub async fn by_deadline<F: Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
     }
 }

@@ -275,6 +275,10 @@ pub struct TickReport {
     pub retried: u64,
     /// Went dead.
     pub dead: u64,
+    /// Given back without an attempt counted: not sent by the publish's
+    /// deadline ([`PublishOutcome::NotSent`]), claimed while shutting down,
+    /// released at shutdown, or claimed ahead with too little lease left.
+    pub released: u64,
     /// Outcomes not recorded because the lease had been taken over.
     pub lost: u64,
 }
@@ -285,6 +289,7 @@ impl std::ops::AddAssign for TickReport {
         self.sent += o.sent;
         self.retried += o.retried;
         self.dead += o.dead;
+        self.released += o.released;
         self.lost += o.lost;
     }
 }
@@ -777,6 +782,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 (
                     TickReport {
                         claimed: rows,
+                        released: release.len() as u64,
                         ..TickReport::default()
                     },
                     release,
@@ -932,7 +938,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 Disposition::Sent => report.sent += 1,
                 Disposition::Retry { .. } => report.retried += 1,
                 Disposition::Dead { .. } => report.dead += 1,
-                _ => {}
+                Disposition::Release => report.released += 1,
             }
         }
         (report, completions)
@@ -971,8 +977,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         .increment(1);
                 }
                 PublishOutcome::NotSent => {
-                    metrics::counter!(observe::PUBLISH_FAILURES_TOTAL, "topic" => topic, "kind" => "not_sent")
-                        .increment(1);
+                    metrics::counter!(observe::NOT_SENT_TOTAL, "topic" => topic).increment(1);
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt as _;
-use postbox_core::{Message, PublishOutcome, Publisher};
+use postbox_core::{Message, PublishOutcome, Publisher, by_deadline};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use reqwest::{StatusCode, Url};
 use tokio::time::Instant;
@@ -205,17 +205,7 @@ impl HttpPublisher {
                         failed = true;
                         continue;
                     }
-                    let outcome = match deadline {
-                        Some(d) => tokio::time::timeout_at(d, self.send_one(&batch[i]))
-                            .await
-                            .unwrap_or_else(|_| {
-                                PublishOutcome::transient(format!(
-                                    "POST {} cut short by the batch's deadline (the endpoint may have received it)",
-                                    self.inner.display_url
-                                ))
-                            }),
-                        None => self.send_one(&batch[i]).await,
-                    };
+                    let outcome = self.send_one(&batch[i], deadline).await;
                     failed = !outcome.is_ok();
                     done.push((i, outcome));
                 }
@@ -261,26 +251,36 @@ impl HttpPublisher {
         outcomes
     }
 
-    async fn send_one(&self, m: &Message) -> PublishOutcome {
+    /// One request. A deadline cuts it short until the status arrives
+    /// (`Transient`); after that only the body excerpt, which the outcome
+    /// can do without.
+    async fn send_one(&self, m: &Message, deadline: Option<Instant>) -> PublishOutcome {
         let headers = match self.headers_for(m) {
             Ok(h) => h,
             Err(reason) => return PublishOutcome::rejected(reason),
         };
-        let sent = self
+        let send = self
             .inner
             .client
             .post(self.inner.url.clone())
             .headers(headers)
             .body(m.payload.clone())
-            .send()
-            .await;
-        let mut resp = match sent {
-            Ok(r) => r,
-            Err(e) => return self.transport_outcome(e),
+            .send();
+        let mut resp = match by_deadline(deadline, send).await {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => return self.transport_outcome(e),
+            None => {
+                return PublishOutcome::transient(format!(
+                    "POST {} cut short by the batch's deadline (the endpoint may have received it)",
+                    self.inner.display_url
+                ));
+            }
         };
         let status = resp.status();
         let retry_after = retry_after(resp.headers());
-        let excerpt = read_excerpt(&mut resp).await;
+        let excerpt = by_deadline(deadline, read_excerpt(&mut resp))
+            .await
+            .unwrap_or_default();
         outcome_for_status(status, retry_after, &excerpt)
     }
 

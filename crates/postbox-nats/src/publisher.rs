@@ -11,8 +11,10 @@ use async_nats::jetstream::context::{
 };
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Event, HeaderMap, HeaderName, HeaderValue};
-use futures_util::future::join_all;
-use postbox_core::{Message, PublishOutcome, Publisher};
+use futures_util::StreamExt as _;
+use futures_util::future::{Either, select};
+use futures_util::stream::FuturesUnordered;
+use postbox_core::{Message, PublishOutcome, Publisher, by_deadline};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -224,18 +226,23 @@ impl Inner {
         Ok(())
     }
 
-    /// Publishes `batch` in chunks. With a deadline, chunks not started by
-    /// then are `NotSent`, and acks not in by then are `Transient`.
+    /// Publishes `batch` in chunks. With a deadline, messages not handed to
+    /// the client by then are `NotSent`, and a publish or an ack cut short
+    /// by it is `Transient`.
     async fn publish(&self, batch: &[Message], deadline: Option<Instant>) -> Vec<PublishOutcome> {
         if batch.is_empty() {
             return Vec::new();
         }
-        if let Err(reason) = self.ensure_stream().await {
-            tracing::debug!(%reason, "stream not ready");
-            return batch
-                .iter()
-                .map(|_| PublishOutcome::transient(reason.clone()))
-                .collect();
+        match by_deadline(deadline, self.ensure_stream()).await {
+            None => return vec![PublishOutcome::NotSent; batch.len()],
+            Some(Err(reason)) => {
+                tracing::debug!(%reason, "stream not ready");
+                return batch
+                    .iter()
+                    .map(|_| PublishOutcome::transient(reason.clone()))
+                    .collect();
+            }
+            Some(Ok(())) => {}
         }
         // Send a chunk first, then await its acks: the acks travel back while
         // later messages of the chunk are still being written. In chunks,
@@ -247,13 +254,13 @@ impl Inner {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut broken: Option<String> = None;
         for chunk in batch.chunks(ACK_CHUNK) {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                outcomes.extend(chunk.iter().map(|_| PublishOutcome::NotSent));
-                continue;
-            }
             let mut sent: Vec<Result<(PublishAckFuture, String), PublishOutcome>> =
                 Vec::with_capacity(chunk.len());
             for m in chunk {
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    sent.push(Err(PublishOutcome::NotSent));
+                    continue;
+                }
                 if let Some(reason) = &broken {
                     // the connection is not taking messages: do not wait
                     // `ack_timeout` once more per message
@@ -268,13 +275,16 @@ impl Inner {
                         continue;
                     }
                 };
-                match self
-                    .js
-                    .publish_with_headers(subject.clone(), headers, m.payload.clone())
-                    .await
-                {
-                    Ok(ack) => sent.push(Ok((ack, subject))),
-                    Err(e) => {
+                let publish =
+                    self.js
+                        .publish_with_headers(subject.clone(), headers, m.payload.clone());
+                match by_deadline(deadline, publish).await {
+                    None => sent.push(Err(PublishOutcome::transient(format!(
+                        "NATS at {}: publish cut short by the batch's deadline (it may have been sent)",
+                        self.config.server()
+                    )))),
+                    Some(Ok(ack)) => sent.push(Ok((ack, subject))),
+                    Some(Err(e)) => {
                         if matches!(
                             e.kind(),
                             PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
@@ -290,29 +300,39 @@ impl Inner {
                 }
             }
             // Ack timers start when awaited: await them together so a dead
-            // server costs one `ack_timeout`, not one per message.
-            outcomes.extend(
-                join_all(sent.into_iter().zip(chunk).map(|(s, m)| async move {
-                    match s {
-                        Ok((ack, subject)) => {
-                            let acked = match deadline {
-                                Some(d) => tokio::time::timeout_at(d, ack).await.ok(),
-                                None => Some(ack.await),
-                            };
-                            match acked {
-                                Some(Ok(_)) => PublishOutcome::Ok,
-                                Some(Err(e)) => self.map_error(&e, &subject, m).await,
-                                None => PublishOutcome::transient(format!(
-                                    "NATS at {}: no ack by the batch's deadline",
-                                    self.config.server()
-                                )),
-                            }
-                        }
+            // server costs one `ack_timeout`, not one per message; and the
+            // deadline with one timer for the chunk, not one per ack.
+            let mut waits: FuturesUnordered<_> = sent
+                .into_iter()
+                .zip(chunk)
+                .enumerate()
+                .map(|(i, (s, m))| async move {
+                    let outcome = match s {
+                        Ok((ack, subject)) => match ack.await {
+                            Ok(_) => PublishOutcome::Ok,
+                            Err(e) => self.map_error(&e, &subject, m).await,
+                        },
                         Err(outcome) => outcome,
-                    }
-                }))
-                .await,
-            );
+                    };
+                    (i, outcome)
+                })
+                .collect();
+            let mut got: Vec<Option<PublishOutcome>> = vec![None; chunk.len()];
+            let mut cutoff = std::pin::pin!(by_deadline(deadline, std::future::pending::<()>()));
+            // the acks first: every outcome already known is kept
+            while let Either::Left((Some((i, outcome)), _)) =
+                select(waits.next(), cutoff.as_mut()).await
+            {
+                got[i] = Some(outcome);
+            }
+            outcomes.extend(got.into_iter().map(|o| {
+                o.unwrap_or_else(|| {
+                    PublishOutcome::transient(format!(
+                        "NATS at {}: no ack by the batch's deadline",
+                        self.config.server()
+                    ))
+                })
+            }));
         }
         outcomes
     }

@@ -109,6 +109,37 @@ async fn chunks_not_started_by_the_deadline_are_not_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_not_in_by_the_deadline_are_transient() {
+    let h = harness().await;
+    let proxy = FaultProxy::start(h.addr.clone()).await.unwrap();
+    let publisher = NatsPublisher::connect(config(&proxy.addr().to_string()))
+        .await
+        .unwrap();
+    let topic = h.topic_name();
+    let batch = |from: i64| -> Vec<_> {
+        (from..from + 10)
+            .map(|i| message(i, &topic, None, format!("m{i}").into_bytes()))
+            .collect()
+    };
+    let first = publisher.publish(&batch(1)).await;
+    assert!(first.iter().all(PublishOutcome::is_ok), "{first:?}");
+    // the server goes silent: no ack comes before the deadline, well
+    // before the publisher's own ack timeout
+    proxy.stall(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    let late = publisher.publish_until(&batch(11), deadline).await;
+    proxy.stall(false);
+    for o in &late {
+        match o {
+            PublishOutcome::Transient { reason, .. } => {
+                assert!(reason.contains("deadline"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_large_and_bad_headers_are_rejected_alone() {
     let h = harness().await;
     let topic = h.topic_name();
