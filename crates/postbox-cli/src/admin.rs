@@ -354,8 +354,10 @@ fn filter_of(f: FilterArgs) -> Filter {
     filter.topic = f.topic;
     filter.key = f.key;
     filter.tenant = f.tenant;
-    filter.older_than = f.older_than;
-    filter.error_contains = f.error;
+    // a filter that matches everything is no filter: `--older-than 0s` or
+    // `--error ""` must not stand in for `--all`
+    filter.older_than = f.older_than.filter(|age| !age.is_zero());
+    filter.error_contains = f.error.filter(|e| !e.is_empty());
     filter
 }
 

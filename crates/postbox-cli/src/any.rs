@@ -293,9 +293,10 @@ impl AnyPublisher {
                 })?)
             }
             _ => {
+                // the scheme only: the rest may carry a token in any form
+                let scheme = url.split_once("://").map_or("", |(scheme, _)| scheme);
                 return Err(usage(format!(
-                    "unknown publish URL {:?}: use stdout, file:///path.jsonl, nats://, kafka://, amqp://, redis://, mqtt:// or http(s)://",
-                    redact_url(url)
+                    "unknown publish URL scheme {scheme:?}: use stdout, file:///path.jsonl, nats://, kafka://, amqp://, redis://, mqtt:// or http(s)://"
                 )));
             }
         })

@@ -53,7 +53,12 @@ pub(crate) enum Command {
 #[derive(Debug, Args)]
 pub(crate) struct StoreArgs {
     /// Database URL: sqlite://path.db, postgres://…, mysql://…
-    #[arg(long = "store", env = "POSTBOX_STORE_URL", value_name = "URL")]
+    #[arg(
+        long = "store",
+        env = "POSTBOX_STORE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub(crate) url: String,
     /// Outbox table name (on PostgreSQL also `schema.table`).
     #[arg(long, env = "POSTBOX_TABLE", default_value = "postbox_outbox")]
@@ -130,7 +135,12 @@ pub(crate) struct RelayArgs {
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<std::path::PathBuf>,
     /// Database URL: sqlite://path.db, postgres://…, mysql://…
-    #[arg(long = "store", env = "POSTBOX_STORE_URL", value_name = "URL")]
+    #[arg(
+        long = "store",
+        env = "POSTBOX_STORE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub(crate) store: Option<String>,
     /// Outbox table name (on PostgreSQL also `schema.table`).
     #[arg(long, env = "POSTBOX_TABLE")]
@@ -138,7 +148,12 @@ pub(crate) struct RelayArgs {
     /// Where to publish: stdout, file:///path.jsonl, nats://host:4222,
     /// kafka://host:9092, amqp://user:pass@host:5672/%2f, redis://host:6379,
     /// mqtt://host:1883, http(s)://… (webhook; secret from POSTBOX_WEBHOOK_SECRET).
-    #[arg(long = "publish", env = "POSTBOX_PUBLISH_URL", value_name = "URL")]
+    #[arg(
+        long = "publish",
+        env = "POSTBOX_PUBLISH_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub(crate) publish: Option<String>,
     /// Messages per claim [default: 100].
     #[arg(long)]

@@ -170,9 +170,14 @@ impl RelaySection {
 
     /// `POSTBOX_RELAY_<KEY>` variables, e.g. `POSTBOX_RELAY_BATCH_SIZE=500`.
     pub(crate) fn from_env() -> anyhow::Result<RelaySection> {
+        /// Set and not empty: an empty variable (`POSTBOX_RELAY_TENANT=`
+        /// from a template) counts as unset, as `POSTBOX_METRICS_ADDR` does.
         fn var(key: &str) -> Option<(String, String)> {
             let name = format!("POSTBOX_RELAY_{}", key.to_uppercase());
-            std::env::var(&name).ok().map(|v| (name, v))
+            std::env::var(&name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| (name, v))
         }
         fn num<T: std::str::FromStr>(key: &str) -> anyhow::Result<Option<T>> {
             var(key)
@@ -452,7 +457,26 @@ impl FileConfig {
     }
 
     pub(crate) fn parse_with_env(text: &str, env: &Env<'_>) -> anyhow::Result<Self> {
-        let mut config: FileConfig = toml::from_str(text).map_err(|e| usage(e.to_string()))?;
+        // Not the error's own text: it quotes the offending line, which may
+        // hold a password (`uri = "postgres://app:…@db"` for `url`).
+        let mut config: FileConfig = toml::from_str(text).map_err(|e| {
+            let at = e.span().map_or(String::new(), |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let start = before.rfind('\n').map_or(0, |i| i + 1);
+                let column = before.len() - start + 1;
+                // the line's key, never its value
+                let key = text[start..]
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_once('='))
+                    .map(|(k, _)| k.trim())
+                    .filter(|k| !k.is_empty())
+                    .map_or(String::new(), |k| format!(", key {k}"));
+                format!(" (line {line}, column {column}{key})")
+            });
+            usage(format!("{}{at}", e.message().trim_end()))
+        })?;
         for (name, table) in &mut config.publishers {
             substitute_table(table, &format!("publishers.{name}"), env)?;
         }

@@ -163,7 +163,7 @@ fn bad_input_exits_2_naming_the_value() {
                 "--publish".into(),
                 "carrier-pigeon://x".into(),
             ],
-            "carrier-pigeon://x",
+            "\"carrier-pigeon\"",
         ),
         (
             vec![
@@ -216,6 +216,29 @@ fn bad_input_exits_2_naming_the_value() {
                 "replay".into(),
                 "--store".into(),
                 url.clone(),
+            ],
+            "--all",
+        ),
+        // filters that match everything do not stand in for --all
+        (
+            vec![
+                "dead".into(),
+                "purge".into(),
+                "--store".into(),
+                url.clone(),
+                "--older-than".into(),
+                "0s".into(),
+            ],
+            "--all",
+        ),
+        (
+            vec![
+                "dead".into(),
+                "skip".into(),
+                "--store".into(),
+                url.clone(),
+                "--error".into(),
+                String::new(),
             ],
             "--all",
         ),

@@ -66,6 +66,7 @@ fn bad_configs_exit_2_naming_the_key() {
             "routes",
         ),
         ("this is not toml", "config"),
+        ("[relay]\ntenant = \"\"\n", "tenant"),
         ("[store]\nretain_sent = \"0s\"\n", "store.retain_sent"),
         ("[store]\nretain_sent = \"a week\"\n", "retain_sent"),
         (
@@ -193,10 +194,7 @@ fn broker_urls_are_checked_without_leaking_credentials() {
         // TLS that this build cannot do is refused, never downgraded
         ("rediss://:hunter2@127.0.0.1:6379", "TLS"),
         // unknown schemes
-        (
-            "ftp://user:hunter2@example.com",
-            "ftp://user:***@example.com",
-        ),
+        ("ftp://user:hunter2@example.com", "scheme \"ftp\""),
         ("carrier-pigeon://user:hunter2@loft", "carrier-pigeon"),
     ];
     for (publish, named) in cases {

@@ -539,9 +539,43 @@ fn error_exits_and_config_check_never_show_secrets() {
         "bad_unknown",
         format!("[publishers.p]\nurl = \"bogus://app:{SECRET}@h\"\n"),
     );
+    // TOML errors quote the offending line: a mistyped key, a broken string
+    let raw = |name: &str, text: String| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let bad_key = raw(
+        "bad_key",
+        format!("[store]\nuri = \"postgres://app:{SECRET}@db.invalid/shop\"\n"),
+    );
+    let bad_string = raw(
+        "bad_string",
+        format!("[store]\nurl = \"postgres://app:{SECRET}@db.invalid/shop\n"),
+    );
     let good = good.display().to_string();
     let cases: Vec<(Vec<String>, i32)> = vec![
         (vec!["config".into(), "check".into(), good], 0),
+        (vec!["config".into(), "check".into(), bad_key], 2),
+        (vec!["config".into(), "check".into(), bad_string], 2),
+        (
+            vec![
+                "status".into(),
+                "--store".into(),
+                format!("mysql://app:{SECRET}#x@127.0.0.1:1/db"),
+            ],
+            2,
+        ),
+        (
+            vec![
+                "relay".into(),
+                "--store".into(),
+                sqlite.clone(),
+                "--publish".into(),
+                format!("webhook://hooks.invalid/in?token={SECRET}"),
+            ],
+            2,
+        ),
         (vec!["config".into(), "check".into(), bad_nats], 2),
         (vec!["config".into(), "check".into(), bad_amqp], 2),
         (vec!["config".into(), "check".into(), bad_hook], 2),
@@ -711,6 +745,31 @@ fn error_exits_and_config_check_never_show_secrets() {
                 stderr(&o)
             );
         }
+    }
+}
+
+/// `--help` shows which environment variables a flag reads, but not the
+/// values of those that hold URLs (with their passwords).
+#[test]
+fn help_never_shows_secret_environment_values() {
+    for command in [&["relay"][..], &["status"], &["dead", "list"], &["migrate"]] {
+        let o = postbox()
+            .args(command)
+            .arg("--help")
+            .env(
+                "POSTBOX_STORE_URL",
+                format!("postgres://app:{SECRET}@db.invalid/shop"),
+            )
+            .env(
+                "POSTBOX_PUBLISH_URL",
+                format!("nats://app:{SECRET}@nats.invalid:4222"),
+            )
+            .output()
+            .unwrap();
+        let what = format!("postbox {} --help", command.join(" "));
+        assert_eq!(code(&o), 0, "{what}: {}", stderr(&o));
+        assert!(stdout(&o).contains("POSTBOX_STORE_URL"), "{what}");
+        assert_no_secret(&what, &stdout(&o));
     }
 }
 

@@ -24,6 +24,16 @@ pub fn redact_url(url: &str) -> String {
             .join(" ");
     };
     let (scheme, rest) = url.split_at(scheme_end + 3);
+    if let Some(at) = rest.rfind('@')
+        && rest[..at].contains(['/', '?', '#'])
+    {
+        // an unescaped '/', '?' or '#' in the password, or an '@' past the
+        // host: the user info cannot be told apart, so none of it is shown
+        return format!(
+            "{scheme}<redacted>@{}",
+            without_password_params(&rest[at + 1..])
+        );
+    }
     let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
     // the last '@' ends the user info: a password may contain '@'
     let authority = match authority.rsplit_once('@') {
@@ -143,11 +153,22 @@ mod tests {
                 "host=h user=u password=*** dbname=d",
             ),
             ("stdout", "stdout"),
+            ("mysql://u:p#ss@h/db", "mysql://<redacted>@h/db"),
+            (
+                "postgres://u:p/ss@h:5432/d",
+                "postgres://<redacted>@h:5432/d",
+            ),
+            (
+                "postgres://u:p?ss@h/d?password=p?ss",
+                "postgres://<redacted>@h/d",
+            ),
         ];
         for (url, want) in cases {
             let got = redact_url(url);
             assert_eq!(got, want, "{url}");
-            for secret in ["s3cret", "hunter2", "p%40ss", "p@ss"] {
+            for secret in [
+                "s3cret", "hunter2", "p%40ss", "p@ss", "p#ss", "p/ss", "p?ss",
+            ] {
                 assert!(!got.contains(secret), "{got} leaks {secret}");
             }
         }

@@ -200,6 +200,13 @@ impl RelayOptions {
                 "must be between 1 and 64",
             ));
         }
+        if self.tenant.as_deref() == Some("") {
+            return Err(ConfigError::invalid(
+                "tenant",
+                "",
+                "must not be empty (leave it unset to serve every tenant)",
+            ));
+        }
         if self.max_attempts == 0 {
             return Err(ConfigError::invalid(
                 "max_attempts",
