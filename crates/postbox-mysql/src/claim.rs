@@ -124,14 +124,24 @@ pub(crate) async fn claim(
             .await
             .map_err(map_err)?
             .into_iter()
-            .map(|r| Ok((r.try_get("key_hash")?, r.try_get("head")?)))
+            // a key with only rows without kseq has no head (NULL)
+            .filter_map(|r| {
+                let head: Result<Option<i64>, _> = r.try_get("head");
+                match head {
+                    Ok(Some(head)) => Some(r.try_get("key_hash").map(|h| (h, head))),
+                    Ok(None) => None,
+                    Err(e) => Some(Err(e)),
+                }
+            })
             .collect::<Result<_, sqlx::Error>>()
             .map_err(map_err)?;
         let mut taken = HashSet::new();
         candidates.retain(|c| match (&c.key_hash, c.kseq) {
             (None, _) => true,
             (Some(h), Some(k)) => heads.get(h) == Some(&k) && taken.insert(h.clone()),
-            (Some(_), None) => false,
+            // written while the trigger was missing: dead-lettered below
+            // instead of filling every claim's LIMIT forever
+            (Some(_), None) => true,
         });
         if taken.len() < hashes.len() {
             tracing::debug!(
@@ -163,7 +173,12 @@ pub(crate) async fn claim(
     let mut messages = Vec::with_capacity(candidates.len());
     let mut malformed = Vec::new();
     for c in &candidates {
-        match decode(&c.row) {
+        let decoded = if c.key_hash.is_some() && c.kseq.is_none() {
+            Err(NO_KSEQ.to_owned())
+        } else {
+            decode(&c.row)
+        };
+        match decoded {
             Ok(m) => messages.push(m),
             Err(reason) => {
                 let key = c
@@ -194,6 +209,10 @@ pub(crate) async fn claim(
         malformed,
     ))
 }
+
+/// Why a keyed row without `kseq` is dead-lettered.
+const NO_KSEQ: &str = "keyed row without kseq: written while the table's ordering trigger was missing \
+     (see SHOW TRIGGERS; run migrate), so its place in its key's order is unknown";
 
 fn empty_claim(token: Uuid, lease: Duration) -> Claim {
     Claim::new(

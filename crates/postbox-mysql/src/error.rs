@@ -5,6 +5,7 @@ use postbox_core::StoreError;
 use sqlx::mysql::MySqlDatabaseError;
 
 // MySQL / MariaDB server error numbers we tell apart.
+const ER_CHECKREAD: u16 = 1020; // record changed since the snapshot (innodb_snapshot_isolation)
 const ER_CON_COUNT_ERROR: u16 = 1040; // too many connections
 const ER_DBACCESS_DENIED_ERROR: u16 = 1044;
 const ER_ACCESS_DENIED_ERROR: u16 = 1045;
@@ -26,7 +27,8 @@ pub(crate) fn error_number(e: &sqlx::Error) -> Option<u16> {
 }
 
 /// Maps an error from a store operation: connection-level and transient
-/// problems (io, pool, deadlock, lock wait timeout, shutdown) are
+/// problems (io, pool, deadlock, lock wait timeout, a write conflict with
+/// the transaction's snapshot under `innodb_snapshot_isolation`, shutdown) are
 /// [`StoreError::Unavailable`]; a missing outbox table is
 /// [`StoreError::Schema`]; the rest is [`StoreError::Database`].
 pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
@@ -43,6 +45,7 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
                 | ER_SERVER_SHUTDOWN
                 | ER_LOCK_WAIT_TIMEOUT
                 | ER_LOCK_DEADLOCK
+                | ER_CHECKREAD
                 | ER_QUERY_INTERRUPTED
                 | ER_CONNECTION_KILLED
                 | ER_CLIENT_INTERACTION_TIMEOUT,

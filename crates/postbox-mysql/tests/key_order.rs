@@ -354,3 +354,77 @@ async fn overlapping_batches_do_not_deadlock() {
     let s = h.store.stats(&Filter::all()).await.expect("stats");
     assert_eq!(s.pending, 150);
 }
+
+/// Under `innodb_snapshot_isolation` (MariaDB's default from 11.6.2), a
+/// REPEATABLE READ producer whose snapshot predates another producer's
+/// commit of the same key fails with error 1020; that is a conflict to
+/// retry, like a deadlock, not a database fault.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_isolation_conflicts_are_retryable() {
+    use sqlx::Connection as _;
+    let h = harness().await;
+    let url = format!("mysql://root@{}/{}", h.addr, h.db);
+    let mut a = sqlx::MySqlConnection::connect(&url).await.expect("connect");
+    sqlx::raw_sql(
+        "SET SESSION innodb_snapshot_isolation = ON; \
+         SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+    )
+    .execute(&mut a)
+    .await
+    .expect("session settings");
+    let mut ta = a.begin().await.expect("begin");
+    // any read fixes the transaction's snapshot
+    let _: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM `{}`", h.outbox().table()))
+        .fetch_one(&mut *ta)
+        .await
+        .expect("read");
+    h.enqueue_via(false, &[msg(Some("K"), "first")], true).await;
+    let err = h
+        .outbox()
+        .enqueue(&mut *ta, &msg(Some("K"), "second"))
+        .await
+        .expect_err("the key's slot changed after the snapshot");
+    assert!(
+        matches!(err, postbox_core::StoreError::Unavailable(_)),
+        "{err:?}"
+    );
+    ta.rollback().await.expect("rollback");
+    // the retried transaction goes through
+    h.enqueue_via(false, &[msg(Some("K"), "second")], true)
+        .await;
+    assert_eq!(drain_bodies(&h).await, ["first", "second"]);
+}
+
+/// A keyed row written while the ordering trigger was missing has no `kseq`:
+/// it is dead-lettered naming the trigger, and does not take the place of
+/// claimable rows behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_row_written_without_the_trigger_is_dead_lettered() {
+    let h = harness().await;
+    sqlx::query(&format!("DROP TRIGGER `{}_key_order`", h.outbox().table()))
+        .execute(h.pool())
+        .await
+        .expect("drop trigger");
+    h.enqueue_via(
+        false,
+        &[msg(Some("K"), "orphan"), msg(None, "keyless")],
+        true,
+    )
+    .await;
+    let one = ClaimRequest::new(1, Duration::from_secs(30));
+    let c = h.store.claim(&one).await.expect("claim");
+    assert!(c.messages.is_empty(), "{:?}", c.messages);
+    assert_eq!(c.malformed.len(), 1, "{c:?}");
+    assert!(c.malformed[0].reason.contains("trigger"), "{c:?}");
+    let dead = Disposition::Dead {
+        error: c.malformed[0].reason.clone(),
+        park: false,
+    };
+    h.store
+        .complete(c.lease.token, &[Completion::new(c.malformed[0].seq, dead)])
+        .await
+        .expect("complete");
+    let c = h.store.claim(&one).await.expect("claim");
+    let bodies: Vec<_> = c.messages.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(bodies, [&b"keyless"[..]]);
+}
