@@ -73,19 +73,24 @@ impl Sql {
         // start of a writing statement, so no other writer can slip between
         // choosing rows and leasing them. A keyed row qualifies only when no
         // earlier row of its key is pending (leased or not) or parked: that
-        // probe is one lookup in the (key, seq) partial index.
+        // probe is one lookup in the (key, seq) partial index. A row whose
+        // `available_at` a plain-SQL producer wrote as text (which SQLite
+        // sorts after every number, so never due) is claimed at once, to be
+        // dead-lettered as malformed instead of holding its key forever.
         let claim_with = |tenant: &str| {
             format!(
                 "UPDATE {t} SET attempts = attempts + 1, lease_token = ?1, lease_until = {NOW} + ?2 \
                  WHERE seq IN ( \
                    SELECT o.seq FROM {t} o \
-                   WHERE o.status = 'pending' AND o.available_at <= {NOW} \
+                   WHERE o.status = 'pending' \
+                     AND (o.available_at <= {NOW} OR typeof(o.available_at) NOT IN ('integer', 'real')) \
                      AND (o.lease_until IS NULL OR o.lease_until <= {NOW}) {tenant} \
                      AND (o.key IS NULL OR NOT EXISTS ( \
                        SELECT 1 FROM {t} p WHERE p.key = o.key AND p.seq < o.seq \
                          AND (p.status = 'pending' OR p.parked = 1))) \
                    ORDER BY o.seq LIMIT ?3) \
-                 RETURNING {MESSAGE_COLUMNS}, {NOW} + ?2"
+                 RETURNING {MESSAGE_COLUMNS}, {NOW} + ?2, \
+                   typeof(available_at) IN ('integer', 'real') AS available_at_ok"
             )
         };
         Self {

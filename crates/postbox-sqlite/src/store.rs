@@ -43,6 +43,10 @@ impl SqliteStore {
     ///
     /// The relay's own connections use `synchronous = NORMAL`: losing its
     /// last deletes on power loss only means redelivery, never loss.
+    ///
+    /// A file that cannot be opened is [`StoreError::Config`]; one that
+    /// stays busy or locked past the 5 s busy timeout (another process in a
+    /// long transaction) is [`StoreError::Unavailable`], to retry.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("bad SQLite URL {}: {e}", redact_url(url))))?
@@ -56,9 +60,12 @@ impl SqliteStore {
             .connect_with(opts)
             .await
             .map_err(|e| match db_error(e) {
-                StoreError::Database(inner) | StoreError::Unavailable(inner) => StoreError::Config(
-                    format!("cannot open SQLite database {}: {inner}", redact_url(url)),
-                ),
+                StoreError::Database(inner) => StoreError::Config(format!(
+                    "cannot open SQLite database {}: {inner}",
+                    redact_url(url)
+                )),
+                // busy or locked past the busy timeout (another process in a
+                // long transaction): worth retrying, not a bad configuration
                 other => other,
             })?;
         Ok(Self::new(pool, SqliteOutbox::default()))
@@ -203,6 +210,12 @@ fn message_from_row(row: &SqliteRow) -> Result<Message, Malformed> {
     {
         return Err(bad("key is not valid UTF-8".to_owned()));
     }
+    if row.try_get::<bool, _>("available_at_ok").ok() == Some(false) {
+        return Err(bad(
+            "available_at is not a number (Unix microseconds): SQLite would never find it due"
+                .to_owned(),
+        ));
+    }
     let id: Uuid = row
         .try_get("id")
         .map_err(|e| bad(format!("id is not a 16-byte UUID: {e}")))?;
@@ -222,7 +235,9 @@ fn message_from_row(row: &SqliteRow) -> Result<Message, Malformed> {
         .try_get("tenant")
         .map_err(|e| bad(format!("tenant: {e}")))?;
     let attempts: i64 = row.get("attempts");
-    let max_attempts: Option<i64> = row.try_get("max_attempts").ok().flatten();
+    let max_attempts: Option<i64> = row
+        .try_get("max_attempts")
+        .map_err(|e| bad(format!("max_attempts is not an integer: {e}")))?;
     let created_at: i64 = row.get("created_at");
     Ok(Message::new(
         id,
