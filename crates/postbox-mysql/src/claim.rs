@@ -107,16 +107,20 @@ pub(crate) async fn claim(
             .collect()
     };
     if !hashes.is_empty() {
+        // by status, each part a range of (key_hash, status, kseq, parked)
         let check = format!(
-            "SELECT `key_hash`, MIN(`kseq`) AS `head` FROM {t} \
-             WHERE `key_hash` IN ({p}) \
-               AND (`status` = 'pending' OR (`status` = 'dead' AND `parked`)) \
-             GROUP BY `key_hash`",
+            "SELECT h.`key_hash`, MIN(h.`head`) AS `head` FROM ( \
+               SELECT `key_hash`, MIN(`kseq`) AS `head` FROM {t} \
+               WHERE `key_hash` IN ({p}) AND `status` = 'pending' GROUP BY `key_hash` \
+               UNION ALL \
+               SELECT `key_hash`, MIN(`kseq`) AS `head` FROM {t} \
+               WHERE `key_hash` IN ({p}) AND `status` = 'dead' AND `parked` GROUP BY `key_hash` \
+             ) AS h GROUP BY h.`key_hash`",
             t = sql.t,
             p = placeholders(hashes.len())
         );
         let mut q = sqlx::query(&check);
-        for h in &hashes {
+        for h in hashes.iter().chain(&hashes) {
             q = q.bind(h.as_slice());
         }
         let heads: HashMap<Vec<u8>, i64> = q

@@ -38,6 +38,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "sent_retention",
         sql: include_str!("../migrations/0003_sent_retention.sql"),
     },
+    Migration {
+        version: 4,
+        name: "key_head",
+        sql: include_str!("../migrations/0004_key_head.sql"),
+    },
 ];
 
 /// Separates statements inside a migration file.

@@ -90,11 +90,13 @@ impl Sql {
         // The claim's first step. Pending rows in seq order through the
         // (status, seq) index; a keyed row only when no earlier row of its
         // key (lower kseq) is unfinished: pending (leased or not, delayed or
-        // not) or dead and parked. The NOT EXISTS probe is one covering range
-        // read on (key_hash, kseq, status, parked). The subquery is a
-        // non-locking read; SKIP LOCKED applies to the candidate rows only,
-        // so two relays never block each other. Its result is re-checked
-        // with a fresh snapshot before anything is leased (see claim.rs).
+        // not) or dead and parked. Each NOT EXISTS probe is one covering
+        // range read on (key_hash, status, kseq, parked) (migration 4) that
+        // meets only rows of its status: kept sent rows and unparked dead
+        // ones are not in the way. The subqueries are non-locking reads;
+        // SKIP LOCKED applies to the candidate rows only, so two relays
+        // never block each other. Its result is re-checked with a fresh
+        // snapshot before anything is leased (see claim.rs).
         let claim = |tenant: &str| {
             format!(
                 "SELECT {cols}, TIMESTAMPDIFF(MICROSECOND, {EPOCH}, UTC_TIMESTAMP(6)) AS `now_us` \
@@ -103,10 +105,13 @@ impl Sql {
                    AND o.`available_at` <= UTC_TIMESTAMP(6) \
                    AND (o.`lease_until` IS NULL OR o.`lease_until` <= UTC_TIMESTAMP(6)) \
                    {tenant} \
-                   AND (o.`key_hash` IS NULL OR NOT EXISTS ( \
-                     SELECT 1 FROM {t} AS e \
-                     WHERE e.`key_hash` = o.`key_hash` AND e.`kseq` < o.`kseq` \
-                       AND (e.`status` = 'pending' OR (e.`status` = 'dead' AND e.`parked`)))) \
+                   AND (o.`key_hash` IS NULL OR ( \
+                     NOT EXISTS (SELECT 1 FROM {t} AS e \
+                       WHERE e.`key_hash` = o.`key_hash` AND e.`status` = 'pending' \
+                         AND e.`kseq` < o.`kseq`) \
+                     AND NOT EXISTS (SELECT 1 FROM {t} AS e \
+                       WHERE e.`key_hash` = o.`key_hash` AND e.`status` = 'dead' \
+                         AND e.`kseq` < o.`kseq` AND e.`parked`))) \
                  ORDER BY o.`seq` \
                  LIMIT ? \
                  FOR UPDATE SKIP LOCKED",

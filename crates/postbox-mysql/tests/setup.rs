@@ -106,8 +106,20 @@ async fn migrations_are_idempotent_and_safe_concurrently() {
         .await
         .expect("history");
     assert_eq!(
-        history, 3,
-        "migrations 1 (outbox), 2 (relays) and 3 (sent_retention), once each"
+        history, 4,
+        "migrations 1 (outbox), 2 (relays), 3 (sent_retention) and 4 (key_head), once each"
+    );
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT index_name FROM information_schema.statistics \
+         WHERE table_schema = DATABASE() AND table_name = 'other_outbox' ORDER BY 1",
+    )
+    .fetch_all(h.pool())
+    .await
+    .expect("indexes");
+    assert_eq!(
+        indexes,
+        ["by_id", "claim_scan", "key_head", "PRIMARY", "sent_age"],
+        "migration 4 replaced key_order with key_head"
     );
     let slots: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM `other_outbox_key_locks`")
         .fetch_one(h.pool())
