@@ -14,6 +14,7 @@ use crate::cli::{
     StatusArgs, StoreArgs,
 };
 use crate::usage;
+use anyhow::Context as _;
 
 pub(crate) async fn migrate(args: StoreArgs) -> anyhow::Result<()> {
     let store = AnyStore::open(&args, Patience::Brief).await?;
@@ -532,17 +533,32 @@ async fn act_in_chunks(store: &AnyStore, filter: &Filter, what: Act) -> anyhow::
     let bar = progress_bar(total, what.verb(), "dead messages");
     let mut done = 0;
     let mut query = ListQuery::new(Some(Status::Dead), CHUNK).filter(filter.clone());
+    let mut unaddressable = false;
     loop {
         let page = store.list(&query).await?;
         let Some(last) = page.last() else { break };
         query.after_seq = Some(last.seq);
         // the chunk's own ids: the rows the filter matched when listed
+        unaddressable |= page.iter().any(|r| r.id.is_nil());
         let chunk = filter.clone().ids(page.iter().map(|r| r.id));
-        done += what.run(store, &chunk).await?;
+        done += what
+            .run(store, &chunk)
+            .await
+            .with_context(|| format!("{done} message(s) {} before the error", what.verb()))?;
         bar.inc(page.len() as u64);
         if page.len() < CHUNK {
             break;
         }
+    }
+    if unaddressable {
+        // Rows whose id a plain-SQL producer wrote in a form the store
+        // cannot read are listed with the nil id and no chunk names them;
+        // one statement over the whole filter reaches them (the rows done
+        // above no longer match it).
+        done += what
+            .run(store, filter)
+            .await
+            .with_context(|| format!("{done} message(s) {} before the error", what.verb()))?;
     }
     bar.finish_and_clear();
     Ok(done)

@@ -357,3 +357,55 @@ fn demo_runs_and_verifies_its_promises() {
         "{out}"
     );
 }
+
+/// A dead row whose id a plain-SQL producer wrote as text is listed with the
+/// nil id; `dead skip --key` and `dead purge --key` still reach it, so its
+/// key does not stay parked for want of an id.
+#[test]
+fn dead_rows_with_an_unreadable_id_are_reached_by_their_filter() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    assert_eq!(code(&run(&["migrate", "--store", &url])), 0);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        use sqlx::Connection as _;
+        let mut c = sqlx::SqliteConnection::connect(&url).await.expect("open");
+        sqlx::raw_sql(
+            "INSERT INTO postbox_outbox (id, topic, key, payload, status, parked, last_error) \
+             VALUES ('0190a4b2-7c3e-7d4f-8a1b-2c3d4e5f6a7b', 't', 'J', x'61', 'dead', 1, 'boom'); \
+             INSERT INTO postbox_outbox (topic, key, payload) VALUES ('t', 'J', x'62');",
+        )
+        .execute(&mut c)
+        .await
+        .expect("plain SQL");
+    });
+    let o = run(&["dead", "list", "--store", &url, "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let listed = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        listed.contains("00000000-0000-0000-0000-000000000000"),
+        "{listed}"
+    );
+    let o = run(&["dead", "skip", "--store", &url, "--key", "J", "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")["unparked"],
+        1
+    );
+    let o = run(&["dead", "purge", "--store", &url, "--key", "J", "--json"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).expect("json")["purged"],
+        1
+    );
+    let o = run(&["status", "--store", &url, "--json"]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(
+        (
+            s["pending"].as_u64(),
+            s["dead"].as_u64(),
+            s["parked_keys"].as_u64()
+        ),
+        (Some(1), Some(0), Some(0)),
+        "{s}"
+    );
+}
