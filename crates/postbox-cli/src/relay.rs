@@ -240,9 +240,14 @@ pub(crate) async fn run(args: RelayArgs) -> anyhow::Result<()> {
         Some((key, addr)) => Some(serve::bind(key, addr).await?),
         None => None,
     };
-    let publisher = build_router(&resolved).await?;
+    // from here on a signal stops the relay cleanly, also while it still
+    // connects to its brokers and its database
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
+    let publisher = tokio::select! {
+        publisher = build_router(&resolved) => publisher?,
+        () = shutdown.cancelled() => return Ok(()),
+    };
     // Serving starts before the database answers: /healthz says the process
     // runs, /readyz says why it is not ready yet.
     let probe: Probe = Arc::default();
@@ -292,17 +297,25 @@ pub(crate) async fn run(args: RelayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT stop claiming; in-flight batches finish.
+/// SIGTERM and SIGINT stop claiming; in-flight batches finish. A second
+/// signal exits at once (status 130 for SIGINT, 143 for SIGTERM), leaving
+/// unfinished batches to their leases, as `kill -9` would.
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight batches"),
-            _ = int.recv() => tracing::info!("SIGINT: finishing in-flight batches"),
+            _ = term.recv() => tracing::info!("SIGTERM: finishing in-flight batches (a second signal exits at once)"),
+            _ = int.recv() => tracing::info!("SIGINT: finishing in-flight batches (a second signal exits at once)"),
         }
         shutdown.cancel();
+        let status = tokio::select! {
+            _ = term.recv() => 143,
+            _ = int.recv() => 130,
+        };
+        tracing::warn!("second signal: exiting now; unfinished batches wait for their leases");
+        std::process::exit(status);
     });
     Ok(())
 }

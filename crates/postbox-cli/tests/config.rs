@@ -67,6 +67,10 @@ fn bad_configs_exit_2_naming_the_key() {
         ),
         ("this is not toml", "config"),
         ("[relay]\ntenant = \"\"\n", "tenant"),
+        (
+            "[store]\nurl = \"sqlite://x.db\"\ntable = \"main.outbox\"\n",
+            "store.table",
+        ),
         ("[store]\nretain_sent = \"0s\"\n", "store.retain_sent"),
         ("[store]\nretain_sent = \"a week\"\n", "retain_sent"),
         (

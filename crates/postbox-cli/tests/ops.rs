@@ -509,6 +509,68 @@ fn sigterm_mid_publish_releases_the_batch_to_the_next_relay() {
     );
 }
 
+/// A second SIGTERM ends a relay at once (status 143) instead of waiting out
+/// the shutdown grace for a publish that hangs; its rows keep their leases.
+#[test]
+fn a_second_sigterm_exits_at_once() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = migrated_sqlite(dir.path());
+    enqueue(&url, &["--topic", "t", "--payload", "held"]);
+    let hook = SlowWebhook::start();
+    let config = dir.path().join("postbox.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"{url}\"\n\
+             [relay]\nlease = \"5m\"\nsend_timeout = \"60s\"\npoll_interval = \"20ms\"\n\
+             [publishers.hook]\ntype = \"http\"\nurl = \"http://127.0.0.1:{}/hook\"\nunsigned = true\n\
+             allow_private_networks = true\ntimeout_ms = 120000\n",
+            hook.port
+        ),
+    )
+    .expect("config");
+    let config_arg = config.display().to_string();
+    let mut relay = postbox()
+        .args(["relay", "--config", &config_arg, "--shutdown-grace", "60s"])
+        .env("POSTBOX_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn relay");
+    wait_for("the request held by the webhook", || {
+        (hook.held() == 1).then_some(())
+    });
+    // the second signal only once the first one was taken: signals that
+    // arrive together may count as one
+    let (seen, saw) = std::sync::mpsc::channel();
+    let stderr = relay.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("finishing in-flight batches") {
+                let _ = seen.send(());
+            }
+        }
+    });
+    sigterm(&relay);
+    saw.recv_timeout(Duration::from_secs(30))
+        .expect("the relay logged the first SIGTERM");
+    let asked = Instant::now();
+    sigterm(&relay);
+    let status = relay.wait().expect("wait");
+    assert_eq!(status.code(), Some(143));
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "took {:?}: waited for the 60 s grace",
+        asked.elapsed()
+    );
+    let s = json(&run(&["status", "--store", &url, "--json"]));
+    assert_eq!(s["leased"], 1, "{s}");
+}
+
 async fn sqlite(url: &str) -> sqlx::SqliteConnection {
     sqlx::SqliteConnection::connect(url)
         .await
