@@ -372,14 +372,25 @@ impl HttpPublisher {
     }
 }
 
-impl Publisher for HttpPublisher {
-    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+impl HttpPublisher {
+    /// A publish in its `postbox.publish` span.
+    fn traced(
+        &self,
+        batch: &[Message],
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
         let span = tracing::debug_span!(
             "postbox.publish",
             postbox.publisher = "http",
             postbox.batch_size = batch.len()
         );
-        self.publish_batch(batch, None).instrument(span)
+        self.publish_batch(batch, deadline).instrument(span)
+    }
+}
+
+impl Publisher for HttpPublisher {
+    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        self.traced(batch, None)
     }
 
     fn publish_until(
@@ -387,12 +398,7 @@ impl Publisher for HttpPublisher {
         batch: &[Message],
         deadline: Instant,
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "http",
-            postbox.batch_size = batch.len()
-        );
-        self.publish_batch(batch, Some(deadline)).instrument(span)
+        self.traced(batch, Some(deadline))
     }
 }
 

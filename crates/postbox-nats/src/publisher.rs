@@ -450,14 +450,25 @@ fn headers_for(m: &Message) -> Result<HeaderMap, String> {
     Ok(headers)
 }
 
-impl Publisher for NatsPublisher {
-    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+impl NatsPublisher {
+    /// A publish in its `postbox.publish` span.
+    fn traced(
+        &self,
+        batch: &[Message],
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
         let span = tracing::debug_span!(
             "postbox.publish",
             postbox.publisher = "nats",
             postbox.batch_size = batch.len()
         );
-        self.inner.publish(batch, None).instrument(span)
+        self.inner.publish(batch, deadline).instrument(span)
+    }
+}
+
+impl Publisher for NatsPublisher {
+    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        self.traced(batch, None)
     }
 
     fn publish_until(
@@ -465,11 +476,6 @@ impl Publisher for NatsPublisher {
         batch: &[Message],
         deadline: Instant,
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "nats",
-            postbox.batch_size = batch.len()
-        );
-        self.inner.publish(batch, Some(deadline)).instrument(span)
+        self.traced(batch, Some(deadline))
     }
 }
