@@ -11,9 +11,7 @@ use async_nats::jetstream::context::{
 };
 use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{Event, HeaderMap, HeaderName, HeaderValue};
-use futures_util::StreamExt as _;
-use futures_util::future::{Either, select};
-use futures_util::stream::FuturesUnordered;
+use futures_util::future::join_all;
 use postbox_core::{Message, PublishOutcome, Publisher, by_deadline};
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -256,75 +254,78 @@ impl Inner {
         for chunk in batch.chunks(ACK_CHUNK) {
             let mut sent: Vec<Result<(PublishAckFuture, String), PublishOutcome>> =
                 Vec::with_capacity(chunk.len());
-            for m in chunk {
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    sent.push(Err(PublishOutcome::NotSent));
-                    continue;
-                }
-                if let Some(reason) = &broken {
-                    // the connection is not taking messages: do not wait
-                    // `ack_timeout` once more per message
-                    sent.push(Err(PublishOutcome::transient(reason.clone())));
-                    continue;
-                }
-                let subject = self.config.subject(&m.topic);
-                let headers = match check_subject(&subject).and_then(|()| headers_for(m)) {
-                    Ok(h) => h,
-                    Err(reason) => {
-                        sent.push(Err(PublishOutcome::rejected(reason)));
+            // One timer for the chunk's sends, not one per message: a send
+            // usually returns at once (into the client's buffer).
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                outcomes.extend(chunk.iter().map(|_| PublishOutcome::NotSent));
+                continue;
+            }
+            let sending = async {
+                for m in chunk {
+                    if let Some(reason) = &broken {
+                        // the connection is not taking messages: do not wait
+                        // `ack_timeout` once more per message
+                        sent.push(Err(PublishOutcome::transient(reason.clone())));
                         continue;
                     }
-                };
-                let publish =
-                    self.js
-                        .publish_with_headers(subject.clone(), headers, m.payload.clone());
-                match by_deadline(deadline, publish).await {
-                    None => sent.push(Err(PublishOutcome::transient(format!(
-                        "NATS at {}: publish cut short by the batch's deadline (it may have been sent)",
-                        self.config.server()
-                    )))),
-                    Some(Ok(ack)) => sent.push(Ok((ack, subject))),
-                    Some(Err(e)) => {
-                        if matches!(
-                            e.kind(),
-                            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
-                        ) {
-                            broken = Some(format!(
-                                "NATS at {}: {e}{}",
-                                self.config.server(),
-                                self.link_note()
-                            ));
+                    let subject = self.config.subject(&m.topic);
+                    let headers = match check_subject(&subject).and_then(|()| headers_for(m)) {
+                        Ok(h) => h,
+                        Err(reason) => {
+                            sent.push(Err(PublishOutcome::rejected(reason)));
+                            continue;
                         }
-                        sent.push(Err(self.map_error(&e, &subject, m).await));
+                    };
+                    match self
+                        .js
+                        .publish_with_headers(subject.clone(), headers, m.payload.clone())
+                        .await
+                    {
+                        Ok(ack) => sent.push(Ok((ack, subject))),
+                        Err(e) => {
+                            if matches!(
+                                e.kind(),
+                                PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe
+                            ) {
+                                broken = Some(format!(
+                                    "NATS at {}: {e}{}",
+                                    self.config.server(),
+                                    self.link_note()
+                                ));
+                            }
+                            sent.push(Err(self.map_error(&e, &subject, m).await));
+                        }
                     }
                 }
+            };
+            if by_deadline(deadline, sending).await.is_none() {
+                // cut mid-send: the message being handed over may have left,
+                // the ones after it did not
+                if sent.len() < chunk.len() {
+                    sent.push(Err(PublishOutcome::transient(format!(
+                        "NATS at {}: publish cut short by the batch's deadline (it may have been sent)",
+                        self.config.server()
+                    ))));
+                }
+                sent.resize_with(chunk.len(), || Err(PublishOutcome::NotSent));
             }
             // Ack timers start when awaited: await them together so a dead
             // server costs one `ack_timeout`, not one per message; and the
-            // deadline with one timer for the chunk, not one per ack.
-            let mut waits: FuturesUnordered<_> = sent
-                .into_iter()
-                .zip(chunk)
-                .enumerate()
-                .map(|(i, (s, m))| async move {
-                    let outcome = match s {
+            // deadline with one timer for the chunk, not one per ack. Each
+            // outcome lands in its slot as it comes, so a cut keeps them.
+            let mut got: Vec<Option<PublishOutcome>> = vec![None; chunk.len()];
+            let acks = join_all(sent.into_iter().zip(chunk).zip(got.iter_mut()).map(
+                |((s, m), slot)| async move {
+                    *slot = Some(match s {
                         Ok((ack, subject)) => match ack.await {
                             Ok(_) => PublishOutcome::Ok,
                             Err(e) => self.map_error(&e, &subject, m).await,
                         },
                         Err(outcome) => outcome,
-                    };
-                    (i, outcome)
-                })
-                .collect();
-            let mut got: Vec<Option<PublishOutcome>> = vec![None; chunk.len()];
-            let mut cutoff = std::pin::pin!(by_deadline(deadline, std::future::pending::<()>()));
-            // the acks first: every outcome already known is kept
-            while let Either::Left((Some((i, outcome)), _)) =
-                select(waits.next(), cutoff.as_mut()).await
-            {
-                got[i] = Some(outcome);
-            }
+                    });
+                },
+            ));
+            let _ = by_deadline(deadline, acks).await;
             outcomes.extend(got.into_iter().map(|o| {
                 o.unwrap_or_else(|| {
                     PublishOutcome::transient(format!(
