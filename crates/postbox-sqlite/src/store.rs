@@ -272,7 +272,14 @@ fn record_from_row(row: &SqliteRow, now: i64) -> Result<MessageRecord, StoreErro
     };
     let headers_text = lossy("headers")?.unwrap_or_default();
     let payload: Vec<u8> = row.try_get_unchecked("payload").map_err(get)?;
-    let max_attempts: Option<i64> = row.try_get("max_attempts").map_err(get)?;
+    // A plain-SQL producer's text in these two columns dead-letters the
+    // row; it must still list (to be replayed, skipped or purged): shown
+    // as no limit, and as due when created.
+    let max_attempts: Option<i64> = row.try_get("max_attempts").ok().flatten();
+    let available_at: i64 = match row.try_get("available_at") {
+        Ok(at) => at,
+        Err(_) => row.try_get("created_at").map_err(get)?,
+    };
     let attempts: i64 = row.try_get("attempts").map_err(get)?;
     Ok(MessageRecord::new(
         row.try_get("seq").map_err(get)?,
@@ -286,7 +293,7 @@ fn record_from_row(row: &SqliteRow, now: i64) -> Result<MessageRecord, StoreErro
         row.try_get("last_error").map_err(get)?,
         row.try_get::<bool, _>("parked").map_err(get)?,
         from_unix_micros(row.try_get("created_at").map_err(get)?),
-        from_unix_micros(row.try_get("available_at").map_err(get)?),
+        from_unix_micros(available_at),
         // an undecodable header column still lists; the relay dead-letters it
         serde_json::from_str(&headers_text).unwrap_or_default(),
         Bytes::from(payload),

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use postbox_core::{ClaimRequest, Completion, Disposition, Store};
+use postbox_core::{ClaimRequest, Completion, Disposition, ListQuery, Status, Store};
 use postbox_sqlite::SqliteStore;
 
 #[tokio::test]
@@ -59,6 +59,13 @@ async fn mistyped_columns_are_dead_lettered_and_free_their_key() {
     let c = store.claim(&req).await.expect("claim");
     let bodies: Vec<_> = c.messages.iter().map(|m| m.payload.clone()).collect();
     assert_eq!(bodies, [&b"b"[..]], "{c:?}");
+
+    // the dead rows still list, so they can be replayed, skipped or purged
+    let dead = store
+        .list(&ListQuery::new(Some(Status::Dead), 10))
+        .await
+        .expect("list");
+    assert_eq!(dead.len(), 2, "{dead:?}");
 }
 
 /// A database another process keeps locked past the busy timeout is
