@@ -415,10 +415,18 @@ fn substitute_env(text: &str, at: &str, env: &Env<'_>) -> anyhow::Result<String>
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
+        // the value is never quoted: it may be a password that holds `${`
         let end = after
             .find('}')
-            .ok_or_else(|| usage(format!("{at}: unterminated ${{ in {text:?}")))?;
+            .ok_or_else(|| usage(format!("{at}: unterminated ${{")))?;
         let name = &after[..end];
+        let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(usage(format!(
+                "{at}: ${{…}} must hold an environment variable name (letters, digits, _)"
+            )));
+        }
         let value = env(name)
             .ok_or_else(|| usage(format!("{at}: environment variable {name} is not set")))?;
         out.push_str(&value);
@@ -465,13 +473,21 @@ impl FileConfig {
                 let line = before.matches('\n').count() + 1;
                 let start = before.rfind('\n').map_or(0, |i| i + 1);
                 let column = before.len() - start + 1;
-                // the line's key, never its value
+                // the line's key, never its value: only when what precedes
+                // the first `=` looks like a TOML key (a line without its
+                // `=`, or `url: "…"`, must not show the URL as a "key")
                 let key = text[start..]
                     .lines()
                     .next()
                     .and_then(|l| l.split_once('='))
                     .map(|(k, _)| k.trim())
-                    .filter(|k| !k.is_empty())
+                    .filter(|k| {
+                        !k.is_empty()
+                            && k.chars().all(|c| {
+                                c.is_ascii_alphanumeric()
+                                    || matches!(c, '_' | '-' | '.' | '"' | ' ')
+                            })
+                    })
                     .map_or(String::new(), |k| format!(", key {k}"));
                 format!(" (line {line}, column {column}{key})")
             });

@@ -553,11 +553,26 @@ fn error_exits_and_config_check_never_show_secrets() {
         "bad_string",
         format!("[store]\nurl = \"postgres://app:{SECRET}@db.invalid/shop\n"),
     );
+    let no_equals = raw(
+        "no_equals",
+        format!("[store]\nurl \"postgres://app:{SECRET}==@db.invalid/shop\"\n"),
+    );
+    let yaml_habit = raw(
+        "yaml_habit",
+        format!("[store]\nurl: \"postgres://app:{SECRET}@db.invalid/shop?sslmode=require\"\n"),
+    );
+    let dollar_brace = raw(
+        "dollar_brace",
+        format!("[store]\nurl = \"postgres://app:{SECRET}${{x@db.invalid/shop\"\n"),
+    );
     let good = good.display().to_string();
     let cases: Vec<(Vec<String>, i32)> = vec![
         (vec!["config".into(), "check".into(), good], 0),
         (vec!["config".into(), "check".into(), bad_key], 2),
         (vec!["config".into(), "check".into(), bad_string], 2),
+        (vec!["config".into(), "check".into(), no_equals], 2),
+        (vec!["config".into(), "check".into(), yaml_habit], 2),
+        (vec!["config".into(), "check".into(), dollar_brace], 2),
         (
             vec![
                 "status".into(),
