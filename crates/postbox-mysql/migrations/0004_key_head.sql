@@ -1,15 +1,19 @@
--- The per-key probes by status first: "is there an earlier pending row of
--- this key?" and "an earlier dead, parked one?" each read a range of
--- (key_hash, status, kseq) that holds only rows of that status. The index
--- of migration 1, (key_hash, kseq, status, parked), put every earlier row
--- of the key in the way, kept sent rows (`retain_sent`) and unparked dead
--- ones included: with 20,000 kept rows of a key each probe read 20,000
--- index entries. InnoDB adds the index online and drops the old one in
--- place (concurrent inserts and claims go on).
+-- The per-key probes by status first: the key's lowest pending kseq, and
+-- its earlier dead rows, each read from a range of (key_hash, status, kseq)
+-- that holds only rows of that status. The index of migration 1,
+-- (key_hash, kseq, status, parked), put every earlier row of the key in the
+-- way, kept sent rows (`retain_sent`) included: with 20,000 kept rows of a
+-- key each probe read 20,000 index entries. InnoDB adds the index online and
+-- drops the old one in place, but each ALTER needs a moment of exclusive
+-- metadata lock, and while it waits for one (behind a transaction that
+-- touched the table) inserts queue behind it. So it waits at most 10 s, and
+-- the migration fails instead: run it again later.
 --
 -- MySQL has no `ADD INDEX IF NOT EXISTS` (MariaDB has), so to stay
 -- re-runnable like every migration here each ALTER is built only when
 -- needed. `{table_name}` is the validated, unquoted table name.
+SET SESSION lock_wait_timeout = 10
+-- statement
 SET @postbox_add_index = (
   SELECT IF(COUNT(*) = 0,
             'ALTER TABLE {table} ADD INDEX `key_head` (`key_hash`, `status`, `kseq`, `parked`)',
@@ -35,3 +39,5 @@ PREPARE postbox_drop_index FROM @postbox_drop_index
 EXECUTE postbox_drop_index
 -- statement
 DEALLOCATE PREPARE postbox_drop_index
+-- statement
+SET SESSION lock_wait_timeout = DEFAULT
