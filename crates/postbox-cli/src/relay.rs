@@ -298,8 +298,9 @@ pub(crate) async fn run(args: RelayArgs) -> anyhow::Result<()> {
 }
 
 /// SIGTERM and SIGINT stop claiming; in-flight batches finish. A second
-/// signal exits at once (status 130 for SIGINT, 143 for SIGTERM), leaving
-/// unfinished batches to their leases, as `kill -9` would.
+/// signal, at least a second after the first, exits at once (status 130 for
+/// SIGINT, 143 for SIGTERM), leaving unfinished batches to their leases, as
+/// `kill -9` would.
 fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
@@ -310,6 +311,11 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: finishing in-flight batches (a second signal exits at once)"),
         }
         shutdown.cancel();
+        // one keypress can bring two signals (SIGINT to the process group,
+        // SIGTERM forwarded by a wrapper): only one after a second counts
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        drain(&mut term);
+        drain(&mut int);
         let status = tokio::select! {
             _ = term.recv() => 143,
             _ = int.recv() => 130,
@@ -318,4 +324,10 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
         std::process::exit(status);
     });
     Ok(())
+}
+
+/// Consumes the signals `sig` has already received, without waiting.
+fn drain(sig: &mut tokio::signal::unix::Signal) {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    while matches!(sig.poll_recv(&mut cx), std::task::Poll::Ready(Some(()))) {}
 }

@@ -558,6 +558,14 @@ fn a_second_sigterm_exits_at_once() {
     sigterm(&relay);
     saw.recv_timeout(Duration::from_secs(30))
         .expect("the relay logged the first SIGTERM");
+    // a signal within a second of the first counts as the same one (one
+    // keypress can bring SIGINT and a forwarded SIGTERM): this one does not
+    sigterm(&relay);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        relay.try_wait().expect("try_wait").is_none(),
+        "a signal right after the first ended the relay"
+    );
     let asked = Instant::now();
     sigterm(&relay);
     let status = relay.wait().expect("wait");

@@ -17,7 +17,7 @@ pub fn redact_url(url: &str) -> String {
         return url
             .split(' ')
             .map(|word| match word.split_once('=') {
-                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                Some((k, _)) if is_secret_name(k) => format!("{k}=***"),
                 _ => word.to_owned(),
             })
             .collect::<Vec<_>>()
@@ -46,7 +46,18 @@ pub fn redact_url(url: &str) -> String {
     format!("{scheme}{authority}{}", without_password_params(tail))
 }
 
-/// `tail` (path, query, fragment) without `password=` query parameters.
+/// Whether a query parameter or `key=value` word names a secret: its name
+/// contains `password`, `token` or `secret` (`sslpassword`, `access_token`,
+/// `client_secret`, …), whatever the case.
+fn is_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "token", "secret"]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
+/// `tail` (path, query, fragment) without query parameters that name a
+/// secret ([`is_secret_name`]).
 fn without_password_params(tail: &str) -> String {
     let Some((path, query)) = tail.split_once('?') else {
         return tail.to_owned();
@@ -55,11 +66,7 @@ fn without_password_params(tail: &str) -> String {
         Some((q, f)) => (q, Some(f)),
         None => (query, None),
     };
-    let is_password = |kv: &str| {
-        kv.split('=')
-            .next()
-            .is_some_and(|name| name.eq_ignore_ascii_case("password"))
-    };
+    let is_password = |kv: &str| kv.split('=').next().is_some_and(is_secret_name);
     if !query.split('&').any(is_password) {
         return tail.to_owned();
     }
@@ -154,6 +161,15 @@ mod tests {
             ),
             ("stdout", "stdout"),
             ("mysql://u:p#ss@h/db", "mysql://<redacted>@h/db"),
+            (
+                "postgres://h/d?sslmode=verify-full&sslpassword=hunter2",
+                "postgres://h/d?sslmode=verify-full",
+            ),
+            (
+                "https://hooks.example.com/in?access_token=hunter2&x=1",
+                "https://hooks.example.com/in?x=1",
+            ),
+            ("host=h sslpassword=hunter2", "host=h sslpassword=***"),
             (
                 "postgres://u:p/ss@h:5432/d",
                 "postgres://<redacted>@h:5432/d",

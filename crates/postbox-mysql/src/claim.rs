@@ -185,12 +185,17 @@ pub(crate) async fn claim(
         match decoded {
             Ok(m) => messages.push(m),
             Err(reason) => {
+                // an orphan (no kseq) parks nothing: it holds no place in its
+                // key's order, so parking it would block nothing and only
+                // count as a parked key
+                let orphan = c.key_hash.is_some() && c.kseq.is_none();
                 let key = c
                     .row
                     .try_get::<Option<Vec<u8>>, _>("key")
                     .ok()
                     .flatten()
-                    .and_then(|k| String::from_utf8(k).ok());
+                    .and_then(|k| String::from_utf8(k).ok())
+                    .filter(|_| !orphan);
                 malformed.push(Malformed {
                     seq: c.seq,
                     key,

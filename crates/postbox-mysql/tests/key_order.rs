@@ -416,6 +416,7 @@ async fn a_keyed_row_written_without_the_trigger_is_dead_lettered() {
     assert!(c.messages.is_empty(), "{:?}", c.messages);
     assert_eq!(c.malformed.len(), 1, "{c:?}");
     assert!(c.malformed[0].reason.contains("trigger"), "{c:?}");
+    assert_eq!(c.malformed[0].key, None, "an orphan must not park its key");
     let dead = Disposition::Dead {
         error: c.malformed[0].reason.clone(),
         park: false,

@@ -224,9 +224,10 @@ impl Inner {
         Ok(())
     }
 
-    /// Publishes `batch` in chunks. With a deadline, messages not handed to
-    /// the client by then are `NotSent`, and a publish or an ack cut short
-    /// by it is `Transient`.
+    /// Publishes `batch` in chunks. With a deadline, chunks not started by
+    /// then are `NotSent`; in a chunk cut while sending, the message being
+    /// handed over is `Transient` and the ones after it `NotSent`; acks not
+    /// in by then are `Transient`.
     async fn publish(&self, batch: &[Message], deadline: Option<Instant>) -> Vec<PublishOutcome> {
         if batch.is_empty() {
             return Vec::new();
