@@ -83,6 +83,12 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         .table
         .or(file.store.table.clone())
         .unwrap_or_else(|| "postbox_outbox".to_owned());
+    let scheme = url.split_once(':').map_or("", |(s, _)| s);
+    if table.contains('.') && matches!(scheme, "sqlite" | "mysql" | "mariadb") {
+        return Err(usage(format!(
+            "table {table:?}: a schema-qualified name is for PostgreSQL outboxes only, not {scheme}"
+        )));
+    }
     // flags > env > file, like the relay settings
     if let Some(keep) = args.retain_sent {
         crate::config::check_retention(keep).map_err(|why| {
@@ -101,7 +107,6 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         None => crate::config::vacuum_after_from_env()?.or(file.store.vacuum_after),
     }
     .and_then(std::num::NonZeroU64::new);
-    let scheme = url.split_once(':').map_or("", |(s, _)| s);
     if vacuum_after.is_some() && !matches!(scheme, "postgres" | "postgresql") {
         return Err(usage(format!(
             "[store] vacuum_after (--vacuum-after, {}) applies to PostgreSQL outboxes only, not {scheme}",
@@ -188,6 +193,12 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
             .store
             .url
             .clone()
+            // where `relay` would take it from next
+            .or_else(|| {
+                std::env::var("POSTBOX_STORE_URL")
+                    .ok()
+                    .filter(|u| !u.is_empty())
+            })
             // a placeholder that `resolve` accepts with every setting
             .or_else(|| {
                 let vacuum = config.store.vacuum_after.is_some()

@@ -101,6 +101,32 @@ fn bad_configs_exit_2_naming_the_key() {
     }
 }
 
+/// `config check` takes the store URL from `POSTBOX_STORE_URL` when the file
+/// has none, as `relay` does, and refuses what `relay` would refuse with it.
+#[test]
+fn config_check_judges_the_table_by_the_store_in_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[store]\ntable = \"main.outbox\"\n[publishers.out]\nurl = \"stdout\"\n",
+    )
+    .expect("write");
+    let check = |url: &str| {
+        postbox()
+            .args(["config", "check"])
+            .arg(&path)
+            .env("POSTBOX_STORE_URL", url)
+            .output()
+            .expect("run")
+    };
+    let o = check("sqlite://x.db");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("main.outbox"), "{}", stderr(&o));
+    let o = check("postgres://h/db");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}
+
 /// The store's and relay's environment variables and flags are checked like
 /// the file's keys, each error naming where the bad value came from.
 #[test]
