@@ -474,8 +474,8 @@ impl FileConfig {
                 let start = before.rfind('\n').map_or(0, |i| i + 1);
                 let column = before.len() - start + 1;
                 // the line's key, never its value: only when what precedes
-                // the first `=` looks like a TOML key (a line without its
-                // `=`, or `url: "…"`, must not show the URL as a "key")
+                // the first `=` is a bare (dotted) TOML key (a line without
+                // its `=`, or `url: "…"`, must not show the value as a "key")
                 let key = text[start..]
                     .lines()
                     .next()
@@ -483,10 +483,8 @@ impl FileConfig {
                     .map(|(k, _)| k.trim())
                     .filter(|k| {
                         !k.is_empty()
-                            && k.chars().all(|c| {
-                                c.is_ascii_alphanumeric()
-                                    || matches!(c, '_' | '-' | '.' | '"' | ' ')
-                            })
+                            && k.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
                     })
                     .map_or(String::new(), |k| format!(", key {k}"));
                 format!(" (line {line}, column {column}{key})")

@@ -189,22 +189,24 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
     // eagerly, so this needs no broker.
     let mut r = resolve(RelayArgs {
         config: Some(path.to_owned()),
-        store: config
-            .store
-            .url
-            .clone()
-            // where `relay` would take it from next
-            .or_else(|| {
-                std::env::var("POSTBOX_STORE_URL")
-                    .ok()
-                    .filter(|u| !u.is_empty())
-            })
+        // where `relay` takes it from: the environment (standing for
+        // --store) before the file
+        store: std::env::var("POSTBOX_STORE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .or_else(|| config.store.url.clone())
             // a placeholder that `resolve` accepts with every setting
             .or_else(|| {
                 let vacuum = config.store.vacuum_after.is_some()
                     || std::env::var_os(crate::config::VACUUM_AFTER_ENV)
                         .is_some_and(|v| !v.is_empty());
-                Some(if vacuum {
+                // a schema-qualified table is a PostgreSQL one
+                let schema = config
+                    .store
+                    .table
+                    .as_deref()
+                    .is_some_and(|t| t.contains('.'));
+                Some(if vacuum || schema {
                     "postgres://unused/unused".into()
                 } else {
                     "sqlite://unused.db".into()
@@ -325,8 +327,9 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
         // one keypress can bring two signals (SIGINT to the process group,
         // SIGTERM forwarded by a wrapper): only one after a second counts
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        drain(&mut term);
-        drain(&mut int);
+        if drain(&mut term) + drain(&mut int) > 0 {
+            tracing::info!("a signal within a second of the first counts as the same one");
+        }
         let status = tokio::select! {
             _ = term.recv() => 143,
             _ = int.recv() => 130,
@@ -337,8 +340,13 @@ fn spawn_signal_handler(shutdown: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Consumes the signals `sig` has already received, without waiting.
-fn drain(sig: &mut tokio::signal::unix::Signal) {
+/// Consumes the signals `sig` has already received, without waiting;
+/// returns how many.
+fn drain(sig: &mut tokio::signal::unix::Signal) -> usize {
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    while matches!(sig.poll_recv(&mut cx), std::task::Poll::Ready(Some(()))) {}
+    let mut n = 0;
+    while matches!(sig.poll_recv(&mut cx), std::task::Poll::Ready(Some(()))) {
+        n += 1;
+    }
+    n
 }

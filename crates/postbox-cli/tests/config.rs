@@ -125,6 +125,15 @@ fn config_check_judges_the_table_by_the_store_in_the_environment() {
     assert!(stderr(&o).contains("main.outbox"), "{}", stderr(&o));
     let o = check("postgres://h/db");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // without a store URL anywhere, a schema-qualified table is taken for
+    // the PostgreSQL one it can only be
+    let o = postbox()
+        .args(["config", "check"])
+        .arg(&path)
+        .env_remove("POSTBOX_STORE_URL")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
 /// The store's and relay's environment variables and flags are checked like

@@ -561,7 +561,7 @@ fn a_second_sigterm_exits_at_once() {
     // a signal within a second of the first counts as the same one (one
     // keypress can bring SIGINT and a forwarded SIGTERM): this one does not
     sigterm(&relay);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     assert!(
         relay.try_wait().expect("try_wait").is_none(),
         "a signal right after the first ended the relay"

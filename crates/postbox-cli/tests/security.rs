@@ -561,6 +561,10 @@ fn error_exits_and_config_check_never_show_secrets() {
         "yaml_habit",
         format!("[store]\nurl: \"postgres://app:{SECRET}@db.invalid/shop?sslmode=require\"\n"),
     );
+    let bare_value = raw(
+        "bare_value",
+        format!("[publishers.hook]\ntype = \"http\"\nsecret \"{SECRET}==\"\n"),
+    );
     let dollar_brace = raw(
         "dollar_brace",
         format!("[store]\nurl = \"postgres://app:{SECRET}${{x@db.invalid/shop\"\n"),
@@ -573,6 +577,7 @@ fn error_exits_and_config_check_never_show_secrets() {
         (vec!["config".into(), "check".into(), no_equals], 2),
         (vec!["config".into(), "check".into(), yaml_habit], 2),
         (vec!["config".into(), "check".into(), dollar_brace], 2),
+        (vec!["config".into(), "check".into(), bare_value], 2),
         (
             vec![
                 "status".into(),

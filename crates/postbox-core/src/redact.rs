@@ -1,9 +1,11 @@
 //! Keeping secrets out of messages and logs.
 
-/// `url` with its password replaced by `***` and any `password=` query
-/// parameter dropped, for error messages and logs. Works for every URL
-/// postbox takes (databases and brokers); text that is not a URL keeps
-/// everything but the values of `password=` words (libpq-style strings).
+/// `url` with its password replaced by `***` (user info that cannot be
+/// delimited shown as `<redacted>@`) and every query parameter whose name
+/// holds `password`, `token` or `secret` dropped, for error messages and
+/// logs. Works for every URL postbox takes (databases and brokers); text
+/// that is not a URL keeps everything but the values of such `key=value`
+/// words (libpq-style strings).
 ///
 /// ```
 /// use postbox_core::redact_url;

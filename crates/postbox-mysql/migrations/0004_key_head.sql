@@ -1,5 +1,5 @@
--- The per-key probes by status first: the key's lowest pending kseq, and
--- its earlier dead rows, each read from a range of (key_hash, status, kseq)
+-- The per-key probes by status first: an earlier pending row of the key,
+-- and its earlier dead rows, each read from a range of (key_hash, status, kseq)
 -- that holds only rows of that status. The index of migration 1,
 -- (key_hash, kseq, status, parked), put every earlier row of the key in the
 -- way, kept sent rows (`retain_sent`) included: with 20,000 kept rows of a
@@ -12,6 +12,8 @@
 -- MySQL has no `ADD INDEX IF NOT EXISTS` (MariaDB has), so to stay
 -- re-runnable like every migration here each ALTER is built only when
 -- needed. `{table_name}` is the validated, unquoted table name.
+SET @postbox_lock_wait_timeout = @@SESSION.lock_wait_timeout
+-- statement
 SET SESSION lock_wait_timeout = 10
 -- statement
 SET @postbox_add_index = (
@@ -40,4 +42,4 @@ EXECUTE postbox_drop_index
 -- statement
 DEALLOCATE PREPARE postbox_drop_index
 -- statement
-SET SESSION lock_wait_timeout = DEFAULT
+SET SESSION lock_wait_timeout = @postbox_lock_wait_timeout

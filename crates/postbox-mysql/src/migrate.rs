@@ -90,7 +90,10 @@ pub(crate) async fn run(sql: &Sql, pool: &MySqlPool) -> Result<(), StoreError> {
     .bind(sql.table.as_str())
     .execute(&mut *conn)
     .await;
-    if released.is_err() {
+    // A failed migration may leave session state behind (a shortened
+    // `lock_wait_timeout`, prepared statements): that session does not go
+    // back to the caller's pool either.
+    if released.is_err() || result.is_err() {
         conn.close_on_drop();
     }
     result

@@ -90,14 +90,15 @@ impl Sql {
         // The claim's first step. Pending rows in seq order through the
         // (status, seq) index; a keyed row only when no earlier row of its
         // key (lower kseq) is unfinished: pending (leased or not, delayed or
-        // not) or dead and parked. Both probes read the index (key_hash,
-        // status, kseq, parked) of migration 4, so kept sent rows are not in
-        // the way: the pending one is a single descent (the key's lowest
-        // pending kseq: the candidate must be it), the dead one reads the
-        // key's earlier dead rows, unparked ones included (purge them). A
-        // keyed row without kseq (written while the trigger was missing) is
-        // let through, to be dead-lettered by the claim. The subqueries are
-        // non-locking reads;
+        // not) or dead and parked. Both probes read ranges of the index
+        // (key_hash, status, kseq, parked) of migration 4, so kept sent rows
+        // are not in the way: the pending one stops at the first earlier
+        // pending row, the dead one reads the key's earlier dead rows,
+        // unparked ones included (purge them). (Not a correlated MIN of the
+        // key's pending kseq: MySQL 8 reads all of a key's pending rows for
+        // it, once per candidate.) A keyed row without kseq (written while
+        // the trigger was missing) passes both, to be dead-lettered by the
+        // claim. The subqueries are non-locking reads;
         // SKIP LOCKED applies to the candidate rows only, so two relays
         // never block each other. Its result is re-checked with a fresh
         // snapshot before anything is leased (see claim.rs).
@@ -109,9 +110,10 @@ impl Sql {
                    AND o.`available_at` <= UTC_TIMESTAMP(6) \
                    AND (o.`lease_until` IS NULL OR o.`lease_until` <= UTC_TIMESTAMP(6)) \
                    {tenant} \
-                   AND (o.`key_hash` IS NULL OR o.`kseq` IS NULL OR ( \
-                     o.`kseq` <= (SELECT MIN(e.`kseq`) FROM {t} AS e \
-                       WHERE e.`key_hash` = o.`key_hash` AND e.`status` = 'pending') \
+                   AND (o.`key_hash` IS NULL OR ( \
+                     NOT EXISTS (SELECT 1 FROM {t} AS e \
+                       WHERE e.`key_hash` = o.`key_hash` AND e.`status` = 'pending' \
+                         AND e.`kseq` < o.`kseq`) \
                      AND NOT EXISTS (SELECT 1 FROM {t} AS e \
                        WHERE e.`key_hash` = o.`key_hash` AND e.`status` = 'dead' \
                          AND e.`kseq` < o.`kseq` AND e.`parked`))) \
