@@ -500,19 +500,10 @@ impl FileConfig {
         // Refused here too, not only when a store opens: `config check`
         // must not call a file good that `relay` would refuse.
         if let Some(table) = &config.store.table {
-            // `table`, or `schema.table` (PostgreSQL only)
-            let scheme = config
-                .store
-                .url
-                .as_deref()
-                .and_then(|u| u.split_once(':'))
-                .map(|(scheme, _)| scheme);
+            // `table`, or `schema.table` (PostgreSQL; which store takes a
+            // schema is checked with the URL, wherever it comes from, when
+            // the relay's settings are resolved)
             let parts = match table.split_once('.') {
-                Some(_) if matches!(scheme, Some("sqlite" | "mysql" | "mariadb")) => {
-                    return Err(usage(format!(
-                        "store.table = {table:?}: a schema-qualified name is for PostgreSQL outboxes only"
-                    )));
-                }
                 Some((schema, name)) => vec![schema, name],
                 None => vec![table.as_str()],
             };

@@ -69,7 +69,7 @@ fn bad_configs_exit_2_naming_the_key() {
         ("[relay]\ntenant = \"\"\n", "tenant"),
         (
             "[store]\nurl = \"sqlite://x.db\"\ntable = \"main.outbox\"\n",
-            "store.table",
+            "\"main.outbox\": a schema-qualified name is for PostgreSQL outboxes only",
         ),
         ("[store]\nretain_sent = \"0s\"\n", "store.retain_sent"),
         ("[store]\nretain_sent = \"a week\"\n", "retain_sent"),

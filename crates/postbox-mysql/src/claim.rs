@@ -177,7 +177,9 @@ pub(crate) async fn claim(
     let mut messages = Vec::with_capacity(candidates.len());
     let mut malformed = Vec::new();
     for c in &candidates {
-        let decoded = if c.key_hash.is_some() && c.kseq.is_none() {
+        // written while the trigger was missing: no place in its key's order
+        let orphan = c.key_hash.is_some() && c.kseq.is_none();
+        let decoded = if orphan {
             Err(NO_KSEQ.to_owned())
         } else {
             decode(&c.row)
@@ -185,10 +187,8 @@ pub(crate) async fn claim(
         match decoded {
             Ok(m) => messages.push(m),
             Err(reason) => {
-                // an orphan (no kseq) parks nothing: it holds no place in its
-                // key's order, so parking it would block nothing and only
-                // count as a parked key
-                let orphan = c.key_hash.is_some() && c.kseq.is_none();
+                // an orphan parks nothing: parking it would block nothing
+                // and only count as a parked key
                 let key = c
                     .row
                     .try_get::<Option<Vec<u8>>, _>("key")

@@ -253,14 +253,14 @@ impl Inner {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut broken: Option<String> = None;
         for chunk in batch.chunks(ACK_CHUNK) {
-            let mut sent: Vec<Result<(PublishAckFuture, String), PublishOutcome>> =
-                Vec::with_capacity(chunk.len());
-            // One timer for the chunk's sends, not one per message: a send
-            // usually returns at once (into the client's buffer).
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 outcomes.extend(chunk.iter().map(|_| PublishOutcome::NotSent));
                 continue;
             }
+            let mut sent: Vec<Result<(PublishAckFuture, String), PublishOutcome>> =
+                Vec::with_capacity(chunk.len());
+            // One timer for the chunk's sends, not one per message: a send
+            // usually returns at once (into the client's buffer).
             let sending = async {
                 for m in chunk {
                     if let Some(reason) = &broken {
