@@ -535,8 +535,13 @@ impl Store for SqliteStore {
 
     async fn replay(&self, filter: &Filter) -> Result<u64, StoreError> {
         let t = &self.outbox.sql().table;
+        // A `max_attempts` a plain-SQL producer wrote as text or a real is
+        // what dead-lettered the row (see `message_from_row`); replayed as
+        // it is, it would go straight back to dead. It becomes NULL (the
+        // relay's limit), as `available_at` becomes now.
         let mut q = QueryBuilder::<Sqlite>::new(format!(
             "UPDATE {t} SET status = 'pending', attempts = 0, parked = 0, available_at = {NOW}, \
+             max_attempts = CASE WHEN typeof(max_attempts) = 'integer' THEN max_attempts END, \
              lease_token = NULL, lease_until = NULL WHERE status = 'dead'"
         ));
         push_filter(&mut q, filter);

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use postbox_core::{ClaimRequest, Completion, Disposition, ListQuery, Status, Store};
+use postbox_core::{ClaimRequest, Completion, Disposition, Filter, ListQuery, Status, Store};
 use postbox_sqlite::SqliteStore;
 
 #[tokio::test]
@@ -66,6 +66,23 @@ async fn mistyped_columns_are_dead_lettered_and_free_their_key() {
         .await
         .expect("list");
     assert_eq!(dead.len(), 2, "{dead:?}");
+
+    // replayed, both are delivered: `available_at` becomes now and a
+    // `max_attempts` that is not an integer the relay's limit
+    let replayed = store.replay(&Filter::default()).await.expect("replay");
+    assert_eq!(replayed, 2);
+    store
+        .complete(
+            c.lease.token,
+            &[Completion::new(c.messages[0].seq, Disposition::Sent)],
+        )
+        .await
+        .expect("complete");
+    let c = store.claim(&req).await.expect("claim");
+    assert!(c.malformed.is_empty(), "{:?}", c.malformed);
+    let bodies: Vec<_> = c.messages.iter().map(|m| m.payload.clone()).collect();
+    assert_eq!(bodies, [&b"a"[..], &b"c"[..]], "{c:?}");
+    assert_eq!(c.messages[1].max_attempts, None, "{c:?}");
 }
 
 /// A database another process keeps locked past the busy timeout is
