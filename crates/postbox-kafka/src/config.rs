@@ -191,7 +191,7 @@ impl KafkaConfig {
         let mut cfg = Self::new(brokers.join(","));
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v);
+            let v = percent_decode(k, v)?;
             let num = |name: &'static str| {
                 v.parse::<u64>()
                     .map_err(|_| KafkaError::invalid(name, format!("`{v}` is not a number")))
@@ -313,23 +313,19 @@ pub(crate) fn invalid_topic(name: &str) -> Option<String> {
     None
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// A query value with its `%XX` escapes decoded; `+` stays a `+` (this is a
+/// URL, not a form: `sasl.password=a+b` means `a+b`). The value is not shown
+/// in the error, since it may be a password.
+fn percent_decode(name: &str, s: &str) -> Result<String, KafkaError> {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| {
+            KafkaError::invalid(
+                "url",
+                format!("query parameter `{name}` is not UTF-8 once decoded"),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -349,6 +345,23 @@ mod tests {
         assert_eq!(c.topic_template, "pb.{topic}");
         assert_eq!(c.linger_ms, 0);
         assert_eq!(c.properties["security.protocol"], "SASL_SSL");
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded_as_a_url() {
+        let c = KafkaConfig::from_url(
+            "kafka://h?client_id=a%2Fb%C3%A9&sasl.password=p+q%25%aé&sasl.username=%+1",
+        )
+        .unwrap();
+        assert_eq!(c.client_id, "a/bé");
+        // `+` is not a space, a `%` without two hex digits stays as written
+        assert_eq!(c.properties["sasl.password"], "p+q%%aé");
+        assert_eq!(c.properties["sasl.username"], "%+1");
+        let e = KafkaConfig::from_url("kafka://h?sasl.password=%ff%fehunter2")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sasl.password") && e.contains("UTF-8"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

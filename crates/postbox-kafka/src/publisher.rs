@@ -283,9 +283,14 @@ pub(crate) fn outcome_for_error(e: &RdError, topic: &str, config: &KafkaConfig) 
              message_max_bytes = {} and the broker/topic has its own max.message.bytes",
             config.message_max_bytes
         )),
+        // Not `Rejected`: librdkafka reports an existing topic as unknown
+        // for a while after one metadata reply said so (a broker restarting,
+        // a partition leader moving), and a service may be deployed before
+        // its topic is created. A topic that never comes costs the message
+        // its attempts, then it is dead.
         C::UnknownTopic | C::UnknownTopicOrPartition | C::UnknownTopicId => {
-            PublishOutcome::rejected(format!(
-                "Kafka topic `{topic}` does not exist ({code}); create it first"
+            PublishOutcome::transient(format!(
+                "Kafka topic `{topic}` does not exist, or the cluster does not know it yet ({code}); create it if it is missing"
             ))
         }
         C::InvalidTopic => PublishOutcome::rejected(format!("Kafka topic `{topic}` is invalid")),
@@ -313,10 +318,16 @@ mod tests {
             out(RDKafkaErrorCode::MessageSizeTooLarge),
             PublishOutcome::Rejected { .. }
         ));
-        assert!(matches!(
-            out(RDKafkaErrorCode::UnknownTopicOrPartition),
-            PublishOutcome::Rejected { .. }
-        ));
+        for code in [
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::UnknownTopic,
+            RDKafkaErrorCode::UnknownTopicId,
+        ] {
+            assert!(
+                matches!(out(code), PublishOutcome::Transient { .. }),
+                "{code}"
+            );
+        }
         assert!(matches!(
             out(RDKafkaErrorCode::InvalidRecord),
             PublishOutcome::Rejected { .. }
