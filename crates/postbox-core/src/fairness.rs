@@ -11,6 +11,13 @@
 //! the others its messages were written. A store that cannot tell its
 //! tenants (the trait's default) gets oldest-first claims only, as does a
 //! relay restricted to one tenant.
+//!
+//! When the "any tenant" claim comes back empty nothing is claimable for
+//! any tenant, and going through the tenants again would only repeat that
+//! (a tenant counts as pending while its messages wait for a retry, a
+//! delay or a parked key). The rotation then stays on "any tenant" until a
+//! claim returns messages, so an idle relay makes one claim per poll
+//! whatever the number of tenants.
 
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
@@ -34,6 +41,9 @@ struct State {
     /// `tenants.len()` any tenant.
     next: usize,
     refreshed: Option<Instant>,
+    /// The last "any tenant" claim came back empty, and no claim has
+    /// returned messages since: claims are for any tenant.
+    idle: bool,
 }
 
 impl Rotation {
@@ -65,9 +75,24 @@ impl Rotation {
         self.lock().tenants.clone()
     }
 
+    /// Tells the rotation what a claim found (`rotated`: it was for one of
+    /// the rotation's tenants): an empty claim for any tenant makes the
+    /// rotation idle, a claim that returned messages busy again.
+    pub(crate) fn claimed(&self, rotated: bool, empty: bool) {
+        let mut s = self.lock();
+        if !empty {
+            s.idle = false;
+        } else if !rotated {
+            s.idle = true;
+        }
+    }
+
     /// The scope of the next claim: `Some(tenant)` or `None` for any tenant.
     pub(crate) fn next(&self) -> Option<String> {
         let mut s = self.lock();
+        if s.idle {
+            return None;
+        }
         let n = s.tenants.len();
         let at = s.next.min(n);
         s.next = if at >= n { 0 } else { at + 1 };
@@ -112,6 +137,22 @@ mod tests {
         assert_eq!(r.next().as_deref(), Some("c"));
         assert_eq!(r.next().as_deref(), Some("d"));
         assert_eq!(r.next(), None);
+    }
+
+    #[test]
+    fn an_empty_claim_for_any_tenant_stops_the_rotation_until_one_returns_messages() {
+        let r = Rotation::default();
+        r.refresh(names(&["a", "b"]));
+        assert_eq!(r.next().as_deref(), Some("a"));
+        r.claimed(true, true);
+        assert_eq!(r.next().as_deref(), Some("b"));
+        r.claimed(true, true);
+        assert_eq!(r.next(), None);
+        r.claimed(false, true);
+        assert_eq!(r.next(), None, "idle: any tenant");
+        assert_eq!(r.next(), None, "idle: any tenant");
+        r.claimed(false, false);
+        assert_eq!(r.next().as_deref(), Some("a"), "busy: the rotation goes on");
     }
 
     proptest! {

@@ -738,6 +738,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             }
         };
         metrics::histogram!(observe::CLAIM_DURATION_SECONDS).record(started.elapsed());
+        if o.tenant.is_none() && o.tenant_fairness {
+            self.inner.rotation.claimed(rotated, claim.is_empty());
+        }
         if !claim.is_empty() {
             metrics::histogram!(observe::BATCH_SIZE).record(claim.len() as f64);
             self.hold(claim.len() as u64, true);

@@ -369,7 +369,7 @@ impl Store for MemoryStore {
         let tenants: std::collections::BTreeSet<&String> = st
             .rows
             .values()
-            .filter(|r| !r.dead)
+            .filter(|r| !r.dead && r.sent_at.is_none())
             .filter_map(|r| r.tenant.as_ref())
             .collect();
         Ok(tenants.into_iter().take(limit).cloned().collect())

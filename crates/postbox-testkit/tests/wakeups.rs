@@ -160,6 +160,10 @@ impl Store for Notifying {
         }
     }
 
+    async fn pending_tenants(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.inner.pending_tenants(limit).await
+    }
+
     async fn stats(&self, filter: &Filter) -> Result<Stats, StoreError> {
         self.stats_calls.fetch_add(1, Ordering::SeqCst);
         if !self.stats_takes.is_zero() {
@@ -456,4 +460,46 @@ async fn a_slow_count_spaces_out_the_next_ones_but_not_the_holdups() {
         counts, holdups,
         "a quick count goes with every holdups sample"
     );
+}
+
+/// Tenant fairness on an outbox where nothing is claimable: 50 tenants,
+/// each with a message due in an hour. Once a claim for any tenant came
+/// back empty the worker claims for any tenant only, one claim per poll
+/// interval, until a claim returns messages. Fails if each poll goes
+/// through every tenant again (51 claims a poll, about 2,000 in 10 s).
+#[tokio::test(start_paused = true)]
+async fn an_idle_relay_claims_once_a_poll_however_many_tenants_wait() {
+    let memory = MemoryStore::new();
+    memory.enqueue((0..50).map(|i| {
+        NewMessage::new("t", "later")
+            .tenant(format!("tenant-{i}"))
+            .delay(Duration::from_secs(3600))
+    }));
+    let store = Notifying::new(memory);
+    let publisher = TestPublisher::new(|_| Behaviour::Deliver);
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .concurrency(1)
+        .poll_interval(Duration::from_millis(250))
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let empty = store.empty.load(Ordering::Relaxed);
+    // the first round's 51, then one a poll: 40 polls in 10 s
+    assert!(
+        (40..=51 + 41).contains(&empty),
+        "{empty} empty claims in 10 s of 250 ms polls"
+    );
+    // a tenant's new message is still found at the next poll
+    store
+        .inner
+        .enqueue([NewMessage::new("t", "now").tenant("tenant-7")]);
+    let delivered = publisher.delivered_within(1, Duration::from_secs(1)).await;
+    assert_eq!(delivered.len(), 1);
+    shutdown.cancel();
+    running.await.expect("relay task");
 }
