@@ -44,10 +44,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -1061,12 +1063,18 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let grace = self.inner.options.shutdown_grace;
         let started = Instant::now();
         let span = tracing::debug_span!("postbox.publish", postbox.batch_size = batch.len());
+        // A publisher that panics answers `Transient` for the batch rather
+        // than ending the worker (a poison message then runs out of
+        // attempts and is dead-lettered, as one that always fails).
         let sent = tokio::time::timeout(
             timeout,
-            self.inner
-                .publisher
-                .publish_until(batch, started + publish_deadline(timeout))
-                .instrument(span),
+            std::panic::AssertUnwindSafe(
+                self.inner
+                    .publisher
+                    .publish_until(batch, started + publish_deadline(timeout))
+                    .instrument(span),
+            )
+            .catch_unwind(),
         );
         let result = tokio::select! {
             r = sent => r,
@@ -1074,8 +1082,18 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         };
         metrics::histogram!(observe::PUBLISH_DURATION_SECONDS).record(started.elapsed());
         Published::Outcomes(match result {
-            Ok(outcomes) if outcomes.len() == batch.len() => outcomes,
-            Ok(outcomes) => {
+            Ok(Ok(outcomes)) if outcomes.len() == batch.len() => outcomes,
+            Ok(Err(panic)) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_owned());
+                let reason = format!("the publisher panicked: {what}");
+                tracing::error!(postbox.batch_size = batch.len(), "{reason}");
+                vec![PublishOutcome::transient(reason); batch.len()]
+            }
+            Ok(Ok(outcomes)) => {
                 let reason = format!(
                     "publisher returned {} outcomes for {} messages",
                     outcomes.len(),
@@ -1133,23 +1151,34 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// [`RelayOptions::heartbeat_interval`] and, for a store that keeps sent
     /// messages, deletes those past the retention every
     /// [`RelayOptions::cleanup_interval`].
+    ///
+    /// A worker that panics (a bug in a custom store, say) is logged and
+    /// started again after a second; a panicking publisher does not end
+    /// its worker (its batch is `Transient`).
+    /// Dropping the future returned by `run` stops everything it started.
     pub async fn run(&self, shutdown: CancellationToken) -> TickReport {
         let mut workers = JoinSet::new();
+        let mut worker_of = std::collections::HashMap::new();
         for worker in 0..self.inner.options.concurrency {
-            let relay = self.clone();
-            let shutdown = shutdown.clone();
-            workers.spawn(async move { relay.work(worker, shutdown).await });
+            let task = workers.spawn(self.clone().worker(worker, shutdown.clone(), None));
+            worker_of.insert(task.id(), worker);
         }
+        // Helpers are aborted when `run` is dropped (they would otherwise
+        // outlive it: a heartbeat saying a relay lives that no longer does).
         let sampler = self.inner.options.stats_interval.map(|every| {
             let relay = self.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { relay.sample_stats(every, shutdown).await })
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                relay.sample_stats(every, shutdown).await;
+            }))
         });
         let heartbeat = self.inner.options.heartbeat_interval.map(|every| {
             let relay = self.clone();
             let shutdown = shutdown.clone();
             let started_at = self.inner.clock.now();
-            tokio::spawn(async move { relay.beat(every, started_at, shutdown).await })
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                relay.beat(every, started_at, shutdown).await;
+            }))
         });
         let cleanup = match (
             self.inner.options.cleanup_interval,
@@ -1163,32 +1192,49 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 );
                 let relay = self.clone();
                 let shutdown = shutdown.clone();
-                Some(tokio::spawn(async move {
+                Some(AbortOnDropHandle::new(tokio::spawn(async move {
                     relay.clean_up_every(every, shutdown).await;
-                }))
+                })))
             }
             _ => None,
         };
         tracing::info!(postbox.relay_id = %self.inner.id, "relay running");
         let mut total = TickReport::default();
-        while let Some(done) = workers.join_next().await {
+        while let Some(done) = workers.join_next_with_id().await {
             match done {
-                Ok(r) => total += r,
-                Err(e) => tracing::error!(error = %e, "relay worker failed"),
+                Ok((_, r)) => total += r,
+                Err(e) => {
+                    let worker = worker_of.get(&e.id()).copied();
+                    tracing::error!(error = %e, ?worker, "relay worker failed");
+                    if let Some(worker) = worker
+                        && e.is_panic()
+                        && !shutdown.is_cancelled()
+                    {
+                        // What it held waits for its lease, as after a
+                        // crash; the counts of held rows are its only
+                        // other trace.
+                        let again = Duration::from_secs(1);
+                        let task = workers.spawn(self.clone().worker(
+                            worker,
+                            shutdown.clone(),
+                            Some(again),
+                        ));
+                        worker_of.insert(task.id(), worker);
+                    }
+                }
             }
         }
         if let Some(sampler) = sampler {
             sampler.abort();
         }
-        if let Some(cleanup) = cleanup {
+        if let Some(mut cleanup) = cleanup {
             // it stops between two batches once shutdown fired; a batch in
             // progress is one short statement
-            let abort = cleanup.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), cleanup)
+            if tokio::time::timeout(Duration::from_secs(5), &mut cleanup)
                 .await
                 .is_err()
             {
-                abort.abort();
+                cleanup.abort();
             }
         }
         if let Some(heartbeat) = heartbeat {
@@ -1240,13 +1286,12 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     /// After the workers are done (every lease completed or released): waits
     /// for a heartbeat write in progress, then deletes the row.
-    async fn stop_heartbeat(&self, task: tokio::task::JoinHandle<()>) {
-        let abort = task.abort_handle();
-        if tokio::time::timeout(Duration::from_secs(5), task)
+    async fn stop_heartbeat(&self, mut task: AbortOnDropHandle<()>) {
+        if tokio::time::timeout(Duration::from_secs(5), &mut task)
             .await
             .is_err()
         {
-            abort.abort();
+            task.abort();
         }
         match self.inner.store.remove_relay(self.inner.id).await {
             Ok(_) => tracing::debug!(postbox.relay_id = %self.inner.id, "heartbeat row removed"),
@@ -1393,6 +1438,23 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// database's work overlaps the broker's. A worker holds at most three
     /// batches' leases (one being recorded, one being published, one
     /// claimed ahead).
+    /// [`Relay::work`] as a task of [`Relay::run`], started after `after`
+    /// when it replaces a worker that panicked.
+    async fn worker(
+        self,
+        worker: usize,
+        shutdown: CancellationToken,
+        after: Option<Duration>,
+    ) -> TickReport {
+        if let Some(after) = after {
+            tokio::select! {
+                () = shutdown.cancelled() => return TickReport::default(),
+                () = tokio::time::sleep(after) => {}
+            }
+        }
+        self.work(worker, shutdown).await
+    }
+
     async fn work(&self, worker: usize, shutdown: CancellationToken) -> TickReport {
         let o = &self.inner.options;
         let wake = &self.inner.waker.workers[worker];

@@ -499,3 +499,87 @@ async fn an_idle_worker_wakes_for_its_own_retry() {
     );
     assert_eq!((report.retried, report.sent), (1, 1));
 }
+
+/// Delivers every message but panics on a batch holding `"poison"`.
+#[derive(Clone)]
+struct Panicky(TestPublisher);
+
+impl postbox_core::Publisher for Panicky {
+    async fn publish(&self, batch: &[postbox_core::Message]) -> Vec<postbox_core::PublishOutcome> {
+        assert!(
+            batch.iter().all(|m| &m.payload[..] != b"poison"),
+            "a publisher bug"
+        );
+        self.0.publish(batch).await
+    }
+}
+
+/// A publisher that panics fails its batch (`Transient`, so the poison
+/// message runs out of attempts and is dead-lettered); its worker goes on
+/// and `run` returns only at shutdown. Fails if the panic ends the worker:
+/// with one worker `run` then returns at once and nothing more is
+/// delivered.
+#[tokio::test(start_paused = true)]
+async fn a_panicking_publisher_fails_its_batch_and_the_worker_goes_on() {
+    let store = MemoryStore::with_clock(std::sync::Arc::new(postbox_core::TokioClock::new()));
+    store.enqueue([
+        NewMessage::new("t", "poison").key("a"),
+        NewMessage::new("t", "fine").key("b"),
+    ]);
+    let publisher = Panicky(TestPublisher::recording());
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .concurrency(1)
+        .batch_size(1)
+        .max_attempts(3)
+        .retry_policy(postbox_core::RetryPolicy::new(
+            Duration::from_millis(10),
+            Duration::from_millis(10),
+        ))
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = spawn_run(&relay, &shutdown);
+    let delivered = publisher
+        .0
+        .delivered_within(1, Duration::from_secs(30))
+        .await;
+    assert_eq!(delivered.len(), 1);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(!running.is_finished(), "run ended before shutdown");
+    let dead = store
+        .list(&ListQuery::new(Some(Status::Dead), 10))
+        .await
+        .expect("list");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("panicked")),
+        "{dead:?}"
+    );
+    shutdown.cancel();
+    running.await.expect("run");
+}
+
+/// Dropping `run`'s future (a `select!`, an aborted task) stops what it
+/// started: the heartbeat no longer says the relay lives. Fails if the
+/// heartbeat task outlives `run`: the row it writes comes back.
+#[tokio::test(start_paused = true)]
+async fn dropping_run_stops_its_heartbeat() {
+    let store = MemoryStore::new();
+    let relay = Relay::builder(store.clone(), TestPublisher::recording())
+        .heartbeat_interval(Some(Duration::from_secs(1)))
+        .build()
+        .expect("relay");
+    let running = spawn_run(&relay, &CancellationToken::new());
+    while store.relays().await.expect("relays").is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    running.abort();
+    assert!(running.await.expect_err("aborted").is_cancelled());
+    store.remove_relay(relay.id()).await.expect("remove");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let rows = store.relays().await.expect("relays");
+    assert!(rows.is_empty(), "{rows:?}");
+}

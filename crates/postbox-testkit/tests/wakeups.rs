@@ -50,6 +50,8 @@ struct Notifying {
     stats_takes: Duration,
     /// `holdups` calls so far.
     holdups_calls: Arc<AtomicU64>,
+    /// Claims still to panic (a bug in a store).
+    claim_panics: Arc<AtomicU64>,
 }
 
 /// A publisher that keeps its store's count of publishes in flight.
@@ -87,6 +89,7 @@ impl Notifying {
             stats_calls: Arc::new(AtomicU64::new(0)),
             stats_takes: Duration::ZERO,
             holdups_calls: Arc::new(AtomicU64::new(0)),
+            claim_panics: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -104,6 +107,11 @@ impl Notifying {
 
 impl Store for Notifying {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
+        let panics = self.claim_panics.load(Ordering::SeqCst);
+        if panics > 0 {
+            self.claim_panics.store(panics - 1, Ordering::SeqCst);
+            panic!("a bug in the store");
+        }
         self.claiming.fetch_add(1, Ordering::SeqCst);
         if self.completing.load(Ordering::SeqCst) > 0 {
             self.overlapping.fetch_add(1, Ordering::SeqCst);
@@ -500,6 +508,24 @@ async fn an_idle_relay_claims_once_a_poll_however_many_tenants_wait() {
         .enqueue([NewMessage::new("t", "now").tenant("tenant-7")]);
     let delivered = publisher.delivered_within(1, Duration::from_secs(1)).await;
     assert_eq!(delivered.len(), 1);
+    shutdown.cancel();
+    running.await.expect("relay task");
+}
+
+/// A worker that panics (here in its store's claim) is started again: the
+/// relay goes on delivering and `run` returns only at shutdown. Fails if
+/// the worker is only logged: with one worker `run` returns at once.
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_panics_is_started_again() {
+    let memory = MemoryStore::new();
+    memory.enqueue([NewMessage::new("t", "a")]);
+    let store = Notifying::new(memory);
+    store.claim_panics.store(2, Ordering::SeqCst);
+    let publisher = TestPublisher::recording();
+    let (shutdown, running) = run_one_worker(&store, &publisher, 10);
+    let delivered = publisher.delivered_within(1, Duration::from_secs(10)).await;
+    assert_eq!(delivered.len(), 1);
+    assert!(!running.is_finished(), "run ended before shutdown");
     shutdown.cancel();
     running.await.expect("relay task");
 }
