@@ -56,6 +56,9 @@ pub const DEAD_TOTAL: &str = "postbox_messages_dead_total";
 pub const LEASE_LOST_TOTAL: &str = "postbox_lease_lost_total";
 /// Counter: failed claims.
 pub const CLAIM_ERRORS_TOTAL: &str = "postbox_claim_errors_total";
+/// Counter: attempts to record a batch's outcomes that failed (each is
+/// retried until the batch's lease would have run out).
+pub const COMPLETE_ERRORS_TOTAL: &str = "postbox_complete_errors_total";
 /// Histogram (seconds): row creation to broker acknowledgement.
 pub const COMMIT_TO_PUBLISH_SECONDS: &str = "postbox_commit_to_publish_seconds";
 /// Histogram (seconds): one batch's publish call.
@@ -168,6 +171,11 @@ pub fn describe() {
         CLAIM_ERRORS_TOTAL,
         Unit::Count,
         "Claims that failed (database unreachable, schema missing)."
+    );
+    describe_counter!(
+        COMPLETE_ERRORS_TOTAL,
+        Unit::Count,
+        "Attempts to record outcomes that failed (retried until the lease would have run out)."
     );
     describe_histogram!(
         COMMIT_TO_PUBLISH_SECONDS,

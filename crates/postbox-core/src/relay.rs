@@ -354,6 +354,37 @@ enum Published {
     Abandoned,
 }
 
+/// The longest error text recorded with a message, in characters.
+const MAX_ERROR_CHARS: usize = 2_000;
+
+/// A publisher's reason as every store can keep it in `last_error`: control
+/// characters other than tab and newline become U+FFFD (PostgreSQL refuses
+/// a NUL in text, and the batch's whole completion with it, so the batch
+/// would be published again and again until its attempts ran out), and at
+/// most [`MAX_ERROR_CHARS`] characters, the cut marked with `…`.
+fn storable(reason: String) -> String {
+    let clean = |c: char| !c.is_control() || c == '\n' || c == '\t';
+    if reason.chars().all(clean) && reason.len() <= MAX_ERROR_CHARS {
+        return reason;
+    }
+    let mut out: String = reason
+        .chars()
+        .take(MAX_ERROR_CHARS)
+        .map(|c| {
+            if clean(c) {
+                c
+            } else {
+                char::REPLACEMENT_CHARACTER
+            }
+        })
+        .collect();
+    if reason.chars().nth(MAX_ERROR_CHARS).is_some() {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
+
 /// Completions that give rows back unpublished, their attempt not counted.
 fn releases(seqs: impl IntoIterator<Item = i64>) -> Vec<Completion> {
     seqs.into_iter()
@@ -778,30 +809,33 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             postbox.lease_token = %token,
         );
         let rows = claim.len() as u64;
-        let (report, completions) =
-            if Instant::now() + self.inner.options.send_timeout >= lease_deadline {
-                tracing::warn!(
-                    postbox.batch_size = rows,
-                    "lease too close to its end to publish; releasing the batch"
-                );
-                let release = releases(
-                    claim
-                        .messages
-                        .iter()
-                        .map(|m| m.seq)
-                        .chain(claim.malformed.iter().map(|m| m.seq)),
-                );
-                (
-                    TickReport {
-                        claimed: rows,
-                        released: release.len() as u64,
-                        ..TickReport::default()
-                    },
-                    release,
-                )
-            } else {
-                self.process(claim, shutdown).instrument(span.clone()).await
-            };
+        let (report, completions) = if Instant::now() + self.inner.options.send_timeout
+            >= lease_deadline
+        {
+            tracing::warn!(
+                postbox.batch_size = rows,
+                lease = ?self.inner.options.lease,
+                send_timeout = ?self.inner.options.send_timeout,
+                "lease too close to its end to publish; releasing the batch (if this repeats, the claim takes longer than the lease leaves after the send timeout: lengthen the lease)"
+            );
+            let release = releases(
+                claim
+                    .messages
+                    .iter()
+                    .map(|m| m.seq)
+                    .chain(claim.malformed.iter().map(|m| m.seq)),
+            );
+            (
+                TickReport {
+                    claimed: rows,
+                    released: release.len() as u64,
+                    ..TickReport::default()
+                },
+                release,
+            )
+        } else {
+            self.process(claim, shutdown).instrument(span.clone()).await
+        };
         (
             report,
             Some(Settle {
@@ -1012,6 +1046,19 @@ impl<S: Store, P: Publisher> Relay<S, P> {
 
     /// The single place that turns a publish outcome into a message's fate.
     fn dispose(&self, m: &Message, outcome: PublishOutcome) -> Disposition {
+        let outcome = match outcome {
+            PublishOutcome::Transient {
+                reason,
+                retry_after,
+            } => PublishOutcome::Transient {
+                reason: storable(reason),
+                retry_after,
+            },
+            PublishOutcome::Rejected { reason } => PublishOutcome::Rejected {
+                reason: storable(reason),
+            },
+            other => other,
+        };
         let dead = |error: String| {
             metrics::counter!(observe::DEAD_TOTAL, "topic" => self.inner.topics.label(&m.topic))
                 .increment(1);
@@ -1125,6 +1172,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             match self.inner.store.complete(token, completions).await {
                 Ok(r) => return Ok(r),
                 Err(e) => {
+                    metrics::counter!(observe::COMPLETE_ERRORS_TOTAL).increment(1);
                     let wait = backoff.delay_with(attempt, 0.5 + fastrand::f64() / 2.0);
                     if Instant::now() + wait >= lease_deadline {
                         return Err(RelayError::Complete {
@@ -1552,6 +1600,11 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         tokio::join!(publish, claim_ahead, record);
                     let next = ahead_now.or(ahead_after);
                     publish_took = took;
+                    // Nothing of the batch went out: its lease was too close
+                    // to its end (claims slower than the lease leaves after
+                    // the send timeout), or the publisher sent none of it.
+                    // Claiming again at once would only repeat that.
+                    let none_out = report.claimed > 0 && report.released == report.claimed;
                     total += report;
                     total.lost += lost;
                     unsettled = settle;
@@ -1575,7 +1628,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         // already there.
                         self.inner.waker.wake_others(worker);
                     }
-                    continue;
+                    if !none_out {
+                        continue;
+                    }
+                    o.poll_interval
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);

@@ -160,10 +160,21 @@ impl<P: Publisher> Router<P> {
                 (idx, results)
             });
         for (idx, results) in join_all(sends).await {
-            for (n, &i) in idx.iter().enumerate() {
-                outcomes[i] = Some(results.get(n).cloned().unwrap_or_else(|| {
-                    PublishOutcome::transient("publisher returned too few outcomes")
-                }));
+            if results.len() == idx.len() {
+                for (&i, outcome) in idx.iter().zip(results) {
+                    outcomes[i] = Some(outcome);
+                }
+            } else {
+                // which message an outcome belongs to is unknown: none of
+                // them counts (as the relay does with a whole batch)
+                let reason = format!(
+                    "publisher returned {} outcomes for {} messages",
+                    results.len(),
+                    idx.len()
+                );
+                for &i in idx {
+                    outcomes[i] = Some(PublishOutcome::transient(reason.clone()));
+                }
             }
         }
         outcomes
@@ -192,6 +203,22 @@ mod tests {
         }
     }
 
+    /// A keyless message of `topic`.
+    fn msg(topic: &str) -> Message {
+        Message::new(
+            uuid::Uuid::now_v7(),
+            1,
+            topic.to_owned(),
+            None,
+            bytes::Bytes::new(),
+            crate::Headers::new(),
+            None,
+            1,
+            None,
+            std::time::SystemTime::now(),
+        )
+    }
+
     /// Reports `NotSent` for everything when given a deadline, `Ok` without.
     struct DeadlineAware;
 
@@ -211,21 +238,7 @@ mod tests {
             .route("a.*", DeadlineAware)
             .and_then(|r| r.route("b.*", DeadlineAware))
             .expect("routes");
-        let m = |topic: &str| {
-            Message::new(
-                uuid::Uuid::now_v7(),
-                1,
-                topic.to_owned(),
-                None,
-                bytes::Bytes::new(),
-                crate::Headers::new(),
-                None,
-                1,
-                None,
-                std::time::SystemTime::now(),
-            )
-        };
-        let batch = [m("a.x"), m("b.y"), m("c.z")];
+        let batch = [msg("a.x"), msg("b.y"), msg("c.z")];
         let until = router.publish_until(&batch, Instant::now()).await;
         assert_eq!(
             until[..2],
@@ -234,5 +247,27 @@ mod tests {
         assert!(matches!(until[2], PublishOutcome::Rejected { .. }));
         let plain = router.publish(&batch).await;
         assert_eq!(plain[..2], [PublishOutcome::Ok, PublishOutcome::Ok]);
+    }
+
+    /// Answers `Ok` for the first message of a batch only.
+    struct OneAnswer;
+
+    impl Publisher for OneAnswer {
+        async fn publish(&self, _: &[Message]) -> Vec<PublishOutcome> {
+            vec![PublishOutcome::Ok]
+        }
+    }
+
+    /// A route that returns the wrong number of outcomes cannot say which
+    /// message each belongs to: all its messages are `Transient`, none `Ok`.
+    #[tokio::test]
+    async fn a_route_with_too_few_outcomes_sends_nothing() {
+        let router = Router::new().route("a.*", OneAnswer).expect("route");
+        let out = router.publish(&[msg("a.x"), msg("a.y")]).await;
+        assert!(
+            out.iter()
+                .all(|o| matches!(o, PublishOutcome::Transient { .. })),
+            "{out:?}"
+        );
     }
 }

@@ -1307,6 +1307,56 @@ pub async fn relay_keeps_what_a_late_batch_sent<H: StoreHarness>(h: H) {
     );
 }
 
+/// Whatever text a publisher gives as its reason, the relay records it: a
+/// NUL (PostgreSQL refuses one in text, and with it the whole completion)
+/// or a megabyte of it. The batch's other message is recorded as sent,
+/// and the failed ones are retried and then dead with their reason.
+pub async fn relay_records_any_reason_a_publisher_gives<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![
+        msg("t", Some("k1"), "nul"),
+        msg("t", None, "fine"),
+        msg("t", Some("k2"), "huge"),
+    ])
+    .await;
+    let publisher = TestPublisher::new(|m| match &m.payload[..] {
+        b"nul" => Behaviour::Transient("broker said \0 and \u{1b}[31m".to_owned()),
+        b"huge" => Behaviour::Reject("x".repeat(1 << 20)),
+        _ => Behaviour::Deliver,
+    });
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .max_attempts(1)
+        .build()
+        .expect("relay");
+    let report = relay.tick().await.expect("tick");
+    assert_eq!(
+        (report.sent, report.dead, report.lost),
+        (1, 2, 0),
+        "{report:?}"
+    );
+    let s = store.stats(&Filter::all()).await.expect("stats");
+    assert_eq!((s.dead, s.leased), (2, 0), "{s:?}");
+    let dead = store
+        .list(&ListQuery::new(Some(Status::Dead), 10))
+        .await
+        .expect("list");
+    let errors: Vec<&str> = dead
+        .iter()
+        .map(|r| r.last_error.as_deref().unwrap_or_default())
+        .collect();
+    assert!(
+        errors[0].ends_with(": broker said \u{fffd} and \u{fffd}[31m"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("xxx")
+            && errors[1].ends_with('…')
+            && errors[1].chars().count() == 2_000,
+        "{} chars",
+        errors[1].chars().count()
+    );
+}
+
 fn bodies_of(rows: &[postbox_core::MessageRecord]) -> Vec<String> {
     rows.iter()
         .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
@@ -1453,6 +1503,7 @@ macro_rules! store_conformance_tests {
             relay_retries_then_dead_letters,
             relay_caps_a_huge_retry_after,
             relay_keeps_what_a_late_batch_sent,
+            relay_records_any_reason_a_publisher_gives,
             relay_rejection_with_skip_policy,
             concurrent_relays_keep_key_order,
         );
