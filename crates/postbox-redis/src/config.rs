@@ -198,6 +198,17 @@ impl RedisConfig {
                 "is 0, which would trim every entry away",
             ));
         }
+        if self.wait_replicas.is_some() && self.wait_timeout_ms >= self.response_timeout_ms {
+            // WAIT holds the connection: the client would give up first,
+            // and every batch sharing the connection with it
+            return Err(RedisError::invalid(
+                "wait_timeout_ms",
+                format!(
+                    "must be shorter than response_timeout_ms ({} ms), which has to cover the WAIT",
+                    self.response_timeout_ms
+                ),
+            ));
+        }
         for (name, value) in [
             ("wait_timeout_ms", self.wait_timeout_ms),
             ("response_timeout_ms", self.response_timeout_ms),
@@ -224,6 +235,18 @@ fn millis(d: Duration) -> u64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_must_end_before_the_response_timeout() {
+        let c = RedisConfig::from_url("redis://h")
+            .unwrap()
+            .wait_replicas(1, Duration::from_secs(10));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("wait_timeout_ms"), "{e}");
+        c.response_timeout(Duration::from_secs(11))
+            .validate()
+            .unwrap();
+    }
 
     #[test]
     fn parses_urls_and_names_bad_ones() {

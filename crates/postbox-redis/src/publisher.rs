@@ -1,10 +1,11 @@
 //! The Redis Streams publisher.
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use postbox_core::{Message, PublishOutcome, Publisher};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{RedisConfig, RedisError};
@@ -21,16 +22,21 @@ use crate::{RedisConfig, RedisError};
 ///
 /// Outcomes: `Ok` when `XADD` returned an entry id (and, with
 /// `wait_replicas`, `WAIT` reported enough replicas). `Rejected` when the
-/// key holds something that is not a stream (`WRONGTYPE`) or the ACL
-/// forbids it (`NOPERM`). `Transient` for everything else: unreachable
-/// server, lost connection, no reply within `response_timeout_ms`, `OOM`,
-/// `LOADING`, `READONLY`, too few replicas. A pipeline is not atomic: after
+/// key holds something that is not a stream (`WRONGTYPE`). `Transient` for
+/// everything else: unreachable server, lost connection, no reply within
+/// `response_timeout_ms`, `OOM`, `LOADING`, `READONLY`, too few replicas,
+/// and an ACL that forbids it (`NOPERM`: an operator can fix that, and the
+/// messages then go out without a replay). A pipeline is not atomic: after
 /// a lost connection some entries of the batch may exist although their
 /// outcome is `Transient`, and the retry adds them again (same `id` field).
 ///
 /// The connection is opened on the first publish and re-opened in the
 /// background after it broke (redis-rs `ConnectionManager`, exponential
-/// backoff). Cheap to clone.
+/// backoff). A connection on which a reply did not come in time is given
+/// up for a new one: the manager reconnects only after an error the
+/// socket reports, and a peer that went silent (a crashed host, a dropped
+/// NAT entry, a failover that moved the address) reports none until the
+/// kernel gives up on it, many minutes later. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisPublisher {
     inner: Arc<Inner>,
@@ -38,7 +44,10 @@ pub struct RedisPublisher {
 
 struct Inner {
     config: RedisConfig,
-    conn: ConnectionManager,
+    client: redis::Client,
+    manager: ConnectionManagerConfig,
+    /// The connection in use and its generation (how many were given up).
+    conn: std::sync::Mutex<(u64, ConnectionManager)>,
 }
 
 impl std::fmt::Debug for RedisPublisher {
@@ -68,10 +77,15 @@ impl RedisPublisher {
             .set_max_delay(Duration::from_secs(5))
             // a handful per outage; the next publish starts another round
             .set_number_of_retries(6);
-        let conn = ConnectionManager::new_lazy_with_config(client, manager)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager.clone())
             .map_err(|e| RedisError::invalid("url", format!("{}: {e}", config.server())))?;
         Ok(Self {
-            inner: Arc::new(Inner { config, conn }),
+            inner: Arc::new(Inner {
+                config,
+                client,
+                manager,
+                conn: std::sync::Mutex::new((0, conn)),
+            }),
         })
     }
 
@@ -80,7 +94,7 @@ impl RedisPublisher {
     /// [`RedisPublisher::new`] where starting while Redis is down must work.
     pub async fn connect(config: RedisConfig) -> Result<Self, RedisError> {
         let publisher = Self::new(config)?;
-        let mut conn = publisher.inner.conn.clone();
+        let (_, mut conn) = publisher.inner.current();
         let config = &publisher.inner.config;
         // the manager retries a refused connection with backoff: bound the
         // whole check by one connect timeout
@@ -101,9 +115,38 @@ impl RedisPublisher {
 }
 
 impl Inner {
-    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+    /// The connection in use, with its generation.
+    fn current(&self) -> (u64, ConnectionManager) {
+        let conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        (conn.0, conn.1.clone())
+    }
+
+    /// Gives up connection `generation` for a new one (opened lazily), unless
+    /// another batch already did.
+    fn replace(&self, generation: u64) {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if conn.0 != generation {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.manager.clone()) {
+            Ok(fresh) => {
+                tracing::warn!(
+                    server = %self.config.server(),
+                    "no reply from Redis in time; opening a new connection"
+                );
+                *conn = (generation + 1, fresh);
+            }
+            Err(e) => tracing::warn!(error = %e, "opening a new Redis connection failed"),
+        }
+    }
+
+    async fn publish(&self, batch: &[Message], deadline: Option<Instant>) -> Vec<PublishOutcome> {
         if batch.is_empty() {
             return Vec::new();
+        }
+        let started = Instant::now();
+        if deadline.is_some_and(|d| d <= started) {
+            return vec![PublishOutcome::NotSent; batch.len()];
         }
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
@@ -129,7 +172,7 @@ impl Inner {
         if let Some(n) = self.config.wait_replicas {
             pipe.cmd("WAIT").arg(n).arg(self.config.wait_timeout_ms);
         }
-        let mut conn = self.conn.clone();
+        let (generation, mut conn) = self.current();
         // the connection's response timeout bounds this too; the outer one
         // also covers a connection attempt in progress
         let limit = Duration::from_millis(
@@ -137,23 +180,33 @@ impl Inner {
                 .response_timeout_ms
                 .saturating_add(self.config.connect_timeout_ms),
         );
-        let replies = tokio::time::timeout(
-            limit,
+        let until = deadline.map_or(started + limit, |d| d.min(started + limit));
+        let replies = tokio::time::timeout_at(
+            until,
             pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
         )
         .await;
         let replies = match replies {
             Ok(Ok(r)) => r,
+            Ok(Err(e)) if e.is_timeout() => {
+                self.replace(generation);
+                return all_transient(batch, &format!("Redis at {}: {e}", self.config.server()));
+            }
             Ok(Err(e)) => {
                 return all_transient(batch, &format!("Redis at {}: {e}", self.config.server()));
             }
             Err(_) => {
+                let waited = started.elapsed();
+                // silent for a whole response timeout: not merely slow
+                if waited >= Duration::from_millis(self.config.response_timeout_ms) {
+                    self.replace(generation);
+                }
                 return all_transient(
                     batch,
                     &format!(
                         "no reply from Redis at {} within {} ms",
                         self.config.server(),
-                        limit.as_millis()
+                        waited.as_millis()
                     ),
                 );
             }
@@ -177,9 +230,13 @@ impl Inner {
                 }
                 Ok(other) => PublishOutcome::transient(format!("unexpected XADD reply {other:?}")),
                 Err(e) => match e.code() {
-                    Some("WRONGTYPE" | "NOPERM") => {
+                    Some("WRONGTYPE") => {
                         PublishOutcome::rejected(format!("Redis refused XADD: {e}"))
                     }
+                    // an ACL an operator can fix: retried, not dead-lettered
+                    Some("NOPERM") => PublishOutcome::transient(format!(
+                        "Redis refused XADD: {e} (the ACL of the user postbox connects as must allow XADD on the stream)"
+                    )),
                     _ => PublishOutcome::transient(format!("Redis XADD failed: {e}")),
                 },
             })
@@ -212,13 +269,35 @@ fn all_transient(batch: &[Message], reason: &str) -> Vec<PublishOutcome> {
         .collect()
 }
 
-impl Publisher for RedisPublisher {
-    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+impl RedisPublisher {
+    fn traced(
+        &self,
+        batch: &[Message],
+        deadline: Option<Instant>,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
         let span = tracing::debug_span!(
             "postbox.publish",
             postbox.publisher = "redis",
             postbox.batch_size = batch.len()
         );
-        self.inner.publish(batch).instrument(span)
+        self.inner.publish(batch, deadline).instrument(span)
+    }
+}
+
+/// The batch is one pipeline, one round trip: with a deadline it is sent
+/// only if the deadline has not passed (else every message is `NotSent`),
+/// and a reply still missing at the deadline makes every message
+/// `Transient` (a pipeline's entries may exist although no reply came).
+impl Publisher for RedisPublisher {
+    fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        self.traced(batch, None)
+    }
+
+    fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        self.traced(batch, Some(deadline))
     }
 }

@@ -159,3 +159,100 @@ async fn assert_all_stored(h: &RedisHarness, report: &postbox_testkit::LossRepor
         assert!(ids.contains(&m.id), "acknowledged message {} lost", m.id);
     }
 }
+
+/// A connection whose peer goes silent (no reset, no reply: a crashed host,
+/// a dropped NAT entry) is given up after one response timeout, and the
+/// next batch goes out on a new connection. Fails if the publisher keeps
+/// writing into the silent one: every later batch `Transient`, for as long
+/// as the kernel keeps the socket (many minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gone_silent_is_replaced() {
+    let h = harness().await;
+    let proxy = FaultProxy::start(h.addr.clone()).await.unwrap();
+    let publisher = RedisPublisher::connect(
+        config(&proxy.addr().to_string()).response_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap();
+    let m = |n| message(n, &h.stream(), None, &b"x"[..]);
+    assert_eq!(publisher.publish(&[m(1)]).await, [PublishOutcome::Ok]);
+    proxy.silence_open();
+    let outcomes = publisher.publish(&[m(2)]).await;
+    assert!(
+        matches!(outcomes[..], [PublishOutcome::Transient { .. }]),
+        "{outcomes:?}"
+    );
+    assert_eq!(publisher.publish(&[m(3)]).await, [PublishOutcome::Ok]);
+}
+
+/// The relay's deadline bounds the round trip: a batch the deadline cuts
+/// is `Transient`, one whose deadline has passed before it is sent is
+/// `NotSent`. Fails (after 60 s) if the deadline is ignored: the response
+/// timeout here is two minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_bounds_a_batch() {
+    let h = harness().await;
+    let proxy = FaultProxy::start(h.addr.clone()).await.unwrap();
+    let publisher = RedisPublisher::connect(
+        config(&proxy.addr().to_string()).response_timeout(Duration::from_secs(120)),
+    )
+    .await
+    .unwrap();
+    let m = message(1, &h.stream(), None, &b"x"[..]);
+    let outcomes = publisher
+        .publish_until(std::slice::from_ref(&m), tokio::time::Instant::now())
+        .await;
+    assert_eq!(outcomes, [PublishOutcome::NotSent]);
+    proxy.stall(true);
+    let cut = publisher.publish_until(
+        std::slice::from_ref(&m),
+        tokio::time::Instant::now() + Duration::from_millis(300),
+    );
+    let outcomes = tokio::time::timeout(Duration::from_secs(60), cut)
+        .await
+        .expect("the deadline was ignored");
+    assert!(
+        matches!(outcomes[..], [PublishOutcome::Transient { .. }]),
+        "{outcomes:?}"
+    );
+    proxy.stall(false);
+}
+
+/// An ACL that forbids `XADD` is `Transient`, not `Rejected`: an operator
+/// fixes the ACL and the messages go out without a replay. Fails if
+/// `NOPERM` dead-letters the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forbidding_acl_is_transient() {
+    let h = harness().await;
+    let user = format!("postbox_noperm_{}", h.suffix);
+    let mut conn = h.conn.clone();
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("+@all")
+        .arg("-xadd")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let publisher = RedisPublisher::connect(
+        RedisConfig::from_url(&format!("redis://{user}:pw@{}", h.addr)).unwrap(),
+    )
+    .await
+    .unwrap();
+    let outcomes = publisher
+        .publish(&[message(1, &h.stream(), None, &b"x"[..])])
+        .await;
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[..], [PublishOutcome::Transient { reason, .. }] if reason.contains("no permissions")),
+        "{outcomes:?}"
+    );
+}

@@ -49,6 +49,9 @@ struct Shared {
     /// Cancelled by [`FaultProxy::cut`] and replaced by a fresh child of
     /// `shutdown`; every connection holds the generation it was accepted in.
     generation: Mutex<CancellationToken>,
+    /// Cancelled by [`FaultProxy::silence_open`] and replaced by a fresh
+    /// token; every connection holds the one it was accepted under.
+    silence: Mutex<CancellationToken>,
     stalled: watch::Sender<bool>,
     blackhole: AtomicBool,
     latency: watch::Sender<Duration>,
@@ -58,6 +61,13 @@ struct Shared {
 impl Shared {
     fn current_generation(&self) -> CancellationToken {
         self.generation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn current_silence(&self) -> CancellationToken {
+        self.silence
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -75,6 +85,7 @@ impl FaultProxy {
         let shared = Arc::new(Shared {
             target: target.into(),
             generation: Mutex::new(shutdown.child_token()),
+            silence: Mutex::new(CancellationToken::new()),
             shutdown,
             stalled: watch::Sender::new(false),
             blackhole: AtomicBool::new(false),
@@ -106,6 +117,20 @@ impl FaultProxy {
             .unwrap_or_else(PoisonError::into_inner);
         generation.cancel();
         *generation = self.shared.shutdown.child_token();
+    }
+
+    /// Silences every connection open right now for good: no byte is
+    /// forwarded on them in either direction again, and they stay open (a
+    /// peer gone without a word: a crashed host, a dropped NAT entry).
+    /// Connections accepted afterwards work normally.
+    pub fn silence_open(&self) {
+        let mut silence = self
+            .shared
+            .silence
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        silence.cancel();
+        *silence = CancellationToken::new();
     }
 
     /// While `true`, no byte is forwarded in either direction; connections
@@ -154,8 +179,9 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         match accepted {
             Ok((client, _)) => {
                 let generation = shared.current_generation();
+                let silence = shared.current_silence();
                 shared.connections.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(connection(client, generation, Arc::clone(&shared)));
+                tokio::spawn(connection(client, generation, silence, Arc::clone(&shared)));
             }
             Err(e) => {
                 tracing::debug!(error = %e, "fault proxy accept failed");
@@ -175,7 +201,12 @@ impl Drop for Counted {
     }
 }
 
-async fn connection(client: TcpStream, cut: CancellationToken, shared: Arc<Shared>) {
+async fn connection(
+    client: TcpStream,
+    cut: CancellationToken,
+    silence: CancellationToken,
+    shared: Arc<Shared>,
+) {
     let _counted = Counted(Arc::clone(&shared));
     // A cut must look like a broken link (RST), not a polite close.
     let _ = client.set_zero_linger();
@@ -205,15 +236,20 @@ async fn connection(client: TcpStream, cut: CancellationToken, shared: Arc<Share
     tokio::select! {
         () = cut.cancelled() => {}
         _ = futures_util::future::join(
-            pipe(client_read, server_write, &shared),
-            pipe(server_read, client_write, &shared),
+            pipe(client_read, server_write, &shared, &silence),
+            pipe(server_read, client_write, &shared, &silence),
         ) => {}
     }
 }
 
 /// Forwards one direction: a reader stamps each chunk with the time it was
 /// read, a writer releases it `latency` later, unless stalled.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: &Shared) {
+async fn pipe(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    shared: &Shared,
+    silence: &CancellationToken,
+) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(16);
     // `move`: the reader owns `tx`, so its end closes the channel
     let read = async move {
@@ -224,7 +260,12 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: &Shared) 
                 return;
             }
             let mut buf = vec![0u8; 16 * 1024];
-            match from.read(&mut buf).await {
+            let read = tokio::select! {
+                // silenced: hold the connection, never read again
+                () = silence.cancelled() => std::future::pending().await,
+                read = from.read(&mut buf) => read,
+            };
+            match read {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     buf.truncate(n);
@@ -245,6 +286,9 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, shared: &Shared) 
             }
             if stalled.wait_for(|s| !*s).await.is_err() {
                 return;
+            }
+            if silence.is_cancelled() {
+                std::future::pending::<()>().await;
             }
             if to.write_all(&chunk).await.is_err() {
                 return;
