@@ -284,14 +284,36 @@ impl MqttConfig {
                 ),
             ));
         }
+        // the template's own text must make a valid topic name: a wildcard
+        // or a NUL in it would make every message `Rejected`
+        let fixed = self.topic_template.replace("{topic}", "");
+        if fixed.contains(['+', '#']) {
+            return Err(MqttError::invalid(
+                "topic_template",
+                format!(
+                    "`{}` contains a wildcard (+ or #), which a publish may not use",
+                    self.topic_template
+                ),
+            ));
+        }
+        if fixed.contains('\0') {
+            return Err(MqttError::invalid(
+                "topic_template",
+                "contains a NUL character",
+            ));
+        }
         if self.ack_timeout_ms == 0 {
             return Err(MqttError::invalid("ack_timeout_ms", "must be at least 1"));
         }
         if self.queue_capacity == 0 {
             return Err(MqttError::invalid("queue_capacity", "must be at least 1"));
         }
-        if self.keep_alive_secs == 0 {
-            return Err(MqttError::invalid("keep_alive_secs", "must be at least 1"));
+        if !(1..=u64::from(u16::MAX)).contains(&self.keep_alive_secs) {
+            // MQTT sends it as 16 bits: 65536 would go out as 0, no keep-alive
+            return Err(MqttError::invalid(
+                "keep_alive_secs",
+                "must be from 1 to 65535",
+            ));
         }
         if self.password.is_some() && self.username.is_none() {
             return Err(MqttError::invalid("password", "is set without a username"));
@@ -300,39 +322,46 @@ impl MqttConfig {
     }
 }
 
+/// User info as the URL carries it, percent-encoded.
 fn decode(s: &str) -> String {
-    // userinfo is percent-encoded in URLs
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_template_or_keep_alive_no_publish_could_use_is_refused() {
+        for (template, needle) in [
+            ("site/+/{topic}", "wildcard"),
+            ("#{topic}", "wildcard"),
+            ("a\0{topic}", "NUL"),
+        ] {
+            let e = MqttConfig::new("h", 1883)
+                .topic_template(template)
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("topic_template") && e.contains(needle), "{e}");
+        }
+        let mut c = MqttConfig::new("h", 1883);
+        c.keep_alive_secs = 65_536;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("keep_alive_secs"), "{e}");
+        c.keep_alive_secs = 65_535;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn user_info_is_percent_decoded() {
+        let c = MqttConfig::from_url("mqtt://us%40er:p%3Aw+d%zz@h").unwrap();
+        assert_eq!(c.username.as_deref(), Some("us@er"));
+        assert_eq!(c.password.as_deref(), Some("p:w+d%zz"));
+    }
 
     #[test]
     fn parses_urls() {

@@ -26,6 +26,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAck, PubAckReason, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use tokio::sync::{Notify, oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
@@ -224,8 +225,17 @@ impl MqttPublisher {
         }
     }
 
-    async fn publish_batch(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+    /// Publishes `batch`, waiting for its PUBACKs until `ack_timeout_ms`
+    /// or the relay's `deadline`, whichever comes first.
+    async fn publish_batch(
+        &self,
+        batch: &[Message],
+        deadline: Option<Instant>,
+    ) -> Vec<PublishOutcome> {
         let inner = &self.inner;
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            return vec![PublishOutcome::NotSent; batch.len()];
+        }
         let mut outcomes: Vec<Option<PublishOutcome>> = vec![None; batch.len()];
         let mut waits = Vec::with_capacity(batch.len());
         let broker_max = inner.shared.broker_max_packet.load(Ordering::Relaxed);
@@ -273,12 +283,19 @@ impl MqttPublisher {
             }
         }
         let ack_timeout = Duration::from_millis(inner.config.ack_timeout_ms);
-        let deadline = tokio::time::Instant::now() + ack_timeout;
+        let acks_by = Instant::now() + ack_timeout;
+        // the relay's deadline may come first: what is unacknowledged then
+        // is `Transient` (it may still arrive), the connection kept
+        let wait_until = deadline.map_or(acks_by, |d| d.min(acks_by));
         let mut timed_out = 0usize;
         for (i, rx) in waits {
-            outcomes[i] = Some(match tokio::time::timeout_at(deadline, rx).await {
+            outcomes[i] = Some(match tokio::time::timeout_at(wait_until, rx).await {
                 Ok(Ok(outcome)) => outcome,
                 Ok(Err(_)) => PublishOutcome::transient("the MQTT connection task stopped"),
+                Err(_) if wait_until < acks_by => PublishOutcome::transient(format!(
+                    "no PUBACK from {} by the relay's deadline",
+                    inner.addr
+                )),
                 Err(_) => {
                     timed_out += 1;
                     PublishOutcome::transient(format!(
@@ -310,7 +327,20 @@ impl Publisher for MqttPublisher {
             postbox.publisher = "mqtt",
             postbox.batch_size = batch.len()
         );
-        self.publish_batch(batch).instrument(span)
+        self.publish_batch(batch, None).instrument(span)
+    }
+
+    fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        let span = tracing::debug_span!(
+            "postbox.publish",
+            postbox.publisher = "mqtt",
+            postbox.batch_size = batch.len()
+        );
+        self.publish_batch(batch, Some(deadline)).instrument(span)
     }
 }
 
@@ -381,7 +411,8 @@ fn ack_outcome(ack: &PubAck) -> PublishOutcome {
     };
     match ack.reason {
         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => PublishOutcome::Ok,
-        PubAckReason::NotAuthorized => PublishOutcome::rejected(reason("not authorized")),
+        // an ACL an operator can fix: retried, not dead-lettered
+        PubAckReason::NotAuthorized => PublishOutcome::transient(reason("not authorized")),
         PubAckReason::TopicNameInvalid => PublishOutcome::rejected(reason("topic name invalid")),
         PubAckReason::PayloadFormatInvalid => {
             PublishOutcome::rejected(reason("payload format invalid"))
@@ -485,6 +516,10 @@ mod tests {
         assert!(ack_outcome(&ack(PubAckReason::NoMatchingSubscribers)).is_ok());
         assert!(matches!(
             ack_outcome(&ack(PubAckReason::NotAuthorized)),
+            PublishOutcome::Transient { .. }
+        ));
+        assert!(matches!(
+            ack_outcome(&ack(PubAckReason::TopicNameInvalid)),
             PublishOutcome::Rejected { .. }
         ));
         assert!(matches!(

@@ -352,3 +352,35 @@ async fn a_cut_connection_mid_batch_loses_nothing_reported_ok() {
     let got_ids = sub.wait_ids(&all, Duration::from_secs(20)).await;
     assert!(all.is_subset(&got_ids), "messages missing after retry");
 }
+
+/// The relay's deadline bounds the wait for PUBACKs: a batch whose deadline
+/// passed before it was queued is `NotSent`, one still unacknowledged at
+/// the deadline `Transient`. Fails (after 60 s) if the deadline is ignored:
+/// the ack timeout here is two minutes.
+#[tokio::test]
+async fn the_deadline_bounds_the_wait_for_acks() {
+    let addr = MQTT.require().await;
+    let topic = unique("postbox_test.");
+    let proxy = FaultProxy::start(addr.clone()).await.unwrap();
+    let mut cfg = config(&proxy.addr().to_string());
+    cfg.ack_timeout_ms = 120_000;
+    let p = MqttPublisher::connect(cfg).await.unwrap();
+    let m = message(1, &topic, None, &b"x"[..]);
+    let out = p
+        .publish_until(std::slice::from_ref(&m), tokio::time::Instant::now())
+        .await;
+    assert_eq!(out, [PublishOutcome::NotSent]);
+    proxy.stall(true);
+    let cut = p.publish_until(
+        std::slice::from_ref(&m),
+        tokio::time::Instant::now() + Duration::from_millis(300),
+    );
+    let out = tokio::time::timeout(Duration::from_secs(60), cut)
+        .await
+        .expect("the deadline was ignored");
+    assert!(
+        matches!(&out[..], [PublishOutcome::Transient { reason, .. }] if reason.contains("deadline")),
+        "{out:?}"
+    );
+    proxy.stall(false);
+}
