@@ -91,6 +91,11 @@ const OWNED: &[&str] = &[
     "retries",
     "message.send.max.retries",
     "enable.gapless.guarantee",
+    // keys map to partitions as Java clients do (murmur2): order per key
+    "partitioner",
+    // a transactional producer needs init_transactions, which postbox
+    // does not call: every send would fail
+    "transactional.id",
 ];
 
 pub(crate) fn is_secret(name: &str) -> bool {
@@ -374,11 +379,24 @@ mod tests {
             ("kafka://h?flavour=x", "flavour"),
             ("kafka://h?acks=0", "acks"),
             ("kafka://h?enable.idempotence=false", "enable.idempotence"),
+            ("kafka://h?transactional.id=x", "transactional.id"),
             ("kafka://h?topic_template=fixed", "topic_template"),
         ] {
             let e = KafkaConfig::from_url(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");
             assert!(!e.contains("hunter2"), "{e}");
+        }
+    }
+
+    #[test]
+    fn properties_postbox_sets_are_refused() {
+        for name in ["partitioner", "transactional.id", "acks"] {
+            let e = KafkaConfig::new("h:9092")
+                .property(name, "x")
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name), "{e}");
         }
     }
 
