@@ -12,7 +12,7 @@ use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
     ExchangeKind,
 };
-use postbox_core::{Message, PublishOutcome, Publisher};
+use postbox_core::{Message, PublishOutcome, Publisher, by_deadline};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -273,39 +273,57 @@ impl Inner {
         }
     }
 
-    async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
+    /// Publishes `batch`; with the relay's `deadline`, what has not been
+    /// handed to the channel by then is `NotSent` (the wait for an earlier
+    /// batch's confirms, a connection being opened and the exchange checks
+    /// count against it), and confirms still missing at it are `Transient`.
+    async fn publish(&self, batch: &[Message], deadline: Option<Instant>) -> Vec<PublishOutcome> {
         if batch.is_empty() {
             return Vec::new();
         }
+        let not_sent = || vec![PublishOutcome::NotSent; batch.len()];
         // lapin hands each `basic.return` to whichever confirm completes
         // next on the channel, whatever its delivery tag (and a multiple ack
         // completes its tags in no set order). A return always comes before
         // its own message's ack, so on a channel that only this batch uses,
         // its confirms together carry exactly its returns; which message
         // each belongs to is read from its `message_id` below.
-        let _exclusive = self.publishing.lock().await;
+        let Some(_exclusive) = by_deadline(deadline, self.publishing.lock()).await else {
+            return not_sent();
+        };
         if self.abandoned.swap(false, Ordering::Relaxed) {
             let open = self.link.lock().await.open.as_ref().map(|(_, c)| c.clone());
             if let Some(channel) = open {
                 self.drop_channel(&channel).await;
             }
         }
-        let channel = match self.channel().await {
-            Ok(c) => c,
-            Err(reason) => {
+        let channel = match by_deadline(deadline, self.channel()).await {
+            None => return not_sent(),
+            Some(Ok(c)) => c,
+            Some(Err(reason)) => {
                 return batch
                     .iter()
                     .map(|_| PublishOutcome::transient(reason.clone()))
                     .collect();
             }
         };
+        let Some(missing) = by_deadline(deadline, self.missing_exchanges(batch)).await else {
+            return not_sent();
+        };
         let abandoned = Abandoned(Some(&self.abandoned));
-        let missing = self.missing_exchanges(batch).await;
         // Publish everything first; confirms come back while later messages
         // are still being written.
         let mut pending = Vec::with_capacity(batch.len());
         let mut broken: Option<String> = None;
+        let mut late = false;
         for m in batch {
+            // past the deadline (or after a send it cut) nothing more is
+            // handed over
+            late = late || deadline.is_some_and(|d| d <= Instant::now());
+            if late {
+                pending.push(Err(PublishOutcome::NotSent));
+                continue;
+            }
             if let Some(reason) = &broken {
                 pending.push(Err(PublishOutcome::transient(reason.clone())));
                 continue;
@@ -336,34 +354,48 @@ impl Inner {
                 mandatory: true,
                 immediate: false,
             };
-            match channel
-                .basic_publish(
+            // a broker that stops reading (a memory or disk alarm) holds the
+            // write: the deadline cuts it, and the channel is given up
+            let published = by_deadline(
+                deadline,
+                channel.basic_publish(
                     exchange.clone(),
                     routing_key.clone(),
                     options,
                     &m.payload,
                     properties,
-                )
-                .await
-            {
-                Ok(confirm) => pending.push(Ok((confirm, exchange, routing_key))),
-                Err(e) => {
+                ),
+            );
+            match published.await {
+                None => {
+                    let reason = "RabbitMQ did not take the message by the relay's deadline";
+                    broken = Some(reason.to_owned());
+                    late = true;
+                    pending.push(Err(PublishOutcome::transient(reason)));
+                }
+                Some(Ok(confirm)) => pending.push(Ok((confirm, exchange, routing_key))),
+                Some(Err(e)) => {
                     let reason = format!("RabbitMQ publish failed: {e}");
                     broken = Some(reason.clone());
                     pending.push(Err(PublishOutcome::transient(reason)));
                 }
             }
         }
-        let deadline = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
+        let confirms_by = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
+        let confirms_until = deadline.map_or(confirms_by, |d| d.min(confirms_by));
         // per message: its confirm, or its outcome and whether the channel
         // is to be dropped
         type Confirmed = Result<(Confirmation, ShortString, ShortString), (PublishOutcome, bool)>;
         let confirms: Vec<Confirmed> = join_all(pending.into_iter().map(|p| async move {
             let (confirm, exchange, routing_key) = p.map_err(|outcome| (outcome, false))?;
-            match tokio::time::timeout_at(deadline, confirm).await {
+            match tokio::time::timeout_at(confirms_until, confirm).await {
                 Ok(Ok(c)) => Ok((c, exchange, routing_key)),
                 Ok(Err(e)) => Err((
                     PublishOutcome::transient(format!("RabbitMQ confirm failed: {e}")),
+                    true,
+                )),
+                Err(_) if confirms_until < confirms_by => Err((
+                    PublishOutcome::transient("no confirm from RabbitMQ by the relay's deadline"),
                     true,
                 )),
                 Err(_) => Err((
@@ -477,6 +509,19 @@ impl Publisher for RabbitMqPublisher {
             postbox.publisher = "rabbitmq",
             postbox.batch_size = batch.len()
         );
-        self.inner.publish(batch).instrument(span)
+        self.inner.publish(batch, None).instrument(span)
+    }
+
+    fn publish_until(
+        &self,
+        batch: &[Message],
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
+        let span = tracing::debug_span!(
+            "postbox.publish",
+            postbox.publisher = "rabbitmq",
+            postbox.batch_size = batch.len()
+        );
+        self.inner.publish(batch, Some(deadline)).instrument(span)
     }
 }

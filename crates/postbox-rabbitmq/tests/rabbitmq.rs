@@ -244,3 +244,58 @@ async fn assert_all_stored(h: &RabbitHarness, report: &postbox_testkit::LossRepo
         assert!(ids.contains(&m.id), "acknowledged message {} lost", m.id);
     }
 }
+
+/// The relay's deadline bounds a batch: one whose deadline passed before it
+/// was handed over is `NotSent`; one still unconfirmed at the deadline is
+/// `Transient`; one that waited the whole time for the batch before it (a
+/// channel carries one batch at a time) is `NotSent`. Fails (after 60 s)
+/// if the deadline is ignored: the confirm timeout here is two minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_bounds_a_batch() {
+    let h = harness().await;
+    let proxy = FaultProxy::start(h.addr.clone()).await.unwrap();
+    let publisher = RabbitMqPublisher::connect(
+        config(&proxy.addr().to_string()).confirm_timeout(Duration::from_secs(120)),
+    )
+    .await
+    .unwrap();
+    let m = |n| message(n, &h.queue(), None, &b"x"[..]);
+    let soon = || tokio::time::Instant::now() + Duration::from_millis(300);
+    let outcomes = publisher
+        .publish_until(&[m(1)], tokio::time::Instant::now())
+        .await;
+    assert_eq!(outcomes, [PublishOutcome::NotSent]);
+    proxy.stall(true);
+    let first = tokio::spawn({
+        let publisher = publisher.clone();
+        let m = m(2);
+        async move { publisher.publish(&[m]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let third = [m(3)];
+    let waited = publisher.publish_until(&third, soon());
+    let outcomes = tokio::time::timeout(Duration::from_secs(60), waited)
+        .await
+        .expect("the deadline was ignored while waiting for the channel");
+    assert_eq!(outcomes, [PublishOutcome::NotSent]);
+    proxy.cut();
+    proxy.stall(false);
+    let first = first.await.unwrap();
+    assert!(
+        matches!(first[..], [PublishOutcome::Transient { .. }]),
+        "{first:?}"
+    );
+    // a healthy link again, then one that goes quiet after the publish
+    assert_eq!(publisher.publish(&[m(4)]).await, [PublishOutcome::Ok]);
+    proxy.stall(true);
+    let fifth = [m(5)];
+    let cut = publisher.publish_until(&fifth, soon());
+    let outcomes = tokio::time::timeout(Duration::from_secs(60), cut)
+        .await
+        .expect("the deadline was ignored");
+    assert!(
+        matches!(&outcomes[..], [PublishOutcome::Transient { reason, .. }] if reason.contains("deadline")),
+        "{outcomes:?}"
+    );
+    proxy.stall(false);
+}
