@@ -250,7 +250,10 @@ impl Inner {
     }
 
     /// Forgets `channel` (and its connection) so the next publish opens a new
-    /// one; a no-op when another batch already replaced it.
+    /// one; a no-op when the channel in use has another id. Channel ids
+    /// repeat across connections (the first is usually 1), so this tells a
+    /// replaced channel apart only because batches hold
+    /// [`Inner::publishing`]: no other batch can have replaced it meanwhile.
     async fn drop_channel(&self, channel: &Channel) {
         let mut link = self.link.lock().await;
         let current = link
