@@ -33,8 +33,8 @@ pub use observe::Health;
 pub use publish::{PublishOutcome, Publisher, by_deadline};
 pub use redact::{redact_url, redact_userinfo};
 pub use relay::{
-    CLEANUP_BATCH, MAX_RETRY_AFTER, OnDead, Relay, RelayBuilder, RelayOptions, RelayWaker,
-    STATS_PAUSE_CAP, STATS_STRETCH, TickReport,
+    CLEANUP_BATCH, MAX_LEASE, MAX_RETRY_AFTER, OnDead, Relay, RelayBuilder, RelayOptions,
+    RelayWaker, STATS_PAUSE_CAP, STATS_STRETCH, TickReport,
 };
 pub use retry::RetryPolicy;
 pub use route::{Router, TopicPattern};

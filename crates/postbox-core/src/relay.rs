@@ -258,6 +258,13 @@ impl RelayOptions {
                 "must be greater than zero (or unset to turn the cleanup off)",
             ));
         }
+        if self.lease > MAX_LEASE {
+            return Err(ConfigError::invalid(
+                "lease",
+                self.lease,
+                &format!("must be at most {MAX_LEASE:?}"),
+            ));
+        }
         if self.send_timeout >= self.lease {
             return Err(ConfigError::invalid(
                 "send_timeout",
@@ -353,6 +360,10 @@ enum Published {
     /// until the send timeout.
     Abandoned,
 }
+
+/// The longest lease a relay may take: a day. Longer ones only delay
+/// redelivery after a crash (and would overflow time arithmetic if absurd).
+pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The longest error text recorded with a message, in characters.
 const MAX_ERROR_CHARS: usize = 2_000;
@@ -1124,6 +1135,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             .catch_unwind(),
         );
         let result = tokio::select! {
+            // a publish done as the grace runs out still counts
+            biased;
             r = sent => r,
             () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => return Published::Abandoned,
         };

@@ -381,6 +381,22 @@ fn heartbeat_interval_must_be_positive() {
     );
 }
 
+#[test]
+fn an_absurd_lease_is_refused() {
+    let err = Relay::builder(MemoryStore::new(), TestPublisher::recording())
+        .lease(Duration::from_secs(u64::MAX))
+        .build()
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("lease"), "{err}");
+    assert!(
+        Relay::builder(MemoryStore::new(), TestPublisher::recording())
+            .lease(postbox_core::MAX_LEASE)
+            .build()
+            .is_ok()
+    );
+}
+
 /// A worker records a batch's outcomes while it claims the next one; the
 /// next message of a key in that batch becomes claimable only once they
 /// are recorded. The worker must then look again at once, not sleep a poll
