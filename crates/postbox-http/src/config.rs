@@ -79,13 +79,8 @@ impl std::fmt::Debug for HttpConfig {
             .field(
                 "url",
                 &url::Url::parse(&self.url).map_or_else(
-                    // not a URL (`HttpPublisher::new` refuses it): still
-                    // nothing after `?` or `#`, and no user info
-                    |_| {
-                        postbox_core::redact_userinfo(
-                            self.url.split(['?', '#']).next().unwrap_or(""),
-                        )
-                    },
+                    // not a URL (`HttpPublisher::new` refuses it)
+                    |_| shown_unparsed(&self.url),
                     |u| crate::publisher::shown_url(&u),
                 ),
             )
@@ -175,12 +170,32 @@ impl HttpConfig {
     }
 }
 
+/// A string that did not parse as a URL, as messages show it: as
+/// [`crate::publisher::shown_url`] would, nothing after the host (a path or
+/// query may hold the webhook's credential) and no user info.
+fn shown_unparsed(url: &str) -> String {
+    let head = url.split(['?', '#']).next().unwrap_or("");
+    let (scheme, rest) = head.split_once("://").unwrap_or(("", head));
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    // user info ends at the authority's last `@`
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let mut shown = if scheme.is_empty() {
+        host.to_owned()
+    } else {
+        format!("{scheme}://{host}")
+    };
+    if !path.is_empty() && path != "/" {
+        shown.push_str("/…");
+    }
+    shown
+}
+
 pub(crate) fn parse_url(url: &str) -> Result<url::Url, HttpError> {
     let parsed = url::Url::parse(url).map_err(|e| {
-        HttpError::invalid(
-            "url",
-            format!("{} is not a URL: {e}", postbox_core::redact_userinfo(url)),
-        )
+        HttpError::invalid("url", format!("{} is not a URL: {e}", shown_unparsed(url)))
     })?;
     match parsed.scheme() {
         "http" | "https" => {}
@@ -203,6 +218,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_unparsable_url_shows_neither_path_nor_query() {
+        let e = HttpConfig::from_url(
+            "https://u:pw@x.azurewebsites.net:99999/api/f/SECRET?code=SECRET2",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("https://x.azurewebsites.net:99999/…"), "{e}");
+        assert!(!e.contains("SECRET") && !e.contains("pw"), "{e}");
+    }
+
+    #[test]
     fn from_url_checks_scheme_and_hides_password() {
         assert!(HttpConfig::from_url("https://example.com/hook").is_ok());
         let e = HttpConfig::from_url("ftp://example.com/").unwrap_err();
@@ -220,7 +246,7 @@ mod tests {
         // a token in the query or as the user name is not shown either
         let cfg = HttpConfig::from_url("https://tok3n@example.com/hook?token=abc123#frag").unwrap();
         let dbg = format!("{cfg:?}");
-        assert!(dbg.contains("example.com/hook"), "{dbg}");
+        assert!(dbg.contains("https://example.com/…#"), "{dbg}");
         assert!(
             !dbg.contains("abc123") && !dbg.contains("tok3n") && !dbg.contains("frag"),
             "{dbg}"

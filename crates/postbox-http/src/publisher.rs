@@ -16,7 +16,6 @@ use crate::HttpError;
 use crate::config::{HttpConfig, parse_url};
 use crate::guard::{GuardedResolver, refusal, refused_in_chain};
 use crate::sign::WebhookSecret;
-use postbox_core::redact_userinfo;
 
 /// How much of an error response body goes into a `Rejected` reason.
 const EXCERPT_CHARS: usize = 200;
@@ -287,7 +286,9 @@ impl HttpPublisher {
     fn transport_outcome(&self, e: reqwest::Error) -> PublishOutcome {
         let e = e.without_url();
         if let Some(refused) = refused_in_chain(&e) {
-            return PublishOutcome::rejected(format!(
+            // what the name resolves to may change (a DNS mistake, a
+            // sinkhole answering 0.0.0.0): retried, not dead-lettered
+            return PublishOutcome::transient(format!(
                 "webhook destination {} refused: {refused}",
                 self.inner.display_url
             ));
@@ -420,7 +421,13 @@ pub(crate) fn outcome_for_status(
     };
     if status.is_success() {
         PublishOutcome::Ok
-    } else if code == 408 || code == 429 || status.is_server_error() {
+    } else if matches!(code, 408 | 409 | 423 | 425 | 429)
+        || status.is_server_error()
+        || status.is_informational()
+        || code >= 600
+    {
+        // timeouts, conflicts, locks, "too early", throttling and server
+        // errors pass; so may a status no endpoint should send
         PublishOutcome::Transient {
             reason: with_body,
             retry_after,
@@ -432,17 +439,27 @@ pub(crate) fn outcome_for_status(
     }
 }
 
-/// `url` as logs, reasons and `Debug` show it: no user info at all (a
-/// webhook's user name may be a token, `https://TOKEN@host/hook`, like a
-/// NATS one), nothing up to a last `@` (a token with an unescaped `/` ends
-/// up in the path), and no query or fragment (`?token=…`).
+/// `url` as logs, reasons and `Debug` show it: scheme, host and port, and
+/// for the path only a fingerprint (`/…#1a2b3c4d`, the first 4 bytes of its
+/// SHA-256). Slack, Discord and Teams put the webhook's credential in the
+/// path, and these texts end up in logs and in the outbox's `last_error`;
+/// the fingerprint still tells two endpoints of one host apart. No user
+/// info, query or fragment either (`https://TOKEN@host`, `?token=…`).
 pub(crate) fn shown_url(url: &url::Url) -> String {
-    let mut shown = url.clone();
-    let _ = shown.set_password(None);
-    let _ = shown.set_username("");
-    shown.set_query(None);
-    shown.set_fragment(None);
-    redact_userinfo(shown.as_str())
+    use sha2::Digest as _;
+    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+    if let Some(port) = url.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    let path = url.path();
+    if !path.is_empty() && path != "/" {
+        let digest = sha2::Sha256::digest(path.as_bytes());
+        shown.push_str("/…#");
+        for b in &digest[..4] {
+            shown.push_str(&format!("{b:02x}"));
+        }
+    }
+    shown
 }
 
 /// `Retry-After` as delay-seconds or an HTTP date.
@@ -462,20 +479,31 @@ pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     )
 }
 
+/// How long a 2xx's body is read (and thrown away) before the response is
+/// dropped: a short body read to its end keeps the connection for the next
+/// request; one that trickles must not hold the lane.
+const SUCCESS_BODY_WAIT: Duration = Duration::from_millis(500);
+
 /// Reads up to [`READ_CAP`] bytes of the body and returns a short,
-/// single-line excerpt of it.
+/// single-line excerpt of it; for a 2xx nothing (the body is read for at
+/// most [`SUCCESS_BODY_WAIT`]).
 async fn read_excerpt(resp: &mut reqwest::Response) -> String {
-    let mut buf: Vec<u8> = Vec::new();
-    while buf.len() < READ_CAP {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
-            _ => break,
+    let success = resp.status().is_success();
+    let read = async {
+        let mut buf: Vec<u8> = Vec::new();
+        while buf.len() < READ_CAP {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+                _ => break,
+            }
         }
-    }
-    if resp.status().is_success() {
+        buf
+    };
+    if success {
+        let _ = tokio::time::timeout(SUCCESS_BODY_WAIT, read).await;
         return String::new();
     }
-    excerpt(&buf)
+    excerpt(&read.await)
 }
 
 pub(crate) fn excerpt(body: &[u8]) -> String {
@@ -534,7 +562,7 @@ mod tests {
         let s = |c| StatusCode::from_u16(c).unwrap();
         assert!(outcome_for_status(s(200), None, "").is_ok());
         assert!(outcome_for_status(s(204), None, "").is_ok());
-        for c in [408, 429, 500, 502, 503, 504] {
+        for c in [408, 409, 423, 425, 429, 500, 502, 503, 504, 101, 600] {
             assert!(
                 matches!(
                     outcome_for_status(s(c), Some(Duration::from_secs(3)), "x"),
@@ -558,6 +586,21 @@ mod tests {
             }
             o => panic!("{o:?}"),
         }
+    }
+
+    #[test]
+    fn shown_urls_hide_credentials_in_the_path() {
+        let u = |s: &str| url::Url::parse(s).unwrap();
+        let slack = shown_url(&u("https://hooks.slack.com/services/T0/B0/XXXXSECRET"));
+        assert!(slack.starts_with("https://hooks.slack.com/…#"), "{slack}");
+        assert!(!slack.contains("XXXX") && !slack.contains("T0"), "{slack}");
+        let other = shown_url(&u("https://hooks.slack.com/services/T0/B0/YYYY"));
+        assert_ne!(slack, other, "two endpoints of one host look alike");
+        assert_eq!(
+            shown_url(&u("http://u:p@[::1]:8080/?token=t#f")),
+            "http://[::1]:8080"
+        );
+        assert_eq!(shown_url(&u("https://example.com")), "https://example.com");
     }
 
     #[test]

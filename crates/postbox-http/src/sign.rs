@@ -15,7 +15,7 @@ use crate::HttpError;
 /// A webhook signing secret (the decoded key bytes).
 ///
 /// Its `Debug` output never shows the key.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct WebhookSecret {
     key: Vec<u8>,
 }
@@ -76,6 +76,9 @@ impl WebhookSecret {
 
     /// Checks a `webhook-signature` header value (a space-separated list of
     /// `version,signature` pairs) the way a receiver does, in constant time.
+    /// It does not judge `timestamp`: a receiver must also refuse one too
+    /// far from its own clock (Standard Webhooks suggests five minutes), or
+    /// a captured request can be replayed.
     pub fn verify(&self, id: &str, timestamp: u64, body: &[u8], header: &str) -> bool {
         let mut mac = match Hmac::<Sha256>::new_from_slice(&self.key) {
             Ok(mac) => mac,

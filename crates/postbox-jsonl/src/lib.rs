@@ -201,7 +201,14 @@ fn append_locked(mut file: &File, bytes: &[u8]) -> io::Result<()> {
         );
         file.write_all(&bytes[n..])?;
     }
-    file.sync_data()
+    // Only a regular file has anything to sync: a FIFO, a socket or a
+    // device (`/dev/null`, a pipe as `/dev/stdout`) refuses `fdatasync`
+    // (EINVAL) after the write already went out, and the batch would be
+    // sent again and again.
+    if file.metadata().map_or(true, |m| m.is_file()) {
+        file.sync_data()?;
+    }
+    Ok(())
 }
 
 /// Whether a regular file's last byte is not a newline: a batch written by

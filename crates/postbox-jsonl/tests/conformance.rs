@@ -134,6 +134,39 @@ async fn a_partial_last_line_does_not_swallow_the_next_batch() {
     assert!(text.ends_with('\n'));
 }
 
+/// A file that cannot be fsynced (a device, a FIFO, a pipe as
+/// `/dev/stdout`) still gets `Ok` once the lines are written. Fails if
+/// `fdatasync`'s EINVAL makes the batch `Transient`: sent again and again.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_device_or_fifo_takes_the_lines_without_an_fsync() {
+    use postbox_core::Publisher;
+    use postbox_testkit::publisher_suite::message;
+    let batch = [message(1, "t", None, &b"x"[..])];
+    let p = FilePublisher::open("/dev/null").expect("open /dev/null");
+    let out = p.publish(&batch).await;
+    assert!(out[0].is_ok(), "{out:?}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("feed.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    // a reader, so that opening the FIFO for writing does not block
+    let reader = std::thread::spawn({
+        let fifo = fifo.clone();
+        move || std::fs::read_to_string(fifo).expect("read the FIFO")
+    });
+    let p = FilePublisher::open(&fifo).expect("open the FIFO");
+    let out = p.publish(&batch).await;
+    assert!(out[0].is_ok(), "{out:?}");
+    drop(p);
+    let text = reader.join().expect("reader");
+    assert!(text.contains("\"topic\":\"t\""), "{text}");
+}
+
 /// Batches of one publisher (and its clones) appended concurrently, as a
 /// relay's workers do: every line is one whole message, none empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
