@@ -7,12 +7,27 @@ use postbox_core::StoreError;
 /// too many connections (53300), serialization failure and deadlock (40001,
 /// 40P01; the transaction was rolled back and may simply be run again), a
 /// row lock not granted within the claim sessions' `lock_timeout` (55P03),
-/// and a session the server ended for idling in a transaction (25P03).
+/// a session the server ended for idling in or out of a transaction (25P03,
+/// 57P05), a statement cancelled by an operator or a `statement_timeout`
+/// (57014), a server out of disk or memory (53100, 53200), and a read-only
+/// server (25006: connected to a standby, as right after a failover).
 fn transient_sqlstate(code: &str) -> bool {
     code.starts_with("08")
         || matches!(
             code,
-            "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "55P03" | "25P03"
+            "57P01"
+                | "57P02"
+                | "57P03"
+                | "57P05"
+                | "57014"
+                | "53100"
+                | "53200"
+                | "53300"
+                | "40001"
+                | "40P01"
+                | "55P03"
+                | "25P03"
+                | "25006"
         )
 }
 
@@ -22,7 +37,6 @@ pub(crate) fn map(e: sqlx::Error) -> StoreError {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => StoreError::Unavailable(Box::new(e)),
         sqlx::Error::Database(db) => {
@@ -94,7 +108,9 @@ mod tests {
 
     #[test]
     fn lock_and_idle_timeouts_are_retried_later() {
-        for code in ["55P03", "25P03", "08006", "40P01"] {
+        for code in [
+            "55P03", "25P03", "08006", "40P01", "57P05", "57014", "53100", "53200", "25006",
+        ] {
             assert!(transient_sqlstate(code), "{code}");
         }
         for code in ["23505", "42P01", "22P02"] {

@@ -23,6 +23,9 @@ pub const DEFAULT_SCHEMA: &str = "public";
 /// collisions.
 pub const MAX_TABLE_LEN: usize = 48;
 
+/// Longest LISTEN/NOTIFY channel name PostgreSQL takes (`NAMEDATALEN - 1`).
+const MAX_CHANNEL_LEN: usize = 63;
+
 /// Validated schema and table names plus the SQL text built once from them.
 ///
 /// ```
@@ -208,9 +211,16 @@ impl PgOutbox {
     }
 
     /// The LISTEN/NOTIFY channel relays of this table listen on:
-    /// `<schema>.<table>` (a plain-SQL producer may `NOTIFY` it too).
+    /// `<schema>.<table>` (a plain-SQL producer may `NOTIFY` it too), cut to
+    /// PostgreSQL's 63 bytes as `LISTEN` would cut it (`pg_notify` refuses a
+    /// longer name, which would fail every enqueue). Two tables whose
+    /// names agree in their first 63 bytes share a channel: a wake-up for
+    /// one also wakes the other's relays, nothing more.
     pub fn channel(&self) -> String {
-        format!("{}.{}", self.inner.schema, self.inner.table)
+        let mut channel = format!("{}.{}", self.inner.schema, self.inner.table);
+        // identifiers are ASCII (validated), so any byte is a boundary
+        channel.truncate(MAX_CHANNEL_LEN);
+        channel
     }
 
     /// Creates or upgrades the schema; idempotent and safe to run from

@@ -910,3 +910,100 @@ async fn a_held_batchs_retry_delay_counts_from_its_completion() {
     let early = h.scalar("count(*)", "WHERE available_at <= now()").await;
     assert_eq!(early, 0, "a retry came due before its delay had passed");
 }
+
+/// An application that migrates at start-up under a role without CREATE
+/// (its DBA migrated as the owner) finds nothing to do: no permission
+/// error for `CREATE SCHEMA/TABLE IF NOT EXISTS` of objects that exist.
+/// Fails if `migrate` runs those statements when every version is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_up_to_date_table_migrates_without_create_privileges() {
+    let db = TestDb::create().await;
+    let owner = db.app_pool(2).await;
+    let outbox = PgOutbox::with_schema("billing", "events").expect("names");
+    outbox.migrate(&owner).await.expect("migrate as owner");
+    let role = format!("postbox_app_{:08x}", fastrand::u32(..));
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN;
+         REVOKE CREATE ON DATABASE {db} FROM PUBLIC;
+         GRANT USAGE ON SCHEMA billing TO {role};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA billing TO {role};
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA billing TO {role};",
+        db = db.name
+    ))
+    .execute(&owner)
+    .await
+    .expect("an application role");
+    let url = db
+        .url
+        .replacen("://postgres@", &format!("://{role}@"), 1)
+        .replacen("://root@", &format!("://{role}@"), 1);
+    let app = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect as the application role");
+    let migrated = outbox.migrate(&app).await;
+    app.close().await;
+    sqlx::raw_sql(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .execute(&owner)
+        .await
+        .expect("drop the role");
+    migrated.expect("an up-to-date table needs no privilege to migrate");
+}
+
+/// Two tables of one new schema migrated at once (each under its own
+/// table's lock): both succeed. Fails if both create the schema at once
+/// (a duplicate-key error on `pg_namespace`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_of_one_new_schema_migrate_at_once() {
+    for _ in 0..3 {
+        let db = TestDb::create().await;
+        let mut tasks = Vec::new();
+        for table in ["a_outbox", "b_outbox", "c_outbox", "d_outbox"] {
+            let url = db.url.clone();
+            tasks.push(tokio::spawn(async move {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&url)
+                    .await
+                    .expect("pool");
+                let outbox = PgOutbox::with_schema("fresh", table).expect("names");
+                outbox.migrate(&pool).await
+            }));
+        }
+        for t in tasks {
+            t.await.expect("migrator").expect("migrate");
+        }
+    }
+}
+
+/// The longest schema and table names make a channel name longer than
+/// PostgreSQL's 63 bytes: `enqueue` with `notify_on_enqueue` still works
+/// and its NOTIFY still wakes the listening relay. Fails if the channel is
+/// not cut as LISTEN cuts it (`pg_notify` refuses the long name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_schema_and_table_name_still_notify() {
+    let schema = "s".repeat(63);
+    let table = "t".repeat(postbox_postgres::MAX_TABLE_LEN);
+    let h = PgHarness::with_outbox(
+        PgOutbox::with_schema(&schema, &table)
+            .expect("names")
+            .notify_on_enqueue(true),
+    )
+    .await;
+    assert_eq!(h.outbox.channel().len(), 63);
+    let store = h.store.clone();
+    let woke = tokio::spawn({
+        let store = store.clone();
+        async move { store.notified().await }
+    });
+    wait_until("LISTEN to start", || async { store.is_listening() }).await;
+    h.outbox
+        .enqueue(&h.app, &NewMessage::new("t", "x"))
+        .await
+        .expect("enqueue with a NOTIFY on the long channel");
+    tokio::time::timeout(Duration::from_secs(30), woke)
+        .await
+        .expect("the NOTIFY did not wake the listener")
+        .expect("task");
+}
