@@ -100,15 +100,28 @@ pub(crate) async fn run(sql: &Sql, pool: &MySqlPool) -> Result<(), StoreError> {
 }
 
 async fn apply(sql: &Sql, conn: &mut MySqlConnection) -> Result<(), StoreError> {
-    let create = format!(
-        "CREATE TABLE IF NOT EXISTS {} (\
-           `version` BIGINT NOT NULL PRIMARY KEY, \
-           `name` VARCHAR(255) NOT NULL, \
-           `applied_at` DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6))\
-         ) ENGINE = InnoDB",
-        sql.migrations
-    );
-    conn.execute(create.as_str()).await.map_err(map_err)?;
+    // Read first, create only what is missing: MySQL checks the CREATE
+    // privilege before it sees that a table exists, so an application role
+    // migrating at start-up (after the owner did) would fail for nothing.
+    let history_exists: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables \
+          WHERE table_schema = DATABASE() AND table_name = CONCAT(?, '_migrations')",
+    )
+    .bind(sql.table.as_str())
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(map_err)?;
+    if history_exists == 0 {
+        let create = format!(
+            "CREATE TABLE IF NOT EXISTS {} (\
+               `version` BIGINT NOT NULL PRIMARY KEY, \
+               `name` VARCHAR(255) NOT NULL, \
+               `applied_at` DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6))\
+             ) ENGINE = InnoDB",
+            sql.migrations
+        );
+        conn.execute(create.as_str()).await.map_err(map_err)?;
+    }
     let select = format!(
         "SELECT `version` FROM {} ORDER BY `version`",
         sql.migrations
