@@ -60,8 +60,16 @@ pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 ///   claim, where the index gives the first rows in 0.2 ms).
 /// * `jit = off`: JIT never pays off for bounded index probes (measured: it
 ///   compiled every claim anew, 189 ms of a 206 ms claim).
-/// * `application_name = postbox-relay`.
+/// * `application_name = postbox-relay`, unless `options` already carry
+///   one that starts with `postbox-relay` (`postbox-relay-billing`: one
+///   service's relays told apart from another's in `pg_stat_activity`;
+///   monitoring matches `postbox-relay%`).
 pub fn relay_connect_options(options: PgConnectOptions) -> PgConnectOptions {
+    let name = options
+        .get_application_name()
+        .filter(|n| n.starts_with(RELAY_APPLICATION_NAME))
+        .unwrap_or(RELAY_APPLICATION_NAME)
+        .to_owned();
     options
         .options([
             ("plan_cache_mode", "force_generic_plan"),
@@ -69,8 +77,11 @@ pub fn relay_connect_options(options: PgConnectOptions) -> PgConnectOptions {
             ("enable_bitmapscan", "off"),
             ("jit", "off"),
         ])
-        .application_name("postbox-relay")
+        .application_name(&name)
 }
+
+/// The `application_name` of relay sessions, or the start of it.
+const RELAY_APPLICATION_NAME: &str = "postbox-relay";
 
 /// The claim pool's sessions: [`relay_connect_options`] plus
 /// `synchronous_commit = off`. The relay's claims, completions and retention

@@ -88,7 +88,9 @@ async fn relays_survive_killed_connections() {
     for i in 0..3 {
         let mut options = postbox_postgres::relay_connect_options(h.db.options());
         if i == 0 {
-            options = options.application_name("postbox-victim");
+            // kept by the store's claim pool (a name starting with
+            // `postbox-relay`), so its claim sessions are killed too
+            options = options.application_name("postbox-relay-victim");
         }
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(3)
@@ -117,11 +119,27 @@ async fn relays_survive_killed_connections() {
     }
     // kill the victim's connections a few times while it works
     let mut kills = 0;
+    let mut claim_sessions = 0;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        kills += terminate(&h.app, &h.db.name, "postbox-victim").await;
+        // sessions whose last statement was a claim or a completion
+        let claiming: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = $1 AND application_name = 'postbox-relay-victim'
+                AND query LIKE '%lease_token%'",
+        )
+        .bind(&h.db.name)
+        .fetch_one(&h.app)
+        .await
+        .expect("victim sessions");
+        claim_sessions += claiming;
+        kills += terminate(&h.app, &h.db.name, "postbox-relay-victim").await;
     }
     assert!(kills > 0, "no connection of the victim relay was killed");
+    assert!(
+        claim_sessions > 0,
+        "none of the victim's claim or completion sessions was among those killed"
+    );
     let before = victim_count.load(Ordering::Relaxed);
     // it reconnects and delivers again: add work and see the victim take some
     let mut round = 40;
