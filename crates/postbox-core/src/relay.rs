@@ -767,7 +767,18 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let (tenant, rotated) = self.claim_scope().await;
         req.tenant = tenant;
         let started = Instant::now();
-        let claim = match self.inner.store.claim(&req).await {
+        // A claim that outlasts the lease is no use (its rows would be
+        // free again), and a database connection that went silent (a host
+        // lost without a reset) would hold it for as long as the kernel
+        // keeps the socket, many minutes: cut it at the lease.
+        let claimed = tokio::time::timeout(o.lease, self.inner.store.claim(&req))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    format!("no answer to a claim within the lease ({:?})", o.lease).into(),
+                ))
+            });
+        let claim = match claimed {
             Ok(claim) => {
                 self.health_state().claim_ok();
                 self.inner
@@ -1182,7 +1193,19 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.inner.store.complete(token, completions).await {
+            // bounded by the lease, as a claim is: past it the rows are
+            // another relay's to claim anyway (a few seconds at least: a
+            // recording that starts late may still find its lease unclaimed)
+            let until = lease_deadline.max(Instant::now() + Duration::from_secs(5));
+            let completed =
+                tokio::time::timeout_at(until, self.inner.store.complete(token, completions))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(StoreError::Unavailable(
+                            "no answer to recording outcomes before the lease ran out".into(),
+                        ))
+                    });
+            match completed {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     metrics::counter!(observe::COMPLETE_ERRORS_TOTAL).increment(1);

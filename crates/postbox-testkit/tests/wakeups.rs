@@ -52,6 +52,17 @@ struct Notifying {
     holdups_calls: Arc<AtomicU64>,
     /// Claims still to panic (a bug in a store).
     claim_panics: Arc<AtomicU64>,
+    /// Claims, then completions, still to never answer (a database
+    /// connection gone silent).
+    claim_hangs: Arc<AtomicU64>,
+    complete_hangs: Arc<AtomicU64>,
+}
+
+/// Takes one from `count` if it is above zero.
+fn take_one(count: &AtomicU64) -> bool {
+    count
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 /// A publisher that keeps its store's count of publishes in flight.
@@ -90,6 +101,8 @@ impl Notifying {
             stats_takes: Duration::ZERO,
             holdups_calls: Arc::new(AtomicU64::new(0)),
             claim_panics: Arc::new(AtomicU64::new(0)),
+            claim_hangs: Arc::new(AtomicU64::new(0)),
+            complete_hangs: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -111,6 +124,9 @@ impl Store for Notifying {
         if panics > 0 {
             self.claim_panics.store(panics - 1, Ordering::SeqCst);
             panic!("a bug in the store");
+        }
+        if take_one(&self.claim_hangs) {
+            std::future::pending::<()>().await;
         }
         self.claiming.fetch_add(1, Ordering::SeqCst);
         if self.completing.load(Ordering::SeqCst) > 0 {
@@ -142,6 +158,9 @@ impl Store for Notifying {
         token: uuid::Uuid,
         completions: &[Completion],
     ) -> Result<CompleteReport, StoreError> {
+        if take_one(&self.complete_hangs) {
+            std::future::pending::<()>().await;
+        }
         self.completing.fetch_add(1, Ordering::SeqCst);
         if self.claiming.load(Ordering::SeqCst) > 0 {
             self.overlapping.fetch_add(1, Ordering::SeqCst);
@@ -526,6 +545,53 @@ async fn a_worker_that_panics_is_started_again() {
     let delivered = publisher.delivered_within(1, Duration::from_secs(10)).await;
     assert_eq!(delivered.len(), 1);
     assert!(!running.is_finished(), "run ended before shutdown");
+    shutdown.cancel();
+    running.await.expect("relay task");
+}
+
+/// A claim, then a completion, that never answer (a database connection
+/// gone silent, which the kernel keeps for many minutes) are cut at the
+/// lease: the relay claims again and delivers, and the batch whose
+/// recording hung is delivered again once its lease ran out and then
+/// recorded. Fails if either call holds the worker: nothing is recorded
+/// within the ten minutes given here.
+#[tokio::test(start_paused = true)]
+async fn a_claim_or_completion_that_never_answers_is_cut_at_the_lease() {
+    let memory = MemoryStore::with_clock(Arc::new(postbox_core::TokioClock::new()));
+    memory.enqueue([NewMessage::new("t", "a")]);
+    let store = Notifying::new(memory);
+    store.claim_hangs.store(1, Ordering::SeqCst);
+    store.complete_hangs.store(1, Ordering::SeqCst);
+    let publisher = TestPublisher::recording();
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .concurrency(1)
+        .lease(Duration::from_secs(30))
+        .poll_interval(Duration::from_secs(1))
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    let mut waited = Duration::ZERO;
+    while store
+        .inner
+        .stats(&Filter::all())
+        .await
+        .expect("stats")
+        .pending
+        > 0
+    {
+        assert!(
+            waited < Duration::from_secs(600),
+            "nothing recorded after {waited:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        waited += Duration::from_secs(1);
+    }
+    // delivered once before the completion hung, once after the lease
+    assert_eq!(publisher.delivered().len(), 2);
     shutdown.cancel();
     running.await.expect("relay task");
 }
