@@ -149,10 +149,12 @@ impl KafkaPublisher {
     /// Safe for ordering: batches in flight together never share a key
     /// (the relay leases a key to one batch at a time), and this batch's
     /// delivery reports are all in.
-    fn renew_if_broken(&self, used: &FutureProducer, fenced: Option<RDKafkaErrorCode>) {
+    ///
+    /// Returns whether it replaced it.
+    fn renew_if_broken(&self, used: &FutureProducer, fenced: Option<RDKafkaErrorCode>) -> bool {
         let fatal = used.client().fatal_error();
         if fatal.is_none() && fenced.is_none() {
-            return;
+            return false;
         }
         let mut slot = self
             .inner
@@ -161,7 +163,7 @@ impl KafkaPublisher {
             .unwrap_or_else(|e| e.into_inner());
         // another batch may have replaced it already
         if slot.client().native_ptr() != used.client().native_ptr() {
-            return;
+            return false;
         }
         match self.inner.client_config.create::<FutureProducer>() {
             Ok(fresh) => {
@@ -178,9 +180,11 @@ impl KafkaPublisher {
                     (None, None) => {}
                 }
                 *slot = fresh;
+                true
             }
             Err(e) => {
-                tracing::error!(error = %client_error(&e), "cannot recreate the Kafka producer")
+                tracing::error!(error = %client_error(&e), "cannot recreate the Kafka producer");
+                false
             }
         }
     }
@@ -243,7 +247,11 @@ impl KafkaPublisher {
                 }
             });
         }
-        self.renew_if_broken(&producer, fenced);
+        if self.renew_if_broken(&producer, fenced) {
+            // Dropping the last handle of a producer purges, flushes for up
+            // to 500 ms and joins librdkafka's threads: not on the runtime.
+            tokio::task::spawn_blocking(move || drop(producer));
+        }
         outcomes
             .into_iter()
             .map(|o| o.unwrap_or_else(|| PublishOutcome::transient("internal: no outcome")))
