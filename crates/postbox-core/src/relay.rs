@@ -361,6 +361,10 @@ enum Published {
     Abandoned,
 }
 
+/// A claim that got no answer for twice the lease, and at least this
+/// long, is given up (see `Relay::claim_batch`).
+const CLAIM_CUT_AT_LEAST: Duration = Duration::from_secs(60);
+
 /// The longest lease a relay may take: a day. Longer ones only delay
 /// redelivery after a crash (and would overflow time arithmetic if absurd).
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
@@ -731,7 +735,18 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
         let rotation = &self.inner.rotation;
         if rotation.stale(o.tenant_refresh) {
-            match self.inner.store.pending_tenants(MAX_TENANTS).await {
+            // bounded like a claim: a silent connection must not hold it
+            let listed = tokio::time::timeout(
+                (o.lease * 2).max(CLAIM_CUT_AT_LEAST),
+                self.inner.store.pending_tenants(MAX_TENANTS),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "no answer listing pending tenants".into(),
+                ))
+            });
+            match listed {
                 Ok(tenants) => rotation.refresh(tenants),
                 Err(e) => {
                     tracing::debug!(error = %e, "listing pending tenants failed; keeping the rotation");
@@ -771,11 +786,20 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // free again), and a database connection that went silent (a host
         // lost without a reset) would hold it for as long as the kernel
         // keeps the socket, many minutes: cut it at the lease.
-        let claimed = tokio::time::timeout(o.lease, self.inner.store.claim(&req))
+        //
+        // Not sooner: a claim that is only slow (queued behind a lock) may
+        // still commit its leases after the cut, and the relay, never
+        // having seen them, could neither publish nor release those rows;
+        // they would wait out the lease with an attempt counted. Stores
+        // bound their own statements well within this (PostgreSQL's claim
+        // sessions carry a `statement_timeout`), which rolls such a claim
+        // back instead.
+        let cut = (o.lease * 2).max(CLAIM_CUT_AT_LEAST);
+        let claimed = tokio::time::timeout(cut, self.inner.store.claim(&req))
             .await
             .unwrap_or_else(|_| {
                 Err(StoreError::Unavailable(
-                    format!("no answer to a claim within the lease ({:?})", o.lease).into(),
+                    format!("no answer to a claim within {cut:?}").into(),
                 ))
             });
         let claim = match claimed {
@@ -1052,7 +1076,8 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // Rejections say nothing about reachability: only a batch with an
         // acknowledgement clears the error, only an all-transient one sets it.
         if let Some(error) = all_transient {
-            self.health_state().publisher(error);
+            // `/readyz` shows it: no control characters, no megabyte
+            self.health_state().publisher(error.map(storable));
         }
     }
 
@@ -1243,6 +1268,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     pub async fn run(&self, shutdown: CancellationToken) -> TickReport {
         let mut workers = JoinSet::new();
         let mut worker_of = std::collections::HashMap::new();
+        let mut panics = vec![0u32; self.inner.options.concurrency];
         for worker in 0..self.inner.options.concurrency {
             let task = workers.spawn(self.clone().worker(worker, shutdown.clone(), None));
             worker_of.insert(task.id(), worker);
@@ -1288,16 +1314,23 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             match done {
                 Ok((_, r)) => total += r,
                 Err(e) => {
-                    let worker = worker_of.get(&e.id()).copied();
+                    let worker = worker_of.remove(&e.id());
                     tracing::error!(error = %e, ?worker, "relay worker failed");
                     if let Some(worker) = worker
                         && e.is_panic()
                         && !shutdown.is_cancelled()
                     {
-                        // What it held waits for its lease, as after a
-                        // crash; the counts of held rows are its only
-                        // other trace.
-                        let again = Duration::from_secs(1);
+                        // Unready until a claim goes through again. What
+                        // it held waits for its lease, as after a crash
+                        // (and stays in the count of held rows). Started
+                        // again after 1 s, doubling per panic up to a
+                        // minute.
+                        self.health_state()
+                            .claim_failed(format!("a relay worker panicked: {e}"));
+                        let n = &mut panics[worker];
+                        *n = n.saturating_add(1);
+                        let again =
+                            Duration::from_secs(1 << (*n - 1).min(6)).min(Duration::from_secs(60));
                         let task = workers.spawn(self.clone().worker(
                             worker,
                             shutdown.clone(),
@@ -1511,17 +1544,6 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
     }
 
-    /// One worker. While it publishes a batch it records the previous one's
-    /// outcomes (or, when that is still to do and the store's writes run in
-    /// parallel, while it claims the next one, unless such a claim came
-    /// back empty lately: see [`SETTLE_FIRST`]) and, when the batch is full
-    /// and publishing takes long enough to hide a claim behind
-    /// ([`claim_ahead_pays`]), already claims the next one (again unless an
-    /// overlapping claim came back empty lately; on a store whose writes do
-    /// not run in parallel, only once the previous batch is recorded), so the
-    /// database's work overlaps the broker's. A worker holds at most three
-    /// batches' leases (one being recorded, one being published, one
-    /// claimed ahead).
     /// [`Relay::work`] as a task of [`Relay::run`], started after `after`
     /// when it replaces a worker that panicked.
     async fn worker(
@@ -1539,6 +1561,17 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         self.work(worker, shutdown).await
     }
 
+    /// One worker. While it publishes a batch it records the previous one's
+    /// outcomes (or, when that is still to do and the store's writes run in
+    /// parallel, while it claims the next one, unless such a claim came
+    /// back empty lately: see [`SETTLE_FIRST`]) and, when the batch is full
+    /// and publishing takes long enough to hide a claim behind
+    /// ([`claim_ahead_pays`]), already claims the next one (again unless an
+    /// overlapping claim came back empty lately; on a store whose writes do
+    /// not run in parallel, only once the previous batch is recorded), so the
+    /// database's work overlaps the broker's. A worker holds at most three
+    /// batches' leases (one being recorded, one being published, one
+    /// claimed ahead).
     async fn work(&self, worker: usize, shutdown: CancellationToken) -> TickReport {
         let o = &self.inner.options;
         let wake = &self.inner.waker.workers[worker];
@@ -1664,9 +1697,13 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                         // already there.
                         self.inner.waker.wake_others(worker);
                     }
-                    if !none_out {
+                    // (a batch claimed ahead is published at once instead;
+                    // the releases are recorded before the pause, so that
+                    // other relays may take those rows meanwhile)
+                    if !none_out || ahead.is_some() {
                         continue;
                     }
+                    total.lost += self.settle_quietly(unsettled.take(), &mut dues).await;
                     o.poll_interval
                 }
                 Err(e) => {

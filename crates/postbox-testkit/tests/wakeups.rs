@@ -550,13 +550,14 @@ async fn a_worker_that_panics_is_started_again() {
 }
 
 /// A claim, then a completion, that never answer (a database connection
-/// gone silent, which the kernel keeps for many minutes) are cut at the
-/// lease: the relay claims again and delivers, and the batch whose
+/// gone silent, which the kernel keeps for many minutes) are given up (the
+/// claim after twice the lease, at least a minute; the recording at the
+/// lease): the relay claims again and delivers, and the batch whose
 /// recording hung is delivered again once its lease ran out and then
 /// recorded. Fails if either call holds the worker: nothing is recorded
 /// within the ten minutes given here.
 #[tokio::test(start_paused = true)]
-async fn a_claim_or_completion_that_never_answers_is_cut_at_the_lease() {
+async fn a_claim_or_completion_that_never_answers_is_given_up() {
     let memory = MemoryStore::with_clock(Arc::new(postbox_core::TokioClock::new()));
     memory.enqueue([NewMessage::new("t", "a")]);
     let store = Notifying::new(memory);
