@@ -104,8 +104,65 @@ const RELAY_APPLICATION_NAME: &str = "postbox-relay";
 /// transaction ends). Such a completion fails after 2 s as `Unavailable`
 /// instead of waiting out the holder's publish; the relay retries it while
 /// its lease lasts.
+///
+/// And `statement_timeout = 30s`: every statement of this pool takes
+/// milliseconds; one queued for longer (behind a table lock) is rolled back
+/// by the server rather than committing its leases after the relay gave the
+/// claim up (it does after a minute), where no one would publish them.
 fn claim_connect_options(options: PgConnectOptions) -> PgConnectOptions {
-    relay_connect_options(options).options([("synchronous_commit", "off"), ("lock_timeout", "2s")])
+    relay_connect_options(options).options([
+        ("synchronous_commit", "off"),
+        ("lock_timeout", "2s"),
+        ("statement_timeout", "30s"),
+    ])
+}
+
+/// A claim-pool connection closed, not returned to the pool, when the
+/// future using it is dropped before [`Closing::done`] (the relay gives up
+/// a claim or a recording that gets no answer). sqlx would ping it before
+/// taking it back, and a connection gone silent answers no ping for as long
+/// as the kernel keeps the socket, many minutes, holding a pool slot all
+/// that time; closing gives the slot back within seconds. An error returned
+/// through it closes it too: its state is unknown then anyway.
+struct Closing {
+    conn: sqlx::pool::PoolConnection<Postgres>,
+    done: bool,
+}
+
+impl Closing {
+    async fn acquire(pool: &PgPool) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            conn: pool.acquire().await?,
+            done: false,
+        })
+    }
+
+    /// Finished normally: the connection goes back to the pool.
+    fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl std::ops::Deref for Closing {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Closing {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// Connect options for the admin pool [`PgStore::connect`] builds: custom
@@ -1410,7 +1467,12 @@ impl Store for PgStore {
                     }
                     rows
                 }
-                None => query.fetch_all(&self.claims).await.map_err(map)?,
+                None => {
+                    let mut conn = Closing::acquire(&self.claims).await.map_err(map)?;
+                    let rows = query.fetch_all(&mut *conn).await.map_err(map)?;
+                    conn.done();
+                    rows
+                }
             };
             let Some(first) = rows.first() else {
                 // A backlog form leased nothing, and says nothing more: ask
@@ -1564,11 +1626,12 @@ impl Store for PgStore {
         }
         let out = Outcomes::new(completions)?;
         let n = out.rows();
-        let mut conn = self.claims.acquire().await.map_err(map)?;
+        let mut conn = Closing::acquire(&self.claims).await.map_err(map)?;
         let applied = self
             .write_outcomes(&mut conn, token, &out, None)
             .await
             .map_err(map)?;
+        conn.done();
         // Committed: these rows no longer fill the front of the window of
         // the claims that follow. Not before, and not on failure: the relay
         // retries the same completions, and an expired lease stops counting.

@@ -1025,3 +1025,63 @@ async fn a_long_schema_and_table_name_still_notify() {
         .expect("the NOTIFY did not wake the listener")
         .expect("task");
 }
+
+/// A claim the relay gives up because its connection went silent (a host
+/// lost without a reset) gives its pool slot back: the connection is
+/// closed (within sqlx's 5 s close timeout), not pinged before reuse (a
+/// silent one answers no ping for many minutes). Claims are cut that way on
+/// more connections than the claim pool holds, and claims still get
+/// connections afterwards. Fails if the cut connections keep their slots:
+/// every later claim then times out waiting for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_given_up_on_silent_connections_free_their_slots() {
+    let h = PgHarness::new().await;
+    let target = format!(
+        "{}:{}",
+        h.db.options().get_host(),
+        h.db.options().get_port()
+    );
+    let proxy = postbox_testkit::FaultProxy::start(target)
+        .await
+        .expect("proxy");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(h.db.options().host("127.0.0.1").port(proxy.addr().port()))
+        .await
+        .expect("pool through the proxy");
+    let store = h.outbox.store(pool);
+    let req = ClaimRequest::new(10, Duration::from_secs(30));
+    // a claim that works, retried while the pool waits for slots to free
+    let claim_within_a_minute = || async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match store.claim(&req).await {
+                Ok(_) => return,
+                Err(e) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no connection for a claim within a minute: {e}"
+                ),
+            }
+        }
+    };
+    let mut cut = 0;
+    let mut tries = 0;
+    while cut <= postbox_postgres::CLAIM_POOL_SIZE {
+        claim_within_a_minute().await;
+        // let the claim's connection finish going back to the pool (sqlx
+        // pings it on the way): silenced during that ping, it would hold
+        // its slot whatever the store does
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.silence_open();
+        // a claim that answers ran on a connection opened after the silence
+        if tokio::time::timeout(Duration::from_millis(500), store.claim(&req))
+            .await
+            .is_err()
+        {
+            cut += 1;
+        }
+        tries += 1;
+        assert!(tries < 100, "claims did not run on silenced connections");
+    }
+    claim_within_a_minute().await;
+}
