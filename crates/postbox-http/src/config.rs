@@ -174,14 +174,16 @@ impl HttpConfig {
 /// [`crate::publisher::shown_url`] would, nothing after the host (a path or
 /// query may hold the webhook's credential) and no user info.
 fn shown_unparsed(url: &str) -> String {
-    let head = url.split(['?', '#']).next().unwrap_or("");
-    let (scheme, rest) = head.split_once("://").unwrap_or(("", head));
-    let (authority, path) = match rest.find('/') {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    // User info ends at the last `@` of the whole text: a password may hold
+    // an unescaped `/`, `?` or `#` (`https://svc:ab/cd@host/x`), so nothing
+    // before that `@` is shown, wherever it seems to end.
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
-    // user info ends at the authority's last `@`
-    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     let mut shown = if scheme.is_empty() {
         host.to_owned()
     } else {
@@ -226,6 +228,15 @@ mod tests {
         .to_string();
         assert!(e.contains("https://x.azurewebsites.net:99999/…"), "{e}");
         assert!(!e.contains("SECRET") && !e.contains("pw"), "{e}");
+        // a password holding an unescaped `/` or `?`
+        for url in [
+            "https://svc:ab/cdSECRET@hooks.example.com:99999/x",
+            "https://svc:p?ssSECRET@hooks.example.com:99999/x",
+        ] {
+            let e = HttpConfig::from_url(url).unwrap_err().to_string();
+            assert!(e.contains("https://hooks.example.com:99999/…"), "{e}");
+            assert!(!e.contains("SECRET") && !e.contains("svc"), "{e}");
+        }
     }
 
     #[test]

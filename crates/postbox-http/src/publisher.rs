@@ -447,7 +447,15 @@ pub(crate) fn outcome_for_status(
 /// info, query or fragment either (`https://TOKEN@host`, `?token=…`).
 pub(crate) fn shown_url(url: &url::Url) -> String {
     use sha2::Digest as _;
-    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
+    // An `@` in the path may mean user info the parser split at an
+    // unescaped `/` (`https://TOK/EN@host/x` parses with host `tok`): then
+    // the host is not shown either.
+    let host = if url.path().contains('@') {
+        "<redacted>"
+    } else {
+        url.host_str().unwrap_or("")
+    };
+    let mut shown = format!("{}://{host}", url.scheme());
     if let Some(port) = url.port() {
         shown.push_str(&format!(":{port}"));
     }
@@ -601,6 +609,9 @@ mod tests {
             "http://[::1]:8080"
         );
         assert_eq!(shown_url(&u("https://example.com")), "https://example.com");
+        let split = shown_url(&u("https://TOK/EN@host/x"));
+        assert!(split.starts_with("https://<redacted>/…#"), "{split}");
+        assert!(!split.to_lowercase().contains("tok"), "{split}");
     }
 
     #[test]

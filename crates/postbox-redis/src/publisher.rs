@@ -197,10 +197,10 @@ impl Inner {
             }
             Err(_) => {
                 let waited = started.elapsed();
-                // silent for a whole response timeout: not merely slow
-                if waited >= Duration::from_millis(self.config.response_timeout_ms) {
-                    self.replace(generation);
-                }
+                // No reply at all by the deadline (nine tenths of the
+                // relay's send timeout) or our own limit: a healthy Redis
+                // answers in milliseconds, so give the connection up.
+                self.replace(generation);
                 return all_transient(
                     batch,
                     &format!(
