@@ -30,7 +30,7 @@ pub use error::{BoxError, ConfigError, RelayError, StoreError};
 pub use ident::{Ident, IdentError};
 pub use message::{Headers, Message, NewMessage, from_unix_micros, to_unix_micros};
 pub use observe::Health;
-pub use publish::{PublishOutcome, Publisher, by_deadline};
+pub use publish::{PublishOutcome, Publisher, by_deadline, publish_span};
 pub use redact::{redact_url, redact_userinfo};
 pub use relay::{
     CLEANUP_BATCH, MAX_LEASE, MAX_RETRY_AFTER, OnDead, Relay, RelayBuilder, RelayOptions,

@@ -116,3 +116,13 @@ pub async fn by_deadline<F: Future>(deadline: Option<Instant>, fut: F) -> Option
         None => Some(fut.await),
     }
 }
+
+/// The `postbox.publish` span a publisher runs a batch in, naming the
+/// publisher (`"nats"`, `"kafka"`, …) and the batch's size.
+pub fn publish_span(publisher: &'static str, batch: &[Message]) -> tracing::Span {
+    tracing::debug_span!(
+        "postbox.publish",
+        postbox.publisher = publisher,
+        postbox.batch_size = batch.len()
+    )
+}

@@ -380,11 +380,7 @@ impl HttpPublisher {
         batch: &[Message],
         deadline: Option<Instant>,
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "http",
-            postbox.batch_size = batch.len()
-        );
+        let span = postbox_core::publish_span("http", batch);
         self.publish_batch(batch, deadline).instrument(span)
     }
 }

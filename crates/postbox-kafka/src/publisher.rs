@@ -261,11 +261,7 @@ impl KafkaPublisher {
 
 impl Publisher for KafkaPublisher {
     fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "kafka",
-            postbox.batch_size = batch.len()
-        );
+        let span = postbox_core::publish_span("kafka", batch);
         self.publish_batch(batch).instrument(span)
     }
 }

@@ -322,11 +322,7 @@ impl MqttPublisher {
 
 impl Publisher for MqttPublisher {
     fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "mqtt",
-            postbox.batch_size = batch.len()
-        );
+        let span = postbox_core::publish_span("mqtt", batch);
         self.publish_batch(batch, None).instrument(span)
     }
 
@@ -335,11 +331,7 @@ impl Publisher for MqttPublisher {
         batch: &[Message],
         deadline: Instant,
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "mqtt",
-            postbox.batch_size = batch.len()
-        );
+        let span = postbox_core::publish_span("mqtt", batch);
         self.publish_batch(batch, Some(deadline)).instrument(span)
     }
 }

@@ -459,11 +459,7 @@ impl NatsPublisher {
         batch: &[Message],
         deadline: Option<Instant>,
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "nats",
-            postbox.batch_size = batch.len()
-        );
+        let span = postbox_core::publish_span("nats", batch);
         self.inner.publish(batch, deadline).instrument(span)
     }
 }

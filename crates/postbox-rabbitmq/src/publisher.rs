@@ -507,11 +507,7 @@ fn truncate(s: &str) -> &str {
 
 impl Publisher for RabbitMqPublisher {
     fn publish(&self, batch: &[Message]) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "rabbitmq",
-            postbox.batch_size = batch.len()
-        );
+        let span = postbox_core::publish_span("rabbitmq", batch);
         self.inner.publish(batch, None).instrument(span)
     }
 
@@ -520,11 +516,7 @@ impl Publisher for RabbitMqPublisher {
         batch: &[Message],
         deadline: Instant,
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "rabbitmq",
-            postbox.batch_size = batch.len()
-        );
+        let span = postbox_core::publish_span("rabbitmq", batch);
         self.inner.publish(batch, Some(deadline)).instrument(span)
     }
 }

@@ -275,11 +275,7 @@ impl RedisPublisher {
         batch: &[Message],
         deadline: Option<Instant>,
     ) -> impl Future<Output = Vec<PublishOutcome>> + Send {
-        let span = tracing::debug_span!(
-            "postbox.publish",
-            postbox.publisher = "redis",
-            postbox.batch_size = batch.len()
-        );
+        let span = postbox_core::publish_span("redis", batch);
         self.inner.publish(batch, deadline).instrument(span)
     }
 }
