@@ -23,6 +23,9 @@ use crate::store::{PgStore, count_at, micros_to_duration};
 /// [`PgOutbox::vacuum_after`](crate::PgOutbox::vacuum_after)).
 pub const VACUUM_CHECK_EVERY: Duration = Duration::from_secs(5);
 
+/// How long the vacuum's own connection may take to open.
+const VACUUM_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// While a relay's `VACUUM` runs, how often it looks for sessions waiting
 /// for a lock on the table (DDL), to give way to them.
 pub const VACUUM_YIELD_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -244,7 +247,17 @@ impl PgStore {
             .clone()
             .options([("statement_timeout", "0"), ("client_min_messages", "error")])
             .application_name("postbox vacuum");
-        let mut conn = options.connect().await.map_err(map)?;
+        // bounded: a server gone silent would otherwise keep this round
+        // (and so every later one) waiting on the connect
+        let mut conn = tokio::time::timeout(VACUUM_CONNECT_TIMEOUT, options.connect())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(
+                    format!("no connection for the vacuum within {VACUUM_CONNECT_TIMEOUT:?}")
+                        .into(),
+                )
+            })?
+            .map_err(map)?;
         let started = Instant::now();
         let vacuumed = self.vacuum_giving_way(&mut conn).await;
         let took = started.elapsed();
