@@ -410,6 +410,8 @@ fn releases(seqs: impl IntoIterator<Item = i64>) -> Vec<Completion> {
 /// A claimed batch, not yet published.
 struct Claimed {
     claim: crate::store::Claim,
+    /// Its rows, counted as held until the batch is settled or dropped.
+    held: HeldRows,
     /// Past this the rows are no longer ours.
     lease_deadline: Instant,
     /// How long the claim took.
@@ -424,10 +426,43 @@ struct Settle {
     completions: Vec<Completion>,
     /// Past this the rows are no longer ours: recording stops retrying.
     lease_deadline: Instant,
-    /// Rows claimed (for [`Relay::hold`]).
-    rows: u64,
+    /// Its rows, counted as held until it is recorded (or dropped).
+    held: HeldRows,
     /// The batch's `postbox.batch` span.
     span: tracing::Span,
+}
+
+/// Rows a batch holds, counted in [`Relay::leased`] and the
+/// `postbox_leases_held` gauge from its claim until it is settled; dropping
+/// the guard gives them up, so a worker that ends any way (a panic
+/// unwinding included) leaves no rows counted that no one holds.
+struct HeldRows {
+    count: Arc<AtomicU64>,
+    rows: u64,
+}
+
+impl HeldRows {
+    fn new(count: &Arc<AtomicU64>, rows: u64) -> Self {
+        if rows > 0 {
+            count.fetch_add(rows, Ordering::Relaxed);
+            // the gauge moves by the difference, so several relays in one
+            // process add up instead of overwriting each other
+            metrics::gauge!(observe::LEASES_HELD).increment(rows as f64);
+        }
+        Self {
+            count: Arc::clone(count),
+            rows,
+        }
+    }
+}
+
+impl Drop for HeldRows {
+    fn drop(&mut self) {
+        if self.rows > 0 {
+            self.count.fetch_sub(self.rows, Ordering::Relaxed);
+            metrics::gauge!(observe::LEASES_HELD).decrement(self.rows as f64);
+        }
+    }
 }
 
 /// Wakes a running relay right away, e.g. just after the producer's commit,
@@ -619,7 +654,7 @@ impl<S: Store, P: Publisher> RelayBuilder<S, P> {
                 waker: RelayWaker { workers },
                 health: Mutex::new(HealthState::default()),
                 id: Uuid::now_v7(),
-                held: AtomicU64::new(0),
+                held: Arc::new(AtomicU64::new(0)),
                 last_claim_us: AtomicI64::new(NEVER),
                 rotation: Rotation::default(),
             }),
@@ -638,7 +673,7 @@ struct Inner<S, P> {
     /// This relay's id in its heartbeat row.
     id: Uuid,
     /// Rows claimed and not yet completed or released.
-    held: AtomicU64,
+    held: Arc<AtomicU64>,
     /// Unix µs (relay clock) of the latest successful claim, or [`NEVER`].
     last_claim_us: AtomicI64,
     /// Which tenant the next claim is for (see [`crate::fairness`]).
@@ -822,9 +857,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         }
         if !claim.is_empty() {
             metrics::histogram!(observe::BATCH_SIZE).record(claim.len() as f64);
-            self.hold(claim.len() as u64, true);
         }
         Ok(Claimed {
+            held: HeldRows::new(&self.inner.held, claim.len() as u64),
             claim,
             lease_deadline: started + o.lease,
             took: started.elapsed(),
@@ -843,6 +878,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let Claimed {
             claim,
             lease_deadline,
+            held,
             ..
         } = claimed;
         if claim.is_empty() {
@@ -888,7 +924,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                 token,
                 completions,
                 lease_deadline,
-                rows,
+                held,
                 span,
             }),
         )
@@ -902,7 +938,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             token,
             completions,
             lease_deadline,
-            rows,
+            held,
             span,
         } = settle;
         let started = Instant::now();
@@ -912,7 +948,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             .await;
         // completed, released, or (if recording failed) left to expire: no
         // longer this relay's either way
-        self.hold(rows, false);
+        drop(held);
         let done = done?;
         metrics::histogram!(observe::COMPLETE_DURATION_SECONDS).record(started.elapsed());
         if done.lost > 0 {
@@ -923,21 +959,6 @@ impl<S: Store, P: Publisher> Relay<S, P> {
             );
         }
         Ok(done.lost)
-    }
-
-    /// Counts rows claimed (`more`) or given up, for the heartbeat and the
-    /// `postbox_leases_held` gauge.
-    fn hold(&self, rows: u64, more: bool) {
-        // the gauge moves by the difference, so several relays in one
-        // process add up instead of overwriting each other
-        let gauge = metrics::gauge!(observe::LEASES_HELD);
-        if more {
-            self.inner.held.fetch_add(rows, Ordering::Relaxed);
-            gauge.increment(rows as f64);
-        } else {
-            self.inner.held.fetch_sub(rows, Ordering::Relaxed);
-            gauge.decrement(rows as f64);
-        }
     }
 
     /// Publishes a claimed batch and decides each row's disposition.
@@ -1322,9 +1343,9 @@ impl<S: Store, P: Publisher> Relay<S, P> {
                     {
                         // Unready until a claim goes through again. What
                         // it held waits for its lease, as after a crash
-                        // (and stays in the count of held rows). Started
-                        // again after 1 s, doubling per panic up to a
-                        // minute.
+                        // (and leaves the count of held rows as the
+                        // unwinding drops its batches). Started again
+                        // after 1 s, doubling per panic up to a minute.
                         self.health_state()
                             .claim_failed(format!("a relay worker panicked: {e}"));
                         let n = &mut panics[worker];

@@ -56,6 +56,8 @@ struct Notifying {
     /// connection gone silent).
     claim_hangs: Arc<AtomicU64>,
     complete_hangs: Arc<AtomicU64>,
+    /// Completions still to panic.
+    complete_panics: Arc<AtomicU64>,
 }
 
 /// Takes one from `count` if it is above zero.
@@ -103,6 +105,7 @@ impl Notifying {
             claim_panics: Arc::new(AtomicU64::new(0)),
             claim_hangs: Arc::new(AtomicU64::new(0)),
             complete_hangs: Arc::new(AtomicU64::new(0)),
+            complete_panics: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -160,6 +163,9 @@ impl Store for Notifying {
     ) -> Result<CompleteReport, StoreError> {
         if take_one(&self.complete_hangs) {
             std::future::pending::<()>().await;
+        }
+        if take_one(&self.complete_panics) {
+            panic!("a bug in the store's completion");
         }
         self.completing.fetch_add(1, Ordering::SeqCst);
         if self.claiming.load(Ordering::SeqCst) > 0 {
@@ -593,6 +599,57 @@ async fn a_claim_or_completion_that_never_answers_is_given_up() {
     }
     // delivered once before the completion hung, once after the lease
     assert_eq!(publisher.delivered().len(), 2);
+    shutdown.cancel();
+    running.await.expect("relay task");
+}
+
+/// A worker that panics while it holds a batch (here recording it) gives
+/// the batch's rows up in the count of held rows (`Relay::leased`, the
+/// heartbeat, `postbox_leases_held`): the restarted worker delivers the
+/// batch again after its lease, and nothing stays counted. Fails if the
+/// panicked worker's rows stay in the count.
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_panics_holding_a_batch_leaves_nothing_counted() {
+    let memory = MemoryStore::with_clock(Arc::new(postbox_core::TokioClock::new()));
+    memory.enqueue([NewMessage::new("t", "a")]);
+    let store = Notifying::new(memory);
+    store.complete_panics.store(1, Ordering::SeqCst);
+    let publisher = TestPublisher::recording();
+    let relay = Relay::builder(store.clone(), publisher.clone())
+        .concurrency(1)
+        .lease(Duration::from_secs(30))
+        .poll_interval(Duration::from_secs(1))
+        .build()
+        .expect("relay");
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn({
+        let relay = relay.clone();
+        let shutdown = shutdown.clone();
+        async move { relay.run(shutdown).await }
+    });
+    let mut waited = Duration::ZERO;
+    while store
+        .inner
+        .stats(&Filter::all())
+        .await
+        .expect("stats")
+        .pending
+        > 0
+    {
+        assert!(waited < Duration::from_secs(600), "never recorded");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        waited += Duration::from_secs(1);
+    }
+    assert_eq!(
+        publisher.delivered().len(),
+        2,
+        "delivered again after the lease"
+    );
+    assert_eq!(
+        relay.leased(),
+        0,
+        "rows of the panicked worker still counted"
+    );
     shutdown.cancel();
     running.await.expect("relay task");
 }
