@@ -570,51 +570,18 @@ async fn a_claim_or_completion_that_never_answers_is_given_up() {
     store.claim_hangs.store(1, Ordering::SeqCst);
     store.complete_hangs.store(1, Ordering::SeqCst);
     let publisher = TestPublisher::recording();
-    let relay = Relay::builder(store.clone(), publisher.clone())
-        .concurrency(1)
-        .lease(Duration::from_secs(30))
-        .poll_interval(Duration::from_secs(1))
-        .build()
-        .expect("relay");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
-    let mut waited = Duration::ZERO;
-    while store
-        .inner
-        .stats(&Filter::all())
-        .await
-        .expect("stats")
-        .pending
-        > 0
-    {
-        assert!(
-            waited < Duration::from_secs(600),
-            "nothing recorded after {waited:?}"
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        waited += Duration::from_secs(1);
-    }
+    run_until_nothing_pending(&store, &publisher).await;
     // delivered once before the completion hung, once after the lease
     assert_eq!(publisher.delivered().len(), 2);
-    shutdown.cancel();
-    running.await.expect("relay task");
 }
 
-/// A worker that panics while it holds a batch (here recording it) gives
-/// the batch's rows up in the count of held rows (`Relay::leased`, the
-/// heartbeat, `postbox_leases_held`): the restarted worker delivers the
-/// batch again after its lease, and nothing stays counted. Fails if the
-/// panicked worker's rows stay in the count.
-#[tokio::test(start_paused = true)]
-async fn a_worker_that_panics_holding_a_batch_leaves_nothing_counted() {
-    let memory = MemoryStore::with_clock(Arc::new(postbox_core::TokioClock::new()));
-    memory.enqueue([NewMessage::new("t", "a")]);
-    let store = Notifying::new(memory);
-    store.complete_panics.store(1, Ordering::SeqCst);
-    let publisher = TestPublisher::recording();
+/// Runs a relay of one worker (30 s lease, 1 s poll) until `store` has
+/// nothing pending, at most ten minutes of (paused) time; returns it
+/// stopped.
+async fn run_until_nothing_pending(
+    store: &Notifying,
+    publisher: &TestPublisher,
+) -> Relay<Notifying, TestPublisher> {
     let relay = Relay::builder(store.clone(), publisher.clone())
         .concurrency(1)
         .lease(Duration::from_secs(30))
@@ -636,10 +603,31 @@ async fn a_worker_that_panics_holding_a_batch_leaves_nothing_counted() {
         .pending
         > 0
     {
-        assert!(waited < Duration::from_secs(600), "never recorded");
+        assert!(
+            waited < Duration::from_secs(600),
+            "nothing recorded after {waited:?}"
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
         waited += Duration::from_secs(1);
     }
+    shutdown.cancel();
+    running.await.expect("relay task");
+    relay
+}
+
+/// A worker that panics while it holds a batch (here recording it) gives
+/// the batch's rows up in the count of held rows (`Relay::leased`, the
+/// heartbeat, `postbox_leases_held`): the restarted worker delivers the
+/// batch again after its lease, and nothing stays counted. Fails if the
+/// panicked worker's rows stay in the count.
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_panics_holding_a_batch_leaves_nothing_counted() {
+    let memory = MemoryStore::with_clock(Arc::new(postbox_core::TokioClock::new()));
+    memory.enqueue([NewMessage::new("t", "a")]);
+    let store = Notifying::new(memory);
+    store.complete_panics.store(1, Ordering::SeqCst);
+    let publisher = TestPublisher::recording();
+    let relay = run_until_nothing_pending(&store, &publisher).await;
     assert_eq!(
         publisher.delivered().len(),
         2,
@@ -650,6 +638,4 @@ async fn a_worker_that_panics_holding_a_batch_leaves_nothing_counted() {
         0,
         "rows of the panicked worker still counted"
     );
-    shutdown.cancel();
-    running.await.expect("relay task");
 }
