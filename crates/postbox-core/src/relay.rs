@@ -772,7 +772,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         if rotation.stale(o.tenant_refresh) {
             // bounded like a claim: a silent connection must not hold it
             let listed = tokio::time::timeout(
-                (o.lease * 2).max(CLAIM_CUT_AT_LEAST),
+                o.lease.saturating_mul(2).max(CLAIM_CUT_AT_LEAST),
                 self.inner.store.pending_tenants(MAX_TENANTS),
             )
             .await
@@ -817,19 +817,19 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         let (tenant, rotated) = self.claim_scope().await;
         req.tenant = tenant;
         let started = Instant::now();
-        // A claim that outlasts the lease is no use (its rows would be
-        // free again), and a database connection that went silent (a host
-        // lost without a reset) would hold it for as long as the kernel
-        // keeps the socket, many minutes: cut it at the lease.
+        // A database connection that went silent (a host lost without a
+        // reset) would hold a claim for as long as the kernel keeps the
+        // socket, many minutes: give it up after twice the lease, at least
+        // a minute.
         //
-        // Not sooner: a claim that is only slow (queued behind a lock) may
+        // Not at the lease: a claim that is only slow (queued behind a lock) may
         // still commit its leases after the cut, and the relay, never
         // having seen them, could neither publish nor release those rows;
         // they would wait out the lease with an attempt counted. Stores
         // bound their own statements well within this (PostgreSQL's claim
         // sessions carry a `statement_timeout`), which rolls such a claim
         // back instead.
-        let cut = (o.lease * 2).max(CLAIM_CUT_AT_LEAST);
+        let cut = o.lease.saturating_mul(2).max(CLAIM_CUT_AT_LEAST);
         let claimed = tokio::time::timeout(cut, self.inner.store.claim(&req))
             .await
             .unwrap_or_else(|_| {
@@ -1282,9 +1282,10 @@ impl<S: Store, P: Publisher> Relay<S, P> {
     /// messages, deletes those past the retention every
     /// [`RelayOptions::cleanup_interval`].
     ///
-    /// A worker that panics (a bug in a custom store, say) is logged and
-    /// started again after a second; a panicking publisher does not end
-    /// its worker (its batch is `Transient`).
+    /// A worker that panics (a bug in a custom store, say) is logged, makes
+    /// the relay unready until a claim goes through, and is started again
+    /// after a second, doubling per panic up to a minute; a panicking
+    /// publisher does not end its worker (its batch is `Transient`).
     /// Dropping the future returned by `run` stops everything it started.
     pub async fn run(&self, shutdown: CancellationToken) -> TickReport {
         let mut workers = JoinSet::new();
