@@ -365,6 +365,11 @@ enum Published {
 /// long, is given up (see `Relay::claim_batch`).
 const CLAIM_CUT_AT_LEAST: Duration = Duration::from_secs(60);
 
+/// How long a claim (or the tenant list) may go unanswered under `lease`.
+fn claim_cut(lease: Duration) -> Duration {
+    lease.saturating_mul(2).max(CLAIM_CUT_AT_LEAST)
+}
+
 /// The longest lease a relay may take: a day. Longer ones only delay
 /// redelivery after a crash (and would overflow time arithmetic if absurd).
 pub const MAX_LEASE: Duration = Duration::from_secs(24 * 60 * 60);
@@ -772,7 +777,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         if rotation.stale(o.tenant_refresh) {
             // bounded like a claim: a silent connection must not hold it
             let listed = tokio::time::timeout(
-                o.lease.saturating_mul(2).max(CLAIM_CUT_AT_LEAST),
+                claim_cut(o.lease),
                 self.inner.store.pending_tenants(MAX_TENANTS),
             )
             .await
@@ -829,7 +834,7 @@ impl<S: Store, P: Publisher> Relay<S, P> {
         // bound their own statements well within this (PostgreSQL's claim
         // sessions carry a `statement_timeout`), which rolls such a claim
         // back instead.
-        let cut = o.lease.saturating_mul(2).max(CLAIM_CUT_AT_LEAST);
+        let cut = claim_cut(o.lease);
         let claimed = tokio::time::timeout(cut, self.inner.store.claim(&req))
             .await
             .unwrap_or_else(|_| {

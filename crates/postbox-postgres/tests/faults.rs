@@ -384,27 +384,38 @@ fn table_names_with_quotes_or_spaces_are_refused() {
     assert!(PgOutbox::with_schema("billing", "outbox_v2").is_ok());
 }
 
+/// Migrates each of `outboxes` at once, each from a pool of one connection
+/// of its own (as separate processes would).
+async fn migrate_at_once(url: &str, outboxes: Vec<PgOutbox>) -> Vec<Result<(), StoreError>> {
+    let tasks: Vec<_> = outboxes
+        .into_iter()
+        .map(|outbox| {
+            let url = url.to_owned();
+            tokio::spawn(async move {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&url)
+                    .await
+                    .expect("pool");
+                outbox.migrate(&pool).await
+            })
+        })
+        .collect();
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.expect("migrator"));
+    }
+    done
+}
+
 /// Several processes migrating at once: all succeed, the schema is made
 /// once, and a custom schema and table work end to end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_migrations_into_a_custom_schema() {
     let db = TestDb::create().await;
     let outbox = PgOutbox::with_schema("billing", "events_outbox").expect("names");
-    let mut tasks = Vec::new();
-    for _ in 0..6 {
-        let outbox = outbox.clone();
-        let url = db.url.clone();
-        tasks.push(tokio::spawn(async move {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(1)
-                .connect(&url)
-                .await
-                .expect("pool");
-            outbox.migrate(&pool).await.expect("migrate");
-        }));
-    }
-    for t in tasks {
-        t.await.expect("migrator");
+    for migrated in migrate_at_once(&db.url, vec![outbox.clone(); 6]).await {
+        migrated.expect("migrate");
     }
     let pool = db.app_pool(2).await;
     let versions: Vec<i32> =
@@ -976,21 +987,10 @@ async fn an_up_to_date_table_migrates_without_create_privileges() {
 async fn tables_of_one_new_schema_migrate_at_once() {
     for _ in 0..3 {
         let db = TestDb::create().await;
-        let mut tasks = Vec::new();
-        for table in ["a_outbox", "b_outbox", "c_outbox", "d_outbox"] {
-            let url = db.url.clone();
-            tasks.push(tokio::spawn(async move {
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(1)
-                    .connect(&url)
-                    .await
-                    .expect("pool");
-                let outbox = PgOutbox::with_schema("fresh", table).expect("names");
-                outbox.migrate(&pool).await
-            }));
-        }
-        for t in tasks {
-            t.await.expect("migrator").expect("migrate");
+        let outboxes = ["a_outbox", "b_outbox", "c_outbox", "d_outbox"]
+            .map(|table| PgOutbox::with_schema("fresh", table).expect("names"));
+        for migrated in migrate_at_once(&db.url, outboxes.to_vec()).await {
+            migrated.expect("migrate");
         }
     }
 }

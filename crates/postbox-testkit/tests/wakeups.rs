@@ -244,6 +244,17 @@ fn run_one_worker<P: Publisher + Clone>(
         .poll_interval(Duration::from_secs(3600))
         .build()
         .expect("relay");
+    spawn_run(&relay)
+}
+
+/// `relay.run` in a task of its own, with the token that stops it.
+fn spawn_run<P: Publisher + Clone>(
+    relay: &Relay<Notifying, P>,
+) -> (
+    CancellationToken,
+    tokio::task::JoinHandle<postbox_core::TickReport>,
+) {
+    let relay = relay.clone();
     let shutdown = CancellationToken::new();
     let running = tokio::spawn({
         let shutdown = shutdown.clone();
@@ -452,11 +463,7 @@ async fn samples_in_1000s(count_takes: Duration) -> (u64, u64) {
         .heartbeat_interval(None)
         .build()
         .expect("relay");
-    let stop = CancellationToken::new();
-    let running = tokio::spawn({
-        let stop = stop.clone();
-        async move { relay.run(stop).await }
-    });
+    let (stop, running) = spawn_run(&relay);
     tokio::time::sleep(Duration::from_secs(1_000)).await;
     stop.cancel();
     running.await.expect("relay");
@@ -515,11 +522,7 @@ async fn an_idle_relay_claims_once_a_poll_however_many_tenants_wait() {
         .poll_interval(Duration::from_millis(250))
         .build()
         .expect("relay");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
+    let (shutdown, running) = spawn_run(&relay);
     tokio::time::sleep(Duration::from_secs(10)).await;
     let empty = store.empty.load(Ordering::Relaxed);
     // the first round's 51, then one a poll: 40 polls in 10 s
@@ -588,12 +591,7 @@ async fn run_until_nothing_pending(
         .poll_interval(Duration::from_secs(1))
         .build()
         .expect("relay");
-    let shutdown = CancellationToken::new();
-    let running = tokio::spawn({
-        let relay = relay.clone();
-        let shutdown = shutdown.clone();
-        async move { relay.run(shutdown).await }
-    });
+    let (shutdown, running) = spawn_run(&relay);
     let mut waited = Duration::ZERO;
     while store
         .inner
