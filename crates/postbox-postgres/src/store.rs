@@ -15,7 +15,7 @@ use postbox_core::{
 };
 use postbox_core::{GroupBy, GroupStats, RelayHeartbeat, RelayRecord};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
-use sqlx::{Column as _, PgConnection, PgPool, Postgres, Row, Transaction};
+use sqlx::{Column as _, Executor as _, PgConnection, PgPool, Postgres, Row};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use uuid::Uuid;
 
@@ -432,8 +432,14 @@ struct Shared {
 /// server's `idle_in_transaction_session_timeout` ends it at the same time
 /// anyway).
 struct HeldBatch {
-    /// `None` only while a completion runs on it, and once dropped.
-    txn: Option<Transaction<'static, Postgres>>,
+    /// The connection whose open transaction holds the rows; `None` only
+    /// while a completion runs on it, and once dropped. Dropped with the
+    /// transaction still open (a lease that ran out, a completion the relay
+    /// gave up), it is closed rather than handed back to the pool
+    /// ([`Closing`]): the server rolls the transaction back as the socket
+    /// closes, and a connection gone silent does not hold a pool slot while
+    /// sqlx waits for its rollback and ping to be answered.
+    conn: Option<Closing>,
     until: Instant,
     /// The batch's rows that have no outcome yet, by `seq`, with the
     /// address of the version the claim locked (see `tid.rs`).
@@ -447,17 +453,17 @@ struct HeldBatch {
 
 impl Drop for HeldBatch {
     fn drop(&mut self) {
-        if let Some(txn) = self.txn.take() {
-            // Dropping a pooled connection hands it back to the pool on the
-            // Tokio runtime (sqlx spawns a task and panics without one).
-            // Outside a runtime (a store dropped after its runtime ended)
-            // let it go unreturned: the process is ending, and the server
-            // rolls the transaction back when the socket closes or the idle
-            // timeout ends it.
+        if let Some(conn) = self.conn.take() {
+            // Dropping a pooled connection closes it on the Tokio runtime
+            // (sqlx spawns a task and panics without one). Outside a
+            // runtime (a store dropped after its runtime ended) let it go
+            // unclosed: the process is ending, and the server rolls the
+            // transaction back when the socket closes or the idle timeout
+            // ends it.
             if tokio::runtime::Handle::try_current().is_ok() {
-                drop(txn);
+                drop(conn);
             } else {
-                std::mem::forget(txn);
+                std::mem::forget(conn);
             }
         }
     }
@@ -1075,27 +1081,30 @@ impl PgStore {
             !release
         }))?;
         let finished = batch.open.is_empty();
-        let Some(mut txn) = batch.txn.take() else {
+        let Some(mut conn) = batch.conn.take() else {
             return Ok(CompleteReport {
                 applied: 0,
                 lost: n,
             });
         };
+        // Cut short (the relay gives the recording up), `conn` is dropped
+        // here with its transaction open, and closed (see `HeldBatch`).
         let recorded = async {
             let applied = self
-                .write_outcomes(&mut txn, token, &writes, Some(&tids))
+                .write_outcomes(&mut conn, token, &writes, Some(&tids))
                 .await?;
             if finished {
-                txn.commit().await?;
-            } else {
-                batch.txn = Some(txn);
+                conn.execute("COMMIT").await?;
             }
             Ok::<_, sqlx::Error>(applied)
         }
         .await;
         let report = match recorded {
             Ok(applied) => {
-                if !finished {
+                if finished {
+                    conn.done();
+                } else {
+                    batch.conn = Some(conn);
                     self.shared.held_batches().insert(token, batch);
                 }
                 let applied = applied.saturating_add(released);
@@ -1454,16 +1463,19 @@ impl Store for PgStore {
             };
             let rows = match hold {
                 Some(permit) => {
-                    let mut txn = self
-                        .claims
-                        .begin_with(held_begin(req.lease))
-                        .await
-                        .map_err(map)?;
-                    let rows = query.fetch_all(&mut *txn).await.map_err(map)?;
+                    // The transaction is begun and ended by hand on a
+                    // connection that is closed if anything cuts it short
+                    // (see `HeldBatch`); sqlx's `Transaction` would hand it
+                    // back to the pool, to be rolled back and pinged there.
+                    let mut conn = Closing::acquire(&self.claims).await.map_err(map)?;
+                    let begin = held_begin(req.lease);
+                    conn.execute(begin.as_str()).await.map_err(map)?;
+                    let rows = query.fetch_all(&mut *conn).await.map_err(map)?;
                     if rows.is_empty() {
-                        txn.rollback().await.map_err(map)?;
+                        conn.execute("ROLLBACK").await.map_err(map)?;
+                        conn.done();
                     } else {
-                        held = Some((txn, permit, start == 0 && floor > 0, floor));
+                        held = Some((conn, permit, start == 0 && floor > 0, floor));
                     }
                     rows
                 }
@@ -1590,7 +1602,7 @@ impl Store for PgStore {
         // for `Instant` is simply not counted)
         let until = claimed_at.checked_add(req.lease).unwrap_or(claimed_at);
         self.shared.held().leased(token, leased, until);
-        if let Some((txn, permit, front, floor)) = held {
+        if let Some((conn, permit, front, floor)) = held {
             let last_seq = tids.keys().copied().max().unwrap_or(0);
             if front && rows.len() >= limit && last_seq < floor {
                 // a full batch from below the floor: more may be there
@@ -1599,7 +1611,7 @@ impl Store for PgStore {
             self.shared.held_batches().insert(
                 token,
                 HeldBatch {
-                    txn: Some(txn),
+                    conn: Some(conn),
                     until,
                     open: tids,
                     scope: req.tenant.clone(),

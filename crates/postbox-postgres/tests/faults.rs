@@ -1085,3 +1085,86 @@ async fn claims_given_up_on_silent_connections_free_their_slots() {
     }
     claim_within_a_minute().await;
 }
+
+/// The same for held backlog batches, whose transaction stays open on its
+/// claim-pool connection while the relay publishes: a batch whose
+/// completion the relay gives up because that connection went silent
+/// gives the pool slot back (the connection is closed, the server rolls
+/// the transaction back), on more connections than the claim pool holds.
+/// Fails if a given-up held batch's connection goes back to the pool to be
+/// rolled back and pinged there: every later claim then waits for a slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_batches_given_up_on_silent_connections_free_their_slots() {
+    let h = PgHarness::new().await;
+    let target = format!(
+        "{}:{}",
+        h.db.options().get_host(),
+        h.db.options().get_port()
+    );
+    let proxy = postbox_testkit::FaultProxy::start(target)
+        .await
+        .expect("proxy");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(h.db.options().host("127.0.0.1").port(proxy.addr().port()))
+        .await
+        .expect("pool through the proxy");
+    let store = h.outbox.store(pool);
+    // a backlog that outlasts the batches the cut transactions keep locked
+    // until the server notices (their lease)
+    let msgs: Vec<NewMessage> = (0..400)
+        .map(|i| NewMessage::new("t", format!("m{i}")))
+        .collect();
+    h.outbox
+        .enqueue_batch(&h.app, &msgs)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(4, Duration::from_secs(30));
+    // a claim that works, retried while the pool waits for slots to free;
+    // one that runs on an idle connection silenced earlier is cut (and
+    // that connection closed) like the completions
+    let claim_within_a_minute = || async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let claim = tokio::time::timeout(Duration::from_millis(500), store.claim(&req)).await;
+            if let Ok(Ok(claim)) = claim {
+                return claim;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no connection for a claim within a minute: {claim:?}"
+            );
+        }
+    };
+    let first = claim_within_a_minute().await;
+    common::complete_all(&store, &first, Disposition::Sent).await;
+    let mut cut = 0;
+    let mut tries = 0;
+    while cut <= postbox_postgres::CLAIM_POOL_SIZE {
+        let held = claim_within_a_minute().await;
+        tries += 1;
+        assert!(tries < 100, "the claims were not held, or not cut");
+        if store.held_batches() != 1 {
+            // a leasing claim (the store's rhythm): not what this tests
+            common::complete_all(&store, &held, Disposition::Sent).await;
+            continue;
+        }
+        proxy.silence_open();
+        let sent: Vec<Completion> = held
+            .messages
+            .iter()
+            .map(|m| Completion::new(m.seq, Disposition::Sent))
+            .collect();
+        if tokio::time::timeout(
+            Duration::from_millis(500),
+            store.complete(held.lease.token, &sent),
+        )
+        .await
+        .is_err()
+        {
+            cut += 1;
+        }
+        assert_eq!(store.held_batches(), 0, "a given-up batch is not held");
+    }
+    claim_within_a_minute().await;
+}
