@@ -10,9 +10,10 @@ use postbox_core::{
     Message, StoreError, from_unix_micros,
 };
 use sqlx::mysql::MySqlRow;
-use sqlx::{MySqlPool, Row};
+use sqlx::{Connection, MySqlPool, Row};
 use uuid::Uuid;
 
+use crate::closing::Closing;
 use crate::error::map_err;
 use crate::outbox::{EPOCH, Sql};
 
@@ -73,7 +74,9 @@ pub(crate) async fn claim(
     if limit == 0 {
         return Ok(empty_claim(token, req.lease));
     }
-    let mut tx = pool.begin_with(BEGIN_RC).await.map_err(map_err)?;
+    // Closed, not returned, if the relay gives this claim up or it fails.
+    let mut conn = Closing::acquire(pool).await.map_err(map_err)?;
+    let mut tx = conn.begin_with(BEGIN_RC).await.map_err(map_err)?;
     let q = match &req.tenant {
         Some(t) => sqlx::query(&sql.claim_tenant).bind(t),
         None => sqlx::query(&sql.claim_any),
@@ -85,6 +88,7 @@ pub(crate) async fn claim(
         .map_err(map_err)?;
     let Some(first) = rows.first() else {
         tx.commit().await.map_err(map_err)?;
+        conn.done();
         return Ok(empty_claim(token, req.lease));
     };
     let now_us: i64 = first.try_get("now_us").map_err(map_err)?;
@@ -156,6 +160,7 @@ pub(crate) async fn claim(
     }
     if candidates.is_empty() {
         tx.commit().await.map_err(map_err)?;
+        conn.done();
         return Ok(empty_claim(token, req.lease));
     }
 
@@ -173,6 +178,7 @@ pub(crate) async fn claim(
     }
     q.execute(&mut *tx).await.map_err(map_err)?;
     tx.commit().await.map_err(map_err)?;
+    conn.done();
 
     let mut messages = Vec::with_capacity(candidates.len());
     let mut malformed = Vec::new();
@@ -309,7 +315,9 @@ pub(crate) async fn complete(
     }
     let t = &sql.t;
     let guard = "`seq` = ? AND `lease_token` = ? AND `status` = 'pending'";
-    let mut tx = pool.begin_with(BEGIN_RC).await.map_err(map_err)?;
+    // Closed, not returned, if the relay gives this recording up or it fails.
+    let mut conn = Closing::acquire(pool).await.map_err(map_err)?;
+    let mut tx = conn.begin_with(BEGIN_RC).await.map_err(map_err)?;
     let mut applied = 0u64;
 
     // Sent rows go in one statement per chunk: the common case, kept to one
@@ -385,6 +393,7 @@ pub(crate) async fn complete(
         applied += done.map_err(map_err)?.rows_affected();
     }
     tx.commit().await.map_err(map_err)?;
+    conn.done();
     let applied = applied.min(completions.len() as u64);
     Ok(CompleteReport {
         applied,

@@ -6,14 +6,22 @@ use sqlx::mysql::MySqlDatabaseError;
 
 // MySQL / MariaDB server error numbers we tell apart.
 const ER_CHECKREAD: u16 = 1020; // record changed since the snapshot (innodb_snapshot_isolation)
+const ER_DISK_FULL: u16 = 1021;
 const ER_CON_COUNT_ERROR: u16 = 1040; // too many connections
+const ER_RECORD_FILE_FULL: u16 = 1114; // table full (tablespace or disk)
+const ER_TOO_MANY_USER_CONNECTIONS: u16 = 1203; // max_user_connections
+const ER_OPTION_PREVENTS_STATEMENT: u16 = 1290; // mostly --read-only (a replica, a failover)
+const ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION: u16 = 1792; // SQLSTATE 25006
+const ER_READ_ONLY_MODE: u16 = 1836;
+const ER_STATEMENT_TIMEOUT: u16 = 1969; // MariaDB: max_statement_time exceeded
+const ER_QUERY_TIMEOUT: u16 = 3024; // MySQL 8: max_execution_time exceeded
 const ER_DBACCESS_DENIED_ERROR: u16 = 1044;
 const ER_ACCESS_DENIED_ERROR: u16 = 1045;
 const ER_BAD_DB_ERROR: u16 = 1049;
 const ER_ACCESS_DENIED_NO_PASSWORD_ERROR: u16 = 1698; // unknown user, or auth plugin refused
 const ER_SERVER_SHUTDOWN: u16 = 1053;
 const ER_NO_SUCH_TABLE: u16 = 1146;
-const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+pub(crate) const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
 const ER_LOCK_DEADLOCK: u16 = 1213;
 const ER_QUERY_INTERRUPTED: u16 = 1317;
 const ER_CONNECTION_KILLED: u16 = 1927; // MariaDB
@@ -26,9 +34,47 @@ pub(crate) fn error_number(e: &sqlx::Error) -> Option<u16> {
         .map(MySqlDatabaseError::number)
 }
 
+/// Whether a server error number means "try again later": the operation
+/// may well succeed unchanged once the server, or another session, has moved
+/// on.
+///
+/// * too many connections, for the server (1040) or for the user (1203);
+/// * shutdown (1053), a killed or interrupted session (1317, 1927) or one
+///   that idled out (4031);
+/// * lock waits: deadlock (1213), row lock wait timeout (1205), and a write
+///   conflict with the transaction's snapshot under
+///   `innodb_snapshot_isolation` (1020);
+/// * a statement over its time limit, which the relay's sessions set
+///   (MariaDB's `max_statement_time` 1969, MySQL's `max_execution_time`
+///   3024);
+/// * a read-only server or transaction (1290, 1836, 1792): a primary
+///   demoted during a failover, or a pool still connected to it; the next
+///   connection reaches the new primary;
+/// * a full table or disk (1114, 1021), which an operator frees.
+fn is_transient(number: u16) -> bool {
+    matches!(
+        number,
+        ER_CON_COUNT_ERROR
+            | ER_TOO_MANY_USER_CONNECTIONS
+            | ER_SERVER_SHUTDOWN
+            | ER_LOCK_WAIT_TIMEOUT
+            | ER_LOCK_DEADLOCK
+            | ER_CHECKREAD
+            | ER_QUERY_INTERRUPTED
+            | ER_CONNECTION_KILLED
+            | ER_CLIENT_INTERACTION_TIMEOUT
+            | ER_STATEMENT_TIMEOUT
+            | ER_QUERY_TIMEOUT
+            | ER_OPTION_PREVENTS_STATEMENT
+            | ER_READ_ONLY_MODE
+            | ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION
+            | ER_RECORD_FILE_FULL
+            | ER_DISK_FULL
+    )
+}
+
 /// Maps an error from a store operation: connection-level and transient
-/// problems (io, pool, deadlock, lock wait timeout, a write conflict with
-/// the transaction's snapshot under `innodb_snapshot_isolation`, shutdown) are
+/// problems (io, pool, and the server errors of [`is_transient`]) are
 /// [`StoreError::Unavailable`]; a missing outbox table is
 /// [`StoreError::Schema`]; the rest is [`StoreError::Database`].
 pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
@@ -40,16 +86,7 @@ pub(crate) fn map_err(e: sqlx::Error) -> StoreError {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => StoreError::Unavailable(Box::new(e)),
         sqlx::Error::Database(_) => match error_number(&e) {
-            Some(
-                ER_CON_COUNT_ERROR
-                | ER_SERVER_SHUTDOWN
-                | ER_LOCK_WAIT_TIMEOUT
-                | ER_LOCK_DEADLOCK
-                | ER_CHECKREAD
-                | ER_QUERY_INTERRUPTED
-                | ER_CONNECTION_KILLED
-                | ER_CLIENT_INTERACTION_TIMEOUT,
-            ) => StoreError::Unavailable(Box::new(e)),
+            Some(n) if is_transient(n) => StoreError::Unavailable(Box::new(e)),
             Some(ER_NO_SUCH_TABLE) => StoreError::Schema(e.to_string()),
             _ => StoreError::Database(Box::new(e)),
         },
@@ -73,6 +110,23 @@ pub(crate) fn map_connect_err(e: sqlx::Error, url: &str) -> StoreError {
             "MySQL at {url}: {} (create the database, or fix its name in the URL)",
             database_message(&e)
         )),
+        // The server is reachable and the login right: only full. Try again
+        // once other clients let go of connections, or raise the limit.
+        Some(n @ (ER_CON_COUNT_ERROR | ER_TOO_MANY_USER_CONNECTIONS)) => {
+            let limit = if n == ER_CON_COUNT_ERROR {
+                "max_connections"
+            } else {
+                "max_user_connections"
+            };
+            StoreError::Unavailable(
+                format!(
+                    "MySQL at {url} has no connection to spare: {} (the server's {limit}; \
+                     fewer pooled connections, or a higher limit)",
+                    database_message(&e)
+                )
+                .into(),
+            )
+        }
         _ => match map_err(e) {
             StoreError::Unavailable(src) => {
                 StoreError::Unavailable(format!("cannot reach MySQL at {url}: {src}").into())
@@ -99,6 +153,17 @@ pub(crate) enum Flavour {
     MySql,
 }
 
+impl Flavour {
+    /// The flavour of a `SELECT VERSION()` answer: MariaDB says so in it.
+    pub(crate) fn of(version: &str) -> Self {
+        if version.to_ascii_lowercase().contains("mariadb") {
+            Self::MariaDb
+        } else {
+            Self::MySql
+        }
+    }
+}
+
 /// Oldest versions with `FOR UPDATE SKIP LOCKED` and everything else the
 /// schema uses (expression defaults, `CREATE TRIGGER IF NOT EXISTS`).
 const MIN_MARIADB: (u32, u32, u32) = (10, 6, 0);
@@ -107,11 +172,7 @@ const MIN_MYSQL: (u32, u32, u32) = (8, 0, 29);
 /// Checks a `SELECT VERSION()` answer; the error names the version found
 /// and the version needed.
 pub(crate) fn check_server_version(version: &str) -> Result<Flavour, StoreError> {
-    let flavour = if version.to_ascii_lowercase().contains("mariadb") {
-        Flavour::MariaDb
-    } else {
-        Flavour::MySql
-    };
+    let flavour = Flavour::of(version);
     // MariaDB may report a "5.5.5-" compatibility prefix before its real version.
     let text = version.strip_prefix("5.5.5-").unwrap_or(version);
     let mut parts = text
@@ -143,6 +204,20 @@ pub(crate) fn check_server_version(version: &str) -> Result<Flavour, StoreError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transient_server_errors_are_told_apart() {
+        for n in [
+            1020, 1021, 1040, 1053, 1114, 1203, 1205, 1213, 1290, 1317, 1792, 1836, 1927, 1969,
+            3024, 4031,
+        ] {
+            assert!(is_transient(n), "{n} should be Unavailable");
+        }
+        // syntax, duplicate key, unknown column, access denied, no such table
+        for n in [1064, 1062, 1054, 1045, 1146] {
+            assert!(!is_transient(n), "{n} should not be Unavailable");
+        }
+    }
 
     #[test]
     fn accepts_supported_servers() {

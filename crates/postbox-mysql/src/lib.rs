@@ -21,6 +21,7 @@
 
 mod admin;
 mod claim;
+mod closing;
 mod error;
 mod heartbeat;
 mod migrate;
@@ -28,7 +29,7 @@ mod outbox;
 mod store;
 
 pub use error::redact_url;
-pub use outbox::MySqlOutbox;
+pub use outbox::{MySqlOutbox, key_slot};
 pub use store::MySqlStore;
 
 use postbox_core::{NewMessage, StoreError};

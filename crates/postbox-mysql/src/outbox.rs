@@ -169,6 +169,31 @@ impl Default for MySqlOutbox {
     }
 }
 
+/// Number of rows of `<table>_key_locks`: a key's slot is `CRC32(key) mod`
+/// this (the trigger of migration 1, and `enqueue_batch`).
+const KEY_SLOTS: u32 = 65_536;
+
+/// The slot of `key` in the key lock table, `MOD(CRC32(key), 65536)` as the
+/// ordering trigger and [`MySqlOutbox::enqueue_batch`] compute it: the row
+/// that an enqueue of `key` locks until its transaction ends.
+///
+/// A transaction that enqueues several keys one by one takes their slots in
+/// the order it enqueues them; enqueued in ascending slot order, it cannot
+/// deadlock with another doing the same, nor with `enqueue_batch`, which
+/// takes its slots in that order. Keys sharing a slot (one pair in 65,536)
+/// may go in any order among themselves.
+///
+/// ```
+/// assert_eq!(postbox_mysql::key_slot("order-42"), postbox_mysql::key_slot("order-42"));
+/// ```
+pub fn key_slot(key: &str) -> u16 {
+    // CRC-32 (IEEE 802.3, as zlib and MySQL's CRC32()) of the key's UTF-8
+    // bytes, which is what the utf8mb4 `key` column holds.
+    let crc = crc32fast::hash(key.as_bytes());
+    // below 65,536, so the conversion cannot fail
+    u16::try_from(crc % KEY_SLOTS).unwrap_or(u16::MAX)
+}
+
 /// Bound values of one message, owned so a query can borrow them.
 struct Row {
     id: uuid::Uuid,
@@ -274,8 +299,18 @@ impl MySqlOutbox {
     /// A keyed message locks its key's slot row in `<table>_key_locks` (the
     /// trigger does it, see README.md) until your transaction ends: a concurrent
     /// transaction enqueuing the same key waits for yours to commit or roll
-    /// back. Enqueue several keys in a consistent (e.g. sorted) order, or use
-    /// [`enqueue_batch`](Self::enqueue_batch), to avoid deadlocks.
+    /// back. Two transactions that enqueue several keys can deadlock if they
+    /// take those slots in different orders; InnoDB then rolls one back
+    /// ([`StoreError::Unavailable`], error 1213: retry the transaction). To
+    /// avoid it, enqueue several keys in ascending order of their slot,
+    /// [`key_slot`] (the order [`enqueue_batch`](Self::enqueue_batch) locks
+    /// them in; sorting by the keys themselves is no such order), or use
+    /// `enqueue_batch`.
+    ///
+    /// ```
+    /// let mut keys = vec!["order-42", "order-7", "customer-3"];
+    /// keys.sort_by_key(|k| postbox_mysql::key_slot(k));
+    /// ```
     pub async fn enqueue<'e, E>(&self, executor: E, msg: &NewMessage) -> Result<(), StoreError>
     where
         E: Executor<'e, Database = MySql>,
@@ -291,8 +326,9 @@ impl MySqlOutbox {
     /// Writes all of `msgs` atomically: in one savepoint of your transaction
     /// (pass `&mut *tx` or `&mut tx`) or in a transaction of its own (pass a
     /// pool or a connection). Locks the keys involved in one order (their
-    /// slots, ascending) first, so two batches with overlapping keys cannot
-    /// deadlock each other.
+    /// slots, [`key_slot`], ascending) first, so two batches with overlapping
+    /// keys cannot deadlock each other, nor with transactions that enqueue
+    /// keys one by one in that order.
     pub async fn enqueue_batch<'a, A>(&self, conn: A, msgs: &[NewMessage]) -> Result<(), StoreError>
     where
         A: Acquire<'a, Database = MySql>,

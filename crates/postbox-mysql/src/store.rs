@@ -11,9 +11,72 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySqlPool};
 use uuid::Uuid;
 
-use crate::error::{check_server_version, map_connect_err, redact_url};
+use crate::error::{Flavour, check_server_version, map_connect_err, redact_url};
 use crate::outbox::MySqlOutbox;
 use crate::{admin, claim, heartbeat};
+
+/// Longest a statement of a claim or a completion may run, in seconds. Each
+/// takes milliseconds; one that runs this long is stuck (queued behind a
+/// lock, a server in trouble), and the server stops it rather than let it
+/// commit leases after the relay gave the claim up (after twice the lease,
+/// at least a minute: a claim's three statements fit well within that).
+const RELAY_STATEMENT_TIMEOUT_SECS: u32 = 10;
+
+/// Longest a claim or a completion waits for a lock, row or metadata, in
+/// seconds. Claims skip locked rows, but a completion can find its rows
+/// locked (by an admin `replay`, `skip` or `purge`), and any statement
+/// queues behind a migration's `ALTER TABLE` or a DBA's. The error is
+/// [`StoreError::Unavailable`] and the relay tries again, instead of the
+/// server defaults (50 s for rows, a day for metadata) holding the relay.
+const RELAY_LOCK_WAIT_SECS: u32 = 5;
+
+/// The limits of a claim session, in one round trip, in the variables this
+/// server flavour knows (setting an unknown one is an error).
+///
+/// MySQL's `max_execution_time` (milliseconds) bounds read-only `SELECT`s
+/// only: there the claim's locking `SELECT` and the writes are bounded by
+/// the lock waits alone.
+fn relay_session_limits(flavour: Flavour) -> String {
+    let time = match flavour {
+        Flavour::MariaDb => format!("max_statement_time = {RELAY_STATEMENT_TIMEOUT_SECS}"),
+        Flavour::MySql => format!(
+            "max_execution_time = {}",
+            u64::from(RELAY_STATEMENT_TIMEOUT_SECS) * 1000
+        ),
+    };
+    format!(
+        "SET SESSION {time}, SESSION lock_wait_timeout = {RELAY_LOCK_WAIT_SECS}, \
+         SESSION innodb_lock_wait_timeout = {RELAY_LOCK_WAIT_SECS}"
+    )
+}
+
+/// The pool claims and completions run on: the same server, database,
+/// credentials and size as `pool`, connecting on first use, with the limits
+/// of [`relay_session_limits`] set in each session. A pool of its own so that
+/// those limits never reach producers or admin commands sharing `pool` (a
+/// producer may rightly wait 50 s for a key's lock).
+///
+/// No ping before each use: a claim would pay a second round trip for it,
+/// and a connection that died meanwhile fails one claim with
+/// [`StoreError::Unavailable`] and is then closed (see `Closing`).
+fn claim_pool(pool: &MySqlPool) -> MySqlPool {
+    let options = pool.options();
+    MySqlPoolOptions::new()
+        .max_connections(options.get_max_connections())
+        .acquire_timeout(options.get_acquire_timeout())
+        .test_before_acquire(false)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                let version: String = sqlx::query_scalar("SELECT VERSION()")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                conn.execute(relay_session_limits(Flavour::of(&version)).as_str())
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
 
 /// The outbox store on MySQL or MariaDB; implements [`Store`].
 ///
@@ -23,9 +86,19 @@ use crate::{admin, claim, heartbeat};
 /// postbox_mysql::migrate(store.pool()).await?;
 /// # Ok(()) }
 /// ```
+///
+/// Claims and completions run on a second pool of the same size on the same
+/// database, connecting on first use, whose sessions stop a statement after
+/// 10 s and a lock wait after 5 s (MariaDB `max_statement_time`, MySQL
+/// `max_execution_time` for `SELECT`s; `lock_wait_timeout`,
+/// `innodb_lock_wait_timeout`) with [`StoreError::Unavailable`]; a claim or
+/// completion given up before it finished closes its connection instead of
+/// returning it. Everything else uses [`MySqlStore::pool`].
 #[derive(Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
+    /// Claims and completions only: see [`claim_pool`].
+    claims: MySqlPool,
     outbox: MySqlOutbox,
 }
 
@@ -39,12 +112,16 @@ impl std::fmt::Debug for MySqlStore {
 
 impl MySqlStore {
     pub(crate) fn new(pool: MySqlPool, outbox: MySqlOutbox) -> Self {
-        Self { pool, outbox }
+        Self {
+            claims: claim_pool(&pool),
+            pool,
+            outbox,
+        }
     }
 
     /// Connects a pool to `url` (`mysql://user:password@host:port/database`)
-    /// with the session settings the store relies on (UTC `time_zone`,
-    /// READ COMMITTED), for the default table `postbox_outbox`.
+    /// whose sessions run in READ COMMITTED, for the default table
+    /// `postbox_outbox`.
     ///
     /// Errors name the URL without its password: a bad URL, refused
     /// credentials or a missing database are [`StoreError::Config`]; an
@@ -84,7 +161,11 @@ impl MySqlStore {
     /// The same pool on another outbox table.
     #[must_use]
     pub fn with_outbox(&self, outbox: MySqlOutbox) -> Self {
-        Self::new(self.pool.clone(), outbox)
+        Self {
+            pool: self.pool.clone(),
+            claims: self.claims.clone(),
+            outbox,
+        }
     }
 
     /// This store keeping sent messages for `keep` instead of deleting them
@@ -100,7 +181,7 @@ impl MySqlStore {
         &self.outbox
     }
 
-    /// The connection pool.
+    /// The connection pool (everything but claims and completions).
     pub fn pool(&self) -> &MySqlPool {
         &self.pool
     }
@@ -108,7 +189,7 @@ impl MySqlStore {
 
 impl Store for MySqlStore {
     async fn claim(&self, req: &ClaimRequest) -> Result<Claim, StoreError> {
-        claim::claim(&self.outbox.inner, &self.pool, req).await
+        claim::claim(&self.outbox.inner, &self.claims, req).await
     }
 
     async fn complete(
@@ -118,7 +199,7 @@ impl Store for MySqlStore {
     ) -> Result<CompleteReport, StoreError> {
         claim::complete(
             &self.outbox.inner,
-            &self.pool,
+            &self.claims,
             token,
             completions,
             self.outbox.sent_retention().is_some(),

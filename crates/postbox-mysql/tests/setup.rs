@@ -245,3 +245,158 @@ async fn an_up_to_date_table_migrates_without_create_privileges() {
     }
     migrated.expect("an up-to-date table needs no privilege to migrate");
 }
+
+/// Puts the default table back to schema version 2: migration 3 then adds
+/// its index again, and migration 4 finds nothing to do.
+async fn back_to_version_2(h: &common::MySqlHarness) {
+    sqlx::raw_sql(
+        "ALTER TABLE postbox_outbox DROP INDEX `sent_age`; \
+         DELETE FROM postbox_outbox_migrations WHERE `version` >= 3",
+    )
+    .execute(h.pool())
+    .await
+    .expect("back to version 2");
+}
+
+/// A migration's `ALTER TABLE` waits a bounded time for the table's
+/// metadata lock, held by a transaction that read the table, then gives up
+/// with a retryable error (after trying again a few times), instead of
+/// waiting the server's default (a day) with every producer queued behind
+/// it. A producer that queued behind it goes on when it gives up; once the
+/// transaction ended, migrating again works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_blocked_by_an_open_transaction_gives_up_and_lets_producers_through() {
+    let h = harness().await;
+    back_to_version_2(&h).await;
+    let mut reader = h.pool().begin().await.expect("begin");
+    sqlx::query("SELECT COUNT(*) FROM postbox_outbox")
+        .fetch_one(&mut *reader)
+        .await
+        .expect("read the table: holds its metadata lock");
+
+    let pool = h.pool().clone();
+    let migrating = tokio::spawn(async move { postbox_mysql::migrate(&pool).await });
+    common::wait_for_metadata_lock_waits(h.pool(), &h.db, 1).await;
+    let pool = h.pool().clone();
+    let producer = tokio::spawn(async move {
+        postbox_mysql::enqueue(&pool, &postbox_core::NewMessage::new("t", "x")).await
+    });
+    tokio::time::timeout(Duration::from_secs(60), producer)
+        .await
+        .expect("the producer did not wait for the migration for long")
+        .expect("producer task")
+        .expect("enqueue");
+    let e = tokio::time::timeout(Duration::from_secs(120), migrating)
+        .await
+        .expect("the migration gave up waiting for the lock")
+        .expect("migrate task")
+        .expect_err("the open transaction kept the migration from its lock");
+    assert!(e.is_transient(), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("migration 3 (sent_retention)") && text.contains("run migrate again"),
+        "{text}"
+    );
+
+    reader.commit().await.expect("commit");
+    postbox_mysql::migrate(h.pool())
+        .await
+        .expect("migrates once the transaction ended");
+    let history: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM postbox_outbox_migrations")
+        .fetch_one(h.pool())
+        .await
+        .expect("history");
+    assert_eq!(history, 4);
+    // the session's own lock_wait_timeout is back
+    let mut conn = h.pool().acquire().await.expect("connection");
+    let defaults: (u64, u64) =
+        sqlx::query_as("SELECT @@SESSION.lock_wait_timeout, @@GLOBAL.lock_wait_timeout")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("lock_wait_timeout");
+    assert_eq!(defaults.0, defaults.1);
+}
+
+/// A `migrate` dropped while it holds the migration lock (here: waiting
+/// for a metadata lock) closes its connection, which ends the session and
+/// its `GET_LOCK`, instead of handing the pool a session that still holds
+/// the lock and keeps every other migrator out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_migration_releases_the_migration_lock() {
+    let h = harness().await;
+    back_to_version_2(&h).await;
+    let mut reader = h.pool().begin().await.expect("begin");
+    sqlx::query("SELECT COUNT(*) FROM postbox_outbox")
+        .fetch_one(&mut *reader)
+        .await
+        .expect("read the table: holds its metadata lock");
+    let pool = h.pool().clone();
+    let migrating = tokio::spawn(async move { postbox_mysql::migrate(&pool).await });
+    common::wait_for_metadata_lock_waits(h.pool(), &h.db, 1).await;
+    migrating.abort();
+    let _ = migrating.await;
+    reader.commit().await.expect("commit");
+    // another process takes the lock within its wait (120 s) and migrates
+    let other = h.other_pool().await;
+    tokio::time::timeout(Duration::from_secs(100), postbox_mysql::migrate(&other))
+        .await
+        .expect("the migration lock was released")
+        .expect("migrate");
+}
+
+/// A URL without a database leaves `DATABASE()` NULL: `migrate` says so
+/// (a configuration error naming the fix), rather than blaming another
+/// process for the migration lock.
+#[tokio::test]
+async fn migrating_without_a_database_is_a_config_error() {
+    let addr = MARIADB.require().await;
+    let pool = sqlx::MySqlPool::connect(&format!("mysql://root@{addr}"))
+        .await
+        .expect("connect");
+    let e = postbox_mysql::migrate(&pool)
+        .await
+        .expect_err("no database to migrate in");
+    assert!(matches!(e, StoreError::Config(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("no database") && text.contains("root@"),
+        "{text}"
+    );
+}
+
+/// A write in a read-only transaction (error 1792, as on a server demoted
+/// during a failover) is retryable.
+#[tokio::test]
+async fn writes_refused_as_read_only_are_retryable() {
+    let h = harness().await;
+    let mut tx = h
+        .pool()
+        .begin_with("START TRANSACTION READ ONLY")
+        .await
+        .expect("begin");
+    let e = postbox_mysql::enqueue(&mut *tx, &postbox_core::NewMessage::new("t", "x"))
+        .await
+        .expect_err("read-only");
+    assert!(e.is_transient(), "{e:?}");
+}
+
+/// `key_slot` is the slot the trigger and `enqueue_batch` lock.
+#[tokio::test]
+async fn key_slot_is_the_slot_the_server_computes() {
+    let h = harness().await;
+    for key in [
+        "",
+        "a",
+        "order-42",
+        "customer/7:ß→✓",
+        "🦀 key",
+        &"k".repeat(5000),
+    ] {
+        let server: u32 = sqlx::query_scalar("SELECT MOD(CRC32(?), 65536)")
+            .bind(key)
+            .fetch_one(h.pool())
+            .await
+            .expect("crc32");
+        assert_eq!(u32::from(postbox_mysql::key_slot(key)), server, "{key:.20}");
+    }
+}

@@ -53,6 +53,30 @@ pub async fn harness() -> MySqlHarness {
     }
 }
 
+/// Polls until at least `n` sessions on database `db` wait for a table's
+/// metadata lock (queued behind DDL, or DDL queued behind a transaction).
+pub async fn wait_for_metadata_lock_waits(pool: &MySqlPool, db: &str, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE DB = ? AND STATE = 'Waiting for table metadata lock'",
+        )
+        .bind(db)
+        .fetch_one(pool)
+        .await
+        .expect("processlist");
+        if waiting >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{n} sessions never waited for a metadata lock ({waiting} did)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 impl MySqlHarness {
     pub fn pool(&self) -> &MySqlPool {
         self.store.pool()
