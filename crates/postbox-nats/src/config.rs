@@ -6,6 +6,12 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::NatsError;
+use crate::subject::check_subject;
+
+/// The topic `validate` renders `subject_template` with: an ordinary
+/// dot-separated topic, so a template that gives no valid subject for it
+/// gives none for the topics postbox is used with.
+const SAMPLE_TOPIC: &str = "orders.created";
 
 /// Settings of a [`NatsPublisher`](crate::NatsPublisher).
 ///
@@ -24,11 +30,16 @@ use crate::NatsError;
 pub struct NatsConfig {
     /// Server URL: `nats://[user:password@]host[:port]` or `tls://...`
     /// (default port 4222). A token goes in the user part:
-    /// `nats://token@host`. Required.
+    /// `nats://token@host`. User, password and token are percent-decoded
+    /// (`%40` for `@`, `%2F` for `/`, `%3A` for `:`) and sent when
+    /// connecting, never logged. Required.
     pub url: String,
     /// The subject for a postbox topic: `{topic}` is replaced by the topic
     /// as it is (NATS subjects are dot-separated like postbox topics).
-    /// Default `"{topic}"`.
+    /// Default `"{topic}"`. Checked at start-up with a sample topic: it must
+    /// give a subject without spaces, wildcards or empty tokens, whose first
+    /// token neither starts with `$` nor is `_INBOX` (system subjects; a
+    /// message whose topic makes one is `Rejected`).
     #[serde(default = "default_template")]
     pub subject_template: String,
     /// How long to wait for each PubAck (and for a message to be handed to
@@ -50,10 +61,26 @@ pub struct NatsConfig {
     #[serde(default = "default_client_name")]
     pub client_name: String,
     /// PEM file of extra root certificates (e.g. a private CA) trusted for
-    /// TLS in addition to the platform's. Default none. The server's
-    /// certificate is always verified; there is no setting to skip that.
+    /// TLS in addition to the platform's. Default none. Setting it requires
+    /// TLS also with a `nats://` URL (the connection fails rather than going
+    /// on in clear text). The server's certificate is always verified;
+    /// there is no setting to skip that.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+/// Credentials from the URL's user part. No `Debug`: they must not reach
+/// a log by accident.
+pub(crate) enum Credentials {
+    /// `nats://user:password@host`
+    UserPassword {
+        /// user name, percent-decoded
+        user: String,
+        /// password, percent-decoded
+        password: String,
+    },
+    /// `nats://token@host`
+    Token(String),
 }
 
 /// A JetStream stream the publisher creates when it does not exist yet
@@ -207,9 +234,24 @@ impl NatsConfig {
                 ),
             ));
         }
+        // credentials that cannot be decoded fail here, not at `new`
+        self.connect_target()?;
         if self.subject_template.trim().is_empty() {
             return Err(NatsError::invalid("subject_template", "is empty"));
         }
+        // A template that cannot give a valid subject for an ordinary topic
+        // would dead-letter every message (and park every key behind it):
+        // refuse it at start-up instead.
+        let sample = self.subject(SAMPLE_TOPIC);
+        check_subject(&sample).map_err(|reason| {
+            NatsError::invalid(
+                "subject_template",
+                format!(
+                    "{:?} gives, for the topic {SAMPLE_TOPIC:?}, {reason}",
+                    self.subject_template
+                ),
+            )
+        })?;
         if self.ack_timeout_ms == 0 {
             return Err(NatsError::invalid("ack_timeout_ms", "must be above 0"));
         }
@@ -228,6 +270,56 @@ impl NatsConfig {
             }
         }
         Ok(())
+    }
+
+    /// The URL to hand to async-nats, without its user part, and the
+    /// credentials that were in it (percent-decoded): async-nats sends only
+    /// what `ConnectOptions` carries, never the URL's user part, and would
+    /// print the URL as it is in its debug logs.
+    pub(crate) fn connect_target(&self) -> Result<(String, Option<Credentials>), NatsError> {
+        let mut url = url::Url::parse(&self.url).map_err(|e| {
+            NatsError::invalid(
+                "url",
+                format!(
+                    "{} is not a URL ({e})",
+                    postbox_core::redact_userinfo(&self.url)
+                ),
+            )
+        })?;
+        let decode = |part: &str, what: &str| {
+            percent_encoding::percent_decode_str(part)
+                .decode_utf8()
+                .map(std::borrow::Cow::into_owned)
+                .map_err(|_| {
+                    NatsError::invalid(
+                        "url",
+                        format!(
+                            "{} has a {what} that is not UTF-8 once percent-decoded",
+                            postbox_core::redact_userinfo(&self.url)
+                        ),
+                    )
+                })
+        };
+        let credentials = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, Some(password)) => Some(Credentials::UserPassword {
+                user: decode(user, "user name")?,
+                password: decode(password, "password")?,
+            }),
+            (token, None) => Some(Credentials::Token(decode(token, "token")?)),
+        };
+        // cannot fail for the nats:// and tls:// URLs `validate` accepts
+        // (they have a host); checked anyway rather than unwrapped
+        if url.set_password(None).is_err() || url.set_username("").is_err() {
+            return Err(NatsError::invalid(
+                "url",
+                format!(
+                    "{} cannot carry credentials",
+                    postbox_core::redact_userinfo(&self.url)
+                ),
+            ));
+        }
+        Ok((url.into(), credentials))
     }
 
     /// `host:port` of the server, for messages.
@@ -271,6 +363,68 @@ mod tests {
         let cfg = NatsConfig::new("nats://h").subject_template("out.{topic}.v1");
         assert_eq!(cfg.subject("orders"), "out.orders.v1");
         assert_eq!(NatsConfig::new("nats://h").subject("a.b"), "a.b");
+    }
+
+    #[test]
+    fn a_template_that_gives_no_valid_subject_is_refused() {
+        for template in [
+            "outbox {topic}",
+            "outbox.{topic}.>",
+            "$JS.API.{topic}",
+            "{topic}.",
+        ] {
+            let e = NatsConfig::new("nats://h")
+                .subject_template(template)
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("subject_template") && e.contains(&format!("{template:?}")),
+                "{e}"
+            );
+        }
+        for template in [
+            "{topic}",
+            "outbox.{topic}",
+            "out.{topic}.v1",
+            "_INBOXES.{topic}",
+        ] {
+            assert!(
+                NatsConfig::new("nats://h")
+                    .subject_template(template)
+                    .validate()
+                    .is_ok(),
+                "{template}"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_are_taken_from_the_url_and_removed_from_it() {
+        let (url, c) = NatsConfig::new("nats://al%40ice:p%2Fw%3Ad@h:4222")
+            .connect_target()
+            .unwrap();
+        assert_eq!(url, "nats://h:4222");
+        match c {
+            Some(Credentials::UserPassword { user, password }) => {
+                assert_eq!((user.as_str(), password.as_str()), ("al@ice", "p/w:d"))
+            }
+            _ => panic!("expected user and password"),
+        }
+        let (url, c) = NatsConfig::new("tls://t0k%2Fen@h")
+            .connect_target()
+            .unwrap();
+        assert_eq!(url, "tls://h");
+        assert!(matches!(c, Some(Credentials::Token(t)) if t == "t0k/en"));
+        let (_, c) = NatsConfig::new("nats://h:4222").connect_target().unwrap();
+        assert!(c.is_none());
+        let e = NatsConfig::new("nats://u:%FF%FEs3cret@h")
+            .connect_target()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("password") && !e.contains("s3cret"), "{e}");
+        assert!(NatsConfig::from_url("nats://u:%FF%FEs3cret@h").is_err());
     }
 
     #[test]

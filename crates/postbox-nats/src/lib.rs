@@ -19,6 +19,7 @@
 mod config;
 mod error;
 mod publisher;
+mod subject;
 mod tls;
 
 pub use config::{NatsConfig, StreamSpec};

@@ -1,5 +1,6 @@
 //! The JetStream publisher.
 
+use std::collections::HashMap;
 use std::error::Error as _;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,8 @@ use postbox_core::{Message, PublishOutcome, Publisher, by_deadline};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::config::Credentials;
+use crate::subject::check_subject;
 use crate::{NatsConfig, NatsError, tls};
 
 /// Header carrying the postbox key of a keyed message (NATS has no key of
@@ -38,11 +41,15 @@ const ACK_CHUNK: usize = 1_000;
 ///
 /// Outcomes: `Ok` once the PubAck arrived (the stream stored it).
 /// `Transient`: no PubAck within `ack_timeout_ms` (server down, stalled or
-/// reconnecting), a lost connection, or a stream error that may clear
-/// (storage full, no JetStream leader). `Rejected`: no stream captures the
-/// subject (unless `create_stream` is set), an invalid subject or header,
-/// or a message bigger than the server's `max_payload` / the stream's
-/// `max_msg_size`.
+/// reconnecting), a lost connection, a stream error that may clear
+/// (storage full, no JetStream leader), or a message over the client's
+/// default 1 MiB before the first connection (the server's `max_payload`
+/// is not known yet). `Rejected`: no stream captures the subject (with
+/// `create_stream`: after creating that stream, it does not capture the
+/// subject either), an invalid subject or header, a system subject (first
+/// token `$...` or `_INBOX`), a message bigger than the server's
+/// `max_payload` / the stream's `max_msg_size`, or a JetStream error no
+/// retry clears (sealed stream, a failed `Nats-Expected-*` precondition).
 ///
 /// The client reconnects by itself with backoff; a message that was sent
 /// but not acked before a connection loss is `Transient`, and if the server
@@ -121,15 +128,32 @@ impl NatsPublisher {
                 }
             }
         };
-        let options = async_nats::ConnectOptions::new()
+        let (url, credentials) = config.connect_target()?;
+        let mut options = async_nats::ConnectOptions::new()
             .name(&config.client_name)
             .retry_on_initial_connect()
             .max_reconnects(None)
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
             .tls_client_config(tls_config)
             .event_callback(on_event);
+        // async-nats authenticates only with what the options carry; the
+        // URL's user part would be ignored (and the server would answer
+        // "authorization violation" at every attempt)
+        options = match credentials {
+            Some(Credentials::UserPassword { user, password }) => {
+                options.user_and_password(user, password)
+            }
+            Some(Credentials::Token(token)) => options.token(token),
+            None => options,
+        };
+        // A CA file means the operator expects TLS: without this, a
+        // nats:// server that does not announce `tls_required` would get
+        // the credentials and the messages in clear text.
+        if config.ca_file.is_some() {
+            options = options.require_tls(true);
+        }
         let client = options
-            .connect(config.url.as_str())
+            .connect(url.as_str())
             .await
             .map_err(|e| NatsError::invalid("url", format!("{} ({e})", config.server())))?;
         // Room for a chunk of every batch a relay can have in flight (at
@@ -216,10 +240,13 @@ impl Inner {
             ..Default::default()
         };
         // bounded by the context timeout (ack_timeout_ms)
-        self.js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| format!("cannot create JetStream stream {}: {e}", spec.name))?;
+        self.js.get_or_create_stream(config).await.map_err(|e| {
+            format!(
+                "cannot create JetStream stream {}: {e}{}",
+                spec.name,
+                self.link_note()
+            )
+        })?;
         self.stream_ready.store(true, Ordering::Release);
         Ok(())
     }
@@ -252,6 +279,8 @@ impl Inner {
         // timeout.
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut broken: Option<String> = None;
+        let lookups = Lookups::default();
+        let lookups = &lookups;
         for chunk in batch.chunks(ACK_CHUNK) {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 outcomes.extend(chunk.iter().map(|_| PublishOutcome::NotSent));
@@ -294,7 +323,7 @@ impl Inner {
                                     self.link_note()
                                 ));
                             }
-                            sent.push(Err(self.map_error(&e, &subject, m).await));
+                            sent.push(Err(self.map_error(&e, &subject, m, lookups).await));
                         }
                     }
                 }
@@ -320,7 +349,7 @@ impl Inner {
                     *slot = Some(match s {
                         Ok((ack, subject)) => match ack.await {
                             Ok(_) => PublishOutcome::Ok,
-                            Err(e) => self.map_error(&e, &subject, m).await,
+                            Err(e) => self.map_error(&e, &subject, m, lookups).await,
                         },
                         Err(outcome) => outcome,
                     });
@@ -339,37 +368,29 @@ impl Inner {
         outcomes
     }
 
+    /// The outcome of a failed publish of `m` to `subject`. `lookups`
+    /// holds, for the batch, the outcome of "no stream answered" per
+    /// subject (see [`Inner::no_stream`]).
     async fn map_error(
         &self,
         e: &jetstream::context::PublishError,
         subject: &str,
         m: &Message,
+        lookups: &Lookups,
     ) -> PublishOutcome {
         match e.kind() {
-            PublishErrorKind::StreamNotFound => {
-                if self.config.create_stream.is_some() {
-                    // deleted under us: create it again on the next publish
-                    self.stream_ready.store(false, Ordering::Release);
-                    PublishOutcome::transient(format!(
-                        "no JetStream stream captures subject {subject:?} (will create it again)"
-                    ))
-                } else {
-                    // "no responders" also happens while JetStream is still
-                    // starting after a restart: ask it before dead-lettering
-                    match self.js.stream_by_subject(subject).await {
-                        Err(e) if matches!(e.kind(), GetStreamByNameErrorKind::NotFound) => {
-                            PublishOutcome::rejected(format!(
-                                "no JetStream stream captures subject {subject:?}: create a stream for it or set create_stream"
-                            ))
-                        }
-                        Ok(stream) => PublishOutcome::transient(format!(
-                            "stream {stream} captures subject {subject:?} but did not answer"
-                        )),
-                        Err(e) => PublishOutcome::transient(format!(
-                            "no JetStream stream answered for subject {subject:?}, and JetStream could not be asked which should ({e})"
-                        )),
-                    }
-                }
+            PublishErrorKind::StreamNotFound => self.no_stream(subject, lookups).await,
+            // Before the first connection the client checks sizes against
+            // its built-in 1 MiB, not the server's max_payload (which may
+            // be up to 64 MiB): only the server's own figure may dead-letter
+            PublishErrorKind::MaxPayloadExceeded if self.client.server_info().max_payload == 0 => {
+                PublishOutcome::transient(format!(
+                    "NATS at {}: not connected yet, so the server's max_payload is not known; message of {} payload bytes plus headers is over the client's default of 1 MiB ({}){}",
+                    self.config.server(),
+                    m.payload.len(),
+                    source_text(e),
+                    self.link_note()
+                ))
             }
             PublishErrorKind::MaxPayloadExceeded => PublishOutcome::rejected(format!(
                 "message of {} payload bytes plus headers exceeds the NATS server's max_payload of {} bytes ({}); raise max_payload in the server configuration (at most 64 MiB)",
@@ -383,9 +404,7 @@ impl Inner {
                     .and_then(|s| s.downcast_ref::<jetstream::Error>())
                     .map(jetstream::Error::error_code);
                 match code {
-                    Some(ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
-                    | Some(ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM)
-                    | Some(ErrorCode::STREAM_SEALED) => PublishOutcome::rejected(format!(
+                    Some(code) if PERMANENT.contains(&code) => PublishOutcome::rejected(format!(
                         "JetStream refused the message on subject {subject:?}: {}",
                         source_text(e)
                     )),
@@ -399,7 +418,88 @@ impl Inner {
             }
         }
     }
+
+    /// The outcome for "no stream answered on `subject`" (the server said
+    /// "no responders"), looked up once per subject and batch: a batch of
+    /// 1,000 messages to a subject without a stream asks JetStream once,
+    /// not 1,000 times. The lock is held across the lookup so that the
+    /// other acks of the batch wait for its answer instead of asking too.
+    async fn no_stream(&self, subject: &str, lookups: &Lookups) -> PublishOutcome {
+        let mut known = lookups.lock().await;
+        if let Some(outcome) = known.get(subject) {
+            return outcome.clone();
+        }
+        let outcome = self.who_captures(subject).await;
+        known.insert(subject.to_owned(), outcome.clone());
+        outcome
+    }
+
+    /// Asks JetStream which stream captures `subject` after a publish to it
+    /// got "no responders": none is `Rejected`; one (JetStream still
+    /// starting after a restart, or the stream just created) or no answer
+    /// is `Transient`. With `create_stream`, the stream is first created
+    /// again (it may have been deleted under us), so `Rejected` there means
+    /// the configured stream exists and does not capture the subject:
+    /// retrying could not change that.
+    async fn who_captures(&self, subject: &str) -> PublishOutcome {
+        if self.config.create_stream.is_some() {
+            self.stream_ready.store(false, Ordering::Release);
+            if let Err(reason) = self.ensure_stream().await {
+                return PublishOutcome::transient(format!(
+                    "no JetStream stream answered for subject {subject:?}: {reason}"
+                ));
+            }
+        }
+        match self.js.stream_by_subject(subject).await {
+            Err(e) if matches!(e.kind(), GetStreamByNameErrorKind::NotFound) => {
+                PublishOutcome::rejected(match &self.config.create_stream {
+                    Some(spec) => format!(
+                        "no JetStream stream captures subject {subject:?}, and stream {} (create_stream) does not: add the subject to that stream, or change subject_template or the topic",
+                        spec.name
+                    ),
+                    None => format!(
+                        "no JetStream stream captures subject {subject:?}: create a stream for it or set create_stream"
+                    ),
+                })
+            }
+            Ok(stream) => PublishOutcome::transient(format!(
+                "stream {stream} captures subject {subject:?} but did not answer"
+            )),
+            Err(e) => PublishOutcome::transient(format!(
+                "no JetStream stream answered for subject {subject:?}, and JetStream could not be asked which should ({e})"
+            )),
+        }
+    }
 }
+
+/// A batch's answers to "which stream captures this subject", by subject
+/// (see [`Inner::no_stream`]).
+type Lookups = tokio::sync::Mutex<HashMap<String, PublishOutcome>>;
+
+/// JetStream errors of a publish that no retry of the same message can
+/// clear: the message (its size, or a precondition its own headers set)
+/// or the stream's configuration is at fault, so they are `Rejected`.
+///
+/// The expected-last-sequence / last-message-id preconditions
+/// (`Nats-Expected-Last-Sequence`, `Nats-Expected-Last-Subject-Sequence`,
+/// `Nats-Expected-Last-Msg-Id`) are among them: a stream's last sequence
+/// only grows, so once the precondition failed it fails on every retry; the
+/// producer has to decide again. A retry of a message that was stored but
+/// not acked is still `Ok` inside the duplicate window: JetStream checks
+/// `Nats-Msg-Id` before these preconditions. Not here: 10164, the same
+/// precondition refused because another message to that subject is in
+/// flight (that clears), and 10158, a duplicate still in process.
+const PERMANENT: [ErrorCode; 9] = [
+    ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM, // 10054: over max_msg_size
+    ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,  // 10097
+    ErrorCode::STREAM_SEALED,                  // 10109
+    ErrorCode::STREAM_NOT_MATCH,               // 10060: Nats-Expected-Stream
+    ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID,   // 10070: Nats-Expected-Last-Msg-Id
+    ErrorCode::STREAM_WRONG_LAST_SEQUENCE,     // 10071: Nats-Expected-Last-(Subject-)Sequence
+    ErrorCode(10165),                          // invalid Nats-TTL header
+    ErrorCode(10166),                          // Nats-TTL on a stream without per-message TTL
+    ErrorCode(10193), // Nats-Expected-Last-Subject-Sequence-Subject without the sequence
+];
 
 fn source_text(e: &jetstream::context::PublishError) -> String {
     e.source()
@@ -408,23 +508,6 @@ fn source_text(e: &jetstream::context::PublishError) -> String {
 
 fn source_suffix(e: &jetstream::context::PublishError) -> String {
     e.source().map(|s| format!(" ({s})")).unwrap_or_default()
-}
-
-/// A subject NATS accepts for publishing: dot-separated non-empty tokens,
-/// no whitespace, no wildcards.
-fn check_subject(subject: &str) -> Result<(), String> {
-    let bad = subject.is_empty()
-        || subject.contains(|c: char| c.is_whitespace() || c.is_control())
-        || subject
-            .split('.')
-            .any(|t| t.is_empty() || t == "*" || t == ">");
-    if bad {
-        Err(format!(
-            "{subject:?} is not a valid NATS subject to publish to (dot-separated non-empty tokens, no spaces or wildcards)"
-        ))
-    } else {
-        Ok(())
-    }
 }
 
 /// The NATS headers of `m`: its own headers, then [`KEY_HEADER`] and

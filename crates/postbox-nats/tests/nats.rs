@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use common::{NatsHarness, config, harness, suffix};
 use postbox_core::{PublishOutcome, Publisher};
 use postbox_nats::{NatsConfig, NatsPublisher, StreamSpec};
@@ -216,6 +218,136 @@ async fn connect_fails_fast_and_clearly_when_nats_is_unreachable() {
         err.contains("127.0.0.1:1") && !err.contains("s3cret"),
         "{err}"
     );
+}
+
+/// With the default template, a topic is the subject as it is: a system
+/// subject would be a request made with the relay's credentials (this one
+/// deletes the stream).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn system_subjects_are_rejected_and_the_stream_survives() {
+    let h = harness().await;
+    let delete = format!("$JS.API.STREAM.DELETE.{}", h.stream());
+    let inbox = format!("_INBOX.{}", h.suffix);
+    let outcomes = h
+        .publisher
+        .publish(&[
+            message(1, &delete, None, &b""[..]),
+            message(2, &inbox, None, &b"x"[..]),
+        ])
+        .await;
+    for (o, subject) in outcomes.iter().zip([&delete, &inbox]) {
+        match o {
+            PublishOutcome::Rejected { reason } => {
+                assert!(reason.contains(subject.as_str()), "{reason}")
+            }
+            other => panic!("{subject}: expected Rejected, got {other:?}"),
+        }
+    }
+    assert!(
+        h.js.get_stream(h.stream()).await.is_ok(),
+        "the stream was deleted"
+    );
+}
+
+/// Before the first connection the client only knows its own default
+/// max_payload (1 MiB); the server may allow more, so the message must
+/// stay retryable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_before_the_first_connection_stays_retryable() {
+    // nothing listens on port 1
+    let publisher = NatsPublisher::new(config("127.0.0.1:1")).await.unwrap();
+    let big = message(1, "orders.created", None, vec![7u8; 1_500_000]);
+    let outcomes = publisher.publish(&[big]).await;
+    match &outcomes[..] {
+        [PublishOutcome::Transient { reason, .. }] => {
+            assert!(reason.contains("max_payload"), "{reason}")
+        }
+        other => panic!("expected Transient, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subject_the_created_stream_does_not_capture_is_rejected() {
+    let addr = postbox_testkit::services::NATS.require().await;
+    let s = suffix();
+    let name = format!("POSTBOX_TEST_{s}");
+    let publisher = NatsPublisher::connect(
+        config(&addr).create_stream(StreamSpec::new(&name, [format!("postbox.test.{s}.a.>")])),
+    )
+    .await
+    .unwrap();
+    let elsewhere = format!("postbox.test.{s}.b.created");
+    let outcomes = publisher
+        .publish(&[message(1, &elsewhere, None, &b"x"[..])])
+        .await;
+    let js = async_nats::jetstream::new(publisher.client().clone());
+    js.delete_stream(&name).await.unwrap();
+    match &outcomes[..] {
+        [PublishOutcome::Rejected { reason }] => {
+            assert!(
+                reason.contains(&elsewhere) && reason.contains(&name),
+                "{reason}"
+            )
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+/// A `Nats-Expected-*` precondition the message carries fails on every
+/// retry as it did the first time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_expected_precondition_is_rejected() {
+    let h = harness().await;
+    let topic = h.topic_name();
+    let mut wrong_stream = message(1, &topic, None, &b"x"[..]);
+    wrong_stream
+        .headers
+        .insert("Nats-Expected-Stream".into(), "NOT_THIS_ONE".into());
+    let mut wrong_seq = message(2, &topic, None, &b"x"[..]);
+    wrong_seq
+        .headers
+        .insert("Nats-Expected-Last-Sequence".into(), "999".into());
+    let outcomes = h.publisher.publish(&[wrong_stream, wrong_seq]).await;
+    for (o, code) in outcomes.iter().zip(["10060", "10071"]) {
+        match o {
+            PublishOutcome::Rejected { reason } => {
+                assert!(reason.contains(code) && reason.contains(&topic), "{reason}")
+            }
+            other => panic!("{code}: expected Rejected, got {other:?}"),
+        }
+    }
+}
+
+/// "No responders" for many messages of one subject asks JetStream which
+/// stream captures it once per batch, not once per message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_asks_once_per_subject_which_stream_captures_it() {
+    let h = harness().await;
+    let watcher = async_nats::connect(h.addr.as_str()).await.unwrap();
+    let mut requests = watcher.subscribe("$JS.API.STREAM.NAMES").await.unwrap();
+    watcher.flush().await.unwrap();
+    let subject = format!("postbox.nostream.{}", suffix());
+    let batch: Vec<_> = (1..=50)
+        .map(|i| message(i, &subject, None, &b"x"[..]))
+        .collect();
+    let outcomes = h.publisher.publish(&batch).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, PublishOutcome::Rejected { .. })),
+        "{:?}",
+        &outcomes[..3]
+    );
+    let mut asked = 0;
+    while let Ok(Some(request)) =
+        tokio::time::timeout(Duration::from_millis(500), requests.next()).await
+    {
+        // other tests run beside this one: count only the lookups of this subject
+        if String::from_utf8_lossy(&request.payload).contains(&subject) {
+            asked += 1;
+        }
+    }
+    assert_eq!(asked, 1, "stream lookups for one subject in one batch");
 }
 
 async fn assert_all_stored(h: &NatsHarness, report: &postbox_testkit::LossReport) {

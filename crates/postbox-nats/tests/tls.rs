@@ -81,6 +81,43 @@ async fn a_certificate_from_ca_file_is_trusted() {
     }
 }
 
+/// `ca_file` with a `nats://` URL: TLS is required even though the
+/// server does not announce `tls_required` (else the credentials and the
+/// messages would go in clear text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_requires_tls_on_a_nats_url() {
+    let ca = TestCa::generate();
+    let plain_info = String::from_utf8(INFO.to_vec())
+        .unwrap()
+        .replace(",\"tls_required\":true", "");
+    assert!(!plain_info.contains("tls_required"));
+    let server = TlsListener::start_with_preamble(&ca, plain_info.into_bytes())
+        .await
+        .unwrap();
+    let ca_file =
+        std::env::temp_dir().join(format!("postbox-nats-ca-{}.pem", uuid::Uuid::new_v4()));
+    std::fs::write(&ca_file, ca.ca_pem()).unwrap();
+    let url = format!("nats://{}", server.addr());
+    let publisher = NatsPublisher::new(
+        NatsConfig::from_url(&url)
+            .unwrap()
+            .connect_timeout(Duration::from_secs(2))
+            .ca_file(&ca_file),
+    )
+    .await;
+    std::fs::remove_file(&ca_file).unwrap();
+    let _publisher = publisher.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while server.handshakes_completed() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no TLS handshake: the client did not require TLS ({:?})",
+            server.handshake_failures()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[test]
 fn a_missing_ca_file_is_a_config_error() {
     let rt = tokio::runtime::Runtime::new().unwrap();

@@ -144,3 +144,99 @@ impl PublisherHarness for NatsHarness {
         LargePayload::Rejected
     }
 }
+
+/// A `nats-server` of the test's own (e.g. with authentication), on a free
+/// port, with JetStream in a temporary directory; stopped when dropped.
+pub struct OwnNatsServer {
+    child: std::process::Child,
+    pub port: u16,
+    /// JetStream's store and the log; removed when dropped
+    dir: tempfile::TempDir,
+}
+
+/// Where the `nats-server` binary is: `POSTBOX_TEST_NATS_SERVER`, else
+/// `/usr/sbin/nats-server` (Debian's package, which also runs the shared
+/// test server on 4222), else `nats-server` on `PATH`. Panics (failing the
+/// test, never skipping it) naming what is missing.
+pub fn nats_server_binary() -> std::path::PathBuf {
+    if let Ok(path) = std::env::var("POSTBOX_TEST_NATS_SERVER") {
+        return path.into();
+    }
+    let debian = std::path::Path::new("/usr/sbin/nats-server");
+    if debian.is_file() {
+        return debian.to_owned();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("nats-server"))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the nats-server binary is missing: this test starts its own NATS server (with authentication). \
+                 Install Debian's package nats-server (it provides /usr/sbin/nats-server, which also serves \
+                 the shared test server on 127.0.0.1:4222) or set POSTBOX_TEST_NATS_SERVER to its path."
+            )
+        })
+}
+
+impl OwnNatsServer {
+    /// Starts `nats-server -js` with `args` (e.g. `["--user", "u",
+    /// "--pass", "p"]`) and waits until it accepts connections.
+    pub async fn start(args: &[&str]) -> Self {
+        let binary = nats_server_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let mut last_log = String::new();
+        // the port is free when asked, and may be taken before the server
+        // binds it: try again with another one
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let log = dir.path().join(format!("nats-{port}.log"));
+            let mut child = std::process::Command::new(&binary)
+                .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+                .arg(dir.path())
+                .arg("-l")
+                .arg(&log)
+                .args(args)
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return OwnNatsServer { child, port, dir };
+                }
+                if child.try_wait().unwrap().is_some() || tokio::time::Instant::now() >= deadline {
+                    last_log = std::fs::read_to_string(&log).unwrap_or_default();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        panic!(
+            "nats-server ({}) did not start; its last log: {last_log}",
+            binary.display()
+        );
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnNatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
