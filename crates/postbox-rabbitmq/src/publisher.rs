@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::protocol::{AMQPError, AMQPErrorKind};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
@@ -41,6 +42,19 @@ pub const KEY_HEADER: &str = "postbox-key";
 /// `basic.nack`, a confirm that does not arrive within
 /// `confirm_timeout_ms`, a lost connection or channel, or a broker that
 /// cannot be reached.
+///
+/// A message the broker answers with a channel error closes the channel
+/// under every unconfirmed message of the batch, and the close does not
+/// say which message caused it. Those messages are then published again
+/// one at a time, each confirm awaited before the next, within the relay's
+/// deadline (what cannot start by it is `NotSent`): the batch-mates are
+/// `Ok`, and the one that closes the channel again is `Rejected` for
+/// `406 PRECONDITION_FAILED` (e.g. a body over `max_message_size`, with
+/// the broker's reply text) and `404 NOT_FOUND` (an exchange deleted after
+/// it was checked, which is then checked again next time), `Transient`
+/// for `403 ACCESS_REFUSED` (an operator can grant the permission) and
+/// anything else. A message the broker stored before it closed the channel
+/// is then stored twice, with the same `message_id`.
 ///
 /// The connection is opened on the first publish and again, with
 /// exponential backoff, after it was lost; messages that were published but
@@ -133,9 +147,20 @@ impl Inner {
     /// (unless the backoff after a failure has not run out yet).
     async fn channel(&self) -> Result<Channel, String> {
         let mut link = self.link.lock().await;
-        if let Some((conn, channel)) = &link.open {
-            if conn.status().connected() && channel.status().connected() {
-                return Ok(channel.clone());
+        if let Some((conn, channel)) = link.open.as_mut() {
+            if conn.status().connected() {
+                if channel.status().connected() {
+                    return Ok(channel.clone());
+                }
+                // The broker closed the channel (a channel error such as an
+                // oversized message), not the connection: a new channel is
+                // one round trip and keeps the exchanges checked on it.
+                let timeout = Duration::from_millis(self.config.connect_timeout_ms);
+                if let Ok(Ok(fresh)) = tokio::time::timeout(timeout, confirm_channel(conn)).await {
+                    tracing::debug!("RabbitMQ closed the channel; opened a new one");
+                    *channel = fresh.clone();
+                    return Ok(fresh);
+                }
             }
             tracing::debug!("RabbitMQ connection or channel lost; reconnecting");
             link.open = None;
@@ -184,17 +209,15 @@ impl Inner {
 
     async fn open(&self) -> lapin::Result<(Connection, Channel)> {
         let conn = Connection::connect(&self.config.url, ConnectionProperties::default()).await?;
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let channel = confirm_channel(&conn).await?;
         Ok((conn, channel))
     }
 
     /// The exchanges of `batch` that do not exist. Publishing to a missing
-    /// exchange makes the broker close the channel, failing every other
-    /// message in flight on it, so each new exchange name is checked once
-    /// with a passive declare on a channel of its own.
+    /// exchange makes the broker close the channel under every other
+    /// message in flight on it (which then go again one at a time), so each
+    /// new exchange name is checked once with a passive declare on a
+    /// channel of its own.
     async fn missing_exchanges(&self, batch: &[Message]) -> HashSet<String> {
         let unknown: BTreeSet<String> = {
             let known = self
@@ -319,43 +342,43 @@ impl Inner {
         let mut pending = Vec::with_capacity(batch.len());
         let mut broken: Option<String> = None;
         let mut late = false;
+        // the deadline cut a send: the broker stopped reading
+        let mut stalled = false;
         for m in batch {
             // past the deadline (or after a send it cut) nothing more is
             // handed over
             late = late || deadline.is_some_and(|d| d <= Instant::now());
             if late {
-                pending.push(Err(PublishOutcome::NotSent));
+                pending.push(Err(Unconfirmed::settled(PublishOutcome::NotSent)));
                 continue;
             }
             if let Some(reason) = &broken {
-                pending.push(Err(PublishOutcome::transient(reason.clone())));
+                pending.push(Err(Unconfirmed::cut_off(reason.clone(), None)));
                 continue;
             }
             let (exchange, routing_key) = match self.destination(m) {
                 Ok(d) => d,
                 Err(reason) => {
-                    pending.push(Err(PublishOutcome::rejected(reason)));
+                    pending.push(Err(Unconfirmed::settled(PublishOutcome::rejected(reason))));
                     continue;
                 }
             };
             if missing.contains(exchange.as_str()) {
-                pending.push(Err(PublishOutcome::rejected(format!(
-                    "exchange {:?} does not exist (for topic {:?}); declare it or fix the exchange template",
-                    exchange.as_str(),
-                    m.topic
+                pending.push(Err(Unconfirmed::settled(PublishOutcome::rejected(
+                    format!(
+                        "exchange {:?} does not exist (for topic {:?}); declare it or fix the exchange template",
+                        exchange.as_str(),
+                        m.topic
+                    ),
                 ))));
                 continue;
             }
             let properties = match properties(m) {
                 Ok(p) => p,
                 Err(reason) => {
-                    pending.push(Err(PublishOutcome::rejected(reason)));
+                    pending.push(Err(Unconfirmed::settled(PublishOutcome::rejected(reason))));
                     continue;
                 }
-            };
-            let options = BasicPublishOptions {
-                mandatory: true,
-                immediate: false,
             };
             // a broker that stops reading (a memory or disk alarm) holds the
             // write: the deadline cuts it, and the channel is given up
@@ -364,7 +387,7 @@ impl Inner {
                 channel.basic_publish(
                     exchange.clone(),
                     routing_key.clone(),
-                    options,
+                    PUBLISH,
                     &m.payload,
                     properties,
                 ),
@@ -374,43 +397,61 @@ impl Inner {
                     let reason = "RabbitMQ did not take the message by the relay's deadline";
                     broken = Some(reason.to_owned());
                     late = true;
-                    pending.push(Err(PublishOutcome::transient(reason)));
+                    stalled = true;
+                    pending.push(Err(Unconfirmed::settled(PublishOutcome::transient(reason))));
                 }
                 Some(Ok(confirm)) => pending.push(Ok((confirm, exchange, routing_key))),
                 Some(Err(e)) => {
+                    // the channel closed under the batch: later messages are
+                    // not handed over, and may go again alone (see below)
                     let reason = format!("RabbitMQ publish failed: {e}");
                     broken = Some(reason.clone());
-                    pending.push(Err(PublishOutcome::transient(reason)));
+                    pending.push(Err(Unconfirmed::cut_off(reason, channel_error(&e))));
                 }
             }
         }
         let confirms_by = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
         let confirms_until = deadline.map_or(confirms_by, |d| d.min(confirms_by));
-        // per message: its confirm, or its outcome and whether the channel
-        // is to be dropped
-        type Confirmed = Result<(Confirmation, ShortString, ShortString), (PublishOutcome, bool)>;
+        // per message: its confirm, or why there is none
+        type Confirmed = Result<(Confirmation, ShortString, ShortString), Unconfirmed>;
         let confirms: Vec<Confirmed> = join_all(pending.into_iter().map(|p| async move {
-            let (confirm, exchange, routing_key) = p.map_err(|outcome| (outcome, false))?;
+            let (confirm, exchange, routing_key) = p?;
             match tokio::time::timeout_at(confirms_until, confirm).await {
                 Ok(Ok(c)) => Ok((c, exchange, routing_key)),
-                Ok(Err(e)) => Err((
-                    PublishOutcome::transient(format!("RabbitMQ confirm failed: {e}")),
-                    true,
+                // the channel closed before this message's confirm: the
+                // broker may or may not have taken it
+                Ok(Err(e)) => Err(Unconfirmed {
+                    lost: true,
+                    ..Unconfirmed::cut_off(
+                        format!("RabbitMQ confirm failed: {e}"),
+                        channel_error(&e),
+                    )
+                }),
+                Err(_) if confirms_until < confirms_by => Err(Unconfirmed::lost(
+                    "no confirm from RabbitMQ by the relay's deadline".to_owned(),
                 )),
-                Err(_) if confirms_until < confirms_by => Err((
-                    PublishOutcome::transient("no confirm from RabbitMQ by the relay's deadline"),
-                    true,
-                )),
-                Err(_) => Err((
-                    PublishOutcome::transient(format!(
-                        "no confirm from RabbitMQ within {} ms",
-                        self.config.confirm_timeout_ms
-                    )),
-                    true,
-                )),
+                Err(_) => Err(Unconfirmed::lost(format!(
+                    "no confirm from RabbitMQ within {} ms",
+                    self.config.confirm_timeout_ms
+                ))),
             }
         }))
         .await;
+        // The broker closed the channel with a channel error (not a lost
+        // connection): one message of the batch caused it, and which one
+        // the close does not say. The messages it cut off go again alone.
+        let closed_by = confirms
+            .iter()
+            .find_map(|c| c.as_ref().err()?.closed_by.clone());
+        let again: Vec<usize> = match closed_by {
+            Some(_) if !stalled => confirms
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| matches!(c, Err(u) if u.cut_off))
+                .map(|(i, _)| i)
+                .collect(),
+            _ => Vec::new(),
+        };
         // the returns this batch's confirms carried, by message id
         let mut returned: HashMap<String, (u16, String)> = HashMap::new();
         for (c, _, _) in confirms.iter().flatten() {
@@ -424,17 +465,12 @@ impl Inner {
             .into_iter()
             .zip(batch)
             .map(|(c, m)| match c {
-                Err(outcome_lost) => outcome_lost,
+                Err(u) => (u.outcome, u.lost),
                 Ok((Confirmation::Ack(_), exchange, routing_key)) => {
                     match returned.get(&m.id.to_string()) {
-                        Some((code, text)) => (
-                            PublishOutcome::rejected(format!(
-                                "unroutable: exchange {:?} routing key {:?} ({code} {text})",
-                                exchange.as_str(),
-                                routing_key.as_str(),
-                            )),
-                            false,
-                        ),
+                        Some((code, text)) => {
+                            (unroutable(&exchange, &routing_key, *code, text), false)
+                        }
                         None => (PublishOutcome::Ok, false),
                     }
                 }
@@ -450,11 +486,195 @@ impl Inner {
                 ),
             })
             .collect();
-        abandoned.finished();
-        if broken.is_some() || outcomes.iter().any(|(_, lost)| *lost) {
+        let lost = broken.is_some() || outcomes.iter().any(|(_, lost)| *lost);
+        let mut outcomes: Vec<PublishOutcome> = outcomes.into_iter().map(|(o, _)| o).collect();
+        if let Some(error) = closed_by.filter(|_| !stalled) {
+            tracing::warn!(
+                reply_code = error.get_id(),
+                reply_text = error.get_message().as_str(),
+                postbox.again = again.len(),
+                "RabbitMQ closed the channel; publishing the messages it cut off one at a time"
+            );
+            // the connection is fine: `channel()` opens a new channel on it
+            self.publish_alone(batch, &again, &mut outcomes, deadline)
+                .await;
+        } else if lost {
             self.drop_channel(&channel).await;
         }
-        outcomes.into_iter().map(|(o, _)| o).collect()
+        abandoned.finished();
+        outcomes
+    }
+
+    /// Publishes `batch[i]` for each `i` of `again` once more, alone: each
+    /// on a working channel, its confirm awaited before the next is sent,
+    /// so a message that makes the broker close the channel again is known
+    /// and gets the outcome its error deserves ([`Inner::refused`]), while
+    /// the others go through. What cannot start by `deadline` is `NotSent`.
+    ///
+    /// A batch holds at most one message per key, so this keeps the order
+    /// per key. A message the broker took before it closed the channel (its
+    /// confirm lost with the channel) is stored twice; the retry carries the
+    /// same `message_id`, as after a lost connection.
+    async fn publish_alone(
+        &self,
+        batch: &[Message],
+        again: &[usize],
+        outcomes: &mut [PublishOutcome],
+        deadline: Option<Instant>,
+    ) {
+        for (n, &i) in again.iter().enumerate() {
+            let channel = match by_deadline(deadline, self.channel()).await {
+                Some(Ok(c)) if deadline.is_none_or(|d| d > Instant::now()) => c,
+                Some(Err(reason)) => {
+                    for &j in &again[n..] {
+                        outcomes[j] = PublishOutcome::transient(reason.clone());
+                    }
+                    return;
+                }
+                // not started by the deadline: given back untouched
+                _ => {
+                    for &j in &again[n..] {
+                        outcomes[j] = PublishOutcome::NotSent;
+                    }
+                    return;
+                }
+            };
+            let (outcome, lost) = self.publish_one(&channel, &batch[i], deadline).await;
+            outcomes[i] = outcome;
+            if lost {
+                // a lost connection or a missing confirm: the rest keep the
+                // batch's `Transient` (or `NotSent` past the deadline)
+                self.drop_channel(&channel).await;
+                if deadline.is_some_and(|d| d <= Instant::now()) {
+                    for &j in &again[n + 1..] {
+                        outcomes[j] = PublishOutcome::NotSent;
+                    }
+                }
+                return;
+            }
+        }
+    }
+
+    /// Publishes `m` alone on `channel` and awaits its confirm: its outcome,
+    /// and whether the channel is to be given up. A channel error the broker
+    /// answers with closes `channel` (the next [`Inner::channel`] opens a
+    /// new one) and is this message's alone.
+    async fn publish_one(
+        &self,
+        channel: &Channel,
+        m: &Message,
+        deadline: Option<Instant>,
+    ) -> (PublishOutcome, bool) {
+        // both worked when the batch published it
+        let (exchange, routing_key) = match self.destination(m) {
+            Ok(d) => d,
+            Err(reason) => return (PublishOutcome::rejected(reason), false),
+        };
+        let properties = match properties(m) {
+            Ok(p) => p,
+            Err(reason) => return (PublishOutcome::rejected(reason), false),
+        };
+        let published = by_deadline(
+            deadline,
+            channel.basic_publish(
+                exchange.clone(),
+                routing_key.clone(),
+                PUBLISH,
+                &m.payload,
+                properties,
+            ),
+        );
+        let confirm = match published.await {
+            None => {
+                let reason = "RabbitMQ did not take the message by the relay's deadline";
+                return (PublishOutcome::transient(reason), true);
+            }
+            Some(Err(e)) => match channel_error(&e) {
+                Some(error) => return (self.refused(m, &exchange, error), false),
+                None => {
+                    let reason = format!("RabbitMQ publish failed: {e}");
+                    return (PublishOutcome::transient(reason), true);
+                }
+            },
+            Some(Ok(confirm)) => confirm,
+        };
+        let confirms_by = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
+        let confirms_until = deadline.map_or(confirms_by, |d| d.min(confirms_by));
+        match tokio::time::timeout_at(confirms_until, confirm).await {
+            // alone on the channel: a return is this message's own
+            Ok(Ok(Confirmation::Ack(Some(r)))) => (
+                unroutable(&exchange, &routing_key, r.reply_code, r.reply_text.as_str()),
+                false,
+            ),
+            Ok(Ok(Confirmation::Ack(None))) => (PublishOutcome::Ok, false),
+            Ok(Ok(Confirmation::Nack(_))) => (
+                PublishOutcome::transient("RabbitMQ nacked the message (it could not store it)"),
+                false,
+            ),
+            Ok(Ok(Confirmation::NotRequested)) => (
+                PublishOutcome::transient("channel is not in confirm mode"),
+                true,
+            ),
+            Ok(Err(e)) => match channel_error(&e) {
+                Some(error) => (self.refused(m, &exchange, error), false),
+                None => (
+                    PublishOutcome::transient(format!("RabbitMQ confirm failed: {e}")),
+                    true,
+                ),
+            },
+            Err(_) if confirms_until < confirms_by => (
+                PublishOutcome::transient("no confirm from RabbitMQ by the relay's deadline"),
+                true,
+            ),
+            Err(_) => (
+                PublishOutcome::transient(format!(
+                    "no confirm from RabbitMQ within {} ms",
+                    self.config.confirm_timeout_ms
+                )),
+                true,
+            ),
+        }
+    }
+
+    /// The outcome of `m`, which alone made the broker close the channel
+    /// with `error`.
+    fn refused(&self, m: &Message, exchange: &ShortString, error: &AMQPError) -> PublishOutcome {
+        let code = error.get_id();
+        let text = error.get_message().as_str();
+        tracing::warn!(
+            postbox.id = %m.id,
+            postbox.topic = m.topic.as_str(),
+            reply_code = code,
+            reply_text = text,
+            "RabbitMQ closed the channel on this message"
+        );
+        match code {
+            // the message itself is wrong (over `max_message_size`, a bad
+            // property): sending it again cannot help
+            406 => {
+                PublishOutcome::rejected(format!("RabbitMQ refused the message ({code} {text})"))
+            }
+            // on basic.publish only the exchange can be missing: deleted
+            // after the passive declare found it, so check it again next time
+            404 => {
+                self.exchanges
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(exchange.as_str());
+                PublishOutcome::rejected(format!(
+                    "exchange {:?} does not exist (for topic {:?}; {code} {text}); declare it or fix the exchange template",
+                    exchange.as_str(),
+                    m.topic
+                ))
+            }
+            // an operator can grant the permission, and a permission
+            // missing for a while should not dead-letter (and park) keys
+            403 => PublishOutcome::transient(format!(
+                "RabbitMQ refused the message ({code} {text}); give postbox's user write permission on exchange {:?}",
+                exchange.as_str()
+            )),
+            _ => PublishOutcome::transient(format!("RabbitMQ closed the channel ({code} {text})")),
+        }
     }
 
     fn destination(&self, m: &Message) -> Result<(ShortString, ShortString), String> {
@@ -466,6 +686,91 @@ impl Inner {
             .map_err(|e| format!("routing key for topic {:?}: {e}", m.topic))?;
         Ok((exchange, routing_key))
     }
+}
+
+/// Every message is `mandatory`, so an unroutable one comes back.
+const PUBLISH: BasicPublishOptions = BasicPublishOptions {
+    mandatory: true,
+    immediate: false,
+};
+
+/// Why a message of a batch has no confirm to read.
+struct Unconfirmed {
+    outcome: PublishOutcome,
+    /// The channel is given up after the batch.
+    lost: bool,
+    /// The channel stopped under the message (its publish or its confirm
+    /// failed, or it was not handed over after an earlier publish failed):
+    /// it goes again alone if the broker closed the channel.
+    cut_off: bool,
+    /// The channel error the broker closed the channel with, as this
+    /// message's publish or confirm reported it.
+    closed_by: Option<AMQPError>,
+}
+
+impl Unconfirmed {
+    fn settled(outcome: PublishOutcome) -> Self {
+        Self {
+            outcome,
+            lost: false,
+            cut_off: false,
+            closed_by: None,
+        }
+    }
+
+    fn lost(reason: String) -> Self {
+        Self {
+            lost: true,
+            ..Self::settled(PublishOutcome::transient(reason))
+        }
+    }
+
+    fn cut_off(reason: String, closed_by: Option<&AMQPError>) -> Self {
+        Self {
+            outcome: PublishOutcome::transient(reason),
+            lost: false,
+            cut_off: true,
+            closed_by: closed_by.cloned(),
+        }
+    }
+}
+
+/// The channel error in `e`: lapin 4 fails every confirm pending on a
+/// channel the broker closed with `ProtocolError` of a soft (channel-level)
+/// AMQP error, e.g. `406 PRECONDITION_FAILED - message size 134217729 is
+/// larger than configured max size 134217728` or `404 NOT_FOUND - no
+/// exchange 'x' in vhost '/'`. A connection the broker closed is a hard
+/// error; a lost connection an IO error; both are `None`.
+fn channel_error(e: &lapin::Error) -> Option<&AMQPError> {
+    match e.kind() {
+        ErrorKind::ProtocolError(error) if matches!(error.kind(), AMQPErrorKind::Soft(_)) => {
+            Some(error)
+        }
+        _ => None,
+    }
+}
+
+/// The outcome of a message the broker returned (`basic.return`).
+fn unroutable(
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    code: u16,
+    text: &str,
+) -> PublishOutcome {
+    PublishOutcome::rejected(format!(
+        "unroutable: exchange {:?} routing key {:?} ({code} {text})",
+        exchange.as_str(),
+        routing_key.as_str(),
+    ))
+}
+
+/// A new channel on `conn`, in confirm mode.
+async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 /// The AMQP properties of `m`.

@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{RabbitHarness, config, harness, suffix};
-use lapin::options::{QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
 use lapin::types::FieldTable;
 use postbox_core::{Message, PublishOutcome, Publisher};
 use postbox_rabbitmq::{RabbitMqConfig, RabbitMqPublisher};
@@ -298,4 +301,164 @@ async fn the_deadline_bounds_a_batch() {
         "{outcomes:?}"
     );
     proxy.stall(false);
+}
+
+/// Declares the durable direct exchange `name` (not auto-deleted: the test
+/// deletes it) and binds the harness queue to it with routing key `name`.
+async fn declare_bound_exchange(h: &RabbitHarness, name: &str) {
+    h.channel
+        .exchange_declare(
+            name.into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    h.channel
+        .queue_bind(
+            h.queue().into(),
+            name.into(),
+            name.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Asserts every message of `batch` but the one at `bad` is `Ok` and in the
+/// harness queue, and returns the outcome of the one at `bad`.
+async fn others_went_through(
+    h: &RabbitHarness,
+    batch: &[Message],
+    outcomes: &[PublishOutcome],
+    bad: usize,
+) -> PublishOutcome {
+    assert_eq!(outcomes.len(), batch.len());
+    for (i, o) in outcomes.iter().enumerate() {
+        if i != bad {
+            assert_eq!(*o, PublishOutcome::Ok, "batch-mate {i}: {outcomes:?}");
+        }
+    }
+    let mates = batch.iter().enumerate().filter(|(i, _)| *i != bad);
+    arrive(h, mates.map(|(_, m)| m)).await;
+    outcomes[bad].clone()
+}
+
+/// Waits until each of `sent` is in the harness queue. Duplicates are
+/// expected: a message the broker took before it closed the channel went
+/// again alone.
+async fn arrive<'a>(h: &RabbitHarness, sent: impl IntoIterator<Item = &'a Message>) {
+    let mut waiting: std::collections::HashSet<_> = sent.into_iter().map(|m| m.id).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !waiting.is_empty() && tokio::time::Instant::now() < deadline {
+        for r in h.read_queue(&h.queue(), 1, Duration::from_secs(1)).await {
+            waiting.remove(&r.id.unwrap());
+        }
+    }
+    assert!(waiting.is_empty(), "not in the queue: {waiting:?}");
+}
+
+/// An exchange deleted after postbox's passive declare found it makes the
+/// broker close the channel (404) under the whole batch: its batch-mates go
+/// again one at a time and are `Ok`; the message for the deleted exchange
+/// is `Rejected` naming it, and checked again once it is back. Before, the
+/// whole batch was `Transient`, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_deleted_after_the_check_rejects_only_its_message() {
+    let h = harness().await;
+    let a = format!("postbox.test.{}.a", h.suffix);
+    let b = format!("postbox.test.{}.b", h.suffix);
+    declare_bound_exchange(&h, &a).await;
+    declare_bound_exchange(&h, &b).await;
+    let publisher = RabbitMqPublisher::new(config(&h.addr).exchange("{topic}")).unwrap();
+    // both exchanges are checked and cached as existing
+    let warm = [
+        message(1, &a, None, &b"a"[..]),
+        message(2, &b, None, &b"b"[..]),
+    ];
+    assert_eq!(
+        publisher.publish(&warm).await,
+        [PublishOutcome::Ok, PublishOutcome::Ok]
+    );
+    arrive(&h, &warm).await;
+    h.channel
+        .exchange_delete(b.as_str().into(), ExchangeDeleteOptions::default())
+        .await
+        .unwrap();
+    let batch: Vec<Message> = (0..5)
+        .map(|i| {
+            let topic = if i == 2 { &b } else { &a };
+            message(
+                10 + i,
+                topic,
+                Some(&format!("k{i}")),
+                format!("m{i}").into_bytes(),
+            )
+        })
+        .collect();
+    let outcomes = publisher.publish(&batch).await;
+    match others_went_through(&h, &batch, &outcomes, 2).await {
+        PublishOutcome::Rejected { reason } => {
+            assert!(
+                reason.contains(&b) && reason.contains("does not exist"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    // back again: the cached "exists" was forgotten, so it is checked anew
+    declare_bound_exchange(&h, &b).await;
+    let again = [
+        message(20, &a, None, &b"a"[..]),
+        message(21, &b, None, &b"b"[..]),
+    ];
+    assert_eq!(
+        publisher.publish(&again).await,
+        [PublishOutcome::Ok, PublishOutcome::Ok]
+    );
+    arrive(&h, &again).await;
+    for x in [&a, &b] {
+        h.channel
+            .exchange_delete(x.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
+
+/// A body over the broker's `max_message_size` (128 MiB on RabbitMQ 3.8 to
+/// 3.13, 16 MiB on 4.x) makes it close the channel (406) under the whole
+/// batch: the batch-mates go again one at a time and are `Ok`, the big one
+/// is `Rejected` with the broker's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_message_size_is_rejected_alone() {
+    let h = harness().await;
+    let big = vec![0u8; 128 * 1024 * 1024 + 1];
+    let batch: Vec<Message> = (0..5)
+        .map(|i| {
+            let payload = if i == 2 {
+                big.clone()
+            } else {
+                format!("m{i}").into_bytes()
+            };
+            message(i, &h.queue(), Some(&format!("k{i}")), payload)
+        })
+        .collect();
+    let outcomes = h.publisher.publish(&batch).await;
+    match others_went_through(&h, &batch, &outcomes, 2).await {
+        PublishOutcome::Rejected { reason } => {
+            assert!(
+                reason.contains("406") && reason.contains("larger than configured max size"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    // the publisher goes on as before
+    let after = message(9, &h.queue(), None, &b"after"[..]);
+    assert_eq!(
+        h.publisher.publish(std::slice::from_ref(&after)).await,
+        [PublishOutcome::Ok]
+    );
 }
