@@ -23,7 +23,22 @@ pub(crate) async fn migrate(args: StoreArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Longest `enqueue --delay`: 100 years as `humantime` counts them (of
+/// 365.25 days, so `100y` is accepted). A longer one is a typo, not a plan,
+/// and soon past what the databases hold (MySQL's `DATETIME` ends with the
+/// year 9999; the library clamps longer delays).
+const MAX_DELAY: Duration = Duration::from_secs(100 * 31_557_600);
+
 pub(crate) async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
+    // checked before the store opens: a refused message touches nothing
+    if let Some(d) = args.delay
+        && d > MAX_DELAY
+    {
+        return Err(usage(format!(
+            "--delay {} is too long: at most 100 years",
+            humantime::format_duration(d)
+        )));
+    }
     let store = AnyStore::open(&args.store, Patience::Brief).await?;
     let mut msg = NewMessage::new(args.topic, args.payload.into_bytes());
     msg.key = args.key;
@@ -370,7 +385,9 @@ pub(crate) async fn dead(cmd: DeadCommand) -> anyhow::Result<()> {
     match cmd {
         DeadCommand::List(args) => {
             let store = AnyStore::open(&args.store, Patience::Brief).await?;
-            let q = ListQuery::new(Some(Status::Dead), args.limit).filter(filter_of(args.filter));
+            // clap keeps it at least 1; a limit past memory is no limit
+            let limit = usize::try_from(args.limit).unwrap_or(usize::MAX);
+            let q = ListQuery::new(Some(Status::Dead), limit).filter(filter_of(args.filter));
             let rows = store.list(&q).await?;
             if args.json {
                 let out: Vec<_> = rows.iter().map(record_json).collect();
@@ -568,6 +585,13 @@ async fn act_in_chunks(store: &AnyStore, filter: &Filter, what: Act) -> anyhow::
 /// messages sent at least AGE ago (and dead ones created at least AGE ago),
 /// [`CHUNK`] rows per statement, each its own short transaction.
 pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
+    // as with `dead purge --older-than 0s`, an age that matches every dead
+    // message must not stand in for `--all`
+    if args.dead_older_than.is_some_and(|age| age.is_zero()) {
+        return Err(usage(
+            "--dead-older-than 0s would delete every dead message: give an age greater than zero, or run `postbox dead purge --all` to delete them all",
+        ));
+    }
     let store = AnyStore::open(&args.store, Patience::Brief).await?;
     let mut summary = serde_json::Map::new();
     let mut lines = Vec::new();

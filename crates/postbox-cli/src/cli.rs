@@ -81,7 +81,9 @@ pub(crate) struct DemoArgs {
     /// Print only the summary, not each published message.
     #[arg(long)]
     pub(crate) quiet: bool,
-    /// Keep the SQLite file at this path instead of a temporary one.
+    /// Keep the SQLite file at this path instead of a temporary one; a run
+    /// on an existing file adds its orders to those already there (and
+    /// checks its own).
     #[arg(long, value_name = "PATH")]
     pub(crate) db: Option<std::path::PathBuf>,
 }
@@ -91,7 +93,7 @@ pub(crate) struct EnqueueArgs {
     #[command(flatten)]
     pub(crate) store: StoreArgs,
     /// Topic, e.g. orders.created.
-    #[arg(long)]
+    #[arg(long, value_parser = not_empty)]
     pub(crate) topic: String,
     /// Ordering key: messages with the same key are published in order.
     #[arg(long)]
@@ -105,12 +107,23 @@ pub(crate) struct EnqueueArgs {
     /// Tenant.
     #[arg(long)]
     pub(crate) tenant: Option<String>,
-    /// Publish no earlier than this long from now, e.g. 30s, 5m.
+    /// Publish no earlier than this long from now, e.g. 30s, 5m (at most
+    /// 100 years).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) delay: Option<Duration>,
-    /// Attempts before the message is dead.
-    #[arg(long)]
+    /// Attempts before the message is dead, at least 1 [default: the
+    /// relay's max_attempts].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) max_attempts: Option<u32>,
+}
+
+/// Refuses an empty value: a message without a topic has nowhere to go.
+fn not_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".to_owned())
+    } else {
+        Ok(s.to_owned())
+    }
 }
 
 fn parse_header(s: &str) -> Result<(String, String), String> {
@@ -305,9 +318,9 @@ pub(crate) struct DeadListArgs {
     pub(crate) store: StoreArgs,
     #[command(flatten)]
     pub(crate) filter: FilterArgs,
-    /// At most this many.
-    #[arg(long, default_value_t = 50)]
-    pub(crate) limit: usize,
+    /// At most this many (at least 1).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub(crate) limit: u64,
     /// Print JSON (one array, payloads included).
     #[arg(long)]
     pub(crate) json: bool,

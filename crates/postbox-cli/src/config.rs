@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use postbox_core::{OnDead, RelayOptions, RetryPolicy, TopicPattern};
+use postbox_core::{MAX_LEASE, OnDead, RelayOptions, RetryPolicy, TopicPattern};
 use serde::Deserialize;
 
 use crate::usage;
@@ -33,6 +33,10 @@ pub(crate) struct FileConfig {
     /// Topic patterns to publisher names, first match wins.
     #[serde(default)]
     pub(crate) routes: Vec<RouteSection>,
+    /// The `${NAME}` substitutions made in `publishers`, so that an error
+    /// about a publisher's settings need not show their values.
+    #[serde(skip)]
+    pub(crate) substituted: Substitutions,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -231,8 +235,42 @@ impl RelaySection {
         })
     }
 
-    /// The relay options these settings describe, validated.
+    /// The relay options these settings describe, validated: each key, then
+    /// the send timeout against the lease. Call it on the merged settings
+    /// (flags, environment, file): the check across keys only means
+    /// something there.
     pub(crate) fn options(&self) -> anyhow::Result<RelayOptions> {
+        let o = self.unchecked_options();
+        check_each_key(&o)?;
+        if o.send_timeout >= o.lease {
+            // say which side is a default: the operator may have set only
+            // the other one
+            let default = |set: bool| if set { "" } else { " (the default)" };
+            return Err(usage(format!(
+                "send_timeout = {:?}{} is invalid: must be shorter than the lease ({:?}{}), or another relay could publish the same key while this one still is",
+                o.send_timeout,
+                default(self.send_timeout.is_some()),
+                o.lease,
+                default(self.lease.is_some()),
+            )));
+        }
+        // the library has the last word (and any check it gains)
+        o.validate()?;
+        Ok(o)
+    }
+
+    /// Checks each key on its own, as the file is read. The check across
+    /// keys (the send timeout shorter than the lease) waits for the merged
+    /// settings in [`Self::options`]: a file's `lease = "5s"` may be meant
+    /// for a `--send-timeout 2s`, and must not be refused against a default
+    /// send timeout the operator never set.
+    pub(crate) fn check_keys(&self) -> anyhow::Result<()> {
+        check_each_key(&self.unchecked_options())
+    }
+
+    /// The relay options these settings describe, defaults filled in, not
+    /// checked.
+    fn unchecked_options(&self) -> RelayOptions {
         let d = RelayOptions::default();
         let mut o = RelayOptions::default();
         o.batch_size = self.batch_size.unwrap_or(d.batch_size);
@@ -258,9 +296,36 @@ impl RelaySection {
         if let Some(every) = self.stats_interval {
             o.stats_interval = every.interval();
         }
-        o.validate()?;
-        Ok(o)
+        o
     }
+}
+
+/// The library's checks of every key of `o` but the one across keys: the
+/// library compares the send timeout with the lease, so each of the two is
+/// checked here against its most lenient partner (the send timeout against
+/// the longest lease, the lease against the shortest send timeout), and
+/// refused only when no partner could make it valid.
+fn check_each_key(o: &RelayOptions) -> anyhow::Result<()> {
+    const SHORTEST: Duration = Duration::from_nanos(1);
+    if o.send_timeout >= MAX_LEASE {
+        return Err(usage(format!(
+            "send_timeout = {:?} is invalid: must be shorter than the longest lease ({MAX_LEASE:?})",
+            o.send_timeout
+        )));
+    }
+    if o.lease <= SHORTEST {
+        return Err(usage(format!(
+            "lease = {:?} is invalid: must be longer than {SHORTEST:?}, to leave room for a send_timeout greater than zero and shorter than it",
+            o.lease
+        )));
+    }
+    let mut longest_lease = o.clone();
+    longest_lease.lease = MAX_LEASE;
+    longest_lease.validate()?;
+    let mut shortest_send = o.clone();
+    shortest_send.send_timeout = SHORTEST;
+    shortest_send.validate()?;
+    Ok(())
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -408,9 +473,15 @@ mod opt_duration {
 }
 
 /// Replaces `${NAME}` with the environment variable `NAME`; a missing
-/// variable is an error naming it (never silently empty).
-fn substitute_env(text: &str, at: &str, env: &Env<'_>) -> anyhow::Result<String> {
+/// variable is an error naming it (never silently empty). Returns the text
+/// and the variables used, with their values.
+fn substitute_env(
+    text: &str,
+    at: &str,
+    env: &Env<'_>,
+) -> anyhow::Result<(String, Vec<(String, String)>)> {
     let mut out = String::with_capacity(text.len());
+    let mut used = Vec::new();
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
@@ -430,21 +501,111 @@ fn substitute_env(text: &str, at: &str, env: &Env<'_>) -> anyhow::Result<String>
         let value = env(name)
             .ok_or_else(|| usage(format!("{at}: environment variable {name} is not set")))?;
         out.push_str(&value);
+        used.push((name.to_owned(), value));
         rest = &after[end + 1..];
     }
     out.push_str(rest);
-    Ok(out)
+    Ok((out, used))
+}
+
+/// Checks an outbox table name: `table`, or `schema.table` (PostgreSQL;
+/// which store takes a schema is checked with the URL, wherever it comes
+/// from, when the relay's settings are resolved). The error says what is
+/// wrong, for a message that names the key.
+pub(crate) fn check_table(table: &str) -> Result<(), postbox_core::IdentError> {
+    let parts = match table.split_once('.') {
+        Some((schema, name)) => vec![schema, name],
+        None => vec![table],
+    };
+    for part in parts {
+        postbox_core::Ident::new(part)?;
+    }
+    Ok(())
 }
 
 /// Looks up an environment variable (injectable for tests).
 type Env<'a> = dyn Fn(&str) -> Option<String> + 'a;
 
-fn substitute_table(table: &mut toml::Table, at: &str, env: &Env<'_>) -> anyhow::Result<()> {
+/// The `${NAME}` substitutions made in a file: values that came from the
+/// environment, typically secrets, which an error must not repeat.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Substitutions {
+    /// (the string as the file wrote it, what it became)
+    strings: Vec<(String, String)>,
+    /// (variable name, its value)
+    variables: Vec<(String, String)>,
+}
+
+impl Substitutions {
+    /// Values shorter than this are not hunted for inside an error's text
+    /// (only where it quotes a whole setting): they would match pieces of
+    /// unrelated words and numbers (a `${PORT}` of `9092`), and a
+    /// credential is rarely that short.
+    const SHORTEST_HUNTED: usize = 8;
+
+    /// `text` (an error message) with the values that came from the
+    /// environment replaced by where they came from: a setting quoted whole
+    /// (as a type error quotes it: `string "…"`) by `(the value of ${NAME})`,
+    /// or by the string as the file wrote it; any other appearance of a
+    /// variable's value of some length by `the value of ${NAME}`.
+    pub(crate) fn redact(&self, text: &str) -> String {
+        let mut out = text.to_owned();
+        for (written, value) in &self.strings {
+            let by_name = self
+                .variables
+                .iter()
+                .find(|(name, _)| *written == format!("${{{name}}}"));
+            let shown = match by_name {
+                Some((name, _)) => format!("(the value of ${{{name}}})"),
+                None => format!("{written:?}"),
+            };
+            out = out.replace(&format!("{value:?}"), &shown);
+        }
+        let mut variables: Vec<&(String, String)> = self
+            .variables
+            .iter()
+            .filter(|(_, v)| v.chars().count() >= Self::SHORTEST_HUNTED)
+            .collect();
+        // the longest first: a value may hold a shorter one
+        variables.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+        for (name, value) in variables {
+            out = out.replace(value.as_str(), &format!("the value of ${{{name}}}"));
+        }
+        out
+    }
+
+    /// `e` with its message redacted, still a usage error (exit 2) if it
+    /// was one.
+    pub(crate) fn redact_error(&self, e: anyhow::Error) -> anyhow::Error {
+        if self.strings.is_empty() {
+            return e;
+        }
+        let text = self.redact(&format!("{e:#}"));
+        if crate::is_usage(&e) {
+            usage(text)
+        } else {
+            anyhow::anyhow!(text)
+        }
+    }
+}
+
+fn substitute_table(
+    table: &mut toml::Table,
+    at: &str,
+    env: &Env<'_>,
+    made: &mut Substitutions,
+) -> anyhow::Result<()> {
     for (key, value) in table.iter_mut() {
         let here = format!("{at}.{key}");
         match value {
-            toml::Value::String(s) => *s = substitute_env(s, &here, env)?,
-            toml::Value::Table(t) => substitute_table(t, &here, env)?,
+            toml::Value::String(s) => {
+                let (text, used) = substitute_env(s, &here, env)?;
+                if !used.is_empty() {
+                    made.strings.push((std::mem::replace(s, text), s.clone()));
+                    made.variables.extend(used);
+                }
+            }
+            toml::Value::Table(t) => substitute_table(t, &here, env, made)?,
             _ => {}
         }
     }
@@ -492,25 +653,17 @@ impl FileConfig {
             usage(format!("{}{at}", e.message().trim_end()))
         })?;
         for (name, table) in &mut config.publishers {
-            substitute_table(table, &format!("publishers.{name}"), env)?;
+            let at = format!("publishers.{name}");
+            substitute_table(table, &at, env, &mut config.substituted)?;
         }
         if let Some(url) = &mut config.store.url {
-            *url = substitute_env(url, "store.url", env)?;
+            // its errors show it through `redact_url` only
+            *url = substitute_env(url, "store.url", env)?.0;
         }
         // Refused here too, not only when a store opens: `config check`
         // must not call a file good that `relay` would refuse.
         if let Some(table) = &config.store.table {
-            // `table`, or `schema.table` (PostgreSQL; which store takes a
-            // schema is checked with the URL, wherever it comes from, when
-            // the relay's settings are resolved)
-            let parts = match table.split_once('.') {
-                Some((schema, name)) => vec![schema, name],
-                None => vec![table.as_str()],
-            };
-            for part in parts {
-                postbox_core::Ident::new(part)
-                    .map_err(|e| usage(format!("store.table = {table:?}: {e}")))?;
-            }
+            check_table(table).map_err(|e| usage(format!("store.table = {table:?}: {e}")))?;
         }
         if let Some(keep) = config.store.retain_sent {
             check_retention(keep).map_err(|why| {
@@ -525,9 +678,11 @@ impl FileConfig {
                 "store.vacuum_after = 0 must be at least 1 (leave it unset to never vacuum)",
             ));
         }
+        // each key alone: the file's settings may yet be merged with flags
+        // and environment variables (see `RelaySection::check_keys`)
         config
             .relay
-            .options()
+            .check_keys()
             .map_err(|e| usage(format!("[relay] {e}")))?;
         if let Some(addr) = &config.metrics.addr {
             check_listen_addr(addr)
@@ -681,15 +836,43 @@ mod tests {
         }
     }
 
+    /// A file's lease and send timeout are compared with each other only
+    /// once merged with the flags and environment that may override them.
+    #[test]
+    fn send_timeout_and_lease_are_compared_only_once_merged() {
+        let file = FileConfig::parse("[relay]\nlease = \"5s\"\n")
+            .expect("a short lease alone is not refused against the default send_timeout")
+            .relay;
+        // alone it is refused, saying the send timeout is the default
+        let err = format!("{:#}", file.options().expect_err("10s default vs 5s"));
+        assert!(err.contains("send_timeout = 10s (the default)"), "{err}");
+        assert!(err.contains("lease (5s)"), "{err}");
+        let flags = RelaySection {
+            send_timeout: Some(Duration::from_secs(2)),
+            ..RelaySection::default()
+        };
+        let o = flags.or(file).options().expect("2s is shorter than 5s");
+        assert_eq!(
+            (o.lease, o.send_timeout),
+            (Duration::from_secs(5), Duration::from_secs(2))
+        );
+        // both in the file and the wrong way round: refused once merged
+        let file = FileConfig::parse("[relay]\nsend_timeout = \"40s\"\nlease = \"30s\"\n")
+            .expect("parses")
+            .relay;
+        let err = format!("{:#}", file.options().expect_err("40s vs 30s"));
+        assert!(err.contains("send_timeout = 40s is invalid"), "{err}");
+    }
+
     #[test]
     fn errors_name_the_key() {
         let cases = [
             ("[relay]\nlease = \"30x\"\n", "lease"),
             ("[relay]\nbatch_size = 0\n", "batch_size"),
-            (
-                "[relay]\nsend_timeout = \"40s\"\nlease = \"30s\"\n",
-                "send_timeout",
-            ),
+            ("[relay]\nlease = \"0s\"\n", "lease"),
+            ("[relay]\nlease = \"2days\"\n", "lease"),
+            ("[relay]\nsend_timeout = \"0s\"\n", "send_timeout"),
+            ("[relay]\nsend_timeout = \"1day\"\n", "send_timeout"),
             ("[relay]\nbogus = 1\n", "bogus"),
             (
                 "[publishers.a]\nurl = \"stdout\"\n[[routes]]\ntopics = \"a..b\"\npublisher = \"a\"\n",

@@ -16,7 +16,7 @@ mod serve;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _};
 
 use crate::cli::{Cli, Command};
 
@@ -31,7 +31,9 @@ pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut command = empty_env_is_unset(Cli::command());
+    let cli = Cli::from_arg_matches_mut(&mut command.get_matches_mut())
+        .unwrap_or_else(|e| e.format(&mut command).exit());
     let exporter = init_logging(&cli);
     // Two rustls providers are compiled in (reqwest brings aws-lc-rs, the
     // broker clients ring), so rustls cannot choose a process default and any
@@ -60,6 +62,23 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// Drops the environment variable of every argument whose variable is set
+/// but empty, in every subcommand: `POSTBOX_STORE_URL=` (a template's blank)
+/// counts as unset, so the flag's default or the config file applies, as
+/// for `POSTBOX_RELAY_*` and `POSTBOX_METRICS_ADDR`. Clap itself would take
+/// the empty text as the value.
+fn empty_env_is_unset(command: clap::Command) -> clap::Command {
+    command
+        .mut_args(|arg| {
+            let empty = arg
+                .get_env()
+                .and_then(std::env::var_os)
+                .is_some_and(|v| v.is_empty());
+            if empty { arg.env(None::<&str>) } else { arg }
+        })
+        .mut_subcommands(empty_env_is_unset)
 }
 
 fn is_usage(e: &anyhow::Error) -> bool {

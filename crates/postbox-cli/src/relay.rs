@@ -23,6 +23,9 @@ struct Resolved {
     publishers: Vec<(String, Source)>,
     /// Where to serve metrics, and the key it came from (for errors).
     metrics: Option<(&'static str, String)>,
+    /// The file's `${NAME}` substitutions in `publishers`, kept out of
+    /// errors about them.
+    substituted: crate::config::Substitutions,
 }
 
 enum Source {
@@ -31,7 +34,7 @@ enum Source {
 }
 
 fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
-    let file = match &args.config {
+    let mut file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
@@ -79,6 +82,12 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
     let url = args.store.or(file.store.url.clone()).ok_or_else(|| {
         usage("no store: pass --store URL, set POSTBOX_STORE_URL, or set [store] url in the config file")
     })?;
+    // the file's table was checked as it was read; one from --table or
+    // POSTBOX_TABLE is checked here, so that `config check` judges it too
+    if let Some(table) = &args.table {
+        crate::config::check_table(table)
+            .map_err(|e| usage(format!("table {table:?} (--table, POSTBOX_TABLE): {e}")))?;
+    }
     let table = args
         .table
         .or(file.store.table.clone())
@@ -113,6 +122,7 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
             crate::config::VACUUM_AFTER_ENV
         )));
     }
+    let substituted = std::mem::take(&mut file.substituted);
     let (routes, publishers) = match args.publish {
         // --publish replaces the file's publishers: everything goes there
         Some(url) => (
@@ -146,6 +156,7 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         routes,
         publishers,
         metrics,
+        substituted,
     })
 }
 
@@ -155,7 +166,9 @@ async fn build_router(r: &Resolved) -> anyhow::Result<Router<AnyPublisher>> {
     for (name, source) in &r.publishers {
         let p = match source {
             Source::Url(url) => AnyPublisher::from_url(url).await?,
-            Source::Table(table) => AnyPublisher::from_table(name, table).await?,
+            Source::Table(table) => AnyPublisher::from_table(name, table)
+                .await
+                .map_err(|e| r.substituted.redact_error(e))?,
         };
         // A publish the relay gave up on must not land later: another
         // relay may by then have published the message again and its
@@ -185,15 +198,15 @@ async fn build_router(r: &Resolved) -> anyhow::Result<Router<AnyPublisher>> {
 
 pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
     let config = FileConfig::load(path)?;
+    // where `relay` takes them from: the environment (standing for --store
+    // and --table; empty is unset, as for `relay`) before the file
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let table = env("POSTBOX_TABLE");
     // Building the publishers checks their settings; none of them connects
     // eagerly, so this needs no broker.
     let mut r = resolve(RelayArgs {
         config: Some(path.to_owned()),
-        // where `relay` takes it from: the environment (standing for
-        // --store) before the file
-        store: std::env::var("POSTBOX_STORE_URL")
-            .ok()
-            .filter(|u| !u.is_empty())
+        store: env("POSTBOX_STORE_URL")
             .or_else(|| config.store.url.clone())
             // a placeholder that `resolve` accepts with every setting
             .or_else(|| {
@@ -201,10 +214,9 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
                     || std::env::var_os(crate::config::VACUUM_AFTER_ENV)
                         .is_some_and(|v| !v.is_empty());
                 // a schema-qualified table is a PostgreSQL one
-                let schema = config
-                    .store
-                    .table
+                let schema = table
                     .as_deref()
+                    .or(config.store.table.as_deref())
                     .is_some_and(|t| t.contains('.'));
                 Some(if vacuum || schema {
                     "postgres://unused/unused".into()
@@ -212,7 +224,7 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
                     "sqlite://unused.db".into()
                 })
             }),
-        table: None,
+        table: table.clone(),
         publish: None,
         batch_size: None,
         lease: None,

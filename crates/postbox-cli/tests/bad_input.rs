@@ -982,3 +982,69 @@ async fn mysql_corrupt_and_oversized_rows_are_dead_lettered() {
     corrupt_and_oversized_rows_on(&url, db, false).await;
     support::drop_database(&url).await;
 }
+
+/// `enqueue` refuses with exit 2, naming the flag, what no relay could
+/// deliver as meant, and writes nothing: an empty topic, no attempts at
+/// all, a delay past 100 years (`--delay 500000000000y` used to panic while
+/// adding it to the clock). On SQLite and PostgreSQL; a 100-year delay is
+/// accepted on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_refuses_an_empty_topic_no_attempts_and_an_endless_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("o.db").display());
+    let pg = support::pg_database().await;
+    for url in [&sqlite, &pg] {
+        let o = support::run(&["migrate", "--store", url]);
+        assert_eq!(support::code(&o), 0, "{}", support::stderr(&o));
+        for (extra, named) in [
+            (vec!["--topic", ""], "--topic"),
+            (
+                vec!["--topic", "t", "--max-attempts", "0"],
+                "--max-attempts",
+            ),
+            (vec!["--topic", "t", "--delay", "500000000000y"], "--delay"),
+            (vec!["--topic", "t", "--delay", "101y"], "--delay"),
+        ] {
+            let o = support::postbox()
+                .args(["enqueue", "--store", url, "--payload", "p"])
+                .args(&extra)
+                .output()
+                .unwrap();
+            let err = support::stderr(&o);
+            assert_eq!(support::code(&o), 2, "{url} {extra:?}: {err}");
+            assert!(err.contains(named), "{url} {extra:?}: {err}");
+            assert!(!err.contains("panicked"), "{url} {extra:?}: {err}");
+        }
+        let status = |url: &str| {
+            let o = support::run(&["status", "--store", url, "--json"]);
+            assert_eq!(support::code(&o), 0, "{}", support::stderr(&o));
+            serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+        };
+        assert_eq!(
+            status(url)["pending"],
+            0,
+            "{url}: a refused message was written"
+        );
+        let o = support::run(&[
+            "enqueue",
+            "--store",
+            url,
+            "--topic",
+            "t",
+            "--payload",
+            "p",
+            "--max-attempts",
+            "1",
+            "--delay",
+            "100y",
+        ]);
+        assert_eq!(support::code(&o), 0, "{url}: {}", support::stderr(&o));
+        let s = status(url);
+        assert_eq!(
+            (&s["pending"], &s["delayed"]),
+            (&1.into(), &1.into()),
+            "{url}: {s}"
+        );
+    }
+    support::drop_database(&pg).await;
+}

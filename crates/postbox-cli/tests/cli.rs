@@ -358,6 +358,24 @@ fn demo_runs_and_verifies_its_promises() {
     );
 }
 
+/// `demo --db FILE` keeps its file; a second run on it adds its orders to
+/// those of the first and checks only its own (it used to count every row
+/// of `orders` against this run's commits and report a broken promise).
+#[test]
+fn demo_runs_twice_on_a_kept_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("demo.db");
+    let db = db.to_str().expect("UTF-8 path");
+    for run_no in 1..=2 {
+        let o = run(&["demo", "--quiet", "--orders", "12", "--db", db]);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(code(&o), 0, "run {run_no}: {out}{}", stderr(&o));
+        assert!(out.contains("rows this run added to `orders`"), "{out}");
+    }
+    let o = run(&["status", "--store", &format!("sqlite://{db}"), "--json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
 /// A dead row whose id a plain-SQL producer wrote as text is listed with the
 /// nil id; `dead skip --key` and `dead purge --key` still reach it, so its
 /// key does not stay parked for want of an id.

@@ -504,3 +504,225 @@ async fn the_relay_refuses_an_untrusted_tls_broker_and_says_why() {
         assert_eq!(listener.handshakes_completed(), 0, "{publish}");
     }
 }
+
+/// Starts `relay` with its stderr piped, waits until `out` holds `lines`
+/// lines, then stops it with SIGTERM and checks that it exits 0; a relay
+/// that exits before (it refused its settings) fails the test with its
+/// error.
+fn relay_delivers(relay: &mut Command, out: &std::path::Path, lines: usize) {
+    let mut child = relay
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("relay");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let count = || {
+        std::fs::read_to_string(out)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    while count() < lines {
+        if child.try_wait().expect("wait").is_some() {
+            let o = child.wait_with_output().expect("output");
+            panic!("the relay exited {:?}: {}", o.status.code(), stderr(&o));
+        }
+        assert!(Instant::now() < deadline, "nothing delivered to {out:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let o = child.wait_with_output().expect("wait");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(count(), lines);
+}
+
+/// A migrated SQLite outbox holding one message, and a config file for it
+/// that publishes to `out.jsonl` in `dir` with `relay` as its `[relay]`
+/// section; returns (store URL, config path, output path).
+fn outbox_and_config(
+    dir: &std::path::Path,
+    relay: &str,
+) -> (String, std::path::PathBuf, std::path::PathBuf) {
+    let url = format!("sqlite://{}", dir.join("o.db").display());
+    let out = dir.join("out.jsonl");
+    let config = dir.join("postbox.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"{url}\"\n[relay]\npoll_interval = \"20ms\"\n{relay}\
+             [publishers.out]\nurl = \"file://{}\"\n",
+            out.display()
+        ),
+    )
+    .expect("write config");
+    for args in [
+        vec!["migrate", "--store", &url],
+        vec!["enqueue", "--store", &url, "--topic", "t", "--payload", "1"],
+    ] {
+        let o = postbox().args(args).output().expect("run");
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    }
+    (url, config, out)
+}
+
+/// An empty `POSTBOX_STORE_URL`, `POSTBOX_PUBLISH_URL` or `POSTBOX_TABLE`
+/// (a deployment template's blank) counts as unset in every command, as the
+/// `POSTBOX_RELAY_*` variables do: the config file, the flag or the default
+/// applies, and a missing `--store` is reported as missing.
+#[test]
+fn empty_store_publish_and_table_variables_count_as_unset() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, config, out) = outbox_and_config(dir.path(), "");
+    let blank = || {
+        let mut c = postbox();
+        c.env("POSTBOX_STORE_URL", "")
+            .env("POSTBOX_PUBLISH_URL", "")
+            .env("POSTBOX_TABLE", "");
+        c
+    };
+    let o = blank()
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    relay_delivers(blank().arg("relay").arg("--config").arg(&config), &out, 1);
+    // the table's default, and the flag's store
+    let o = blank()
+        .args(["status", "--store", &url])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("outbox postbox_outbox"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = blank()
+        .args(["enqueue", "--store", &url, "--topic", "t", "--payload", "2"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // no store anywhere: the missing flag, not an empty URL
+    for args in [vec!["status"], vec!["dead", "list"], vec!["migrate"]] {
+        let o = blank().args(&args).output().expect("run");
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains("--store"), "{args:?}: {}", stderr(&o));
+        assert!(!stderr(&o).contains("scheme"), "{args:?}: {}", stderr(&o));
+    }
+    let o = blank()
+        .args(["relay", "--publish", "stdout"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("no store"), "{}", stderr(&o));
+}
+
+/// The file's `lease` is compared with the send timeout the relay will
+/// use, from a flag or the environment, not with the default one; alone
+/// against the default it is refused, saying the send timeout is the
+/// default.
+#[test]
+fn a_short_lease_in_the_file_takes_its_send_timeout_from_a_flag_or_the_environment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (url, config, out) = outbox_and_config(dir.path(), "lease = \"5s\"\n");
+    let o = postbox()
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("send_timeout = 10s (the default) is invalid"),
+        "{}",
+        stderr(&o)
+    );
+    let o = postbox()
+        .args(["relay", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("send_timeout"), "{}", stderr(&o));
+
+    let o = postbox()
+        .args(["config", "check"])
+        .arg(&config)
+        .env("POSTBOX_RELAY_SEND_TIMEOUT", "2s")
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    relay_delivers(
+        postbox()
+            .args(["relay", "--send-timeout", "2s", "--config"])
+            .arg(&config),
+        &out,
+        1,
+    );
+    let o = postbox()
+        .args(["enqueue", "--store", &url, "--topic", "t", "--payload", "2"])
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    relay_delivers(
+        postbox()
+            .args(["relay", "--config"])
+            .arg(&config)
+            .env("POSTBOX_RELAY_SEND_TIMEOUT", "2s"),
+        &out,
+        2,
+    );
+}
+
+/// A value that a `${NAME}` substitution put into a publisher's settings
+/// (typically a secret) is not repeated when the setting is refused: the
+/// error says where it came from instead.
+#[test]
+fn a_substituted_value_is_not_repeated_in_a_publisher_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (value, shown) in [
+        (
+            "${POSTBOX_TEST_SETTING}",
+            "(the value of ${POSTBOX_TEST_SETTING})",
+        ),
+        (
+            "ms-${POSTBOX_TEST_SETTING}",
+            "\"ms-${POSTBOX_TEST_SETTING}\"",
+        ),
+    ] {
+        let path = dir.path().join("kafka.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[publishers.k]\ntype = \"kafka\"\nbrokers = \"127.0.0.1:9092\"\n\
+                 message_timeout_ms = \"{value}\"\n"
+            ),
+        )
+        .expect("write");
+        // the relay builds its publishers before it opens the store
+        for command in [
+            vec!["config", "check"],
+            vec!["relay", "--store", "sqlite://unused.db", "--config"],
+        ] {
+            let o = postbox()
+                .args(&command)
+                .arg(&path)
+                .env("POSTBOX_TEST_SETTING", "Hunter2Secret")
+                .output()
+                .expect("run");
+            let err = stderr(&o);
+            assert_eq!(o.status.code(), Some(2), "{command:?} {value}: {err}");
+            assert!(
+                err.contains("message_timeout_ms") && err.contains(shown),
+                "{command:?} {value}: {err}"
+            );
+            assert!(
+                !err.contains("Hunter2"),
+                "{command:?} {value}: leaked: {err}"
+            );
+        }
+    }
+}

@@ -833,6 +833,56 @@ async fn dead_replay_and_purge_over_many_rows() {
     );
 }
 
+/// An age of zero matches every dead message, so it does not stand in for
+/// `--all`: `purge --dead-older-than 0s` is refused like `dead purge
+/// --older-than 0s`, and deletes nothing. `dead list --limit 0` is refused
+/// rather than saying there are no dead messages.
+#[tokio::test]
+async fn a_zero_age_or_limit_is_refused_for_dead_messages() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = migrated_sqlite(dir.path());
+    dead_rows(&url, "keep.me", 3).await;
+    for (args, named) in [
+        (
+            vec!["purge", "--store", &url, "--dead-older-than", "0s"],
+            "--dead-older-than",
+        ),
+        (
+            vec![
+                "purge",
+                "--store",
+                &url,
+                "--sent-older-than",
+                "1d",
+                "--dead-older-than",
+                "0s",
+            ],
+            "--dead-older-than",
+        ),
+        (
+            vec!["dead", "purge", "--store", &url, "--older-than", "0s"],
+            "--all",
+        ),
+        (
+            vec!["dead", "list", "--store", &url, "--limit", "0"],
+            "--limit",
+        ),
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(named), "{args:?}: {}", stderr(&o));
+    }
+    let s = json(&run(&["status", "--store", &url, "--json"]));
+    assert_eq!(s["dead"], 3, "{s}");
+    let listed = json(&run(&[
+        "dead", "list", "--store", &url, "--limit", "2", "--json",
+    ]));
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    // with --all, or an age, they go
+    let o = run(&["dead", "purge", "--store", &url, "--all", "--json"]);
+    assert_eq!(json(&o)["purged"], 3);
+}
+
 /// On a terminal the same purge draws a progress bar.
 #[tokio::test]
 async fn dead_purge_draws_progress_on_a_terminal() {

@@ -116,9 +116,37 @@ impl NewMessage {
     }
 
     /// Delays delivery by `delay` from now (this process's clock).
+    ///
+    /// A delay that reaches past the latest instant the stores can hold
+    /// (Unix microseconds in an `i64`, about 292,000 years from 1970) is
+    /// clamped to it (or, on a platform whose clock ends sooner, to about
+    /// the end of that clock): such a message is in practice never
+    /// published, and no delay panics. A caller that wants to refuse long
+    /// delays compares them with its own limit first.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// let msg = postbox_core::NewMessage::new("t", "p").delay(Duration::MAX);
+    /// assert!(msg.available_at > Some(SystemTime::now() + Duration::from_secs(3_000_000_000)));
+    /// ```
     #[must_use]
     pub fn delay(self, delay: Duration) -> Self {
-        self.available_at(SystemTime::now() + delay)
+        let now = SystemTime::now();
+        let latest = i64::MAX
+            .try_into()
+            .ok()
+            .and_then(|micros| SystemTime::UNIX_EPOCH.checked_add(Duration::from_micros(micros)));
+        let at = match (now.checked_add(delay), latest) {
+            (Some(at), Some(latest)) => at.min(latest),
+            (Some(at), None) => at,
+            (None, Some(latest)) => latest,
+            // this platform's clock ends before the stores' does: go as far
+            // as it reaches, within a factor of two (`now + 0` always fits)
+            (None, None) => std::iter::successors(Some(delay), |d| Some(*d / 2))
+                .find_map(|d| now.checked_add(d))
+                .unwrap_or(now),
+        };
+        self.available_at(at)
     }
 
     /// Sets the maximum number of publish attempts for this message.
@@ -229,5 +257,32 @@ pub fn from_unix_micros(micros: i64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_micros(micros.unsigned_abs())
     } else {
         SystemTime::UNIX_EPOCH - Duration::from_micros(micros.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delay_too_long_for_the_clock_is_clamped_not_a_panic() {
+        let latest = from_unix_micros(i64::MAX);
+        for delay in [
+            Duration::MAX,
+            // `enqueue --delay 500000000000y`
+            Duration::from_secs(500_000_000_000 * 31_557_600),
+            // representable, but past what the stores hold
+            Duration::from_secs(400_000 * 31_557_600),
+        ] {
+            let msg = NewMessage::new("t", "p").delay(delay);
+            assert_eq!(msg.available_at, Some(latest), "{delay:?}");
+            assert_eq!(to_unix_micros(latest), i64::MAX);
+        }
+        // an ordinary delay is untouched
+        let before = SystemTime::now();
+        let msg = NewMessage::new("t", "p").delay(Duration::from_secs(60));
+        let at = msg.available_at.expect("delayed");
+        assert!(at >= before + Duration::from_secs(60), "{at:?}");
+        assert!(at <= SystemTime::now() + Duration::from_secs(60), "{at:?}");
     }
 }
