@@ -1,6 +1,7 @@
 //! SQLite drain: C1 and C2 on the table `postbox_sqlite::migrate` creates,
 //! then postbox's `SqliteStore`, in one file database (WAL, synchronous =
-//! NORMAL, as `SqliteStore::connect` opens it).
+//! NORMAL, as `SqliteStore::connect` opens the relay's own pool; rows are
+//! loaded through a pool of the same settings).
 
 use std::str::FromStr;
 use std::sync::Arc;

@@ -94,8 +94,11 @@ impl AnyStore {
         retain_sent: Option<Duration>,
     ) -> Result<Self, StoreError> {
         let outbox = SqliteOutbox::new(table)?.retain_sent(retain_sent);
-        let store = SqliteStore::connect(url).await?;
-        Ok(Self::Sqlite(outbox.store(store.pool().clone())))
+        // `connect`'s two pools: the relay's own (`synchronous = NORMAL`)
+        // and the durable one for enqueue and admin commands
+        Ok(Self::Sqlite(
+            SqliteStore::connect(url).await?.with_outbox(outbox),
+        ))
     }
 
     /// `--table` is `table` or, on PostgreSQL, `schema.table`.

@@ -15,6 +15,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "sent_retention",
         include_str!("../migrations/0004_sent_retention.sql"),
     ),
+    (
+        5,
+        "text_columns",
+        include_str!("../migrations/0005_text_columns.sql"),
+    ),
 ];
 
 /// Columns returned to build a `Message`.
@@ -65,6 +70,7 @@ impl Sql {
                     .replace("{index_dead}", &idx("dead"))
                     .replace("{index_tenant}", &idx("tenant"))
                     .replace("{index_sent}", &idx("sent"))
+                    .replace("{trigger_text}", &idx("text_columns"))
                     .replace("{relays}", &relays);
                 (*v, *name, sql)
             })

@@ -23,43 +23,65 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// The SQLite outbox store. Cheap to clone (a pool handle).
+/// The SQLite outbox store. Cheap to clone (pool handles).
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// Handed to producers ([`SqliteStore::pool`]) and used by the
+    /// operator's commands.
     pool: SqlitePool,
+    /// The relay's claims, completions, heartbeats and cleanups: the same
+    /// pool unless built by [`SqliteStore::connect`].
+    relay: SqlitePool,
     outbox: SqliteOutbox,
 }
 
+/// How many connections each of [`SqliteStore::connect`]'s pools opens.
+const POOL_SIZE: u32 = 4;
+
 impl SqliteStore {
     /// A store over an existing pool (table `postbox_outbox` unless built
-    /// through [`SqliteOutbox::store`]).
+    /// through [`SqliteOutbox::store`]), used for everything: its
+    /// `synchronous` setting is yours.
     pub fn new(pool: SqlitePool, outbox: SqliteOutbox) -> Self {
-        Self { pool, outbox }
+        Self {
+            relay: pool.clone(),
+            pool,
+            outbox,
+        }
     }
 
     /// Opens (creating if missing) the database at `url`
     /// (`sqlite://path.db` or `sqlite::memory:`) in WAL mode with a busy
     /// timeout, for the default table.
     ///
-    /// The relay's own connections use `synchronous = NORMAL`: losing its
-    /// last deletes on power loss only means redelivery, never loss.
+    /// It opens two pools on the file. [`SqliteStore::pool`], for your
+    /// transactions, uses `synchronous = FULL`: in WAL mode a `NORMAL`
+    /// commit is not on disk until a checkpoint, so a power cut could undo a
+    /// transaction whose message the relay had already published. The
+    /// relay's claims, completions, heartbeats and cleanups use a pool of
+    /// their own with `synchronous = NORMAL`: losing them only means
+    /// redelivery, never loss (the log is written in order, so a later
+    /// `FULL` commit also makes every earlier one durable).
     ///
     /// A file that cannot be opened is [`StoreError::Config`]; one that
     /// stays busy or locked past the 5 s busy timeout (another process in a
     /// long transaction) is [`StoreError::Unavailable`], to retry.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        // one options value for both pools: `sqlite::memory:` names its
+        // shared in-memory database when parsed, so both open the same one
         let opts = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Config(format!("bad SQLite URL {}: {e}", redact_url(url))))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(opts)
-            .await
-            .map_err(|e| match db_error(e) {
+        let open = |synchronous: SqliteSynchronous| {
+            SqlitePoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts.clone().synchronous(synchronous))
+        };
+        let opened = |r: Result<SqlitePool, sqlx::Error>| {
+            r.map_err(|e| match db_error(e) {
                 StoreError::Database(inner) => StoreError::Config(format!(
                     "cannot open SQLite database {}: {inner}",
                     redact_url(url)
@@ -67,8 +89,24 @@ impl SqliteStore {
                 // busy or locked past the busy timeout (another process in a
                 // long transaction): worth retrying, not a bad configuration
                 other => other,
-            })?;
-        Ok(Self::new(pool, SqliteOutbox::default()))
+            })
+        };
+        let pool = opened(open(SqliteSynchronous::Full).await)?;
+        let relay = opened(open(SqliteSynchronous::Normal).await)?;
+        Ok(Self {
+            pool,
+            relay,
+            outbox: SqliteOutbox::default(),
+        })
+    }
+
+    /// This store over table `outbox` (and with its retention), keeping
+    /// both of [`SqliteStore::connect`]'s pools; `outbox.store(pool)` would
+    /// run the relay on the one pool.
+    #[must_use]
+    pub fn with_outbox(mut self, outbox: SqliteOutbox) -> Self {
+        self.outbox = outbox;
+        self
     }
 
     /// This store keeping sent messages for `keep` instead of deleting them
@@ -84,7 +122,8 @@ impl SqliteStore {
         &self.outbox
     }
 
-    /// The pool.
+    /// The pool for your own transactions (`synchronous = FULL` when
+    /// opened by [`SqliteStore::connect`]).
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
@@ -115,8 +154,60 @@ impl SqliteStore {
     }
 }
 
+/// Rows one `replay`, `skip` or `purge` statement changes at most: each
+/// statement is a write transaction holding SQLite's only write lock, and
+/// producers wait for it at most their busy timeout (5 s). A few hundred
+/// rows take milliseconds; a million in one statement took seconds.
+const ADMIN_BATCH: i64 = 500;
+
+impl SqliteStore {
+    /// Runs `head` (an UPDATE or DELETE of the table) over the rows
+    /// matching `cond` and `filter`, [`ADMIN_BATCH`] rows per statement in
+    /// `seq` order, each statement its own transaction; returns how many
+    /// rows changed.
+    ///
+    /// The rows are those up to the table's last `seq` when it starts, and
+    /// `older_than` counts from that moment too, as in one statement. The
+    /// cursor moves past each batch, so a row is changed at most once (a
+    /// replayed row the relay dead-letters again meanwhile is not replayed
+    /// twice) and no batch rescans rows the filter rejected.
+    async fn in_batches(&self, head: &str, cond: &str, filter: &Filter) -> Result<u64, StoreError> {
+        let t = &self.outbox.sql().table;
+        let (now, top): (i64, i64) =
+            sqlx::query_as(&format!("SELECT {NOW}, coalesce(max(seq), 0) FROM {t}"))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+        let mut from = i64::MIN;
+        let mut changed = 0;
+        loop {
+            let mut q = QueryBuilder::<Sqlite>::new(format!(
+                "{head} WHERE seq IN (SELECT seq FROM {t} WHERE {cond} AND seq BETWEEN "
+            ));
+            q.push_bind(from).push(" AND ").push_bind(top);
+            push_filter(&mut q, filter, Some(now));
+            q.push(" ORDER BY seq LIMIT ")
+                .push_bind(ADMIN_BATCH)
+                .push(") RETURNING seq");
+            let seqs: Vec<i64> = q
+                .build_query_scalar()
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            changed += seqs.len() as u64;
+            let last = seqs.iter().max().copied();
+            match last.and_then(|l| l.checked_add(1)) {
+                Some(next) if seqs.len() as i64 == ADMIN_BATCH => from = next,
+                _ => return Ok(changed),
+            }
+        }
+    }
+}
+
 /// The counting columns shared by `stats` and `stats_by`, over a CTE `r`
-/// holding the filtered rows with `leased` and `now`.
+/// holding the filtered rows with `leased` and `now`. A `created_at` a
+/// plain-SQL producer wrote as text (an ORM's timestamp) has no age: the
+/// oldest pending row is the oldest whose age is known.
 const COUNTS: &str = "\
     coalesce(sum(status = 'pending' AND NOT leased AND attempts = 0 AND available_at <= now), 0), \
     coalesce(sum(status = 'pending' AND NOT leased AND attempts = 0 AND available_at > now), 0), \
@@ -125,7 +216,7 @@ const COUNTS: &str = "\
     coalesce(sum(status = 'dead'), 0), \
     count(DISTINCT CASE WHEN status = 'dead' AND parked = 1 THEN key END), \
     coalesce(sum(status = 'sent'), 0), \
-    min(CASE WHEN status = 'pending' THEN created_at END)";
+    min(CASE WHEN status = 'pending' AND typeof(created_at) = 'integer' THEN created_at END)";
 
 /// The filtered rows with their lease state, for `stats` and `stats_by`.
 fn counted_rows(t: &str, filter: &Filter) -> QueryBuilder<'static, Sqlite> {
@@ -134,24 +225,32 @@ fn counted_rows(t: &str, filter: &Filter) -> QueryBuilder<'static, Sqlite> {
            (o.status = 'pending' AND coalesce(o.lease_until, 0) > n.now) AS leased, n.now AS now \
            FROM {t} o, n WHERE 1 = 1"
     ));
-    push_filter(&mut q, filter);
+    push_filter(&mut q, filter, None);
     q.push(")");
     q
 }
 
 /// Reads the `COUNTS` columns starting at `at`.
-fn stats_from_row(row: &SqliteRow, at: usize) -> Stats {
-    let n = |i: usize| row.get::<i64, _>(at + i).max(0).unsigned_abs();
-    Stats::new(
-        n(0),
-        n(1),
-        n(2),
-        n(3),
-        n(4),
-        n(5),
-        n(6),
-        row.get::<Option<i64>, _>(at + 7).map(from_unix_micros),
-    )
+fn stats_from_row(row: &SqliteRow, at: usize) -> Result<Stats, StoreError> {
+    let n = |i: usize| -> Result<u64, StoreError> {
+        Ok(row
+            .try_get::<i64, _>(at + i)
+            .map_err(db_error)?
+            .max(0)
+            .unsigned_abs())
+    };
+    Ok(Stats::new(
+        n(0)?,
+        n(1)?,
+        n(2)?,
+        n(3)?,
+        n(4)?,
+        n(5)?,
+        n(6)?,
+        row.try_get::<Option<i64>, _>(at + 7)
+            .map_err(db_error)?
+            .map(from_unix_micros),
+    ))
 }
 
 fn relay_from_row(row: &SqliteRow) -> Result<RelayRecord, StoreError> {
@@ -190,8 +289,11 @@ fn relay_from_row(row: &SqliteRow) -> Result<RelayRecord, StoreError> {
     ))
 }
 
-fn message_from_row(row: &SqliteRow) -> Result<Message, Malformed> {
-    let seq: i64 = row.get("seq");
+/// Decodes one claimed row, whose `seq` the caller has read. The claim has
+/// already leased it: a value of the wrong type (SQLite stores whatever a
+/// plain-SQL producer gives it) makes it [`Malformed`], to be dead-lettered
+/// with the reason, never an error that would leave the batch leased.
+fn message_from_row(row: &SqliteRow, seq: i64) -> Result<Message, Malformed> {
     // SQLite's TEXT takes any bytes from a plain-SQL producer: a key that is
     // not UTF-8 dead-letters the row (and, shown lossily, parks that key)
     // rather than letting it through as a keyless message.
@@ -234,11 +336,30 @@ fn message_from_row(row: &SqliteRow) -> Result<Message, Malformed> {
     let tenant: Option<String> = row
         .try_get("tenant")
         .map_err(|e| bad(format!("tenant: {e}")))?;
-    let attempts: i64 = row.get("attempts");
+    let attempts: i64 = row
+        .try_get("attempts")
+        .map_err(|e| bad(format!("attempts is not an integer: {e}")))?;
     let max_attempts: Option<i64> = row
         .try_get("max_attempts")
         .map_err(|e| bad(format!("max_attempts is not an integer: {e}")))?;
-    let created_at: i64 = row.get("created_at");
+    // as on the other stores: a limit no relay can count to is the
+    // producer's mistake, not a request for the relay's default
+    let max_attempts = max_attempts
+        .map(|m| {
+            u32::try_from(m).map_err(|_| {
+                bad(format!(
+                    "max_attempts {m} is out of range (0 to {})",
+                    u32::MAX
+                ))
+            })
+        })
+        .transpose()?;
+    // an ORM's own timestamp (`CURRENT_TIMESTAMP`, Rails' `created_at`)
+    let created_at: i64 = row.try_get("created_at").map_err(|e| {
+        bad(format!(
+            "created_at is not an integer (Unix microseconds; leave it to its default): {e}"
+        ))
+    })?;
     Ok(Message::new(
         id,
         seq,
@@ -248,15 +369,19 @@ fn message_from_row(row: &SqliteRow) -> Result<Message, Malformed> {
         headers,
         tenant,
         u32::try_from(attempts).unwrap_or(u32::MAX),
-        max_attempts.and_then(|m| u32::try_from(m).ok()),
+        max_attempts,
         from_unix_micros(created_at),
     ))
 }
 
+/// Decodes one listed row. `dead list` must show the rows the relay
+/// dead-lettered for a value of the wrong type, to be replayed, skipped or
+/// purged, so every column a producer could have mistyped is read leniently.
 fn record_from_row(row: &SqliteRow, now: i64) -> Result<MessageRecord, StoreError> {
     let get = |e: sqlx::Error| StoreError::Database(Box::new(e));
+    // the CHECK constraint keeps `status` one of three texts
     let status: String = row.try_get("status").map_err(get)?;
-    let lease_until: Option<i64> = row.try_get("lease_until").map_err(get)?;
+    let lease_until: Option<i64> = row.try_get("lease_until").ok().flatten();
     let status = match status.as_str() {
         "dead" => Status::Dead,
         "sent" => Status::Sent,
@@ -272,15 +397,13 @@ fn record_from_row(row: &SqliteRow, now: i64) -> Result<MessageRecord, StoreErro
     };
     let headers_text = lossy("headers")?.unwrap_or_default();
     let payload: Vec<u8> = row.try_get_unchecked("payload").map_err(get)?;
-    // A plain-SQL producer's text in these two columns dead-letters the
-    // row; it must still list (to be replayed, skipped or purged): shown
-    // as no limit, and as due when created.
+    // A plain-SQL producer's text in these columns dead-letters the row: a
+    // `max_attempts` shows as no limit; a time as the other one (due when
+    // created, created when due), or the epoch when neither is a number.
     let max_attempts: Option<i64> = row.try_get("max_attempts").ok().flatten();
-    let available_at: i64 = match row.try_get("available_at") {
-        Ok(at) => at,
-        Err(_) => row.try_get("created_at").map_err(get)?,
-    };
-    let attempts: i64 = row.try_get("attempts").map_err(get)?;
+    let created_at: Option<i64> = row.try_get("created_at").ok();
+    let available_at: Option<i64> = row.try_get("available_at").ok();
+    let attempts: i64 = row.try_get("attempts").unwrap_or(0);
     Ok(MessageRecord::new(
         row.try_get("seq").map_err(get)?,
         row.try_get("id").unwrap_or_else(|_| Uuid::nil()),
@@ -290,23 +413,25 @@ fn record_from_row(row: &SqliteRow, now: i64) -> Result<MessageRecord, StoreErro
         status,
         u32::try_from(attempts).unwrap_or(u32::MAX),
         max_attempts.and_then(|m| u32::try_from(m).ok()),
-        row.try_get("last_error").map_err(get)?,
-        row.try_get::<bool, _>("parked").map_err(get)?,
-        from_unix_micros(row.try_get("created_at").map_err(get)?),
-        from_unix_micros(available_at),
+        lossy("last_error")?,
+        row.try_get::<bool, _>("parked").unwrap_or(false),
+        from_unix_micros(created_at.or(available_at).unwrap_or(0)),
+        from_unix_micros(available_at.or(created_at).unwrap_or(0)),
         // an undecodable header column still lists; the relay dead-letters it
         serde_json::from_str(&headers_text).unwrap_or_default(),
         Bytes::from(payload),
     )
     .sent_at(
         row.try_get::<Option<i64>, _>("sent_at")
-            .map_err(get)?
+            .ok()
+            .flatten()
             .map(from_unix_micros),
     ))
 }
 
-/// Appends `AND ...` conditions for `f`, with bound values.
-fn push_filter(q: &mut QueryBuilder<'_, Sqlite>, f: &Filter) {
+/// Appends `AND ...` conditions for `f`, with bound values; `older_than`
+/// counts back from `now` (µs), or from the statement's own clock.
+fn push_filter(q: &mut QueryBuilder<'_, Sqlite>, f: &Filter, now: Option<i64>) {
     if let Some(topic) = &f.topic {
         q.push(" AND topic = ").push_bind(topic.clone());
     }
@@ -325,8 +450,11 @@ fn push_filter(q: &mut QueryBuilder<'_, Sqlite>, f: &Filter) {
         q.push(")");
     }
     if let Some(age) = f.older_than {
-        q.push(format!(" AND created_at <= {NOW} - "))
-            .push_bind(micros(age));
+        match now {
+            Some(now) => q.push(" AND created_at <= ").push_bind(now),
+            None => q.push(format!(" AND created_at <= {NOW}")),
+        };
+        q.push(" - ").push_bind(micros(age));
     }
     if let Some(text) = &f.error_contains {
         q.push(" AND instr(last_error, ")
@@ -351,17 +479,24 @@ impl Store for SqliteStore {
             Some(t) => query.bind(t.as_str()),
             None => query,
         };
-        let mut rows = query.fetch_all(&self.pool).await.map_err(db_error)?;
+        let rows = query.fetch_all(&self.relay).await.map_err(db_error)?;
+        // `seq` is the rowid (INTEGER PRIMARY KEY), an integer whatever a
+        // producer writes, so this never fails once the leases are taken.
+        let mut rows = rows
+            .into_iter()
+            .map(|r| Ok((r.try_get::<i64, _>("seq")?, r)))
+            .collect::<Result<Vec<_>, sqlx::Error>>()
+            .map_err(db_error)?;
         // RETURNING gives no order guarantee.
-        rows.sort_by_key(|r| r.get::<i64, _>("seq"));
+        rows.sort_by_key(|(seq, _)| *seq);
         let expires_at = rows
             .first()
-            .and_then(|r| r.try_get::<i64, _>(10).ok())
+            .and_then(|(_, r)| r.try_get::<i64, _>(10).ok())
             .map_or_else(std::time::SystemTime::now, from_unix_micros);
         let mut messages = Vec::with_capacity(rows.len());
         let mut malformed = Vec::new();
-        for row in &rows {
-            match message_from_row(row) {
+        for (seq, row) in &rows {
+            match message_from_row(row, *seq) {
                 Ok(m) => messages.push(m),
                 Err(bad) => malformed.push(bad),
             }
@@ -376,7 +511,7 @@ impl Store for SqliteStore {
     ) -> Result<CompleteReport, StoreError> {
         let sql = self.outbox.sql();
         let mut tx = self
-            .pool
+            .relay
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(db_error)?;
@@ -433,15 +568,23 @@ impl Store for SqliteStore {
         let mut q = counted_rows(&self.outbox.sql().table, filter);
         q.push(format!(" SELECT {COUNTS} FROM r"));
         let row = q.build().fetch_one(&self.pool).await.map_err(db_error)?;
-        Ok(stats_from_row(&row, 0))
+        stats_from_row(&row, 0)
     }
 
     async fn pending_tenants(&self, limit: usize) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(&self.outbox.sql().pending_tenants)
+        let tenants: Vec<Vec<u8>> = sqlx::query_scalar(&self.outbox.sql().pending_tenants)
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.relay)
             .await
-            .map_err(db_error)
+            .map_err(db_error)?;
+        // A tenant a plain-SQL producer wrote with bytes that are not UTF-8
+        // cannot be named by a claim (it binds a string), and failing here
+        // would turn the whole rotation off: it is left out, and its rows go
+        // out (as malformed) through the claims across tenants.
+        Ok(tenants
+            .into_iter()
+            .filter_map(|t| String::from_utf8(t).ok())
+            .collect())
     }
 
     async fn stats_by(&self, filter: &Filter, by: GroupBy) -> Result<Vec<GroupStats>, StoreError> {
@@ -456,8 +599,12 @@ impl Store for SqliteStore {
         let rows = q.build().fetch_all(&self.pool).await.map_err(db_error)?;
         rows.iter()
             .map(|row| {
-                let group: Option<String> = row.try_get(0).map_err(db_error)?;
-                Ok(GroupStats::new(group, stats_from_row(row, 1)))
+                // shown lossily, as `list` shows them: a topic or tenant
+                // that is not UTF-8 dead-letters its row, and `status`
+                // must still count it
+                let group: Option<Vec<u8>> = row.try_get_unchecked(0).map_err(db_error)?;
+                let group = group.map(|g| String::from_utf8_lossy(&g).into_owned());
+                Ok(GroupStats::new(group, stats_from_row(row, 1)?))
             })
             .collect()
     }
@@ -472,7 +619,7 @@ impl Store for SqliteStore {
             .bind(micros(heartbeat.interval))
             .bind(heartbeat.last_claim_at.map(to_unix_micros))
             .bind(i64::try_from(heartbeat.leased).unwrap_or(i64::MAX))
-            .execute(&self.pool)
+            .execute(&self.relay)
             .await
             .map_err(db_error)?;
         Ok(())
@@ -503,7 +650,7 @@ impl Store for SqliteStore {
             .map_err(db_error)?;
         let mut q =
             QueryBuilder::<Sqlite>::new(format!("SELECT {RECORD_COLUMNS} FROM {t} WHERE 1 = 1"));
-        push_filter(&mut q, &query.filter);
+        push_filter(&mut q, &query.filter, None);
         match query.status {
             None => {}
             Some(Status::Pending) => {
@@ -535,34 +682,36 @@ impl Store for SqliteStore {
 
     async fn replay(&self, filter: &Filter) -> Result<u64, StoreError> {
         let t = &self.outbox.sql().table;
-        // A `max_attempts` a plain-SQL producer wrote as text or a real is
-        // what dead-lettered the row (see `message_from_row`); replayed as
-        // it is, it would go straight back to dead. It becomes NULL (the
-        // relay's limit), as `available_at` becomes now.
-        let mut q = QueryBuilder::<Sqlite>::new(format!(
-            "UPDATE {t} SET status = 'pending', attempts = 0, parked = 0, available_at = {NOW}, \
-             max_attempts = CASE WHEN typeof(max_attempts) = 'integer' THEN max_attempts END, \
-             lease_token = NULL, lease_until = NULL WHERE status = 'dead'"
-        ));
-        push_filter(&mut q, filter);
-        Ok(q.build()
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?
-            .rows_affected())
+        // A `max_attempts` or `created_at` a plain-SQL producer wrote as
+        // text, a real or out of range is what dead-lettered the row (see
+        // `message_from_row`); replayed as it is, it would go straight back
+        // to dead. `max_attempts` becomes NULL (the relay's limit) and
+        // `created_at` now, as `available_at` does.
+        self.in_batches(
+            &format!(
+                "UPDATE {t} SET status = 'pending', attempts = 0, parked = 0, \
+                 available_at = {NOW}, \
+                 created_at = CASE WHEN typeof(created_at) = 'integer' THEN created_at \
+                   ELSE {NOW} END, \
+                 max_attempts = CASE WHEN typeof(max_attempts) = 'integer' \
+                   AND max_attempts BETWEEN 0 AND {} THEN max_attempts END, \
+                 lease_token = NULL, lease_until = NULL",
+                u32::MAX
+            ),
+            "status = 'dead'",
+            filter,
+        )
+        .await
     }
 
     async fn skip(&self, filter: &Filter) -> Result<u64, StoreError> {
         let t = &self.outbox.sql().table;
-        let mut q = QueryBuilder::<Sqlite>::new(format!(
-            "UPDATE {t} SET parked = 0 WHERE status = 'dead' AND parked = 1"
-        ));
-        push_filter(&mut q, filter);
-        Ok(q.build()
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?
-            .rows_affected())
+        self.in_batches(
+            &format!("UPDATE {t} SET parked = 0"),
+            "status = 'dead' AND parked = 1",
+            filter,
+        )
+        .await
     }
 
     async fn purge(&self, query: &PurgeQuery) -> Result<u64, StoreError> {
@@ -576,14 +725,12 @@ impl Store for SqliteStore {
             }
         };
         let t = &self.outbox.sql().table;
-        let mut q =
-            QueryBuilder::<Sqlite>::new(format!("DELETE FROM {t} WHERE status = '{status}'"));
-        push_filter(&mut q, &query.filter);
-        Ok(q.build()
-            .execute(&self.pool)
-            .await
-            .map_err(db_error)?
-            .rows_affected())
+        self.in_batches(
+            &format!("DELETE FROM {t}"),
+            &format!("status = '{status}'"),
+            &query.filter,
+        )
+        .await
     }
 
     fn parallel_writes(&self) -> bool {
@@ -600,7 +747,7 @@ impl Store for SqliteStore {
         Ok(sqlx::query(&self.outbox.sql().purge_sent)
             .bind(micros(older_than))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .execute(&self.pool)
+            .execute(&self.relay)
             .await
             .map_err(db_error)?
             .rows_affected())
