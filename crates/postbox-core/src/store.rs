@@ -733,7 +733,10 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<MessageRecord>, StoreError>> + Send;
 
     /// Makes matching dead messages pending again with fresh attempts,
-    /// unparking their keys. Returns how many.
+    /// unparking their keys. Returns how many. A keyed message becomes due
+    /// at once, or, if a later message of its key is leased right now
+    /// (`on_dead = skip`, or after a skip), once that lease ends: a key is
+    /// held by one lease at a time.
     fn replay(&self, filter: &Filter) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Unparks the keys held by matching dead messages, which stay dead.

@@ -258,10 +258,24 @@ fn record(row: &MySqlRow) -> Result<MessageRecord, StoreError> {
 
 pub(crate) async fn replay(sql: &Sql, pool: &MySqlPool, f: &Filter) -> Result<u64, StoreError> {
     let w = Where::new(f);
+    // A replayed keyed message becomes due when the live leases on its key
+    // end, not at once: with `on_dead = skip` (or after a `skip`) a later
+    // message of the key may be leased right now, and a key is held by one
+    // lease at a time. `l` holds those leases' ends for the keys of dead
+    // rows (the aggregate makes the server materialise it, as an `UPDATE`
+    // may not read its own table in a subquery); its columns are named so
+    // that the filter's bare column names can only mean `r`'s.
     let text = format!(
-        "UPDATE {t} SET `status` = 'pending', `parked` = FALSE, `attempts` = 0, \
-           `available_at` = UTC_TIMESTAMP(6), `lease_token` = NULL, `lease_until` = NULL \
-         WHERE `status` = 'dead'{w}",
+        "UPDATE {t} AS r \
+         LEFT JOIN (SELECT p.`key_hash` AS `leased_key`, MAX(p.`lease_until`) AS `leased_until` \
+                      FROM {t} AS p \
+                     WHERE p.`status` = 'pending' AND p.`lease_until` > UTC_TIMESTAMP(6) \
+                       AND p.`key_hash` IN (SELECT d.`key_hash` FROM {t} AS d WHERE d.`status` = 'dead') \
+                     GROUP BY p.`key_hash`) AS l ON l.`leased_key` = r.`key_hash` \
+         SET r.`status` = 'pending', r.`parked` = FALSE, r.`attempts` = 0, \
+             r.`available_at` = GREATEST(UTC_TIMESTAMP(6), COALESCE(l.`leased_until`, UTC_TIMESTAMP(6))), \
+             r.`lease_token` = NULL, r.`lease_until` = NULL \
+         WHERE r.`status` = 'dead'{w}",
         t = sql.t,
         w = w.sql
     );

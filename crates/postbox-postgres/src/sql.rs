@@ -324,9 +324,20 @@ impl Sql {
             micros("available_at"),
             micros("sent_at")
         );
+        // A replayed keyed message becomes due when the live leases on its
+        // key end, not at once: with `on_dead = skip` (or after a `skip`)
+        // a later message of the key may be leased right now, and a key is
+        // held by one lease at a time. The claim sees the replayed row as
+        // the key's head and waits for it; `greatest` ignores the NULL of a
+        // key without a lease.
         let replay = format!(
-            "UPDATE {t} SET status = 'pending', parked = false, attempts = 0, available_at = now(),
-                            lease_token = NULL, lease_until = NULL
+            "UPDATE {t} AS r
+                SET status = 'pending', parked = false, attempts = 0,
+                    available_at = greatest(now(), (SELECT max(l.lease_until) FROM {t} AS l
+                                                     WHERE r.key IS NOT NULL AND l.key = r.key
+                                                       AND l.status = 'pending'
+                                                       AND l.lease_until > now())),
+                    lease_token = NULL, lease_until = NULL
               WHERE status = 'dead' AND {FILTER}"
         );
         let skip =

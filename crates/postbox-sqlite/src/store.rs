@@ -687,10 +687,16 @@ impl Store for SqliteStore {
         // `message_from_row`); replayed as it is, it would go straight back
         // to dead. `max_attempts` becomes NULL (the relay's limit) and
         // `created_at` now, as `available_at` does.
+        //
+        // A replayed keyed message becomes due when the live leases on its
+        // key end, not at once: with `on_dead = skip` (or after a `skip`) a
+        // later message of the key may be leased right now, and a key is
+        // held by one lease at a time.
         self.in_batches(
             &format!(
                 "UPDATE {t} SET status = 'pending', attempts = 0, parked = 0, \
-                 available_at = {NOW}, \
+                 available_at = max({NOW}, coalesce((SELECT max(l.lease_until) FROM {t} AS l \
+                   WHERE l.key = {t}.key AND l.status = 'pending' AND l.lease_until > {NOW}), 0)), \
                  created_at = CASE WHEN typeof(created_at) = 'integer' THEN created_at \
                    ELSE {NOW} END, \
                  max_attempts = CASE WHEN typeof(max_attempts) = 'integer' \

@@ -451,13 +451,28 @@ impl Store for MemoryStore {
     async fn replay(&self, filter: &Filter) -> Result<u64, StoreError> {
         let mut st = self.lock();
         let now = self.now(&st);
+        // a replayed keyed message waits for the live leases on its key
+        // (a later message may be leased: one lease per key at a time)
+        let mut leased_until: HashMap<String, SystemTime> = HashMap::new();
+        for row in st.rows.values().filter(|r| !r.dead && r.sent_at.is_none()) {
+            if let (Some(key), Some((_, until))) = (&row.key, row.lease)
+                && until > now
+            {
+                let end = leased_until.entry(key.clone()).or_insert(until);
+                *end = (*end).max(until);
+            }
+        }
         let mut n = 0;
         for row in st.rows.values_mut() {
             if row.dead && row.matches(filter, now) {
                 row.dead = false;
                 row.parked = false;
                 row.attempts = 0;
-                row.available_at = now;
+                row.available_at = row
+                    .key
+                    .as_ref()
+                    .and_then(|k| leased_until.get(k))
+                    .map_or(now, |until| (*until).max(now));
                 n += 1;
             }
         }

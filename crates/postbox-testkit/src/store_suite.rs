@@ -475,6 +475,36 @@ pub async fn dead_without_park_lets_key_continue<H: StoreHarness>(h: H) {
     assert_eq!((stats.dead, stats.parked_keys), (1, 0));
 }
 
+/// A dead message replayed while a later message of its key is leased
+/// (`on_dead = skip`) waits for that lease to end: a key is held by one
+/// lease at a time, replays included. Once the lease is over it is the
+/// key's head again.
+pub async fn a_replayed_message_waits_for_the_lease_on_its_key<H: StoreHarness>(h: H) {
+    let store = h.store();
+    h.enqueue(vec![msg("t", Some("k"), "k1"), msg("t", Some("k"), "k2")])
+        .await;
+    let (token, first) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&first), ["k1"]);
+    complete_all(&store, token, &first, dead(false)).await;
+    let (token, second) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&second), ["k2"]);
+    let replayed = store
+        .replay(&Filter::all().ids([first[0].id]))
+        .await
+        .expect("replay");
+    assert_eq!(replayed, 1);
+    let (_, during) = claim_bodies(&store, 10).await;
+    assert!(
+        during.is_empty(),
+        "claimed while k2 held the key's lease: {:?}",
+        bodies(&during)
+    );
+    complete_all(&store, token, &second, Disposition::Sent).await;
+    h.advance(LEASE + Duration::from_secs(1)).await;
+    let (_, after) = claim_bodies(&store, 10).await;
+    assert_eq!(bodies(&after), ["k1"]);
+}
+
 /// A delayed message is not claimed before its time, and a delayed keyed
 /// message holds back the later messages of its key (order per key).
 pub async fn delayed_delivery_waits_and_holds_its_key<H: StoreHarness>(h: H) {
@@ -1487,6 +1517,7 @@ macro_rules! store_conformance_tests {
             dead_message_parks_key_until_replay,
             skip_unparks_key,
             dead_without_park_lets_key_continue,
+            a_replayed_message_waits_for_the_lease_on_its_key,
             delayed_delivery_waits_and_holds_its_key,
             tenant_scoping,
             stats_are_exact,
