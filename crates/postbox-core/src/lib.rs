@@ -28,7 +28,9 @@ pub mod trace_context;
 pub use clock::{Clock, SharedClock, SystemClock, TokioClock, since};
 pub use error::{BoxError, ConfigError, RelayError, StoreError};
 pub use ident::{Ident, IdentError};
-pub use message::{Headers, Message, NewMessage, from_unix_micros, to_unix_micros};
+pub use message::{
+    Headers, Message, NewMessage, from_unix_micros, latest_available_at, to_unix_micros,
+};
 pub use observe::Health;
 pub use publish::{PublishOutcome, Publisher, by_deadline, publish_span};
 pub use redact::{redact_url, redact_userinfo};

@@ -117,35 +117,23 @@ impl NewMessage {
 
     /// Delays delivery by `delay` from now (this process's clock).
     ///
-    /// A delay that reaches past the latest instant the stores can hold
-    /// (Unix microseconds in an `i64`, about 292,000 years from 1970) is
-    /// clamped to it (or, on a platform whose clock ends sooner, to about
-    /// the end of that clock): such a message is in practice never
-    /// published, and no delay panics. A caller that wants to refuse long
+    /// A delay that reaches past [`latest_available_at`] (the end of year
+    /// 9999, the latest instant every store holds) is clamped to it: such a
+    /// message is in practice never published, and no delay panics or
+    /// makes a store refuse the insert. A caller that wants to refuse long
     /// delays compares them with its own limit first.
     ///
     /// ```
-    /// use std::time::{Duration, SystemTime};
+    /// use std::time::Duration;
     /// let msg = postbox_core::NewMessage::new("t", "p").delay(Duration::MAX);
-    /// assert!(msg.available_at > Some(SystemTime::now() + Duration::from_secs(3_000_000_000)));
+    /// assert_eq!(msg.available_at, Some(postbox_core::latest_available_at()));
     /// ```
     #[must_use]
     pub fn delay(self, delay: Duration) -> Self {
-        let now = SystemTime::now();
-        let latest = i64::MAX
-            .try_into()
-            .ok()
-            .and_then(|micros| SystemTime::UNIX_EPOCH.checked_add(Duration::from_micros(micros)));
-        let at = match (now.checked_add(delay), latest) {
-            (Some(at), Some(latest)) => at.min(latest),
-            (Some(at), None) => at,
-            (None, Some(latest)) => latest,
-            // this platform's clock ends before the stores' does: go as far
-            // as it reaches, within a factor of two (`now + 0` always fits)
-            (None, None) => std::iter::successors(Some(delay), |d| Some(*d / 2))
-                .find_map(|d| now.checked_add(d))
-                .unwrap_or(now),
-        };
+        let latest = latest_available_at();
+        let at = SystemTime::now()
+            .checked_add(delay)
+            .map_or(latest, |at| at.min(latest));
         self.available_at(at)
     }
 
@@ -243,6 +231,15 @@ impl Message {
     }
 }
 
+/// The latest `available_at` postbox writes: 9999-12-31T23:59:59Z, which
+/// every store holds (MySQL's `DATETIME` ends there; PostgreSQL's interval
+/// arithmetic on microseconds ends in year 294,247). [`NewMessage::delay`]
+/// clamps to it.
+pub fn latest_available_at() -> SystemTime {
+    // within every platform's `SystemTime` (Windows' ends in year 30,828)
+    SystemTime::UNIX_EPOCH + Duration::from_secs(253_402_300_799)
+}
+
 /// Microseconds since the Unix epoch, saturating; how SQL stores keep time.
 pub fn to_unix_micros(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
@@ -265,8 +262,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_delay_too_long_for_the_clock_is_clamped_not_a_panic() {
-        let latest = from_unix_micros(i64::MAX);
+    fn a_delay_too_long_for_the_stores_is_clamped_not_a_panic() {
         for delay in [
             Duration::MAX,
             // `enqueue --delay 500000000000y`
@@ -275,8 +271,7 @@ mod tests {
             Duration::from_secs(400_000 * 31_557_600),
         ] {
             let msg = NewMessage::new("t", "p").delay(delay);
-            assert_eq!(msg.available_at, Some(latest), "{delay:?}");
-            assert_eq!(to_unix_micros(latest), i64::MAX);
+            assert_eq!(msg.available_at, Some(latest_available_at()), "{delay:?}");
         }
         // an ordinary delay is untouched
         let before = SystemTime::now();

@@ -44,9 +44,8 @@ pub(crate) fn error_number(e: &sqlx::Error) -> Option<u16> {
 /// * lock waits: deadlock (1213), row lock wait timeout (1205), and a write
 ///   conflict with the transaction's snapshot under
 ///   `innodb_snapshot_isolation` (1020);
-/// * a statement over its time limit, which the relay's sessions set
-///   (MariaDB's `max_statement_time` 1969, MySQL's `max_execution_time`
-///   3024);
+/// * a statement over a time limit an operator set (MariaDB's
+///   `max_statement_time` 1969, MySQL's `max_execution_time` 3024);
 /// * a read-only server or transaction (1290, 1836, 1792): a primary
 ///   demoted during a failover, or a pool still connected to it; the next
 ///   connection reaches the new primary;

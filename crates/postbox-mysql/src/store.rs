@@ -11,48 +11,31 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{Executor, MySqlPool};
 use uuid::Uuid;
 
-use crate::error::{Flavour, check_server_version, map_connect_err, redact_url};
+use crate::error::{check_server_version, map_connect_err, redact_url};
 use crate::outbox::MySqlOutbox;
 use crate::{admin, claim, heartbeat};
 
-/// Longest a statement of a claim or a completion may run, in seconds. Each
-/// takes milliseconds; one that runs this long is stuck (queued behind a
-/// lock, a server in trouble), and the server stops it rather than let it
-/// commit leases after the relay gave the claim up (after twice the lease,
-/// at least a minute: a claim's three statements fit well within that).
-const RELAY_STATEMENT_TIMEOUT_SECS: u32 = 10;
-
-/// Longest a claim or a completion waits for a lock, row or metadata, in
-/// seconds. Claims skip locked rows, but a completion can find its rows
-/// locked (by an admin `replay`, `skip` or `purge`), and any statement
-/// queues behind a migration's `ALTER TABLE` or a DBA's. The error is
-/// [`StoreError::Unavailable`] and the relay tries again, instead of the
-/// server defaults (50 s for rows, a day for metadata) holding the relay.
-const RELAY_LOCK_WAIT_SECS: u32 = 5;
-
-/// The limits of a claim session, in one round trip, in the variables this
-/// server flavour knows (setting an unknown one is an error).
+/// The limits of a claim session, in one round trip: a claim or a
+/// completion waits at most 5 s for a lock, row or metadata. Claims skip
+/// locked rows, but a completion can find its rows locked (by an admin
+/// `replay`, `skip` or `purge`), any statement queues
+/// behind a migration's `ALTER TABLE` or a DBA's, and a `COMMIT` behind
+/// `FLUSH TABLES WITH READ LOCK`. The error is [`StoreError::Unavailable`]
+/// and the relay tries again, instead of the server defaults (50 s for
+/// rows, a day for metadata) holding the relay, and committing leases after
+/// it gave the claim up.
 ///
-/// MySQL's `max_execution_time` (milliseconds) bounds read-only `SELECT`s
-/// only: there the claim's locking `SELECT` and the writes are bounded by
-/// the lock waits alone.
-fn relay_session_limits(flavour: Flavour) -> String {
-    let time = match flavour {
-        Flavour::MariaDb => format!("max_statement_time = {RELAY_STATEMENT_TIMEOUT_SECS}"),
-        Flavour::MySql => format!(
-            "max_execution_time = {}",
-            u64::from(RELAY_STATEMENT_TIMEOUT_SECS) * 1000
-        ),
-    };
-    format!(
-        "SET SESSION {time}, SESSION lock_wait_timeout = {RELAY_LOCK_WAIT_SECS}, \
-         SESSION innodb_lock_wait_timeout = {RELAY_LOCK_WAIT_SECS}"
-    )
-}
+/// Statements are not limited in time (`max_statement_time`): a claim's
+/// scan grows with one key's backlog in front of everything else (4 s for a
+/// million rows of one key on MariaDB 10.11), and a limit it outgrew would
+/// stop every claim, for every key, until that key drained, which it could
+/// not.
+const RELAY_SESSION_LIMITS: &str =
+    "SET SESSION lock_wait_timeout = 5, SESSION innodb_lock_wait_timeout = 5";
 
 /// The pool claims and completions run on: the same server, database,
 /// credentials and size as `pool`, connecting on first use, with the limits
-/// of [`relay_session_limits`] set in each session. A pool of its own so that
+/// of [`RELAY_SESSION_LIMITS`] set in each session. A pool of its own so that
 /// those limits never reach producers or admin commands sharing `pool` (a
 /// producer may rightly wait 50 s for a key's lock).
 ///
@@ -67,11 +50,7 @@ fn claim_pool(pool: &MySqlPool) -> MySqlPool {
         .test_before_acquire(false)
         .after_connect(|conn, _meta| {
             Box::pin(async move {
-                let version: String = sqlx::query_scalar("SELECT VERSION()")
-                    .fetch_one(&mut *conn)
-                    .await?;
-                conn.execute(relay_session_limits(Flavour::of(&version)).as_str())
-                    .await?;
+                conn.execute(RELAY_SESSION_LIMITS).await?;
                 Ok(())
             })
         })
@@ -88,10 +67,9 @@ fn claim_pool(pool: &MySqlPool) -> MySqlPool {
 /// ```
 ///
 /// Claims and completions run on a second pool of the same size on the same
-/// database, connecting on first use, whose sessions stop a statement after
-/// 10 s and a lock wait after 5 s (MariaDB `max_statement_time`, MySQL
-/// `max_execution_time` for `SELECT`s; `lock_wait_timeout`,
-/// `innodb_lock_wait_timeout`) with [`StoreError::Unavailable`]; a claim or
+/// database, connecting on first use, whose sessions stop a lock wait after
+/// 5 s (`lock_wait_timeout`, `innodb_lock_wait_timeout`) with
+/// [`StoreError::Unavailable`]; a claim or
 /// completion given up before it finished closes its connection instead of
 /// returning it. Everything else uses [`MySqlStore::pool`].
 #[derive(Clone)]
