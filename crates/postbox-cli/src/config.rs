@@ -538,10 +538,19 @@ pub(crate) struct Substitutions {
 
 impl Substitutions {
     /// Values shorter than this are not hunted for inside an error's text
-    /// (only where it quotes a whole setting): they would match pieces of
-    /// unrelated words and numbers (a `${PORT}` of `9092`), and a
-    /// credential is rarely that short.
+    /// (only where it quotes a whole setting), unless the variable's name
+    /// says it holds a secret ([`Substitutions::secret_name`]): they would
+    /// match pieces of unrelated words and numbers (a `${PORT}` of `9092`).
     const SHORTEST_HUNTED: usize = 8;
+
+    /// Whether a variable's name says it holds a credential, so that its
+    /// value is hunted for however short it is.
+    fn secret_name(name: &str) -> bool {
+        let name = name.to_ascii_uppercase();
+        ["PASS", "PW", "SECRET", "TOKEN", "KEY", "CRED", "AUTH"]
+            .iter()
+            .any(|w| name.contains(w))
+    }
 
     /// `text` (an error message) with the values that came from the
     /// environment replaced by where they came from: a setting quoted whole
@@ -561,15 +570,25 @@ impl Substitutions {
             };
             out = out.replace(&format!("{value:?}"), &shown);
         }
-        let mut variables: Vec<&(String, String)> = self
-            .variables
-            .iter()
-            .filter(|(_, v)| v.chars().count() >= Self::SHORTEST_HUNTED)
-            .collect();
+        // each value as it is and as a quoted string shows it (`\"`, `\\`)
+        let mut hunted: Vec<(&str, String)> = Vec::new();
+        for (name, value) in &self.variables {
+            if value.is_empty()
+                || (value.chars().count() < Self::SHORTEST_HUNTED && !Self::secret_name(name))
+            {
+                continue;
+            }
+            let quoted = format!("{value:?}");
+            let escaped = &quoted[1..quoted.len() - 1];
+            if escaped != value {
+                hunted.push((name, escaped.to_owned()));
+            }
+            hunted.push((name, value.clone()));
+        }
         // the longest first: a value may hold a shorter one
-        variables.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
-        for (name, value) in variables {
-            out = out.replace(value.as_str(), &format!("the value of ${{{name}}}"));
+        hunted.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+        for (name, value) in hunted {
+            out = out.replace(&value, &format!("the value of ${{{name}}}"));
         }
         out
     }

@@ -725,4 +725,25 @@ fn a_substituted_value_is_not_repeated_in_a_publisher_error() {
             );
         }
     }
+    // a value the error shows escaped, and a short one in a variable named
+    // as a secret, inside a subject the template made
+    for (secret, fragment) in [("pa\"ss wo\\rd12345", "rd12345"), ("abc def", "abc def")] {
+        let path = dir.path().join("nats.toml");
+        std::fs::write(
+            &path,
+            "[publishers.n]\ntype = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\n\
+             subject_template = \"x.${POSTBOX_TEST_PW}.{topic}\"\n",
+        )
+        .expect("write");
+        let o = postbox()
+            .args(["config", "check"])
+            .arg(&path)
+            .env("POSTBOX_TEST_PW", secret)
+            .output()
+            .expect("run");
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{secret}: {err}");
+        assert!(err.contains("subject_template"), "{secret}: {err}");
+        assert!(!err.contains(fragment), "{secret}: leaked: {err}");
+    }
 }

@@ -480,22 +480,17 @@ type Lookups = tokio::sync::Mutex<HashMap<String, PublishOutcome>>;
 /// clear: the message (its size, or a precondition its own headers set)
 /// or the stream's configuration is at fault, so they are `Rejected`.
 ///
-/// The expected-last-sequence / last-message-id preconditions
-/// (`Nats-Expected-Last-Sequence`, `Nats-Expected-Last-Subject-Sequence`,
-/// `Nats-Expected-Last-Msg-Id`) are among them: a stream's last sequence
-/// only grows, so once the precondition failed it fails on every retry; the
-/// producer has to decide again. A retry of a message that was stored but
-/// not acked is still `Ok` inside the duplicate window: JetStream checks
-/// `Nats-Msg-Id` before these preconditions. Not here: 10164, the same
-/// precondition refused because another message to that subject is in
-/// flight (that clears), and 10158, a duplicate still in process.
-const PERMANENT: [ErrorCode; 9] = [
+/// Not here: the expected-last-sequence / last-message-id preconditions
+/// (10070, 10071), since a producer may expect a message the outbox has not
+/// published yet (an earlier row of another key) and a retry then
+/// succeeds; 10164, the per-subject precondition refused because another
+/// message to that subject is in flight; 10158, a duplicate still in
+/// process. Those clear, or run out of attempts.
+const PERMANENT: [ErrorCode; 7] = [
     ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM, // 10054: over max_msg_size
     ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM,  // 10097
     ErrorCode::STREAM_SEALED,                  // 10109
     ErrorCode::STREAM_NOT_MATCH,               // 10060: Nats-Expected-Stream
-    ErrorCode::STREAM_WRONG_LAST_MESSAGE_ID,   // 10070: Nats-Expected-Last-Msg-Id
-    ErrorCode::STREAM_WRONG_LAST_SEQUENCE,     // 10071: Nats-Expected-Last-(Subject-)Sequence
     ErrorCode(10165),                          // invalid Nats-TTL header
     ErrorCode(10166),                          // Nats-TTL on a stream without per-message TTL
     ErrorCode(10193), // Nats-Expected-Last-Subject-Sequence-Subject without the sequence

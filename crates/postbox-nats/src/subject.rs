@@ -9,7 +9,9 @@
 /// template `"{topic}"`, a topic `$JS.API.STREAM.DELETE.ORDERS` would be a
 /// JetStream API request that deletes a stream, and one under `_INBOX.`
 /// would answer somebody else's request. A first token starting with `$`
-/// (`$JS`, `$SYS`, `$KV`, `$O`, ...) or equal to `_INBOX` is refused.
+/// (`$JS`, `$SYS`, ...) or equal to `_INBOX` is refused, but for `$KV` and
+/// `$O`: writes to a key-value or object store bucket are ordinary stream
+/// publishes.
 pub(crate) fn check_subject(subject: &str) -> Result<(), String> {
     let bad = subject.is_empty()
         || subject.contains(|c: char| c.is_whitespace() || c.is_control())
@@ -22,7 +24,10 @@ pub(crate) fn check_subject(subject: &str) -> Result<(), String> {
         ));
     }
     let first = subject.split('.').next().unwrap_or_default();
-    if first.starts_with('$') || first == "_INBOX" {
+    // `$KV` and `$O`: a key-value or object store bucket's stream, written
+    // by plain publishes that get a PubAck like any other
+    let bucket = first == "$KV" || first == "$O";
+    if (first.starts_with('$') && !bucket) || first == "_INBOX" {
         return Err(format!(
             "{subject:?} is a NATS system subject ($... or _INBOX...): postbox does not publish to those (change the topic or subject_template)"
         ));
@@ -36,7 +41,15 @@ mod tests {
 
     #[test]
     fn ordinary_subjects_pass() {
-        for s in ["orders", "orders.created", "a.$b", "x._INBOX", "_INBOXES.a"] {
+        for s in [
+            "orders",
+            "orders.created",
+            "a.$b",
+            "x._INBOX",
+            "_INBOXES.a",
+            "$KV.orders.k1",
+            "$O.files.chunk",
+        ] {
             assert_eq!(check_subject(s), Ok(()), "{s}");
         }
     }
@@ -51,7 +64,7 @@ mod tests {
             "a b",
             "$JS.API.STREAM.DELETE.X",
             "$SYS.REQ.SERVER.PING",
-            "$KV.bucket.key",
+            "$JSC.x",
             "_INBOX.abc",
         ] {
             let e = check_subject(s).expect_err(s);
