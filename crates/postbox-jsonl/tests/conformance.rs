@@ -154,17 +154,24 @@ async fn a_device_or_fifo_takes_the_lines_without_an_fsync() {
         .status()
         .expect("mkfifo");
     assert!(made.success());
-    // a reader, so that opening the FIFO for writing does not block
-    let reader = std::thread::spawn({
-        let fifo = fifo.clone();
-        move || std::fs::read_to_string(fifo).expect("read the FIFO")
-    });
+    // The reader's end, open before the publisher opens the FIFO: opened
+    // read-write it does not wait for a writer (Linux), and the publisher's
+    // open finds a reader. (A reader thread opening it read-only raced the
+    // publisher: when the publisher came first, the line went nowhere and
+    // the reader waited for a writer for ever.)
+    let mut reader = std::io::BufReader::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .expect("open the FIFO's reading end"),
+    );
     let p = FilePublisher::open(&fifo).expect("open the FIFO");
     let out = p.publish(&batch).await;
     assert!(out[0].is_ok(), "{out:?}");
-    drop(p);
-    let text = reader.join().expect("reader");
-    assert!(text.contains("\"topic\":\"t\""), "{text}");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).expect("read the FIFO");
+    assert!(line.contains("\"topic\":\"t\""), "{line}");
 }
 
 /// Batches of one publisher (and its clones) appended concurrently, as a

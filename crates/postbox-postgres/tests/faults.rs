@@ -1026,16 +1026,9 @@ async fn a_long_schema_and_table_name_still_notify() {
         .expect("task");
 }
 
-/// A claim the relay gives up because its connection went silent (a host
-/// lost without a reset) gives its pool slot back: the connection is
-/// closed (within sqlx's 5 s close timeout), not pinged before reuse (a
-/// silent one answers no ping for many minutes). Claims are cut that way on
-/// more connections than the claim pool holds, and claims still get
-/// connections afterwards. Fails if the cut connections keep their slots:
-/// every later claim then times out waiting for one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_given_up_on_silent_connections_free_their_slots() {
-    let h = PgHarness::new().await;
+/// A store over `h`'s table whose connections all go through a
+/// [`postbox_testkit::FaultProxy`] (its admin pool of one connection).
+async fn store_through_a_proxy(h: &PgHarness) -> (postbox_testkit::FaultProxy, PgStore) {
     let target = format!(
         "{}:{}",
         h.db.options().get_host(),
@@ -1049,7 +1042,20 @@ async fn claims_given_up_on_silent_connections_free_their_slots() {
         .connect_with(h.db.options().host("127.0.0.1").port(proxy.addr().port()))
         .await
         .expect("pool through the proxy");
-    let store = h.outbox.store(pool);
+    (proxy, h.outbox.store(pool))
+}
+
+/// A claim the relay gives up because its connection went silent (a host
+/// lost without a reset) gives its pool slot back: the connection is
+/// closed (within sqlx's 5 s close timeout), not pinged before reuse (a
+/// silent one answers no ping for many minutes). Claims are cut that way on
+/// more connections than the claim pool holds, and claims still get
+/// connections afterwards. Fails if the cut connections keep their slots:
+/// every later claim then times out waiting for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_given_up_on_silent_connections_free_their_slots() {
+    let h = PgHarness::new().await;
+    let (proxy, store) = store_through_a_proxy(&h).await;
     let req = ClaimRequest::new(10, Duration::from_secs(30));
     // a claim that works, retried while the pool waits for slots to free
     let claim_within_a_minute = || async {
@@ -1096,20 +1102,7 @@ async fn claims_given_up_on_silent_connections_free_their_slots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_batches_given_up_on_silent_connections_free_their_slots() {
     let h = PgHarness::new().await;
-    let target = format!(
-        "{}:{}",
-        h.db.options().get_host(),
-        h.db.options().get_port()
-    );
-    let proxy = postbox_testkit::FaultProxy::start(target)
-        .await
-        .expect("proxy");
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(h.db.options().host("127.0.0.1").port(proxy.addr().port()))
-        .await
-        .expect("pool through the proxy");
-    let store = h.outbox.store(pool);
+    let (proxy, store) = store_through_a_proxy(&h).await;
     // a backlog that outlasts the batches the cut transactions keep locked
     // until the server notices (their lease)
     let msgs: Vec<NewMessage> = (0..400)

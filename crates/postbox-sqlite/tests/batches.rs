@@ -5,16 +5,13 @@
 use postbox_core::{Filter, ListQuery, PurgeQuery, Status, Store};
 use postbox_sqlite::SqliteStore;
 
+mod common;
+
 /// Rows of one admin statement (the store's batch size).
 const BATCH: i64 = 500;
 
 async fn open_with_dead_rows() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
-    let store = SqliteStore::connect(&url).await.expect("connect");
-    postbox_sqlite::migrate(store.pool())
-        .await
-        .expect("migrate");
+    let (dir, store) = common::open().await;
     // 1300 dead rows, every third on topic 'b'
     sqlx::raw_sql(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1300) \

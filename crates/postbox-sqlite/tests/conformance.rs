@@ -7,6 +7,8 @@ use postbox_core::NewMessage;
 use postbox_sqlite::SqliteStore;
 use postbox_testkit::StoreHarness;
 
+mod common;
+
 struct Sqlite {
     store: SqliteStore,
     _dir: tempfile::TempDir,
@@ -45,12 +47,7 @@ impl StoreHarness for Sqlite {
 }
 
 async fn harness() -> Sqlite {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
-    let store = SqliteStore::connect(&url).await.expect("connect");
-    postbox_sqlite::migrate(store.pool())
-        .await
-        .expect("migrate");
+    let (dir, store) = common::open().await;
     Sqlite { store, _dir: dir }
 }
 

@@ -9,14 +9,12 @@ use postbox_core::{
 };
 use postbox_sqlite::SqliteStore;
 
+mod common;
+use common::open;
+
 #[tokio::test]
 async fn mistyped_columns_are_dead_lettered_and_free_their_key() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
-    let store = SqliteStore::connect(&url).await.expect("connect");
-    postbox_sqlite::migrate(store.pool())
-        .await
-        .expect("migrate");
+    let (_dir, store) = open().await;
     sqlx::raw_sql(
         "INSERT INTO postbox_outbox (id, topic, key, payload, available_at) \
            VALUES (randomblob(16), 't', 'K', x'61', '2024-05-01T00:00:00Z'); \
@@ -116,16 +114,6 @@ async fn a_database_locked_at_start_is_unavailable_not_misconfigured() {
         .execute(&mut other)
         .await
         .expect("commit");
-}
-
-async fn open() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
-    let store = SqliteStore::connect(&url).await.expect("connect");
-    postbox_sqlite::migrate(store.pool())
-        .await
-        .expect("migrate");
-    (dir, store)
 }
 
 async fn plain_sql(store: &SqliteStore, sql: &str) {
