@@ -11,7 +11,7 @@ use lapin::protocol::{AMQPError, AMQPErrorKind};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ErrorKind,
-    ExchangeKind,
+    ExchangeKind, PublisherConfirm,
 };
 use postbox_core::{Message, PublishOutcome, Publisher, by_deadline};
 use tokio::sync::Mutex;
@@ -380,19 +380,8 @@ impl Inner {
                     continue;
                 }
             };
-            // a broker that stops reading (a memory or disk alarm) holds the
-            // write: the deadline cuts it, and the channel is given up
-            let published = by_deadline(
-                deadline,
-                channel.basic_publish(
-                    exchange.clone(),
-                    routing_key.clone(),
-                    PUBLISH,
-                    &m.payload,
-                    properties,
-                ),
-            );
-            match published.await {
+            // the deadline cutting the write gives the channel up
+            match send(&channel, &exchange, &routing_key, m, properties, deadline).await {
                 None => {
                     let reason = "RabbitMQ did not take the message by the relay's deadline";
                     broken = Some(reason.to_owned());
@@ -410,8 +399,7 @@ impl Inner {
                 }
             }
         }
-        let confirms_by = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
-        let confirms_until = deadline.map_or(confirms_by, |d| d.min(confirms_by));
+        let (confirms_by, confirms_until) = self.confirms_by(deadline);
         // per message: its confirm, or why there is none
         type Confirmed = Result<(Confirmation, ShortString, ShortString), Unconfirmed>;
         let confirms: Vec<Confirmed> = join_all(pending.into_iter().map(|p| async move {
@@ -574,17 +562,7 @@ impl Inner {
             Ok(p) => p,
             Err(reason) => return (PublishOutcome::rejected(reason), false),
         };
-        let published = by_deadline(
-            deadline,
-            channel.basic_publish(
-                exchange.clone(),
-                routing_key.clone(),
-                PUBLISH,
-                &m.payload,
-                properties,
-            ),
-        );
-        let confirm = match published.await {
+        let confirm = match send(channel, &exchange, &routing_key, m, properties, deadline).await {
             None => {
                 let reason = "RabbitMQ did not take the message by the relay's deadline";
                 return (PublishOutcome::transient(reason), true);
@@ -598,8 +576,7 @@ impl Inner {
             },
             Some(Ok(confirm)) => confirm,
         };
-        let confirms_by = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
-        let confirms_until = deadline.map_or(confirms_by, |d| d.min(confirms_by));
+        let (confirms_by, confirms_until) = self.confirms_by(deadline);
         match tokio::time::timeout_at(confirms_until, confirm).await {
             // alone on the channel: a return is this message's own
             Ok(Ok(Confirmation::Ack(Some(r)))) => (
@@ -675,6 +652,14 @@ impl Inner {
             )),
             _ => PublishOutcome::transient(format!("RabbitMQ closed the channel ({code} {text})")),
         }
+    }
+
+    /// When confirms of messages sent now are due: after `confirm_timeout_ms`
+    /// (the first), or by the relay's `deadline` if that comes sooner (the
+    /// second, the one to wait until).
+    fn confirms_by(&self, deadline: Option<Instant>) -> (Instant, Instant) {
+        let by = Instant::now() + Duration::from_millis(self.config.confirm_timeout_ms);
+        (by, deadline.map_or(by, |d| d.min(by)))
     }
 
     fn destination(&self, m: &Message) -> Result<(ShortString, ShortString), String> {
@@ -797,6 +782,30 @@ fn properties(m: &Message) -> Result<BasicProperties, String> {
         properties = properties.with_content_type(ct);
     }
     Ok(properties)
+}
+
+/// Hands `m` to `channel` for `exchange` and `routing_key`; `None` when
+/// `deadline` came first (a broker that stops reading, under a memory or
+/// disk alarm, holds the write).
+async fn send(
+    channel: &Channel,
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    m: &Message,
+    properties: BasicProperties,
+    deadline: Option<Instant>,
+) -> Option<lapin::Result<PublisherConfirm>> {
+    by_deadline(
+        deadline,
+        channel.basic_publish(
+            exchange.clone(),
+            routing_key.clone(),
+            PUBLISH,
+            &m.payload,
+            properties,
+        ),
+    )
+    .await
 }
 
 fn is_not_found(e: &lapin::Error) -> bool {
