@@ -422,16 +422,19 @@ impl Inner {
     /// The outcome for "no stream answered on `subject`" (the server said
     /// "no responders"), looked up once per subject and batch: a batch of
     /// 1,000 messages to a subject without a stream asks JetStream once,
-    /// not 1,000 times. The lock is held across the lookup so that the
-    /// other acks of the batch wait for its answer instead of asking too.
+    /// not 1,000 times. The other messages of that subject wait for its
+    /// answer instead of asking too; other subjects are looked up beside it.
     async fn no_stream(&self, subject: &str, lookups: &Lookups) -> PublishOutcome {
-        let mut known = lookups.lock().await;
-        if let Some(outcome) = known.get(subject) {
-            return outcome.clone();
-        }
-        let outcome = self.who_captures(subject).await;
-        known.insert(subject.to_owned(), outcome.clone());
-        outcome
+        let answer = lookups
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(subject.to_owned())
+            .or_default()
+            .clone();
+        answer
+            .get_or_init(|| self.who_captures(subject))
+            .await
+            .clone()
     }
 
     /// Asks JetStream which stream captures `subject` after a publish to it
@@ -473,8 +476,10 @@ impl Inner {
 }
 
 /// A batch's answers to "which stream captures this subject", by subject
-/// (see [`Inner::no_stream`]).
-type Lookups = tokio::sync::Mutex<HashMap<String, PublishOutcome>>;
+/// (see [`Inner::no_stream`]): one cell per subject, so that the messages of
+/// one subject wait for its single lookup while other subjects' lookups run
+/// beside it.
+type Lookups = Mutex<HashMap<String, Arc<tokio::sync::OnceCell<PublishOutcome>>>>;
 
 /// JetStream errors of a publish that no retry of the same message can
 /// clear: the message (its size, or a precondition its own headers set)
