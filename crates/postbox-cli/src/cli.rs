@@ -182,7 +182,8 @@ pub(crate) struct RelayArgs {
     /// How often to look for work when idle [default: 250ms].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub(crate) poll_interval: Option<Duration>,
-    /// Batches in flight at once [default: 2].
+    /// Workers; each claims its next batch while it publishes one, so up to
+    /// three batches each are in flight [default: 2].
     #[arg(long)]
     pub(crate) concurrency: Option<usize>,
     /// Attempts before a message is dead, unless it set its own [default: 25].

@@ -202,8 +202,9 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
     // and --table; empty is unset, as for `relay`) before the file
     let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let table = env("POSTBOX_TABLE");
-    // Building the publishers checks their settings; none of them connects
-    // eagerly, so this needs no broker.
+    // Building the publishers checks their settings. That needs no broker,
+    // but the NATS client opens its connection when built (the check goes
+    // on whether or not it is reached).
     let mut r = resolve(RelayArgs {
         config: Some(path.to_owned()),
         store: env("POSTBOX_STORE_URL")
