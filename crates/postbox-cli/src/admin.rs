@@ -13,13 +13,14 @@ use crate::cli::{
     DeadActArgs, DeadCommand, DeadShowArgs, EnqueueArgs, FilterArgs, PurgeArgs, RelaysCommand,
     StatusArgs, StoreArgs,
 };
+use crate::output::outln;
 use crate::usage;
 use anyhow::Context as _;
 
 pub(crate) async fn migrate(args: StoreArgs) -> anyhow::Result<()> {
     let store = AnyStore::open(&args, Patience::Brief).await?;
     store.migrate().await?;
-    println!("outbox table {} is up to date", args.table);
+    outln!("outbox table {} is up to date", args.table);
     Ok(())
 }
 
@@ -51,7 +52,7 @@ pub(crate) async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
         msg = msg.delay(d);
     }
     store.enqueue(&msg).await?;
-    println!("{}", msg.id);
+    outln!("{}", msg.id);
     Ok(())
 }
 
@@ -104,35 +105,40 @@ pub(crate) async fn status(args: StatusArgs) -> anyhow::Result<()> {
                 obj.insert("vacuum".into(), vacuum);
             }
         }
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("outbox {}", args.store.table);
-    println!(
+    outln!("outbox {}", args.store.table);
+    outln!(
         "  pending      {:>8}   (ready {}, delayed {}, retrying {}, leased {})",
-        s.pending, s.ready, s.delayed, s.retrying, s.leased
+        s.pending,
+        s.ready,
+        s.delayed,
+        s.retrying,
+        s.leased
     );
-    println!(
+    outln!(
         "  dead         {:>8}   (parked keys {})",
-        s.dead, s.parked_keys
+        s.dead,
+        s.parked_keys
     );
     if s.sent > 0 {
-        println!("  sent (kept)  {:>8}", s.sent);
+        outln!("  sent (kept)  {:>8}", s.sent);
     }
     match s.oldest_pending_at {
-        Some(t) => println!("  oldest pending written {} ago", ago(since(now, t))),
-        None => println!("  nothing pending"),
+        Some(t) => outln!("  oldest pending written {} ago", ago(since(now, t))),
+        None => outln!("  nothing pending"),
     }
-    print_groups("topic", &by_topic, now);
-    print_groups("tenant", &by_tenant, now);
+    print_groups("topic", &by_topic, now)?;
+    print_groups("tenant", &by_tenant, now)?;
     match &relays {
-        Some(r) => print_relays(r),
-        None => println!(
+        Some(r) => print_relays(r)?,
+        None => outln!(
             "\nrelays: this outbox has no heartbeat table yet: run `postbox migrate` to add it"
         ),
     }
     if let AnyStore::Postgres(pg) = &store {
-        println!();
+        outln!();
         print_pg_holdups(pg).await?;
     }
     Ok(())
@@ -163,9 +169,9 @@ fn groups_json(groups: &[GroupStats], name: &str) -> anyhow::Result<serde_json::
 }
 
 /// A breakdown table, biggest backlog first.
-fn print_groups(name: &str, groups: &[GroupStats], now: SystemTime) {
+fn print_groups(name: &str, groups: &[GroupStats], now: SystemTime) -> anyhow::Result<()> {
     if groups.is_empty() {
-        return;
+        return Ok(());
     }
     let mut sorted: Vec<&GroupStats> = groups.iter().collect();
     sorted.sort_by(|a, b| {
@@ -173,14 +179,20 @@ fn print_groups(name: &str, groups: &[GroupStats], now: SystemTime) {
             .cmp(&(a.stats.pending, a.stats.dead))
             .then_with(|| a.group.cmp(&b.group))
     });
-    println!(
+    outln!(
         "\nby {name:<22} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}  oldest pending",
-        "pending", "ready", "delayed", "retrying", "leased", "dead", "parked"
+        "pending",
+        "ready",
+        "delayed",
+        "retrying",
+        "leased",
+        "dead",
+        "parked"
     );
     for g in sorted.iter().take(GROUPS_SHOWN) {
         let s = &g.stats;
         let label = g.group.as_deref().unwrap_or("(none)");
-        println!(
+        outln!(
             "  {:<23} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7}  {}",
             truncate(label, 23),
             s.pending,
@@ -195,11 +207,12 @@ fn print_groups(name: &str, groups: &[GroupStats], now: SystemTime) {
         );
     }
     if sorted.len() > GROUPS_SHOWN {
-        println!(
+        outln!(
             "  … and {} more {name}s (narrow with --{name}, or see them all with --json)",
             sorted.len() - GROUPS_SHOWN
         );
     }
+    Ok(())
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -228,13 +241,13 @@ fn relays_json(relays: &[RelayRecord]) -> anyhow::Result<serde_json::Value> {
 
 /// One line per relay; stale ones (silent for 3 heartbeats while holding
 /// leases) say so first.
-fn print_relays(relays: &[RelayRecord]) {
+fn print_relays(relays: &[RelayRecord]) -> anyhow::Result<()> {
     if relays.is_empty() {
-        println!("\nrelays: none running (none has written a heartbeat)");
-        return;
+        outln!("\nrelays: none running (none has written a heartbeat)");
+        return Ok(());
     }
     let stale = relays.iter().filter(|r| r.is_stale()).count();
-    println!("\nrelays: {} ({} stale)", relays.len(), stale);
+    outln!("\nrelays: {} ({} stale)", relays.len(), stale);
     let now = SystemTime::now();
     for r in relays {
         let h = &r.heartbeat;
@@ -262,7 +275,7 @@ fn print_relays(relays: &[RelayRecord]) {
                 )
             )
         };
-        println!(
+        outln!(
             "  {} on {} (pid {}, postbox {}, up {}): {state}",
             h.relay_id,
             h.host,
@@ -271,6 +284,7 @@ fn print_relays(relays: &[RelayRecord]) {
             ago(since(now, h.started_at))
         );
     }
+    Ok(())
 }
 
 pub(crate) async fn relays(cmd: RelaysCommand) -> anyhow::Result<()> {
@@ -279,16 +293,16 @@ pub(crate) async fn relays(cmd: RelaysCommand) -> anyhow::Result<()> {
             let s = AnyStore::open(&store, Patience::Brief).await?;
             let relays = s.relays().await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&relays_json(&relays)?)?);
+                outln!("{}", serde_json::to_string_pretty(&relays_json(&relays)?)?);
             } else {
-                print_relays(&relays);
+                print_relays(&relays)?;
             }
             Ok(())
         }
         RelaysCommand::Forget { store, id } => {
             let s = AnyStore::open(&store, Patience::Brief).await?;
             if s.remove_relay(id).await? {
-                println!("forgot relay {id}");
+                outln!("forgot relay {id}");
                 Ok(())
             } else {
                 Err(anyhow::anyhow!("no relay {id} in the heartbeat table"))
@@ -303,10 +317,10 @@ pub(crate) async fn relays(cmd: RelaysCommand) -> anyhow::Result<()> {
 async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> {
     let blockers = pg.blockers().await?;
     if blockers.is_empty() {
-        println!("  no open transaction holds a key");
+        outln!("  no open transaction holds a key");
     }
     for b in &blockers {
-        println!(
+        outln!(
             "  HELD: pid {} has held {} key(s) for {} ({}), {} producer(s) waiting; `SELECT pg_terminate_backend({})` ends it",
             b.pid,
             b.keys_held,
@@ -321,7 +335,7 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
         && h.age.unwrap_or_default() >= std::time::Duration::from_secs(60)
     {
         horizon_held = true;
-        println!(
+        outln!(
             "  cleanup horizon held for {} by {}: the outbox's deleted rows cannot be vacuumed until it ends",
             humantime::format_duration(round_secs(h.age.unwrap_or_default())),
             h.description
@@ -331,7 +345,7 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
     let v = match pg.vacuum_state().await {
         Ok(v) => v,
         Err(e) => {
-            println!("  vacuum: unknown ({e})");
+            outln!("  vacuum: unknown ({e})");
             return Ok(());
         }
     };
@@ -344,7 +358,7 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
     } else {
         "; autovacuum is off for it"
     };
-    println!(
+    outln!(
         "  vacuum: {} dead rows since the table was last vacuumed ({when}{auto})",
         v.dead_rows
     );
@@ -354,7 +368,7 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
         } else {
             "run `VACUUM` on the table, or let the relays do it ([store] vacuum_after)"
         };
-        println!(
+        outln!(
             "  SLOW KEYED CLAIMS: keyed claims step over the index entries of the keyed rows deleted since; {then} (docs/operations.md)"
         );
     }
@@ -391,16 +405,21 @@ pub(crate) async fn dead(cmd: DeadCommand) -> anyhow::Result<()> {
             let rows = store.list(&q).await?;
             if args.json {
                 let out: Vec<_> = rows.iter().map(record_json).collect();
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                outln!("{}", serde_json::to_string_pretty(&out)?);
             } else if rows.is_empty() {
-                println!("no dead messages");
+                outln!("no dead messages");
             } else {
-                println!(
+                outln!(
                     "{:<8} {:<36} {:<24} {:<16} {:>4} {:<6} error",
-                    "seq", "id", "topic", "key", "try", "parks"
+                    "seq",
+                    "id",
+                    "topic",
+                    "key",
+                    "try",
+                    "parks"
                 );
                 for r in &rows {
-                    println!(
+                    outln!(
                         "{:<8} {:<36} {:<24} {:<16} {:>4} {:<6} {}",
                         r.seq,
                         r.id,
@@ -438,7 +457,7 @@ async fn show(args: DeadShowArgs) -> anyhow::Result<()> {
         ));
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&record_json(&r))?);
+        outln!("{}", serde_json::to_string_pretty(&record_json(&r))?);
         return Ok(());
     }
     let now = SystemTime::now();
@@ -454,35 +473,35 @@ async fn show(args: DeadShowArgs) -> anyhow::Result<()> {
         (Status::Dead, false) => "dead".to_owned(),
         (other, _) => format!("{other:?}, not dead").to_lowercase(),
     };
-    println!("id          {}", r.id);
-    println!("seq         {}", r.seq);
-    println!("topic       {}", r.topic);
-    println!("key         {}", r.key.as_deref().unwrap_or("-"));
-    println!("tenant      {}", r.tenant.as_deref().unwrap_or("-"));
-    println!("status      {status}");
-    println!(
+    outln!("id          {}", r.id);
+    outln!("seq         {}", r.seq);
+    outln!("topic       {}", r.topic);
+    outln!("key         {}", r.key.as_deref().unwrap_or("-"));
+    outln!("tenant      {}", r.tenant.as_deref().unwrap_or("-"));
+    outln!("status      {status}");
+    outln!(
         "attempts    {} of {}",
         r.attempts,
         r.max_attempts
             .map_or_else(|| "the relay's max_attempts".to_owned(), |m| m.to_string())
     );
-    println!("created     {}", when(r.created_at));
-    println!("available   {}", when(r.available_at));
+    outln!("created     {}", when(r.created_at));
+    outln!("available   {}", when(r.available_at));
     if let Some(at) = r.sent_at {
-        println!("sent        {}", when(at));
+        outln!("sent        {}", when(at));
     }
-    println!("last error  {}", r.last_error.as_deref().unwrap_or("-"));
+    outln!("last error  {}", r.last_error.as_deref().unwrap_or("-"));
     if r.headers.is_empty() {
-        println!("headers     (none)");
+        outln!("headers     (none)");
     } else {
-        println!("headers");
+        outln!("headers");
         for (k, v) in &r.headers {
-            println!("  {k}: {v}");
+            outln!("  {k}: {v}");
         }
     }
     match std::str::from_utf8(&r.payload) {
-        Ok(text) => println!("payload     ({} bytes, text)\n{text}", r.payload.len()),
-        Err(_) => println!(
+        Ok(text) => outln!("payload     ({} bytes, text)\n{text}", r.payload.len()),
+        Err(_) => outln!(
             "payload     ({} bytes, not UTF-8: base64)\n{}",
             r.payload.len(),
             base64_encode(&r.payload)
@@ -536,9 +555,9 @@ async fn act(args: DeadActArgs, what: Act) -> anyhow::Result<()> {
     let done = act_in_chunks(&store, &filter, what).await?;
     let verb = what.verb();
     if args.json {
-        println!("{}", serde_json::json!({ verb: done }));
+        outln!("{}", serde_json::json!({ verb: done }));
     } else {
-        println!("{verb} {done} message(s)");
+        outln!("{verb} {done} message(s)");
     }
     Ok(())
 }
@@ -624,10 +643,10 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
         ));
     }
     if args.json {
-        println!("{}", serde_json::Value::Object(summary));
+        outln!("{}", serde_json::Value::Object(summary));
     } else {
         for line in lines {
-            println!("{line}");
+            outln!("{line}");
         }
     }
     Ok(())

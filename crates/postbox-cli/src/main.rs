@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod demo;
 mod otel;
+mod output;
 mod relay;
 mod serve;
 
@@ -56,6 +57,8 @@ fn main() -> ExitCode {
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // the reader of the results went away (`| head`): nothing to say
+        Err(e) if e.chain().any(|c| c.is::<output::Closed>()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if is_usage(&e) { 2 } else { 1 };
             eprintln!("error: {e:#}");

@@ -8,6 +8,7 @@ use postbox_core::{CancellationToken, OnDead, Relay, Router, Store, StoreError};
 use crate::any::{AnyPublisher, AnyStore, Patience};
 use crate::cli::{OnDeadArg, RelayArgs, StoreArgs};
 use crate::config::{FileConfig, RelaySection};
+use crate::output::outln;
 use crate::serve::{self, Probe};
 use crate::usage;
 
@@ -248,7 +249,7 @@ pub(crate) async fn check_config(path: &Path) -> anyhow::Result<()> {
     })?;
     build_router(&r).await?;
     r.store.url = postbox_core::redact_url(&r.store.url);
-    println!(
+    outln!(
         "{}: ok ({} publisher(s), {} route(s), store {})",
         path.display(),
         r.publishers.len(),

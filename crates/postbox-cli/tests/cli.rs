@@ -427,3 +427,29 @@ fn dead_rows_with_an_unreadable_id_are_reached_by_their_filter() {
         "{s}"
     );
 }
+
+/// A reader that goes away (`postbox status | head -1`) ends the command
+/// quietly with exit 0, for a text and a JSON answer: `println!` panicked
+/// there (exit 101, "failed printing to stdout").
+#[test]
+fn a_closed_standard_output_ends_the_command_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    assert_eq!(code(&run(&["migrate", "--store", &url])), 0);
+    for args in [
+        vec!["status", "--store", &url],
+        vec!["status", "--store", &url, "--json"],
+    ] {
+        // a pipe whose reading end is closed before the command writes
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let o = postbox()
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run postbox");
+        assert_eq!(code(&o), 0, "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).is_empty(), "{args:?}: {}", stderr(&o));
+    }
+}
