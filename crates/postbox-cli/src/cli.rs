@@ -96,7 +96,7 @@ pub(crate) struct EnqueueArgs {
     #[arg(long, value_parser = not_empty)]
     pub(crate) topic: String,
     /// Ordering key: messages with the same key are published in order.
-    #[arg(long)]
+    #[arg(long, value_parser = not_empty)]
     pub(crate) key: Option<String>,
     /// Message body (text).
     #[arg(long)]
@@ -105,7 +105,7 @@ pub(crate) struct EnqueueArgs {
     #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
     pub(crate) headers: Vec<(String, String)>,
     /// Tenant.
-    #[arg(long)]
+    #[arg(long, value_parser = not_empty)]
     pub(crate) tenant: Option<String>,
     /// Publish no earlier than this long from now, e.g. 30s, 5m (at most
     /// 100 years).
@@ -117,7 +117,9 @@ pub(crate) struct EnqueueArgs {
     pub(crate) max_attempts: Option<u32>,
 }
 
-/// Refuses an empty value: a message without a topic has nowhere to go.
+/// Refuses an empty value: a message without a topic has nowhere to go, and
+/// an empty key or tenant is far likelier an unset shell variable
+/// (`--key "$ORDER"`) than meant.
 fn not_empty(s: &str) -> Result<String, String> {
     if s.is_empty() {
         Err("must not be empty".to_owned())

@@ -984,7 +984,8 @@ async fn mysql_corrupt_and_oversized_rows_are_dead_lettered() {
 }
 
 /// `enqueue` refuses with exit 2, naming the flag, what no relay could
-/// deliver as meant, and writes nothing: an empty topic, no attempts at
+/// deliver as meant, and writes nothing: an empty topic (or key, or
+/// tenant), no attempts at
 /// all, a delay past 100 years (`--delay 500000000000y` used to panic while
 /// adding it to the clock). On SQLite and PostgreSQL; a 100-year delay is
 /// accepted on both.
@@ -998,6 +999,8 @@ async fn enqueue_refuses_an_empty_topic_no_attempts_and_an_endless_delay() {
         assert_eq!(support::code(&o), 0, "{}", support::stderr(&o));
         for (extra, named) in [
             (vec!["--topic", ""], "--topic"),
+            (vec!["--topic", "t", "--key", ""], "--key"),
+            (vec!["--topic", "t", "--tenant", ""], "--tenant"),
             (
                 vec!["--topic", "t", "--max-attempts", "0"],
                 "--max-attempts",
