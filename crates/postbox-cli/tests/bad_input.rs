@@ -985,9 +985,8 @@ async fn mysql_corrupt_and_oversized_rows_are_dead_lettered() {
 
 /// `enqueue` refuses with exit 2, naming the flag, what no relay could
 /// deliver as meant, and writes nothing: an empty topic (or key, or
-/// tenant), no attempts at
-/// all, a delay past 100 years (`--delay 500000000000y` used to panic while
-/// adding it to the clock). On SQLite and PostgreSQL; a 100-year delay is
+/// tenant), no attempts at all, a delay past 100 years (`--delay
+/// 500000000000y` used to panic while adding it to the clock). On SQLite and PostgreSQL; a 100-year delay is
 /// accepted on both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enqueue_refuses_an_empty_topic_no_attempts_and_an_endless_delay() {
