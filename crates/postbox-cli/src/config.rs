@@ -538,13 +538,19 @@ pub(crate) struct Substitutions {
 
 impl Substitutions {
     /// Values shorter than this are not hunted for inside an error's text
-    /// (only where it quotes a whole setting), unless the variable's name
-    /// says it holds a secret ([`Substitutions::secret_name`]): they would
-    /// match pieces of unrelated words and numbers (a `${PORT}` of `9092`).
+    /// (only where it quotes a whole setting): they would match pieces of
+    /// unrelated words and numbers (a `${PORT}` of `9092`).
     const SHORTEST_HUNTED: usize = 8;
 
+    /// The same for a variable whose name says it holds a secret
+    /// ([`Substitutions::secret_name`]): shorter, as a password may be, but
+    /// not so short that a one-letter value would turn every such letter of
+    /// the message into a placeholder.
+    const SHORTEST_SECRET_HUNTED: usize = 4;
+
     /// Whether a variable's name says it holds a credential, so that its
-    /// value is hunted for however short it is.
+    /// value is hunted for from [`Substitutions::SHORTEST_SECRET_HUNTED`]
+    /// characters on.
     fn secret_name(name: &str) -> bool {
         let name = name.to_ascii_uppercase();
         ["PASS", "PW", "SECRET", "TOKEN", "KEY", "CRED", "AUTH"]
@@ -573,9 +579,12 @@ impl Substitutions {
         // each value as it is and as a quoted string shows it (`\"`, `\\`)
         let mut hunted: Vec<(&str, String)> = Vec::new();
         for (name, value) in &self.variables {
-            if value.is_empty()
-                || (value.chars().count() < Self::SHORTEST_HUNTED && !Self::secret_name(name))
-            {
+            let shortest = if Self::secret_name(name) {
+                Self::SHORTEST_SECRET_HUNTED
+            } else {
+                Self::SHORTEST_HUNTED
+            };
+            if value.chars().count() < shortest {
                 continue;
             }
             let quoted = format!("{value:?}");
@@ -797,6 +806,23 @@ mod tests {
             .expect("options");
         assert!(d.stats_interval.is_some() && d.heartbeat_interval.is_some());
         assert!(d.cleanup_interval.is_some());
+    }
+
+    #[test]
+    fn only_values_long_enough_are_hunted_in_an_error() {
+        let made = Substitutions {
+            strings: Vec::new(),
+            variables: vec![
+                ("ROUTING_KEY".to_owned(), "o".to_owned()),
+                ("BROKER_PW".to_owned(), "s3cr".to_owned()),
+                ("GROUP".to_owned(), "billing".to_owned()),
+            ],
+        };
+        assert_eq!(
+            made.redact("no route for billing: bad password s3cr"),
+            "no route for billing: bad password the value of ${BROKER_PW}",
+            "a one-letter value must not turn every such letter into a placeholder"
+        );
     }
 
     #[test]
