@@ -121,19 +121,84 @@ impl Publisher for StdoutPublisher {
 ///
 /// Write errors (`ENOSPC`, `EFBIG`, `EIO`) are `Transient`: the messages stay
 /// pending and are retried.
+///
+/// **A FIFO** (named pipe, or a pipe reached as `/dev/stdout`) is opened
+/// for writing only, and only while a process has it open for reading:
+/// with no reader a batch is `Transient` ("no process has the FIFO open
+/// for reading") and stays pending until one comes. A reader that goes
+/// away makes the batch being written `Transient` (`EPIPE`). A pipe has no
+/// acknowledgement, so "published" means "in the pipe while a reader had
+/// it open": lines the reader had not read when it closed are lost. Use a
+/// regular file where that matters. A full pipe (a slow reader) makes the
+/// publish wait for room, within the relay's publish deadline. Batches of
+/// several processes writing one FIFO stay whole lines only up to the
+/// pipe's atomic write size (4 KiB on Linux).
 #[derive(Debug, Clone)]
 pub struct FilePublisher {
-    file: Arc<File>,
     path: Arc<Path>,
-    /// Serialises this process's appends: `flock` is held per open file,
-    /// so it cannot keep two batches of one publisher (and its clones) apart.
-    appending: Arc<Mutex<()>>,
+    dest: Dest,
+}
+
+#[derive(Debug, Clone)]
+enum Dest {
+    /// A regular file or a device, opened once for appending.
+    Append {
+        file: Arc<File>,
+        /// Serialises this process's appends: `flock` is held per open
+        /// file, so it cannot keep two batches of one publisher (and its
+        /// clones) apart.
+        appending: Arc<Mutex<()>>,
+    },
+    /// A FIFO, opened write-only while it has a reader.
+    #[cfg(unix)]
+    Fifo(Arc<tokio::sync::Mutex<Fifo>>),
+}
+
+/// A FIFO's writing end and where its last write stopped.
+#[cfg(unix)]
+#[derive(Debug)]
+struct Fifo {
+    /// Opened by [`FilePublisher::open`], where no runtime may exist yet;
+    /// registered with the runtime at the first publish.
+    opened: Option<File>,
+    /// The writing end; `None` while no reader has the FIFO open.
+    sender: Option<tokio::net::unix::pipe::Sender>,
+    /// The last write stopped inside a line (the publish was cut short or
+    /// the pipe refused the rest): the next batch starts on a new line.
+    mid_line: bool,
 }
 
 impl FilePublisher {
     /// Opens `path` for appending, creating the file (not its directory).
+    /// An existing FIFO is opened for writing only, if a process has it
+    /// open for reading (see the type's docs).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, JsonlError> {
         let path = path.as_ref();
+        let failed = |source| JsonlError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        #[cfg(unix)]
+        if std::fs::metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()))
+        {
+            // Opened now so that a missing permission fails at start; kept
+            // open, since closing it would end a reader that waits in
+            // `read` with no other writer.
+            let opened = match open_fifo(path) {
+                Ok(file) => Some(file),
+                Err(e) if no_reader(&e) => None,
+                Err(e) => return Err(failed(e)),
+            };
+            return Ok(Self {
+                path: path.into(),
+                dest: Dest::Fifo(Arc::new(tokio::sync::Mutex::new(Fifo {
+                    opened,
+                    sender: None,
+                    mid_line: false,
+                }))),
+            });
+        }
         // read access lets a batch check whether the file ends mid-line;
         // a file we may only write to is appended to without that check
         let file = OpenOptions::new()
@@ -142,14 +207,13 @@ impl FilePublisher {
             .read(true)
             .open(path)
             .or_else(|_| OpenOptions::new().create(true).append(true).open(path))
-            .map_err(|source| JsonlError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(failed)?;
         Ok(Self {
-            file: Arc::new(file),
             path: path.into(),
-            appending: Arc::new(Mutex::new(())),
+            dest: Dest::Append {
+                file: Arc::new(file),
+                appending: Arc::new(Mutex::new(())),
+            },
         })
     }
 
@@ -168,6 +232,77 @@ impl FilePublisher {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// A FIFO's writing end, without waiting for a reader: `ENXIO` if none
+/// has it open.
+#[cfg(unix)]
+fn open_fifo(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+}
+
+#[cfg(unix)]
+fn no_reader(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENXIO)
+}
+
+/// Writes `bytes` to the FIFO, opening its writing end first if needed.
+#[cfg(unix)]
+async fn write_fifo(path: &Path, fifo: &mut Fifo, bytes: &[u8]) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt as _;
+    use tokio::net::unix::pipe::Sender;
+    let sender = match &mut fifo.sender {
+        Some(sender) => sender,
+        slot @ None => {
+            let file = match fifo.opened.take() {
+                Some(file) => file,
+                None => {
+                    let file = open_fifo(path).map_err(|e| {
+                        if no_reader(&e) {
+                            io::Error::new(e.kind(), "no process has the FIFO open for reading")
+                        } else {
+                            e
+                        }
+                    })?;
+                    // whatever an earlier reader had not read went with it
+                    fifo.mid_line = false;
+                    file
+                }
+            };
+            slot.insert(Sender::from_file_unchecked(file)?)
+        }
+    };
+    let fresh_line;
+    let bytes = if fifo.mid_line {
+        fresh_line = [b"\n", bytes].concat();
+        &fresh_line[..]
+    } else {
+        bytes
+    };
+    let mut written = 0;
+    while written < bytes.len() {
+        match sender.write(&bytes[written..]).await {
+            Ok(n) => {
+                written += n;
+                // kept up to date at every step: a publish cut short by its
+                // deadline leaves it right for the next batch
+                fifo.mid_line = bytes[written - 1] != b'\n';
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    // the reader went away: open again for the next one
+                    fifo.sender = None;
+                }
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn append(file: &File, bytes: &[u8]) -> io::Result<()> {
@@ -234,20 +369,33 @@ fn ends_mid_line(_file: &File) -> bool {
 impl Publisher for FilePublisher {
     async fn publish(&self, batch: &[Message]) -> Vec<PublishOutcome> {
         let bytes = render(batch);
-        let file = Arc::clone(&self.file);
-        let appending = Arc::clone(&self.appending);
-        let outcome = match tokio::task::spawn_blocking(move || {
-            let _one_at_a_time = appending.lock().unwrap_or_else(PoisonError::into_inner);
-            append(&file, &bytes)
-        })
-        .await
-        {
-            Ok(Ok(())) => PublishOutcome::Ok,
-            Ok(Err(e)) => PublishOutcome::transient(format!(
-                "appending to {} failed: {e}",
-                self.path.display()
-            )),
-            Err(e) => PublishOutcome::transient(format!("file writer task failed: {e}")),
+        let outcome = match &self.dest {
+            Dest::Append { file, appending } => {
+                let file = Arc::clone(file);
+                let appending = Arc::clone(appending);
+                match tokio::task::spawn_blocking(move || {
+                    let _one_at_a_time = appending.lock().unwrap_or_else(PoisonError::into_inner);
+                    append(&file, &bytes)
+                })
+                .await
+                {
+                    Ok(Ok(())) => PublishOutcome::Ok,
+                    Ok(Err(e)) => PublishOutcome::transient(format!(
+                        "appending to {} failed: {e}",
+                        self.path.display()
+                    )),
+                    Err(e) => PublishOutcome::transient(format!("file writer task failed: {e}")),
+                }
+            }
+            #[cfg(unix)]
+            Dest::Fifo(fifo) => match write_fifo(&self.path, &mut *fifo.lock().await, &bytes).await
+            {
+                Ok(()) => PublishOutcome::Ok,
+                Err(e) => PublishOutcome::transient(format!(
+                    "writing to the FIFO {} failed: {e}",
+                    self.path.display()
+                )),
+            },
         };
         vec![outcome; batch.len()]
     }
