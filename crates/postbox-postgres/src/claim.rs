@@ -27,6 +27,7 @@
 //! indexes.
 
 use crate::sql::micros;
+use crate::store::MIN_WALK;
 
 /// How a keyed claim's transaction commits: like every statement of the
 /// store's claim pool, without waiting for the WAL flush (that pool's
@@ -621,11 +622,17 @@ fn keyed_sql(t: &str, form: Keyed, tenant: Option<&str>) -> String {
     // until the send timeout): the window is short and the walk reaches
     // the keys behind it. Counted only when the window came back short
     // (`AND` stops at false), and then only over the keys' first rows.
+    // Busy keys count as enough only from 16 of them (a walk's fewest keys,
+    // [`MIN_WALK`]), whatever the batch: at batch 1 a single hot
+    // key's leased head filled the batch, so no claim walked, and every
+    // key behind its backlog waited until the backlog was gone, published
+    // one message at a time while the relay's other workers claimed
+    // nothing. A walk past fewer keys than that costs little.
     // A tenant's claims keep neither rule: their window is that tenant's
     // rows only, with no `firsts` to count busy or claimable heads by, so
     // a short window is always short (walked) and never raced.
     let (heads_seen, snapshot_short, raced) = if tenant.is_some() {
-        (String::new(), "", "false")
+        (String::new(), String::new(), "false")
     } else {
         (
             format!(
@@ -641,7 +648,7 @@ fn keyed_sql(t: &str, form: Keyed, tenant: Option<&str>) -> String {
                       FROM firsts AS f
                  ),"
             ),
-            "AND (SELECT claimable + leased FROM heads_seen) < $1",
+            format!("AND (SELECT claimable + leased FROM heads_seen) < GREATEST($1, {MIN_WALK})"),
             "(SELECT yes FROM window_short) AND (SELECT claimable FROM heads_seen) >= $1",
         )
     };

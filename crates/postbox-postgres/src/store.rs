@@ -253,7 +253,7 @@ const WINDOW_FACTOR: usize = 2;
 const MAX_LEASED_FACTOR: usize = 8;
 /// The fewest keys a walk visits. The next walk starts at the last key of
 /// the previous one (inclusive), so a walk of one key would never move on.
-const MIN_WALK: usize = 16;
+pub(crate) const MIN_WALK: usize = 16;
 /// Walk statements one claim may run while the keys walked yield nothing
 /// (all parked, leased or delayed) before it reports "nothing claimable".
 const MAX_WALKS: u32 = 8;

@@ -35,10 +35,16 @@ fn body(m: &postbox_core::Message) -> String {
 /// One message for each of the keys `k0`..`k7` per round, round after
 /// round, with bodies `k<key>-<round>`.
 async fn enqueue_rounds(h: &PgHarness, rounds: &[&str]) {
+    enqueue_rounds_of(h, 8, rounds).await;
+}
+
+/// [`enqueue_rounds`] over keys `k0` .. `k{keys - 1}`.
+async fn enqueue_rounds_of(h: &PgHarness, keys: usize, rounds: &[&str]) {
     let rows: Vec<NewMessage> = rounds
         .iter()
         .flat_map(|round| {
-            (0..8).map(move |k| NewMessage::new("t", format!("k{k}-{round}")).key(format!("k{k}")))
+            (0..keys)
+                .map(move |k| NewMessage::new("t", format!("k{k}-{round}")).key(format!("k{k}")))
         })
         .collect();
     h.outbox
@@ -852,11 +858,15 @@ async fn claims_after_a_full_keyless_claim_see_keyed_rows_that_arrived() {
 async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
     let h = PgHarness::new().await;
     let store = h.store.clone();
-    // keys k0..k7, two messages each: k0-a .. k7-a, then k0-b .. k7-b
-    enqueue_rounds(&h, &["a", "b"]).await;
-    let req = ClaimRequest::new(4, LEASE);
+    // keys k0..k15, two messages each: k0-a .. k15-a, then k0-b .. k15-b
+    // (16 keys: busy keys count as enough from 16 of them)
+    enqueue_rounds_of(&h, 16, &["a", "b"]).await;
+    let bodies_of = |round: &str, keys: std::ops::Range<usize>| {
+        keys.map(|k| format!("k{k}-{round}")).collect::<Vec<_>>()
+    };
+    let req = ClaimRequest::new(8, LEASE);
     let (first, bodies) = claimed(&store, &req).await;
-    assert_eq!(bodies, ["k0-a", "k1-a", "k2-a", "k3-a"]);
+    assert_eq!(bodies, bodies_of("a", 0..8));
     assert_eq!(
         store.next_claim_statement(None),
         "keyed_bulk",
@@ -865,7 +875,7 @@ async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
     // the backlog statement: the other keys' heads, none of the leased
     // keys' next messages, in seq order
     let (second, bodies) = claimed(&store, &req).await;
-    assert_eq!(bodies, ["k4-a", "k5-a", "k6-a", "k7-a"]);
+    assert_eq!(bodies, bodies_of("a", 8..16));
     assert_eq!(store.next_claim_statement(None), "keyed_bulk");
     // every head is leased: the backlog statement leases nothing, the claim
     // goes on with the window, which finds nothing either
@@ -885,10 +895,10 @@ async fn keyed_backlog_claims_keep_to_the_heads_and_end_when_nothing_is_left() {
         common::complete_all(&store, claim, Disposition::Sent).await;
     }
     let (fourth, bodies) = claimed(&store, &req).await;
-    assert_eq!(bodies, ["k0-b", "k1-b", "k2-b", "k3-b"]);
+    assert_eq!(bodies, bodies_of("b", 0..8));
     assert_eq!(store.next_claim_statement(None), "keyed_bulk");
     let (fifth, bodies) = claimed(&store, &req).await;
-    assert_eq!(bodies, ["k4-b", "k5-b", "k6-b", "k7-b"]);
+    assert_eq!(bodies, bodies_of("b", 8..16));
     let (sixth, bodies) = claimed(&store, &req).await;
     assert_eq!(bodies, ["free"], "the keyless row behind the keyed backlog");
     for claim in [&fourth, &fifth, &sixth] {
@@ -915,11 +925,12 @@ async fn a_window_of_busy_keys_is_not_walked_but_stuck_keys_and_a_hot_backlog_ar
     let other = PgStore::connect_with(&h.db.url, h.outbox.clone())
         .await
         .expect("second store");
-    // keys k0..k7, three messages each, round after round
-    enqueue_rounds(&h, &["a", "b", "c"]).await;
-    let req = ClaimRequest::new(8, LEASE);
+    // keys k0..k15, three messages each, round after round (busy keys
+    // count as enough from 16 of them)
+    enqueue_rounds_of(&h, 16, &["a", "b", "c"]).await;
+    let req = ClaimRequest::new(16, LEASE);
     let busy = h.store.claim(&req).await.expect("claim");
-    assert_eq!(busy.messages.len(), 8, "every key's head");
+    assert_eq!(busy.messages.len(), 16, "every key's head");
     let idle = other.claim(&req).await.expect("claim");
     assert!(idle.messages.is_empty(), "every head is leased");
     assert_eq!(
@@ -936,7 +947,7 @@ async fn a_window_of_busy_keys_is_not_walked_but_stuck_keys_and_a_hot_backlog_ar
         .await
         .expect("enqueue");
     let stuck = other
-        .claim(&ClaimRequest::new(8, LEASE + Duration::from_secs(60)))
+        .claim(&ClaimRequest::new(16, LEASE + Duration::from_secs(60)))
         .await
         .expect("claim");
     assert_eq!(
@@ -954,12 +965,12 @@ async fn a_window_of_busy_keys_is_not_walked_but_stuck_keys_and_a_hot_backlog_ar
     let (next, bodies) = claimed(&other, &req).await;
     assert_eq!(
         bodies,
-        (0..8).map(|k| format!("k{k}-b")).collect::<Vec<_>>(),
+        (0..16).map(|k| format!("k{k}-b")).collect::<Vec<_>>(),
         "the keys' next messages"
     );
     common::complete_all(&other, &next, Disposition::Sent).await;
     let last = other.claim(&req).await.expect("claim");
-    assert_eq!(last.messages.len(), 8);
+    assert_eq!(last.messages.len(), 16);
     common::complete_all(&other, &last, Disposition::Sent).await;
 
     // one hot key's backlog in front, its head leased; four keys behind
@@ -991,6 +1002,32 @@ async fn a_window_of_busy_keys_is_not_walked_but_stuck_keys_and_a_hot_backlog_ar
         ["c0", "c1", "c2", "c3"],
         "the keys behind a busy hot key's backlog, found by the walk"
     );
+}
+
+/// At batch 1, a hot key's backlog in front with its head leased does not
+/// hold back the keys behind it: the next claim walks to them. (A busy
+/// head counted as filling the batch of 1, so no claim walked, and the
+/// keys behind waited for the whole backlog, published one at a time.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_batch_one_a_busy_hot_key_does_not_hold_back_the_keys_behind_it() {
+    let h = PgHarness::new().await;
+    let mut rows: Vec<NewMessage> = (0..20)
+        .map(|i| NewMessage::new("t", format!("hot-{i}")).key("hot"))
+        .collect();
+    rows.push(NewMessage::new("t", "behind").key("other"));
+    h.outbox
+        .enqueue_batch(&h.app, &rows)
+        .await
+        .expect("enqueue");
+    let req = ClaimRequest::new(1, LEASE);
+    let (hot, bodies) = claimed(&h.store, &req).await;
+    assert_eq!(bodies, ["hot-0"]);
+    let (behind, bodies) = claimed(&h.store, &req).await;
+    assert_eq!(bodies, ["behind"], "the key behind the hot key's backlog");
+    common::complete_all(&h.store, &hot, Disposition::Sent).await;
+    common::complete_all(&h.store, &behind, Disposition::Sent).await;
+    let (_, bodies) = claimed(&h.store, &req).await;
+    assert_eq!(bodies, ["hot-1"]);
 }
 
 /// A held backlog claim scans past the batches its store holds. Rows below
