@@ -84,7 +84,9 @@ impl NewMessage {
         Ok(Self::new(topic, payload).header("content-type", "application/json"))
     }
 
-    /// Sets the ordering key.
+    /// Sets the ordering key: messages of one key are published in the
+    /// order their transactions committed. Keep it short (an entity id):
+    /// stores index it, and PostgreSQL refuses a key over about 2,600 bytes.
     #[must_use]
     pub fn key(mut self, key: impl Into<String>) -> Self {
         self.key = Some(key.into());

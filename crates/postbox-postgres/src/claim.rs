@@ -26,7 +26,7 @@
 //! million rows and checks with `EXPLAIN` that the cached plans use the
 //! indexes.
 
-use crate::sql::micros;
+use crate::sql::{micros, micros_finite};
 use crate::store::MIN_WALK;
 
 /// How a keyed claim's transaction commits: like every statement of the
@@ -284,7 +284,7 @@ fn columns_of(alias: &str, attempts: &str) -> String {
         "{alias}.seq, {alias}.id, {alias}.topic, {alias}.key, {alias}.payload,
          {alias}.headers::text AS headers, {alias}.tenant,
          {attempts} AS attempts, {alias}.max_attempts, {created} AS created_us",
-        created = micros(&format!("{alias}.created_at")),
+        created = micros_finite(&format!("{alias}.created_at")),
     )
 }
 

@@ -53,6 +53,21 @@ pub(crate) fn micros(expr: &str) -> String {
     format!("(extract(epoch from {expr}) * 1000000)::int8")
 }
 
+/// [`micros`] of a timestamp a producer may have set to `infinity` or
+/// `-infinity`, which `int8` cannot hold: those come back as the end of
+/// year 9999 (`postbox_core::latest_available_at`) and the start of year 1.
+/// NULL stays NULL. Without it one such row made every claim that took it
+/// fail (`cannot convert infinity to bigint`), again at every lease, and
+/// `list` and `status` fail too.
+pub(crate) fn micros_finite(expr: &str) -> String {
+    format!(
+        "CASE WHEN isfinite({expr}) THEN {finite}
+              WHEN {expr} > 'epoch' THEN 253402300799999999
+              WHEN {expr} < 'epoch' THEN -62135596800000000 END",
+        finite = micros(expr)
+    )
+}
+
 /// The oldest `$1` holders of the server's cleanup horizon: by
 /// transaction-id age, the oldest snapshot or transaction of any session in
 /// any database (but this one), prepared transaction or replication slot.
@@ -112,7 +127,7 @@ fn stats_sql(t: &str, group: Option<&str>) -> String {
            FROM {t}
           WHERE {FILTER}
           {group_by}",
-        micros("min(created_at) FILTER (WHERE status = 'pending')")
+        micros_finite("min(created_at) FILTER (WHERE status = 'pending')")
     )
 }
 
@@ -320,9 +335,9 @@ impl Sql {
                 AND ($8::int8 IS NULL OR seq > $8)
               ORDER BY seq
               LIMIT $9",
-            micros("created_at"),
-            micros("available_at"),
-            micros("sent_at")
+            micros_finite("created_at"),
+            micros_finite("available_at"),
+            micros_finite("sent_at")
         );
         // A replayed keyed message becomes due when the live leases on its
         // key end, not at once: with `on_dead = skip` (or after a `skip`)

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::PgHarness;
 use postbox_core::{
-    CancellationToken, ClaimRequest, Disposition, Filter, NewMessage, Relay, Store,
+    CancellationToken, ClaimRequest, Disposition, Filter, ListQuery, NewMessage, Relay, Store,
 };
 use postbox_postgres::PgStore;
 use postbox_testkit::{TestPublisher, key_order_violations};
@@ -1206,4 +1206,45 @@ async fn tenant_backlog_claims_leave_the_claim_hint_alone() {
         common::complete_all(&store, c, Disposition::Sent).await;
     }
     assert_eq!(h.scalar("count(*)", "").await, 0);
+}
+
+/// Timestamps a plain-SQL producer set to `infinity` or `-infinity` do not
+/// jam the outbox: a claim that takes such a row returns it (it used to
+/// fail with "cannot convert infinity to bigint", again at every lease,
+/// so the row and its batch-mates were never sent), and `list` and
+/// `stats` still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infinite_timestamps_set_by_a_producer_are_claimed_listed_and_counted() {
+    let h = PgHarness::new().await;
+    let t = h.outbox.qualified_name().to_owned();
+    sqlx::query(&format!(
+        "INSERT INTO {t} (topic, key, payload, created_at, available_at) VALUES
+            ('t', NULL, 'future', 'infinity', now()), ('t', 'K', 'past', '-infinity', now()),
+            ('t', NULL, 'never', now(), 'infinity')"
+    ))
+    .execute(&h.app)
+    .await
+    .expect("plain inserts");
+
+    let all = h.store.list(&ListQuery::new(None, 10)).await.expect("list");
+    assert_eq!(all.len(), 3);
+    let stats = h.store.stats(&Filter::default()).await.expect("stats");
+    assert_eq!(stats.pending, 3, "{stats:?}");
+
+    let mut bodies = Vec::new();
+    for _ in 0..3 {
+        let claim = h
+            .store
+            .claim(&ClaimRequest::new(10, LEASE))
+            .await
+            .expect("claim");
+        bodies.extend(claim.messages.iter().map(body));
+        common::complete_all(&h.store, &claim, Disposition::Sent).await;
+    }
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        ["future", "past"],
+        "both delivered; 'never' is not due"
+    );
 }
