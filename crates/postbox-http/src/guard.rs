@@ -85,7 +85,8 @@ fn embedded_v4(hi: u16, lo: u16) -> Ipv4Addr {
 }
 
 /// The error the guarding resolver returns; found again in the error chain
-/// to turn a refused destination into a `Rejected` outcome.
+/// to report a refused destination as such. Its outcome is `Transient`,
+/// not `Rejected`: what a name resolves to can change.
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{host} resolves only to refused addresses ({detail}); set allow_private_networks = true to allow them"

@@ -10,8 +10,9 @@
 //!
 //! `key` is `null` when keyless, `headers` is `{}` when empty, `payload` is
 //! text whenever the bytes are valid UTF-8 (empty included) and otherwise
-//! `payload_base64` replaces it. A redelivery carries the same `id` and a
-//! higher `attempt`.
+//! `payload_base64` replaces it. A redelivery carries the same `id`; its
+//! `attempt` is higher unless the earlier try was given back uncounted (at
+//! shutdown, or never sent).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};

@@ -10,6 +10,9 @@
 //!
 //! let store = SqliteStore::connect("sqlite://orders.db").await?;
 //! store.outbox().migrate(store.pool()).await?;
+//! sqlx::query("CREATE TABLE IF NOT EXISTS orders (id INTEGER PRIMARY KEY)")
+//!     .execute(store.pool())
+//!     .await?;
 //!
 //! let mut tx = store.pool().begin().await?;
 //! sqlx::query("INSERT INTO orders (id) VALUES (42)").execute(&mut *tx).await?;
