@@ -126,15 +126,24 @@ pub(crate) fn map_connect_err(e: sqlx::Error, url: &str) -> StoreError {
                 .into(),
             )
         }
-        _ => match map_err(e) {
-            StoreError::Unavailable(src) => {
-                StoreError::Unavailable(format!("cannot reach MySQL at {url}: {src}").into())
+        _ => {
+            // `Io` says "error communicating with database: Connection
+            // refused (os error 111)"; after "cannot reach" only the io
+            // error adds anything
+            let detail = match &e {
+                sqlx::Error::Io(io) => io.to_string(),
+                _ => e.to_string(),
+            };
+            match map_err(e) {
+                StoreError::Unavailable(_) => {
+                    StoreError::Unavailable(format!("cannot reach MySQL at {url}: {detail}").into())
+                }
+                StoreError::Database(_) => {
+                    StoreError::Database(format!("MySQL at {url}: {detail}").into())
+                }
+                other => other,
             }
-            StoreError::Database(src) => {
-                StoreError::Database(format!("MySQL at {url}: {src}").into())
-            }
-            other => other,
-        },
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use postbox_core::{
     MessageRecord, PurgeQuery, RelayHeartbeat, RelayRecord, Stats, Store, StoreError,
 };
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::{Executor, MySqlPool};
+use sqlx::{Executor, MySqlConnection, MySqlPool};
 use uuid::Uuid;
 
 use crate::error::{check_server_version, map_connect_err, redact_url};
@@ -57,6 +57,45 @@ fn claim_pool(pool: &MySqlPool) -> MySqlPool {
         .connect_lazy_with((*pool.connect_options()).clone())
 }
 
+/// Set in each session of [`MySqlStore::connect`]'s pool.
+const READ_COMMITTED: &str = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED";
+
+/// How long [`MySqlStore::connect`] waits for the one direct connection it
+/// tries after its pool timed out (see [`connect_timed_out`]).
+const CAUSE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The error of connecting to `shown` (the URL without its password) when
+/// the pool timed out. sqlx's `PoolTimedOut` does not say why: the pool
+/// retries a refused connection (or a failing session setup) until its
+/// acquire timeout, then reports only the timeout. One direct connection
+/// with the same `options` and session setup, bounded by
+/// [`CAUSE_ATTEMPT_TIMEOUT`], names the cause ("Connection refused (os
+/// error 111)"), mapped like any connect error: refused credentials or a
+/// missing database found meanwhile are still [`StoreError::Config`],
+/// anything else [`StoreError::Unavailable`] as the timeout was. If that
+/// attempt gets no answer either, or succeeds (the server came up
+/// meanwhile), the pool's timeout is reported.
+async fn connect_timed_out(options: &MySqlConnectOptions, shown: &str) -> StoreError {
+    use sqlx::Connection as _;
+    let attempt = async {
+        let mut conn = MySqlConnection::connect_with(options).await?;
+        let setup = conn.execute(READ_COMMITTED).await;
+        // an error closing this connection is no cause of the timeout
+        let _ = conn.close().await;
+        setup.map(drop)
+    };
+    let cause = match tokio::time::timeout(CAUSE_ATTEMPT_TIMEOUT, attempt).await {
+        Ok(Err(e)) => e,
+        // a race: the server answers now; the error stays the timeout
+        Ok(Ok(())) | Err(_) => sqlx::Error::PoolTimedOut,
+    };
+    match map_connect_err(cause, shown) {
+        // the pool timing out is Unavailable; so is what kept it from connecting
+        StoreError::Database(e) => StoreError::Unavailable(e),
+        other => other,
+    }
+}
+
 /// The outbox store on MySQL or MariaDB; implements [`Store`].
 ///
 /// ```no_run
@@ -103,7 +142,9 @@ impl MySqlStore {
     ///
     /// Errors name the URL without its password: a bad URL, refused
     /// credentials or a missing database are [`StoreError::Config`]; an
-    /// unreachable server is [`StoreError::Unavailable`]; a server without
+    /// unreachable server is [`StoreError::Unavailable`] (a refused
+    /// connection is retried for 10 s, and the error then names the cause,
+    /// "Connection refused", not just the timeout); a server without
     /// `FOR UPDATE SKIP LOCKED` (MariaDB < 10.6, MySQL < 8.0.29) is refused
     /// with a [`StoreError::Config`] naming both versions.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
@@ -114,19 +155,24 @@ impl MySqlStore {
                 e.to_string().replace(url, &shown)
             ))
         })?;
-        let pool = MySqlPoolOptions::new()
+        let pool = match MySqlPoolOptions::new()
             .max_connections(10)
             .acquire_timeout(Duration::from_secs(10))
             .after_connect(|conn, _meta| {
                 Box::pin(async move {
-                    conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                        .await?;
+                    conn.execute(READ_COMMITTED).await?;
                     Ok(())
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
-            .map_err(|e| map_connect_err(e, &shown))?;
+        {
+            Ok(pool) => pool,
+            Err(sqlx::Error::PoolTimedOut) => {
+                return Err(connect_timed_out(&options, &shown).await);
+            }
+            Err(e) => return Err(map_connect_err(e, &shown)),
+        };
         let version: String = sqlx::query_scalar("SELECT VERSION()")
             .fetch_one(&pool)
             .await

@@ -65,7 +65,13 @@ pub(crate) fn map_connect(url: &str, e: sqlx::Error) -> StoreError {
             return StoreError::Config(format!("cannot connect to {shown}: {}", db.message()));
         }
     }
-    let detail = redact_text(&e.to_string(), url);
+    // `Io` says "error communicating with database: Connection refused (os
+    // error 111)"; after "cannot connect to" only the io error adds anything
+    let detail = match &e {
+        sqlx::Error::Io(io) => io.to_string(),
+        _ => e.to_string(),
+    };
+    let detail = redact_text(&detail, url);
     match map(e) {
         StoreError::Unavailable(_) => {
             StoreError::Unavailable(format!("cannot connect to {shown}: {detail}").into())

@@ -171,7 +171,8 @@ impl PgOutbox {
     /// [`VACUUM_YIELD_CHECK_EVERY`](crate::VACUUM_YIELD_CHECK_EVERY). The
     /// threshold counts past the dead rows
     /// the store's last vacuum left (rows it could not remove yet); a
-    /// store does not vacuum within [`VACUUM_CHECK_EVERY`] or its last
+    /// store does not vacuum within
+    /// [`VACUUM_CHECK_EVERY`](crate::VACUUM_CHECK_EVERY) or its last
     /// vacuum's duration (the longer) of the end of anyone's vacuum of the
     /// table, and checks no sooner than that after its own, so relays take
     /// turns with pauses between vacuums. The relay's role must own the

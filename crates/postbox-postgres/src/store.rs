@@ -174,6 +174,40 @@ fn admin_connect_options(options: PgConnectOptions) -> PgConnectOptions {
         .application_name("postbox")
 }
 
+/// How long [`PgStore::connect`] waits for the one direct connection it
+/// tries after its pool timed out (see [`connect_timed_out`]).
+const CAUSE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The error of connecting to `url` when the pool timed out. sqlx's
+/// `PoolTimedOut` does not say why: the pool retries a refused connection
+/// (or a server starting up, or too many connections) until its acquire
+/// timeout, then reports only the timeout. One direct connection with the
+/// same `options`, bounded by [`CAUSE_ATTEMPT_TIMEOUT`], names the cause
+/// ("Connection refused (os error 111)"), mapped like any connect error: a
+/// wrong password or missing database found meanwhile is still
+/// [`StoreError::Config`], anything else [`StoreError::Unavailable`] as the
+/// timeout was. If that attempt gets no answer either, or succeeds (the
+/// server came up meanwhile), the pool's timeout is reported.
+async fn connect_timed_out(url: &str, options: &PgConnectOptions) -> StoreError {
+    use sqlx::Connection as _;
+    let attempt = async {
+        let conn = PgConnection::connect_with(options).await?;
+        // a race: the server answers now; the error stays the timeout, and
+        // an error closing this connection is no cause of it
+        let _ = conn.close().await;
+        Ok::<(), sqlx::Error>(())
+    };
+    let cause = match tokio::time::timeout(CAUSE_ATTEMPT_TIMEOUT, attempt).await {
+        Ok(Err(e)) => e,
+        Ok(Ok(())) | Err(_) => sqlx::Error::PoolTimedOut,
+    };
+    match map_connect(url, cause) {
+        // the pool timing out is Unavailable; so is what kept it from connecting
+        StoreError::Database(e) => StoreError::Unavailable(e),
+        other => other,
+    }
+}
+
 /// The claim pool for a store over `pool`: the same server, database and
 /// credentials, the claim session settings; connects on first use.
 fn claim_pool(pool: &PgPool) -> PgPool {
@@ -684,7 +718,9 @@ impl PgStore {
     ///
     /// Errors name the URL without its password: an unreachable server is
     /// [`StoreError::Unavailable`] (retry later); a wrong password, unknown
-    /// role or missing database is [`StoreError::Config`].
+    /// role or missing database is [`StoreError::Config`]. A refused
+    /// connection is retried until [`ACQUIRE_TIMEOUT`], and the error then
+    /// names the cause ("Connection refused"), not just the timeout.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with(url, PgOutbox::default()).await
     }
@@ -698,12 +734,17 @@ impl PgStore {
                 crate::error::redact_text(&e.to_string(), url)
             ))
         })?;
-        let pool = PgPoolOptions::new()
+        let options = admin_connect_options(options);
+        let pool = match PgPoolOptions::new()
             .max_connections(DEFAULT_POOL_SIZE)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(admin_connect_options(options))
+            .connect_with(options.clone())
             .await
-            .map_err(|e| map_connect(url, e))?;
+        {
+            Ok(pool) => pool,
+            Err(sqlx::Error::PoolTimedOut) => return Err(connect_timed_out(url, &options).await),
+            Err(e) => return Err(map_connect(url, e)),
+        };
         Ok(outbox.store(pool))
     }
 

@@ -32,13 +32,8 @@ fn body(m: &postbox_core::Message) -> String {
     String::from_utf8_lossy(&m.payload).into_owned()
 }
 
-/// One message for each of the keys `k0`..`k7` per round, round after
-/// round, with bodies `k<key>-<round>`.
-async fn enqueue_rounds(h: &PgHarness, rounds: &[&str]) {
-    enqueue_rounds_of(h, 8, rounds).await;
-}
-
-/// [`enqueue_rounds`] over keys `k0` .. `k{keys - 1}`.
+/// One message for each of the keys `k0` .. `k{keys - 1}` per round, round
+/// after round, with bodies `k<key>-<round>`.
 async fn enqueue_rounds_of(h: &PgHarness, keys: usize, rounds: &[&str]) {
     let rows: Vec<NewMessage> = rounds
         .iter()
