@@ -13,6 +13,7 @@ use crate::cli::{
     DeadActArgs, DeadCommand, DeadShowArgs, EnqueueArgs, FilterArgs, PurgeArgs, RelaysCommand,
     StatusArgs, StoreArgs,
 };
+use crate::human;
 use crate::output::outln;
 use crate::usage;
 use anyhow::Context as _;
@@ -20,7 +21,12 @@ use anyhow::Context as _;
 pub(crate) async fn migrate(args: StoreArgs) -> anyhow::Result<()> {
     let store = AnyStore::open(&args, Patience::Brief).await?;
     store.migrate().await?;
-    outln!("outbox table {} is up to date", args.table);
+    // `migrate` does not say whether it applied anything (its log does, at
+    // info): true either way
+    outln!(
+        "outbox table {} is at the latest schema version",
+        args.table
+    );
     Ok(())
 }
 
@@ -37,7 +43,7 @@ pub(crate) async fn enqueue(args: EnqueueArgs) -> anyhow::Result<()> {
     {
         return Err(usage(format!(
             "--delay {} is too long: at most 100 years",
-            humantime::format_duration(d)
+            human::duration(d)
         )));
     }
     let store = AnyStore::open(&args.store, Patience::Brief).await?;
@@ -150,7 +156,7 @@ fn millis(d: Duration) -> u64 {
 
 /// A duration for people: whole seconds, largest units first.
 fn ago(d: Duration) -> String {
-    humantime::format_duration(round_secs(d)).to_string()
+    human::duration(round_secs(d))
 }
 
 /// Groups as JSON objects, the group under its own name (`topic`/`tenant`).
@@ -324,7 +330,7 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
             "  HELD: pid {} has held {} key(s) for {} ({}), {} producer(s) waiting; `SELECT pg_terminate_backend({})` ends it",
             b.pid,
             b.keys_held,
-            humantime::format_duration(round_secs(b.xact_age)),
+            ago(b.xact_age),
             b.state.as_deref().unwrap_or("unknown state"),
             b.waiters,
             b.pid
@@ -337,7 +343,7 @@ async fn print_pg_holdups(pg: &postbox_postgres::PgStore) -> anyhow::Result<()> 
         horizon_held = true;
         outln!(
             "  cleanup horizon held for {} by {}: the outbox's deleted rows cannot be vacuumed until it ends",
-            humantime::format_duration(round_secs(h.age.unwrap_or_default())),
+            ago(h.age.unwrap_or_default()),
             h.description
         );
     }
@@ -631,7 +637,7 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
         summary.insert("sent_purged".into(), done.into());
         lines.push(format!(
             "purged {done} sent message(s) sent at least {} ago",
-            humantime::format_duration(age)
+            human::duration(age)
         ));
     }
     if let Some(age) = args.dead_older_than {
@@ -639,7 +645,7 @@ pub(crate) async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
         summary.insert("dead_purged".into(), done.into());
         lines.push(format!(
             "purged {done} dead message(s) created at least {} ago",
-            humantime::format_duration(age)
+            human::duration(age)
         ));
     }
     if args.json {

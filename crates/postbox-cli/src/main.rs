@@ -10,6 +10,7 @@ mod any;
 mod cli;
 mod config;
 mod demo;
+mod human;
 mod otel;
 mod output;
 mod relay;
@@ -33,8 +34,11 @@ pub(crate) fn usage(msg: impl Into<String>) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let mut command = empty_env_is_unset(Cli::command());
-    let cli = Cli::from_arg_matches_mut(&mut command.get_matches_mut())
-        .unwrap_or_else(|e| e.format(&mut command).exit());
+    let mut matches = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .unwrap_or_else(|e| with_env_tips(e).exit());
+    let cli = Cli::from_arg_matches_mut(&mut matches)
+        .unwrap_or_else(|e| with_env_tips(e.format(&mut command)).exit());
     let exporter = init_logging(&cli);
     // Two rustls providers are compiled in (reqwest brings aws-lc-rs, the
     // broker clients ring), so rustls cannot choose a process default and any
@@ -61,10 +65,30 @@ fn main() -> ExitCode {
         Err(e) if e.chain().any(|c| c.is::<output::Closed>()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = if is_usage(&e) { 2 } else { 1 };
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain_text(&e));
             ExitCode::from(code)
         }
     }
+}
+
+/// The error and its causes, `: `-separated like anyhow's `{:#}`, leaving
+/// out a cause whose text the line already holds: the library's errors
+/// carry their cause both in their message and as their source (`database
+/// unavailable: cannot connect to …: Connection refused`), and `{:#}`
+/// printed it twice.
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Drops the environment variable of every argument whose variable is set
@@ -84,6 +108,49 @@ fn empty_env_is_unset(command: clap::Command) -> clap::Command {
         .mut_subcommands(empty_env_is_unset)
 }
 
+/// Adds a tip naming the environment variable to a "required argument
+/// missing" error, for each missing argument that can come from one
+/// (`--store`: `POSTBOX_STORE_URL`): `--help` shows the variables, clap's
+/// error does not. Looked up in the arguments as declared, so an empty
+/// variable (dropped by [`empty_env_is_unset`]) is still named.
+fn with_env_tips(mut error: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if error.kind() != ErrorKind::MissingRequiredArgument {
+        return error;
+    }
+    let Some(ContextValue::Strings(missing)) = error.get(ContextKind::InvalidArg) else {
+        return error;
+    };
+    let mut tips: Vec<clap::builder::StyledStr> = missing
+        .iter()
+        .filter_map(|shown| {
+            // shown as `--store <URL>`
+            let flag = shown.split_whitespace().next()?.strip_prefix("--")?;
+            let env = env_of(&Cli::command(), flag)?;
+            Some(format!("set {env} instead of passing --{flag}").into())
+        })
+        .collect();
+    if tips.is_empty() {
+        return error;
+    }
+    if let Some(ContextValue::StyledStrs(earlier)) = error.get(ContextKind::Suggested) {
+        tips.splice(0..0, earlier.iter().cloned());
+    }
+    error.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    error
+}
+
+/// The environment variable of the argument `--{long}`, in `command` or any
+/// of its subcommands (each such flag reads the same variable everywhere).
+fn env_of(command: &clap::Command, long: &str) -> Option<String> {
+    command
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|e| e.to_string_lossy().into_owned())
+        .or_else(|| command.get_subcommands().find_map(|c| env_of(c, long)))
+}
+
 fn is_usage(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
         c.downcast_ref::<Usage>().is_some()
@@ -101,6 +168,7 @@ fn is_usage(e: &anyhow::Error) -> bool {
 /// exit. A bad endpoint starts no exporter here: the relay then refuses it
 /// with exit 2 naming the key.
 fn init_logging(cli: &Cli) -> Option<otel::Exporter> {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::prelude::*;
     use tracing_subscriber::{EnvFilter, fmt};
@@ -159,7 +227,9 @@ fn init_logging(cli: &Cli) -> Option<otel::Exporter> {
         let layer = fmt::layer().json().with_writer(std::io::stderr);
         (Some(layer.with_filter(log_filter())), None)
     } else {
-        let layer = fmt::layer().with_writer(std::io::stderr);
+        let layer = fmt::layer()
+            .with_ansi(colour(std::io::stderr().is_terminal()))
+            .with_writer(std::io::stderr);
         (None, Some(layer.with_filter(log_filter())))
     };
     tracing_subscriber::registry()
@@ -168,6 +238,13 @@ fn init_logging(cli: &Cli) -> Option<otel::Exporter> {
         .with(text_log)
         .init();
     exporter
+}
+
+/// Whether the text log is coloured: only on a terminal (a file or a pipe
+/// gets plain text), and not when `NO_COLOR` is set to anything but empty
+/// (<https://no-color.org>).
+fn colour(terminal: bool) -> bool {
+    terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {

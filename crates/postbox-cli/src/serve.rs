@@ -20,19 +20,6 @@ use tokio::net::TcpListener;
 
 use crate::usage;
 
-/// Histogram buckets (seconds) for latencies that run from a millisecond
-/// (a claim on an idle table) to minutes (commit-to-publish while a broker
-/// is down and retries back off).
-const SECONDS_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    120.0, 300.0, 600.0, 1800.0,
-];
-
-/// Buckets for `postbox_batch_size` (rows per claim, 1 to 10,000).
-const BATCH_BUCKETS: &[f64] = &[
-    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
-];
-
 /// How often the recorder's histograms are drained into their buckets.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -52,8 +39,11 @@ pub(crate) async fn bind(key: &str, addr: &str) -> anyhow::Result<TcpListener> {
 /// Installs the Prometheus recorder as the process's `metrics` recorder.
 pub(crate) fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
-        .set_buckets(SECONDS_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full(observe::BATCH_SIZE.to_owned()), BATCH_BUCKETS)?
+        .set_buckets(observe::LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            Matcher::Full(observe::BATCH_SIZE.to_owned()),
+            observe::BATCH_SIZE_BUCKETS,
+        )?
         .install_recorder()?;
     observe::describe();
     let upkeep = handle.clone();

@@ -453,3 +453,106 @@ fn a_closed_standard_output_ends_the_command_quietly() {
         assert!(stderr(&o).is_empty(), "{args:?}: {}", stderr(&o));
     }
 }
+
+/// The text log on a stderr that is a pipe (or a file) is plain text: no
+/// ANSI colour codes around the time, level and fields.
+#[test]
+fn the_text_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    let o = postbox()
+        .args(["migrate", "--store", &url])
+        .env("POSTBOX_LOG", "info")
+        .env_remove("NO_COLOR")
+        .output()
+        .expect("run postbox");
+    let err = stderr(&o);
+    assert_eq!(code(&o), 0, "{err}");
+    assert!(err.contains("applied outbox migration"), "{err}");
+    assert!(err.contains("INFO"), "{err}");
+    assert!(
+        !err.contains("\x1b["),
+        "colour codes in a piped log: {err:?}"
+    );
+}
+
+/// `migrate` prints the same true line whether it applied migrations (a new
+/// outbox) or found none to apply: it said "up to date" right after
+/// applying them all.
+#[test]
+fn migrate_says_the_table_is_at_the_latest_schema_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    for run_no in ["first", "second"] {
+        let o = run(&["migrate", "--store", &url]);
+        assert_eq!(code(&o), 0, "{run_no}: {}", stderr(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            "outbox table postbox_outbox is at the latest schema version\n",
+            "{run_no}"
+        );
+    }
+}
+
+/// A missing `--store` names the variable that can stand for it, as
+/// `--help` does.
+#[test]
+fn a_missing_store_names_its_environment_variable() {
+    for args in [
+        vec!["migrate"],
+        vec!["status"],
+        vec!["dead", "list"],
+        vec!["purge", "--sent-older-than", "1d"],
+        vec!["enqueue", "--topic", "t", "--payload", "p"],
+    ] {
+        let o = run(&args);
+        let err = stderr(&o);
+        assert_eq!(code(&o), 2, "{args:?}: {err}");
+        assert!(err.contains("--store"), "{args:?}: {err}");
+        assert!(err.contains("POSTBOX_STORE_URL"), "{args:?}: {err}");
+    }
+}
+
+/// `purge` shows its ages in the units the flags take: `1d`, not `1day`,
+/// and `90d`, not `2months 29days 2h 52m 48s`.
+#[test]
+fn purge_shows_its_ages_as_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = sqlite_url(dir.path());
+    assert_eq!(code(&run(&["migrate", "--store", &url])), 0);
+    let o = run(&[
+        "purge",
+        "--store",
+        &url,
+        "--sent-older-than",
+        "1d",
+        "--dead-older-than",
+        "90d",
+    ]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "purged 0 sent message(s) sent at least 1d ago\n\
+         purged 0 dead message(s) created at least 90d ago\n"
+    );
+}
+
+/// An unreachable database is reported once, with its cause, and without
+/// the password: each library error carries its cause in its message and
+/// as its source, and the error line used to print it twice.
+#[test]
+fn an_unreachable_database_is_named_once_with_its_cause() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let url = format!("postgres://postgres:hunter2secret@127.0.0.1:{port}/postbox_cli_unreachable");
+    let o = run(&["status", "--store", &url]);
+    let err = stderr(&o);
+    assert_eq!(code(&o), 1, "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+    assert_eq!(err.matches("Connection refused").count(), 1, "{err}");
+    assert_eq!(err.matches("cannot connect to").count(), 1, "{err}");
+    assert!(!err.contains("hunter2secret"), "{err}");
+}

@@ -611,6 +611,12 @@ fn empty_store_publish_and_table_variables_count_as_unset() {
         let o = blank().args(&args).output().expect("run");
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains("--store"), "{args:?}: {}", stderr(&o));
+        // the blank variable is named too, as the way to give the store
+        assert!(
+            stderr(&o).contains("POSTBOX_STORE_URL"),
+            "{args:?}: {}",
+            stderr(&o)
+        );
         assert!(!stderr(&o).contains("scheme"), "{args:?}: {}", stderr(&o));
     }
     let o = blank()

@@ -156,9 +156,9 @@ impl NewMessage {
 
     /// The headers as the stores write them at enqueue: a JSON object of
     /// strings. With the `opentelemetry` feature it also carries the
-    /// producer's current W3C trace context (`traceparent`, `tracestate`;
-    /// see the `trace_context` module), unless the headers
-    /// already have a `traceparent`.
+    /// producer's current W3C trace context (`traceparent`, and `tracestate`
+    /// when the trace has state; see the `trace_context` module), unless the
+    /// headers already have a `traceparent`.
     pub fn headers_json(&self) -> String {
         #[cfg(feature = "opentelemetry")]
         {

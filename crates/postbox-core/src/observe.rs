@@ -112,6 +112,42 @@ pub const VACUUM_DURATION_SECONDS: &str = "postbox_vacuum_duration_seconds";
 /// The label value for topics past the limit.
 pub const OTHER_TOPIC: &str = "_other";
 
+/// Histogram bucket bounds (seconds, ascending) for the latency histograms
+/// above: [`COMMIT_TO_PUBLISH_SECONDS`], [`PUBLISH_DURATION_SECONDS`],
+/// [`CLAIM_DURATION_SECONDS`], [`COMPLETE_DURATION_SECONDS`] and
+/// [`VACUUM_DURATION_SECONDS`]. They run from 1 ms (a claim on an idle
+/// table) to 30 min (commit to publish while a broker is down and retries
+/// back off); an exporter's default buckets, often 5 ms to 10 s, put every
+/// outage in the overflow bucket.
+///
+/// The `postbox` daemon uses these for every histogram but
+/// [`BATCH_SIZE`]; with `metrics-exporter-prometheus`, as it does:
+///
+/// ```ignore
+/// use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+/// use postbox_core::observe;
+///
+/// let handle = PrometheusBuilder::new()
+///     .set_buckets(observe::LATENCY_BUCKETS)?
+///     .set_buckets_for_metric(
+///         Matcher::Full(observe::BATCH_SIZE.to_owned()),
+///         observe::BATCH_SIZE_BUCKETS,
+///     )?
+///     .install_recorder()?;
+/// observe::describe();
+/// ```
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0, 600.0, 1800.0,
+];
+
+/// Histogram bucket bounds (rows, ascending) for [`BATCH_SIZE`]: 1 to
+/// 10,000 rows per claim. The `postbox` daemon uses these for it (see
+/// [`LATENCY_BUCKETS`]).
+pub const BATCH_SIZE_BUCKETS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
 /// Hands out `topic` label values, at most `limit` distinct ones.
 #[derive(Debug)]
 pub(crate) struct TopicLabels {
@@ -362,6 +398,17 @@ impl HealthState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buckets_ascend_from_a_millisecond_to_half_an_hour() {
+        for buckets in [LATENCY_BUCKETS, BATCH_SIZE_BUCKETS] {
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]), "{buckets:?}");
+            assert!(buckets.first().is_some_and(|b| *b > 0.0), "{buckets:?}");
+        }
+        assert_eq!(LATENCY_BUCKETS.first(), Some(&0.001));
+        assert_eq!(LATENCY_BUCKETS.last(), Some(&1800.0));
+        assert_eq!(BATCH_SIZE_BUCKETS.last(), Some(&10000.0));
+    }
 
     #[test]
     fn topic_labels_are_bounded() {

@@ -104,12 +104,20 @@ pub(crate) fn record_outcomes(spans: &[Option<tracing::Span>], outcomes: &[Publi
     }
 }
 
-/// [`Headers`] as OpenTelemetry's carrier, for writing.
+/// [`Headers`] as OpenTelemetry's carrier, for writing. The propagator
+/// writes `tracestate` even when the trace has no state; an empty one is
+/// left out (and one the headers carried is dropped, as the propagator would
+/// have overwritten it): W3C lets a context without state go without the
+/// header, and consumers need not see `"tracestate": ""`.
 struct Writer<'a>(&'a mut Headers);
 
 impl Injector for Writer<'_> {
     fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_owned(), value);
+        if key.eq_ignore_ascii_case(TRACESTATE) && value.is_empty() {
+            self.0.remove(key);
+        } else {
+            self.0.insert(key.to_owned(), value);
+        }
     }
 }
 
@@ -166,6 +174,29 @@ mod tests {
             back.span().span_context().trace_id(),
             TraceId::from(0x0af7651916cd43dd8448eb211c80319c)
         );
+        // no state: no `tracestate` header, not an empty one
+        assert!(!headers.contains_key(TRACESTATE), "{headers:?}");
+    }
+
+    #[test]
+    fn a_trace_state_is_carried_as_tracestate() {
+        let state = TraceState::from_key_value([("vendor", "value")]).expect("a valid trace state");
+        let _guard = Context::new()
+            .with_remote_span_context(SpanContext::new(
+                TraceId::from(1),
+                SpanId::from(2),
+                TraceFlags::SAMPLED,
+                true,
+                state,
+            ))
+            .attach();
+        let mut headers = Headers::new();
+        inject_current(&mut headers);
+        assert_eq!(
+            headers.get(TRACESTATE).map(String::as_str),
+            Some("vendor=value")
+        );
+        assert!(headers.contains_key(TRACEPARENT), "{headers:?}");
     }
 
     #[test]
