@@ -11,9 +11,11 @@
 //! | --- | --- | --- | --- |
 //! | `postbox_messages_published_total` | counter | `topic` | acknowledged by the broker and recorded as sent |
 //! | `postbox_publish_failures_total` | counter | `topic`, `kind` (`transient`/`rejected`) | failed attempts |
+//! | `postbox_messages_not_sent_total` | counter | `topic` | messages a publisher did not get to before the publish's deadline, given back without counting an attempt |
 //! | `postbox_messages_dead_total` | counter | `topic` | messages that went dead (rejected, attempts exhausted, malformed) |
 //! | `postbox_lease_lost_total` | counter | — | outcomes not recorded because the lease had been taken over |
 //! | `postbox_claim_errors_total` | counter | — | claims that failed (database unreachable, …) |
+//! | `postbox_complete_errors_total` | counter | — | attempts to record a batch's outcomes that failed (retried until the lease would have run out) |
 //! | `postbox_commit_to_publish_seconds` | histogram | `topic` | from the row's `created_at` (database clock, at insert) to the broker's acknowledgement (relay clock) |
 //! | `postbox_publish_duration_seconds` | histogram | — | one batch's publish call |
 //! | `postbox_claim_duration_seconds` | histogram | — | one claim round trip |
@@ -26,6 +28,8 @@
 //! | `postbox_unvacuumed_rows` | gauge | — | rows deleted since the outbox table was last vacuumed (PostgreSQL only), same sampling; keyed claims step over their index entries |
 //! | `postbox_leases_held` | gauge | — | rows the relays of this process hold under lease right now (claimed, not yet completed or released) |
 //! | `postbox_sent_purged_total` | counter | — | kept sent messages the relay's cleanup deleted once past the store's retention |
+//! | `postbox_vacuums_total` | counter | `outcome` (`done`, `skipped`, `yielded`) | `VACUUM`s of the outbox table the relays ran themselves (PostgreSQL, `vacuum_after`) |
+//! | `postbox_vacuum_duration_seconds` | histogram | — | how long each of those that was done took |
 //!
 //! Topic labels are bounded: the first [`RelayOptions::metrics_topic_limit`]
 //! distinct topics a relay sees get their own label value, every later one is
@@ -192,6 +196,11 @@ pub fn describe() {
         PUBLISH_FAILURES_TOTAL,
         Unit::Count,
         "Failed publish attempts, by kind (transient: retried; rejected: dead at once)."
+    );
+    describe_counter!(
+        NOT_SENT_TOTAL,
+        Unit::Count,
+        "Messages a publisher did not get to before the publish's deadline; given back without counting an attempt."
     );
     describe_counter!(
         DEAD_TOTAL,
