@@ -697,7 +697,7 @@ impl FileConfig {
             check_retention(keep).map_err(|why| {
                 usage(format!(
                     "store.retain_sent = {:?} {why}",
-                    humantime::format_duration(keep).to_string()
+                    crate::human::duration(keep)
                 ))
             })?;
         }

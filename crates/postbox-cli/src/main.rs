@@ -72,21 +72,21 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes, `: `-separated like anyhow's `{:#}`, leaving
-/// out a cause whose text the line already holds: the library's errors
-/// carry their cause both in their message and as their source (`database
-/// unavailable: cannot connect to …: Connection refused`), and `{:#}`
-/// printed it twice.
+/// out a cause whose text ends the cause before it: the library's errors
+/// carry their cause both in their message (`database unavailable: {0}`)
+/// and as their source, and `{:#}` printed it twice.
 fn chain_text(e: &anyhow::Error) -> String {
     let mut line = String::new();
+    let mut previous = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
+        if previous.is_empty() || !previous.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
         }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
+        previous = text;
     }
     line
 }

@@ -104,7 +104,7 @@ fn resolve(args: RelayArgs) -> anyhow::Result<Resolved> {
         crate::config::check_retention(keep).map_err(|why| {
             usage(format!(
                 "--retain-sent {:?} {why}",
-                humantime::format_duration(keep).to_string()
+                crate::human::duration(keep)
             ))
         })?;
     }
@@ -179,8 +179,8 @@ async fn build_router(r: &Resolved) -> anyhow::Result<Router<AnyPublisher>> {
         {
             return Err(usage(format!(
                 "publishers.{name}: {setting} ({}) must be shorter than the relay's send_timeout ({}): the broker client keeps delivering a message until then, after the relay has counted it as failed, and a key's next message could overtake it",
-                humantime::format_duration(lands_until),
-                humantime::format_duration(send_timeout),
+                crate::human::duration(lands_until),
+                crate::human::duration(send_timeout),
             )));
         }
         built.insert(name.clone(), p);

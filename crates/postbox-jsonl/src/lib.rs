@@ -126,12 +126,14 @@ impl Publisher for StdoutPublisher {
 /// **A FIFO** (named pipe, or a pipe reached as `/dev/stdout`) is opened
 /// for writing only, and only while a process has it open for reading:
 /// with no reader a batch is `Transient` ("no process has the FIFO open
-/// for reading") and stays pending until one comes. A reader that goes
-/// away makes the batch being written `Transient` (`EPIPE`). A pipe has no
+/// for reading"), retried with backoff like any transient failure (and
+/// dead once its attempts run out). A reader that goes away makes the
+/// batch being written `Transient` (`EPIPE`). A pipe has no
 /// acknowledgement, so "published" means "in the pipe while a reader had
 /// it open": lines the reader had not read when it closed are lost. Use a
 /// regular file where that matters. A full pipe (a slow reader) makes the
-/// publish wait for room, within the relay's publish deadline. Batches of
+/// publish wait for room until the relay's send timeout cuts it (the whole
+/// batch is then `Transient`, lines already in the pipe included). Batches of
 /// several processes writing one FIFO stay whole lines only up to the
 /// pipe's atomic write size (4 KiB on Linux).
 #[derive(Debug, Clone)]
@@ -269,8 +271,10 @@ async fn write_fifo(path: &Path, fifo: &mut Fifo, bytes: &[u8]) -> io::Result<()
                             e
                         }
                     })?;
-                    // whatever an earlier reader had not read went with it
-                    fifo.mid_line = false;
+                    // `mid_line` stays: what an earlier reader had not read
+                    // is gone only if no other process holds the FIFO open
+                    // for writing; if one does, the partial line is still
+                    // in the pipe (at worst a new reader sees an empty line)
                     file
                 }
             };

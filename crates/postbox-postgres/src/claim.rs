@@ -648,7 +648,10 @@ fn keyed_sql(t: &str, form: Keyed, tenant: Option<&str>) -> String {
                       FROM firsts AS f
                  ),"
             ),
-            format!("AND (SELECT claimable + leased FROM heads_seen) < GREATEST($1, {MIN_WALK})"),
+            format!(
+                "AND (SELECT claimable FROM heads_seen) < $1
+                 AND (SELECT claimable + leased FROM heads_seen) < GREATEST($1, {MIN_WALK})"
+            ),
             "(SELECT yes FROM window_short) AND (SELECT claimable FROM heads_seen) >= $1",
         )
     };

@@ -62,7 +62,7 @@ pub(crate) fn micros(expr: &str) -> String {
 pub(crate) fn micros_finite(expr: &str) -> String {
     format!(
         "CASE WHEN isfinite({expr}) THEN {finite}
-              WHEN {expr} > 'epoch' THEN 253402300799999999
+              WHEN {expr} > 'epoch' THEN 253402300799000000
               WHEN {expr} < 'epoch' THEN -62135596800000000 END",
         finite = micros(expr)
     )
