@@ -29,14 +29,6 @@ async fn harness() -> Harness {
     Harness { brokers, topic }
 }
 
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl PublisherHarness for Harness {
     type Publisher = KafkaPublisher;
 
@@ -45,7 +37,11 @@ impl PublisherHarness for Harness {
     }
 
     fn unreachable_publisher(&self) -> KafkaPublisher {
-        KafkaPublisher::new(KafkaConfig::new(format!("127.0.0.1:{}", closed_port()))).unwrap()
+        KafkaPublisher::new(KafkaConfig::new(format!(
+            "127.0.0.1:{}",
+            postbox_testkit::closed_port()
+        )))
+        .unwrap()
     }
 
     fn topic(&self) -> String {
@@ -173,7 +169,7 @@ async fn connect_checks_the_cluster_and_names_it() {
     KafkaPublisher::connect(KafkaConfig::new(&h.brokers), Duration::from_secs(10))
         .await
         .unwrap();
-    let down = format!("127.0.0.1:{}", closed_port());
+    let down = format!("127.0.0.1:{}", postbox_testkit::closed_port());
     match KafkaPublisher::connect(KafkaConfig::new(&down), Duration::from_secs(2)).await {
         Err(KafkaError::Connect { brokers, .. }) => assert_eq!(brokers, down),
         other => panic!("expected a connect error, got {other:?}"),

@@ -41,28 +41,11 @@ async fn missing_database_is_a_config_error_naming_it() {
     );
 }
 
-/// A loopback port nothing listens on: bound, then let go.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// `e` and its sources, as `{:#}` of an `anyhow::Error` shows them.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
-    text
-}
-
 #[tokio::test]
 async fn unreachable_server_is_unavailable_naming_host_port_and_cause() {
     // a closed port on loopback: connection refused, which the pool retries
     // until its acquire timeout (10 s) and then reports only as timed out
-    let port = closed_port();
+    let port = postbox_testkit::closed_port();
     let e = MySqlStore::connect(&format!("mysql://root:s3cret@127.0.0.1:{port}/db"))
         .await
         .expect_err("must fail");
@@ -74,7 +57,7 @@ async fn unreachable_server_is_unavailable_naming_host_port_and_cause() {
     // the cause, named once, instead of the pool's timeout
     assert!(text.to_lowercase().contains("refused"), "{text}");
     assert_eq!(text.matches("cannot reach MySQL at").count(), 1, "{text}");
-    let all = chain(&e);
+    let all = postbox_testkit::error_chain(&e);
     assert!(!all.contains("pool timed out"), "{all}");
     assert!(!all.contains("s3cret"), "password leaked: {all}");
 }

@@ -325,28 +325,11 @@ async fn killed_listen_connection_falls_back_to_polling_and_returns() {
     run.await.expect("relay");
 }
 
-/// A loopback port nothing listens on: bound, then let go.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// `e` and its sources, as `{:#}` of an `anyhow::Error` shows them.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
-    text
-}
-
 #[tokio::test]
 async fn unreachable_database_is_unavailable_naming_the_cause() {
     // a closed port on loopback: connection refused, which the pool retries
     // until its acquire timeout (5 s) and then reports only as timed out
-    let port = closed_port();
+    let port = postbox_testkit::closed_port();
     let err = PgStore::connect(&format!("postgres://postbox:topsecret@127.0.0.1:{port}/db"))
         .await
         .expect_err("connected?");
@@ -361,7 +344,7 @@ async fn unreachable_database_is_unavailable_naming_the_cause() {
     // the cause, named once, instead of the pool's timeout
     assert!(text.to_lowercase().contains("refused"), "{text}");
     assert_eq!(text.matches("cannot connect to").count(), 1, "{text}");
-    let all = chain(&err);
+    let all = postbox_testkit::error_chain(&err);
     assert!(!all.contains("pool timed out"), "{all}");
     assert!(!all.contains("topsecret"), "{all}");
 }
